@@ -1,0 +1,29 @@
+"""Pure credit-ledger rules: no I/O, no clock reads. Every rule takes the moment it applies at."""
+
+from domain.errors import (
+    DomainError,
+    HoldConflict,
+    InsufficientCredits,
+    JobAlreadyCharged,
+    NoActiveHold,
+)
+from domain.model import Account, Entry, EntryKind, Hold, HoldStatus, Lot, LotSource, Movement
+from domain.policy import CreditPolicy, add_months
+
+__all__ = [
+    "Account",
+    "CreditPolicy",
+    "DomainError",
+    "Entry",
+    "EntryKind",
+    "Hold",
+    "HoldConflict",
+    "HoldStatus",
+    "InsufficientCredits",
+    "JobAlreadyCharged",
+    "Lot",
+    "LotSource",
+    "Movement",
+    "NoActiveHold",
+    "add_months",
+]

@@ -1,0 +1,32 @@
+"""Rule violations. Each carries a message a person can act on."""
+
+
+class DomainError(Exception):
+    """A request the ledger rules refuse."""
+
+
+class InsufficientCredits(DomainError):
+    def __init__(self, customer_id: str, wanted: int, available: int) -> None:
+        super().__init__(
+            f"customer {customer_id!r} has {available} credit(s) available "
+            f"and the job needs {wanted}"
+        )
+        self.customer_id = customer_id
+        self.wanted = wanted
+        self.available = available
+
+
+class HoldConflict(DomainError):
+    """A hold for this job already exists with a different amount."""
+
+
+class NoActiveHold(DomainError):
+    """There is no active hold for the job."""
+
+
+class JobAlreadyCharged(DomainError):
+    """A second completion for a job that has already been charged.
+
+    Charging it again would double-spend the customer's credits, so the
+    event is refused instead of applied.
+    """

@@ -1,0 +1,345 @@
+"""The credit account aggregate: lots, holds, overdraft and the append-only entries they produce.
+
+Every method takes the moment it applies at (the event's own time), never reads a clock,
+and first *catches up* to that moment: lots that expired by then are expired and holds
+that lapsed by then are lapsed, each as an entry at its own expiry time. So expired
+credit is never spendable, whether or not the periodic sweep has run yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged
+from domain.policy import CreditPolicy
+
+
+class LotSource(StrEnum):
+    PAYMENT = "payment"
+    ADJUSTMENT = "adjustment"
+
+
+class EntryKind(StrEnum):
+    ISSUED = "issued"
+    DEBITED = "debited"
+    CAPTURED = "captured"
+    EXPIRED = "expired"
+    ADJUSTED = "adjusted"
+    HELD = "held"
+    RELEASED = "released"
+    LAPSED = "lapsed"
+
+    @property
+    def moves_balance(self) -> bool:
+        """Hold entries change what is *available*, not the balance."""
+        return self not in (EntryKind.HELD, EntryKind.RELEASED, EntryKind.LAPSED)
+
+
+class HoldStatus(StrEnum):
+    ACTIVE = "active"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    LAPSED = "lapsed"
+
+
+@dataclass(eq=False)
+class Lot:
+    """One issuance of credits. ``id`` is None until the lot is stored."""
+
+    amount: int
+    remaining: int
+    issued_at: datetime
+    expires_at: datetime
+    source: LotSource
+    event_id: str
+    id: int | None = None
+
+    def sort_key(self) -> tuple:
+        # Consumption order (expires_at, issued_at, id); unsaved lots are newer than saved ones.
+        return (self.expires_at, self.issued_at, self.id is None, self.id or 0)
+
+    def spendable_at(self, at: datetime) -> bool:
+        return self.remaining > 0 and self.expires_at > at
+
+
+@dataclass(eq=False)
+class Hold:
+    job_id: str
+    credits: int
+    placed_at: datetime
+    expires_at: datetime
+    status: HoldStatus = HoldStatus.ACTIVE
+    closed_at: datetime | None = None
+    id: int | None = None
+
+    def active_at(self, at: datetime) -> bool:
+        return self.status is HoldStatus.ACTIVE and self.expires_at > at
+
+
+@dataclass(frozen=True)
+class Movement:
+    """Credits an entry took from (or, for an issuance, put into) one lot."""
+
+    lot: Lot
+    credits: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One append-only ledger line.
+
+    ``credits`` is signed for balance-moving kinds (issued/adjusted +, debited/captured/
+    expired −) and is the held amount for hold kinds. ``overdraft_change`` is how much
+    the entry added to (+) or repaid from (−) the overdraft.
+    """
+
+    kind: EntryKind
+    credits: int
+    balance_after: int
+    occurred_at: datetime
+    event_id: str
+    job_id: str | None = None
+    movements: tuple[Movement, ...] = ()
+    overdraft_change: int = 0
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class CreditView:
+    """What a customer's credits look like at one moment."""
+
+    customer_id: str
+    at: datetime
+    balance: int
+    available: int
+    lots: tuple[Lot, ...]
+    holds: tuple[Hold, ...]
+    credits_depleted_at: datetime | None
+
+    @property
+    def can_schedule(self) -> bool:
+        return self.available >= 1
+
+
+@dataclass(eq=False)
+class Account:
+    """A customer's credits. Holds only open state: lots with credit left, active holds.
+
+    ``charged_jobs`` holds the job ids (among those the caller asked about) that have
+    already been charged; the repository fills it so the double-charge rule lives here.
+    """
+
+    customer_id: str
+    lots: list[Lot] = field(default_factory=list)
+    holds: dict[str, Hold] = field(default_factory=dict)
+    overdraft: int = 0
+    depleted_at: datetime | None = None
+    charged_jobs: set[str] = field(default_factory=set)
+    new_entries: list[Entry] = field(default_factory=list)
+    changed_lots: list[Lot] = field(default_factory=list)
+    changed_holds: list[Hold] = field(default_factory=list)
+
+    # ----------------------------------------------------------------- reading
+
+    @property
+    def book_balance(self) -> int:
+        """Credit left in every stored lot minus overdraft: what the entries sum to."""
+        return sum(lot.remaining for lot in self.lots) - self.overdraft
+
+    def balance(self, at: datetime) -> int:
+        return sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - self.overdraft
+
+    def held(self, at: datetime) -> int:
+        return sum(hold.credits for hold in self.holds.values() if hold.active_at(at))
+
+    def available(self, at: datetime) -> int:
+        return self.balance(at) - self.held(at)
+
+    def view(self, at: datetime) -> CreditView:
+        """The account as of ``at``, with due expiries applied in memory."""
+        self.catch_up(at, event_id="view")
+        return CreditView(
+            customer_id=self.customer_id,
+            at=at,
+            balance=self.balance(at),
+            available=self.available(at),
+            lots=tuple(sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key)),
+            holds=tuple(sorted((h for h in self.holds.values() if h.active_at(at)), key=lambda h: h.placed_at)),
+            credits_depleted_at=self.depleted_at,
+        )
+
+    # ---------------------------------------------------------------- changing
+
+    def catch_up(self, at: datetime, event_id: str) -> None:
+        """Expire lots and lapse holds that are due by ``at``, each at its own expiry time."""
+        due_lots = sorted((lot for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at), key=Lot.sort_key)
+        for lot in due_lots:
+            self._take(EntryKind.EXPIRED, lot.expires_at, event_id, [Movement(lot, lot.remaining)], note="expired")
+        due_holds = sorted((h for h in self.holds.values() if h.status is HoldStatus.ACTIVE and h.expires_at <= at), key=lambda h: h.expires_at)
+        for hold in due_holds:
+            self._close_hold(hold, HoldStatus.LAPSED, hold.expires_at, event_id)
+
+    def issue(
+        self,
+        credits: int,
+        at: datetime,
+        event_id: str,
+        policy: CreditPolicy,
+        source: LotSource = LotSource.PAYMENT,
+        note: str | None = None,
+    ) -> Lot:
+        """Create a lot. Outstanding overdraft is repaid from it first."""
+        _require_positive(credits)
+        self.catch_up(at, event_id)
+        if source is LotSource.PAYMENT and policy.carry_limit is not None:
+            self._expire_over_cap(policy.carry_limit, at, event_id)
+        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id)
+        repaid = min(self.overdraft, credits)
+        lot.remaining -= repaid
+        self.overdraft -= repaid
+        self.lots.append(lot)
+        self.changed_lots.append(lot)
+        kind = EntryKind.ISSUED if source is LotSource.PAYMENT else EntryKind.ADJUSTED
+        self._record(kind, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=self.book_balance - credits)
+        return lot
+
+    def debit(self, credits: int, at: datetime, event_id: str, job_id: str | None = None, note: str | None = None) -> Entry:
+        """Spend credits oldest-first; a shortfall becomes overdraft rather than being dropped."""
+        _require_positive(credits)
+        self.catch_up(at, event_id)
+        return self._spend(EntryKind.DEBITED, credits, at, event_id, job_id, note)
+
+    def adjust(self, credits: int, at: datetime, event_id: str, policy: CreditPolicy, note: str) -> None:
+        """An admin correction: positive issues an adjustment lot, negative spends like a debit."""
+        if credits == 0:
+            raise ValueError("an adjustment must change the balance")
+        if credits > 0:
+            self.issue(credits, at, event_id, policy, source=LotSource.ADJUSTMENT, note=note)
+        else:
+            self.catch_up(at, event_id)
+            self._spend(EntryKind.ADJUSTED, -credits, at, event_id, None, note)
+
+    def complete_job(self, job_id: str, credits: int, at: datetime, event_id: str) -> Entry:
+        """Charge a completed job once: capture its hold if one is active, else debit directly."""
+        _require_positive(credits)
+        if job_id in self.charged_jobs:
+            raise JobAlreadyCharged(f"job {job_id!r} of customer {self.customer_id!r} has already been charged")
+        self.catch_up(at, event_id)
+        hold = self.holds.get(job_id)
+        if hold is not None and hold.status is HoldStatus.ACTIVE:
+            self._close_hold(hold, HoldStatus.CAPTURED, at, event_id, record=False)
+            entry = self._spend(EntryKind.CAPTURED, credits, at, event_id, job_id, None)
+        else:
+            entry = self._spend(EntryKind.DEBITED, credits, at, event_id, job_id, None)
+        self.charged_jobs.add(job_id)
+        return entry
+
+    def place_hold(self, job_id: str, credits: int, at: datetime, event_id: str, policy: CreditPolicy) -> Hold:
+        """Reserve credits for a booked job. Placing the same hold twice returns the first."""
+        _require_positive(credits)
+        self.catch_up(at, event_id)
+        if job_id in self.charged_jobs:
+            raise JobAlreadyCharged(f"job {job_id!r} of customer {self.customer_id!r} has already been charged")
+        existing = self.holds.get(job_id)
+        if existing is not None and existing.active_at(at):
+            if existing.credits != credits:
+                raise HoldConflict(f"job {job_id!r} already holds {existing.credits} credit(s), not {credits}")
+            return existing
+        available = self.available(at)
+        if available < credits:
+            raise InsufficientCredits(self.customer_id, credits, available)
+        hold = Hold(job_id, credits, at, policy.hold_expiry_for(at))
+        self.holds[job_id] = hold
+        self.changed_holds.append(hold)
+        self._record(EntryKind.HELD, credits, at, event_id, job_id=job_id, before=self.book_balance)
+        return hold
+
+    def release_hold(self, job_id: str, at: datetime, event_id: str) -> bool:
+        """Release a job's active hold (job cancelled). Returns whether there was one."""
+        self.catch_up(at, event_id)
+        hold = self.holds.get(job_id)
+        if hold is None or hold.status is not HoldStatus.ACTIVE:
+            return False
+        self._close_hold(hold, HoldStatus.RELEASED, at, event_id)
+        return True
+
+    # ---------------------------------------------------------------- internals
+
+    def _spend(self, kind: EntryKind, credits: int, at: datetime, event_id: str, job_id: str | None, note: str | None) -> Entry:
+        movements = []
+        left = credits
+        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key):
+            if left == 0:
+                break
+            take = min(lot.remaining, left)
+            movements.append(Movement(lot, take))
+            left -= take
+        return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=left, note=note)
+
+    def _expire_over_cap(self, cap: int, at: datetime, event_id: str) -> None:
+        excess = sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - cap
+        if excess <= 0:
+            return
+        movements = []
+        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key):
+            if excess == 0:
+                break
+            take = min(lot.remaining, excess)
+            movements.append(Movement(lot, take))
+            excess -= take
+        self._take(EntryKind.EXPIRED, at, event_id, movements, note=f"over rollover cap of {cap}")
+
+    def _take(
+        self,
+        kind: EntryKind,
+        at: datetime,
+        event_id: str,
+        movements: list[Movement],
+        job_id: str | None = None,
+        shortfall: int = 0,
+        note: str | None = None,
+    ) -> Entry:
+        before = self.book_balance
+        for movement in movements:
+            movement.lot.remaining -= movement.credits
+            self.changed_lots.append(movement.lot)
+        self.overdraft += shortfall
+        credits = sum(m.credits for m in movements) + shortfall
+        return self._record(kind, -credits, at, event_id, job_id=job_id, movements=tuple(movements), overdraft_change=shortfall, note=note, before=before)
+
+    def _close_hold(self, hold: Hold, status: HoldStatus, at: datetime, event_id: str, record: bool = True) -> None:
+        hold.status = status
+        hold.closed_at = at
+        self.changed_holds.append(hold)
+        if record:
+            kind = EntryKind.LAPSED if status is HoldStatus.LAPSED else EntryKind.RELEASED
+            self._record(kind, hold.credits, at, event_id, job_id=hold.job_id, before=self.book_balance)
+
+    def _record(
+        self,
+        kind: EntryKind,
+        credits: int,
+        at: datetime,
+        event_id: str,
+        *,
+        before: int,
+        job_id: str | None = None,
+        movements: tuple[Movement, ...] = (),
+        overdraft_change: int = 0,
+        note: str | None = None,
+    ) -> Entry:
+        after = self.book_balance
+        if before > 0 >= after:
+            self.depleted_at = at
+        elif after > 0:
+            self.depleted_at = None
+        entry = Entry(kind, credits, after, at, event_id, job_id, movements, overdraft_change, note)
+        self.new_entries.append(entry)
+        return entry
+
+
+def _require_positive(credits: int) -> None:
+    if credits <= 0:
+        raise ValueError(f"credits must be positive, got {credits}")

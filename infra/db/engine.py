@@ -1,0 +1,86 @@
+"""Engine construction and the start-up schema check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class SchemaNotReady(SystemExit):
+    """The database is not at the migration head: refuse to start."""
+
+
+class Database:
+    """One async engine. Create it on the event loop that will use it (asyncpg is loop-bound)."""
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def begin(self):
+        """``async with db.begin() as conn``: one transaction, committed on success."""
+        return self.engine.begin()
+
+    def connect(self):
+        return self.engine.connect()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+async def current_revision(connection: AsyncConnection) -> str | None:
+    return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+
+
+async def require_current_schema(db: Database) -> None:
+    """Raise SchemaNotReady unless the database is migrated to head."""
+    try:
+        async with db.connect() as connection:
+            current = await current_revision(connection)
+    except SchemaNotReady:
+        raise
+    except Exception as error:  # unreachable database: say so plainly
+        raise SchemaNotReady(f"cannot reach the database at {db.safe_url}: {error}") from None
+    head = head_revision()
+    if current != head:
+        raise SchemaNotReady(
+            f"database at {db.safe_url} is not migrated (at {current or 'an empty schema'}, "
+            f"needs {head}): run `credits migrate` first"
+        )

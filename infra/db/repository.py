@@ -1,0 +1,248 @@
+"""Maps the Account aggregate to rows and back, explicitly (no ORM instrumentation of the domain)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain import Account, EntryKind, Hold, HoldStatus, Lot, LotSource
+from infra.db.tables import credit_lots, customers, holds, ledger_entries, lot_movements, processed_events
+from messages import Event
+from service_layer.errors import EventConflict
+
+CHARGE_KINDS = (EntryKind.DEBITED.value, EntryKind.CAPTURED.value)
+
+
+def insert_ignoring_conflicts(connection: AsyncConnection, table):
+    """INSERT ... ON CONFLICT DO NOTHING in the connection's dialect."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+class SqlAccountRepository:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+
+    async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = ()) -> Account | None:
+        """Load an account holding its row lock until the transaction ends (serialises its writers)."""
+        if create:
+            await self.connection.execute(insert_ignoring_conflicts(self.connection, customers).values(customer_id=customer_id))
+        return await self._load(customer_id, for_update=True, job_ids=job_ids)
+
+    async def get(self, customer_id: str) -> Account | None:
+        """Load an account for reading, without a lock."""
+        return await self._load(customer_id, for_update=False, job_ids=())
+
+    async def lock_available(self, customer_ids: Sequence[str]) -> list[Account]:
+        """Lock those of the given accounts no other transaction holds (for sweeps)."""
+        query = (
+            select(customers.c.customer_id)
+            .where(customers.c.customer_id.in_(sorted(set(customer_ids))))
+            .order_by(customers.c.customer_id)
+            .with_for_update(skip_locked=True)
+        )
+        locked = (await self.connection.execute(query)).scalars().all()
+        accounts = []
+        for customer_id in locked:
+            account = await self._load(customer_id, for_update=False, job_ids=())
+            if account is not None:
+                accounts.append(account)
+        return accounts
+
+    async def customers_with_due_lots(self, now: datetime, limit: int) -> list[str]:
+        query = (
+            select(credit_lots.c.customer_id)
+            .where(credit_lots.c.remaining > 0, credit_lots.c.expires_at <= now)
+            .order_by(credit_lots.c.expires_at)
+            .limit(limit)
+        )
+        return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
+
+    async def customers_with_due_holds(self, now: datetime, limit: int) -> list[str]:
+        query = (
+            select(holds.c.customer_id)
+            .where(holds.c.status == HoldStatus.ACTIVE.value, holds.c.expires_at <= now)
+            .order_by(holds.c.expires_at)
+            .limit(limit)
+        )
+        return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
+
+    async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str]) -> Account | None:
+        query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
+        if for_update:
+            query = query.with_for_update()
+        row = (await self.connection.execute(query)).first()
+        if row is None:
+            return None
+        lot_rows = await self.connection.execute(
+            select(credit_lots)
+            .where(credit_lots.c.customer_id == customer_id, credit_lots.c.remaining > 0)
+            .order_by(credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)
+        )
+        hold_rows = await self.connection.execute(
+            select(holds).where(holds.c.customer_id == customer_id, holds.c.status == HoldStatus.ACTIVE.value)
+        )
+        job_ids = list(job_ids)
+        charged: set[str] = set()
+        if job_ids:
+            charged = set(
+                (
+                    await self.connection.execute(
+                        select(ledger_entries.c.job_id).where(
+                            ledger_entries.c.customer_id == customer_id,
+                            ledger_entries.c.job_id.in_(job_ids),
+                            ledger_entries.c.kind.in_(CHARGE_KINDS),
+                        )
+                    )
+                ).scalars()
+            )
+        return Account(
+            customer_id=customer_id,
+            lots=[
+                Lot(r.amount, r.remaining, r.issued_at, r.expires_at, LotSource(r.source), r.event_id, id=r.id)
+                for r in lot_rows
+            ],
+            holds={
+                r.job_id: Hold(r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id)
+                for r in hold_rows
+            },
+            overdraft=row.overdraft,
+            depleted_at=row.credits_depleted_at,
+            charged_jobs=charged,
+        )
+
+    async def save(self, account: Account) -> None:
+        """Write what changed: new lots and holds, updated ones, the new entries, the customer row."""
+        conn = self.connection
+        changed_lots = list({id(lot): lot for lot in account.changed_lots}.values())
+        stored_lots = [lot for lot in changed_lots if lot.id is not None]
+        for lot in (lot for lot in changed_lots if lot.id is None):
+            lot.id = (
+                await conn.execute(
+                    insert(credit_lots)
+                    .values(
+                        customer_id=account.customer_id,
+                        source=lot.source.value,
+                        event_id=lot.event_id,
+                        amount=lot.amount,
+                        remaining=lot.remaining,
+                        issued_at=lot.issued_at,
+                        expires_at=lot.expires_at,
+                    )
+                    .returning(credit_lots.c.id)
+                )
+            ).scalar_one()
+        if stored_lots:
+            await conn.execute(
+                update(credit_lots).where(credit_lots.c.id == bindparam("lot_id")).values(remaining=bindparam("new_remaining")),
+                [{"lot_id": lot.id, "new_remaining": lot.remaining} for lot in stored_lots],
+            )
+
+        changed_holds = list({id(hold): hold for hold in account.changed_holds}.values())
+        for hold in changed_holds:
+            if hold.id is None:
+                hold.id = (
+                    await conn.execute(
+                        insert(holds)
+                        .values(
+                            customer_id=account.customer_id,
+                            job_id=hold.job_id,
+                            credits=hold.credits,
+                            placed_at=hold.placed_at,
+                            expires_at=hold.expires_at,
+                            status=hold.status.value,
+                            closed_at=hold.closed_at,
+                        )
+                        .returning(holds.c.id)
+                    )
+                ).scalar_one()
+            else:
+                await conn.execute(
+                    update(holds).where(holds.c.id == hold.id).values(status=hold.status.value, closed_at=hold.closed_at)
+                )
+
+        if account.new_entries:
+            entry_ids = (
+                await conn.execute(
+                    insert(ledger_entries).returning(ledger_entries.c.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "customer_id": account.customer_id,
+                            "kind": entry.kind.value,
+                            "credits": entry.credits,
+                            "balance_after": entry.balance_after,
+                            "overdraft_change": entry.overdraft_change,
+                            "occurred_at": entry.occurred_at,
+                            "event_id": entry.event_id,
+                            "job_id": entry.job_id,
+                            "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
+                            "note": entry.note,
+                        }
+                        for entry in account.new_entries
+                    ],
+                )
+            ).scalars().all()
+            movements = [
+                {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
+                for entry_id, entry in zip(entry_ids, account.new_entries, strict=True)
+                for movement in entry.movements
+            ]
+            if movements:
+                await conn.execute(insert(lot_movements), movements)
+
+        await conn.execute(
+            update(customers)
+            .where(customers.c.customer_id == account.customer_id)
+            .values(
+                balance=account.book_balance,
+                overdraft=account.overdraft,
+                credits_depleted_at=account.depleted_at,
+                updated_at=func.now(),
+            )
+        )
+        account.new_entries.clear()
+        account.changed_lots.clear()
+        account.changed_holds.clear()
+        account.lots = [lot for lot in account.lots if lot.remaining > 0]
+        account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
+
+
+class SqlEventLog:
+    """Which events have been applied: the idempotency record, written in the effect's transaction."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+
+    async def claim(self, event: Event) -> bool:
+        """True if the event is new (now recorded); False if this exact event was applied before.
+
+        Raises EventConflict when the id was used for a different payload.
+        """
+        fingerprint = event.fingerprint()
+        inserted = await self.connection.execute(
+            insert_ignoring_conflicts(self.connection, processed_events)
+            .values(
+                event_id=event.event_id,
+                event_type=event.type,
+                customer_id=event.customer_id,
+                fingerprint=fingerprint,
+                payload=event.model_dump(mode="json"),
+            )
+            .returning(processed_events.c.event_id)
+        )
+        if inserted.first() is not None:
+            return True
+        existing = (
+            await self.connection.execute(
+                select(processed_events.c.fingerprint).where(processed_events.c.event_id == event.event_id)
+            )
+        ).scalar_one()
+        if existing != fingerprint:
+            raise EventConflict(
+                f"event_id {event.event_id!r} was already applied with a different payload; refusing to apply this one"
+            )
+        return False

@@ -1,0 +1,173 @@
+"""The schema. Alembic migrations are written from these tables; a test keeps the two in step."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    func,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator):
+    """Timezone-aware in, timezone-aware (UTC) out, on PostgreSQL and SQLite alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass a timezone-aware one")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# BigInteger ids that are still autoincrementing primary keys on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("customer_id", String(255), primary_key=True),
+    Column("balance", Integer, nullable=False, server_default="0"),
+    Column("overdraft", Integer, nullable=False, server_default="0"),
+    Column("credits_depleted_at", UtcDateTime, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
+    Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
+    CheckConstraint("overdraft >= 0", name="overdraft_not_negative"),
+    Index("ix_customers_depleted", "credits_depleted_at", "customer_id", postgresql_where=text("credits_depleted_at IS NOT NULL"), sqlite_where=text("credits_depleted_at IS NOT NULL")),
+)
+
+credit_lots = Table(
+    "credit_lots",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("amount", Integer, nullable=False),
+    Column("remaining", Integer, nullable=False),
+    Column("issued_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+    CheckConstraint("remaining <= amount", name="remaining_within_amount"),
+    CheckConstraint("source IN ('payment', 'adjustment')", name="known_source"),
+    # Consumption order for one customer, open lots only.
+    Index("ix_credit_lots_open", "customer_id", "expires_at", "issued_at", "id", postgresql_where=text("remaining > 0"), sqlite_where=text("remaining > 0")),
+    # The expiry sweep: due lots across all customers.
+    Index("ix_credit_lots_due", "expires_at", postgresql_where=text("remaining > 0"), sqlite_where=text("remaining > 0")),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("balance_after", Integer, nullable=False),
+    Column("overdraft_change", Integer, nullable=False, server_default="0"),
+    Column("occurred_at", UtcDateTime, nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("job_id", String(255), nullable=True),
+    Column("lot_id", Id, ForeignKey("credit_lots.id"), nullable=True),
+    Column("note", Text, nullable=True),
+    Column("recorded_at", UtcDateTime, nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "kind IN ('issued', 'debited', 'captured', 'expired', 'adjusted', 'held', 'released', 'lapsed')",
+        name="known_kind",
+    ),
+    Index("ix_ledger_entries_customer", "customer_id", "id"),
+    # A job is charged once, whatever the event ids say.
+    Index(
+        "uq_ledger_entries_job_charge",
+        "customer_id",
+        "job_id",
+        unique=True,
+        postgresql_where=text("kind IN ('debited', 'captured')"),
+        sqlite_where=text("kind IN ('debited', 'captured')"),
+    ),
+)
+
+lot_movements = Table(
+    "lot_movements",
+    metadata,
+    Column("entry_id", Id, ForeignKey("ledger_entries.id"), primary_key=True),
+    Column("lot_id", Id, ForeignKey("credit_lots.id"), primary_key=True),
+    Column("credits", Integer, nullable=False),
+    CheckConstraint("credits > 0", name="credits_positive"),
+)
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
+    Column("job_id", String(255), nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("placed_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("closed_at", UtcDateTime, nullable=True),
+    CheckConstraint("credits > 0", name="credits_positive"),
+    CheckConstraint("status IN ('active', 'captured', 'released', 'lapsed')", name="known_status"),
+    Index("ix_holds_due", "expires_at", postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'")),
+    # One active hold per job; a job may be booked again after its hold is released.
+    Index("uq_holds_active_job", "customer_id", "job_id", unique=True, postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'")),
+)
+
+processed_events = Table(
+    "processed_events",
+    metadata,
+    Column("event_id", String(255), primary_key=True),
+    Column("event_type", String(64), nullable=False),
+    Column("customer_id", String(255), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("processed_at", UtcDateTime, nullable=False, server_default=func.now()),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("queue_name", String(255), nullable=False),
+    Column("actor_name", String(255), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("failed_at", UtcDateTime, nullable=False, server_default=func.now()),
+    Index("ix_dead_letters_message", "message_id"),
+)

@@ -1,0 +1,87 @@
+"""Configuration from the environment or `.env`, validated once at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain import CreditPolicy
+
+EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///credits.sqlite3"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    #: Unset: the embedded default (SQLite file). Set: PostgreSQL via asyncpg.
+    database_url: str | None = None
+    #: Unset: an in-process Redis (fakeredis) behind the real RedisBroker.
+    redis_url: str | None = None
+
+    admin_api_token: SecretStr | None = None
+    frontend_api_token: SecretStr | None = None
+
+    credit_expiration_months: int = Field(12, ge=1, le=120)
+    allow_unlimited_rollover: bool = True
+    rollover_cap: int | None = Field(None, ge=0)
+    hold_ttl_days: int = Field(30, ge=1, le=365)
+    depleted_report_days: int = Field(14, ge=0, le=3650)
+
+    expire_credits_every_minutes: int = Field(60, ge=1)
+    lapse_holds_every_minutes: int = Field(15, ge=1)
+    sweep_batch_size: int = Field(500, ge=1, le=100_000)
+
+    event_max_retries: int = Field(20, ge=0)
+    event_min_backoff_ms: int = Field(1_000, ge=1)
+    event_max_backoff_ms: int = Field(600_000, ge=1)
+
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    db_pool_size: int = Field(5, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Settings":
+        if not self.allow_unlimited_rollover and self.rollover_cap is None:
+            raise ValueError("ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false")
+        if self.event_min_backoff_ms > self.event_max_backoff_ms:
+            raise ValueError("EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS")
+        for name in ("admin_api_token", "frontend_api_token"):
+            token = getattr(self, name)
+            if token is not None and len(token.get_secret_value()) < 16:
+                raise ValueError(f"{name.upper()} must be at least 16 characters")
+        if self.admin_api_token is not None and self.admin_api_token == self.frontend_api_token:
+            raise ValueError("ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or EMBEDDED_DATABASE_URL
+
+    @property
+    def policy(self) -> CreditPolicy:
+        return CreditPolicy(
+            credit_expiration_months=self.credit_expiration_months,
+            allow_unlimited_rollover=self.allow_unlimited_rollover,
+            rollover_cap=self.rollover_cap,
+            hold_ttl_days=self.hold_ttl_days,
+        )
+
+
+class SettingsError(SystemExit):
+    """Invalid configuration: stop the process with a message naming each bad setting."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).upper() or 'settings'}: {e['msg']}" for e in error.errors()
+        )
+        raise SettingsError(f"invalid configuration: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,25 @@
+"""Event schemas and the producer. Imports only pydantic, dramatiq and redis."""
+
+from messages.events import (
+    CreditsAdjusted,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    PaymentSucceeded,
+    parse_event,
+)
+from messages.publisher import Publisher
+from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
+
+__all__ = [
+    "APPLY_EVENT_ACTOR",
+    "CreditsAdjusted",
+    "EVENTS_QUEUE",
+    "EVENT_KWARG",
+    "Event",
+    "JobCancelled",
+    "JobCompleted",
+    "PaymentSucceeded",
+    "Publisher",
+    "parse_event",
+]

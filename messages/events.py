@@ -1,0 +1,96 @@
+"""Domain events as they travel on the wire: pydantic models, JSON, past tense.
+
+Validation is strict and closed: unknown or missing fields, a naive datetime, a
+non-positive credit amount or an unknown ``type`` are refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+MAX_CREDITS = 1_000_000
+
+EventId = Annotated[str, Field(min_length=1, max_length=255)]
+CustomerId = Annotated[str, Field(min_length=1, max_length=255)]
+ExternalId = Annotated[str, Field(min_length=1, max_length=255)]
+PositiveCredits = Annotated[int, Field(gt=0, le=MAX_CREDITS)]
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc)
+
+
+#: Timezone-aware (a naive datetime is refused) and normalised to UTC.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_as_utc)]
+
+
+class Event(BaseModel):
+    """Fields every event carries. ``event_id`` is its idempotency key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    event_id: EventId
+    occurred_at: UtcDatetime
+    customer_id: CustomerId
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical payload: equal for equal events however they were spelled."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobCompleted(Event):
+    type: Literal["job.completed"] = "job.completed"
+    job_id: ExternalId
+    credits: PositiveCredits = 1
+
+
+class JobCancelled(Event):
+    type: Literal["job.cancelled"] = "job.cancelled"
+    job_id: ExternalId
+
+
+class PaymentSucceeded(Event):
+    type: Literal["payment.succeeded"] = "payment.succeeded"
+    payment_id: ExternalId
+    credits: PositiveCredits
+    amount_cents: Annotated[int, Field(ge=0)] | None = None
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = None
+
+
+class CreditsAdjusted(Event):
+    type: Literal["credits.adjusted"] = "credits.adjusted"
+    credits: Annotated[int, Field(ge=-MAX_CREDITS, le=MAX_CREDITS)]
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    actor: Annotated[str, Field(min_length=1, max_length=255)]
+
+    @field_validator("credits")
+    @classmethod
+    def _changes_balance(cls, credits: int) -> int:
+        if credits == 0:
+            raise ValueError("credits must not be zero: an adjustment has to change the balance")
+        return credits
+
+
+AnyEvent = Annotated[
+    Union[JobCompleted, JobCancelled, PaymentSucceeded, CreditsAdjusted],
+    Field(discriminator="type"),
+]
+
+_EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+
+def parse_event(raw: str | bytes) -> Event:
+    """Decode one event from its JSON text. Raises pydantic.ValidationError on anything off."""
+    return _EVENT_ADAPTER.validate_json(raw)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    model.model_fields["type"].default: model
+    for model in (JobCompleted, JobCancelled, PaymentSucceeded, CreditsAdjusted)
+}

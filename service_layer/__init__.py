@@ -1,0 +1,1 @@
+"""Use cases as plain async functions over a unit of work (cosmicpython's service layer)."""

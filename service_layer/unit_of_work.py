@@ -1,0 +1,47 @@
+"""The unit of work: one transaction, its repositories, commit or roll back."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.db import Database
+from infra.db.repository import SqlAccountRepository, SqlEventLog
+
+
+class UnitOfWork(Protocol):
+    accounts: SqlAccountRepository
+    events: SqlEventLog
+
+    async def __aenter__(self) -> "UnitOfWork": ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def commit(self) -> None: ...
+
+
+class SqlUnitOfWork:
+    """Nothing is written unless ``commit()`` is called; leaving the block rolls back the rest."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._connection: AsyncConnection | None = None
+
+    async def __aenter__(self) -> "SqlUnitOfWork":
+        self._connection = await self.db.engine.connect()
+        await self._connection.begin()
+        self.accounts = SqlAccountRepository(self._connection)
+        self.events = SqlEventLog(self._connection)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._connection is not None
+        try:
+            if self._connection.in_transaction():
+                await self._connection.rollback()
+        finally:
+            await self._connection.close()
+            self._connection = None
+
+    async def commit(self) -> None:
+        assert self._connection is not None
+        await self._connection.commit()
