@@ -64,14 +64,20 @@ async def apply_event(event: Event, uow: UnitOfWork, policy: CreditPolicy) -> Ou
     return Outcome.APPLIED
 
 
-async def place_hold(uow: UnitOfWork, policy: CreditPolicy, customer_id: str, job_id: str, credits: int, now: datetime) -> Hold:
-    """Book a job: reserve its credits, or raise InsufficientCredits (the front end's 409)."""
+async def place_hold(
+    uow: UnitOfWork, policy: CreditPolicy, customer_id: str, job_id: str, credits: int, now: datetime
+) -> tuple[Hold, bool]:
+    """Book a job: reserve its credits, or raise InsufficientCredits (the front end's 409).
+
+    Returns the hold and whether it is new (placing the same hold again is harmless).
+    """
     async with uow:
         account = await _locked(uow, customer_id, job_ids=(job_id,))
         hold = account.place_hold(job_id, credits, now, f"hold:{customer_id}:{job_id}", policy)
+        created = hold.id is None
         await uow.accounts.save(account)
         await uow.commit()
-    return hold
+    return hold, created
 
 
 async def release_hold(uow: UnitOfWork, customer_id: str, job_id: str, now: datetime) -> bool:
@@ -97,43 +103,46 @@ async def credit_view(uow: UnitOfWork, customer_id: str, now: datetime) -> Credi
 class SweepResult:
     customers: int
     entries: int
+    #: True when the sweep stopped at its batch budget with work left.
+    more: bool = False
 
 
-async def expire_due_credits(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int) -> SweepResult:
+async def expire_due_credits(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
     """Write expiry entries for every lot past its expiry, a batch of customers per transaction."""
-    return await _sweep(new_uow, now, batch_size, lambda uow: uow.accounts.customers_with_due_lots(now, batch_size))
+    return await _sweep(new_uow, now, max_batches, lambda uow: uow.accounts.customers_with_due_lots(now, batch_size))
 
 
-async def lapse_due_holds(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int) -> SweepResult:
+async def lapse_due_holds(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
     """Lapse every hold not captured within its time to live."""
-    return await _sweep(new_uow, now, batch_size, lambda uow: uow.accounts.customers_with_due_holds(now, batch_size))
+    return await _sweep(new_uow, now, max_batches, lambda uow: uow.accounts.customers_with_due_holds(now, batch_size))
 
 
 async def _sweep(
     new_uow: UnitOfWorkFactory,
     now: datetime,
-    batch_size: int,
+    max_batches: int | None,
     find_due: Callable[[UnitOfWork], Awaitable[list[str]]],
 ) -> SweepResult:
     # Lots never enter memory beyond one batch of customers; each batch commits on its own,
     # so a crash loses at most the batch in flight, which the next run redoes.
     event_id = f"sweep:{now.isoformat()}"
-    customers = entries = 0
-    while True:
+    customers = entries = batches = 0
+    while max_batches is None or batches < max_batches:
         async with new_uow() as uow:
             due = await find_due(uow)
             if not due:
-                break
+                return SweepResult(customers, entries)
             accounts = await uow.accounts.lock_available(due)
             if not accounts:
-                break  # another sweeper holds them all; it will finish them
+                return SweepResult(customers, entries)  # another sweeper holds them all and will finish them
             for account in accounts:
                 account.catch_up(now, event_id)
                 entries += len(account.new_entries)
                 await uow.accounts.save(account)
             await uow.commit()
             customers += len(accounts)
-    return SweepResult(customers, entries)
+            batches += 1
+    return SweepResult(customers, entries, more=True)
 
 
 async def _locked(uow: UnitOfWork, customer_id: str, job_ids: tuple[str, ...] = ()) -> Account:

@@ -27,6 +27,7 @@ class SqlUnitOfWork:
         self._connection: AsyncConnection | None = None
 
     async def __aenter__(self) -> "SqlUnitOfWork":
+        await self.db.acquire_writer()
         self._connection = await self.db.engine.connect()
         await self._connection.begin()
         self.accounts = SqlAccountRepository(self._connection)
@@ -41,6 +42,7 @@ class SqlUnitOfWork:
         finally:
             await self._connection.close()
             self._connection = None
+            self.db.release_writer()
 
     async def commit(self) -> None:
         assert self._connection is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from alembic.config import Config
@@ -28,8 +29,23 @@ class Database:
         if self.is_sqlite:
             self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
         else:
             self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self._writer: asyncio.Lock | None = None
+
+    async def acquire_writer(self) -> None:
+        """On SQLite, queue transactions here: SQLite has one writer, and its busy handler
+        waits by sleeping, which would cost far more than the work. No-op on PostgreSQL,
+        where row locks do the serialising."""
+        if self.is_sqlite:
+            if self._writer is None:
+                self._writer = asyncio.Lock()
+            await self._writer.acquire()
+
+    def release_writer(self) -> None:
+        if self._writer is not None and self._writer.locked():
+            self._writer.release()
 
     @property
     def safe_url(self) -> str:
@@ -47,11 +63,21 @@ class Database:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy emit BEGIN itself (see _sqlite_begin_immediate), not the driver.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL with synchronous=NORMAL survives an application crash; only an OS crash can lose the last commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection) -> None:
+    # SQLite has one writer. Taking the write lock at BEGIN makes concurrent transactions
+    # queue on busy_timeout instead of failing when a reader later tries to write.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(url: str) -> Config:

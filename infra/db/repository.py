@@ -9,13 +9,20 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain import Account, EntryKind, Hold, HoldStatus, Lot, LotSource
-from infra.db.tables import credit_lots, customers, holds, ledger_entries, lot_movements, processed_events
+from domain import Account, Hold, HoldStatus, Lot, LotSource
+from infra.db.tables import (
+    ENTRY_IS_CHARGE,
+    HOLD_IS_ACTIVE,
+    LOT_IS_OPEN,
+    credit_lots,
+    customers,
+    holds,
+    ledger_entries,
+    lot_movements,
+    processed_events,
+)
 from messages import Event
 from service_layer.errors import EventConflict
-
-CHARGE_KINDS = (EntryKind.DEBITED.value, EntryKind.CAPTURED.value)
-
 
 def insert_ignoring_conflicts(connection: AsyncConnection, table):
     """INSERT ... ON CONFLICT DO NOTHING in the connection's dialect."""
@@ -29,9 +36,16 @@ class SqlAccountRepository:
 
     async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = ()) -> Account | None:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
-        if create:
-            await self.connection.execute(insert_ignoring_conflicts(self.connection, customers).values(customer_id=customer_id))
-        return await self._load(customer_id, for_update=True, job_ids=job_ids)
+        if not create:
+            return await self._load(customer_id, for_update=True, job_ids=job_ids)
+        # Create-or-lock in one statement: ON CONFLICT DO UPDATE locks the existing row.
+        dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
+        upsert = dialect.insert(customers).values(customer_id=customer_id)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
+        ).returning(customers.c.overdraft, customers.c.credits_depleted_at)
+        row = (await self.connection.execute(upsert)).one()
+        return await self._load(customer_id, for_update=False, job_ids=job_ids, customer_row=row)
 
     async def get(self, customer_id: str) -> Account | None:
         """Load an account for reading, without a lock."""
@@ -56,7 +70,7 @@ class SqlAccountRepository:
     async def customers_with_due_lots(self, now: datetime, limit: int) -> list[str]:
         query = (
             select(credit_lots.c.customer_id)
-            .where(credit_lots.c.remaining > 0, credit_lots.c.expires_at <= now)
+            .where(LOT_IS_OPEN, credit_lots.c.expires_at <= now)
             .order_by(credit_lots.c.expires_at)
             .limit(limit)
         )
@@ -65,26 +79,28 @@ class SqlAccountRepository:
     async def customers_with_due_holds(self, now: datetime, limit: int) -> list[str]:
         query = (
             select(holds.c.customer_id)
-            .where(holds.c.status == HoldStatus.ACTIVE.value, holds.c.expires_at <= now)
+            .where(HOLD_IS_ACTIVE, holds.c.expires_at <= now)
             .order_by(holds.c.expires_at)
             .limit(limit)
         )
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
-    async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str]) -> Account | None:
-        query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
-        if for_update:
-            query = query.with_for_update()
-        row = (await self.connection.execute(query)).first()
+    async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], customer_row=None) -> Account | None:
+        row = customer_row
         if row is None:
-            return None
+            query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
+            if for_update:
+                query = query.with_for_update()
+            row = (await self.connection.execute(query)).first()
+            if row is None:
+                return None
         lot_rows = await self.connection.execute(
             select(credit_lots)
-            .where(credit_lots.c.customer_id == customer_id, credit_lots.c.remaining > 0)
+            .where(credit_lots.c.customer_id == customer_id, LOT_IS_OPEN)
             .order_by(credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)
         )
         hold_rows = await self.connection.execute(
-            select(holds).where(holds.c.customer_id == customer_id, holds.c.status == HoldStatus.ACTIVE.value)
+            select(holds).where(holds.c.customer_id == customer_id, HOLD_IS_ACTIVE)
         )
         job_ids = list(job_ids)
         charged: set[str] = set()
@@ -95,7 +111,7 @@ class SqlAccountRepository:
                         select(ledger_entries.c.job_id).where(
                             ledger_entries.c.customer_id == customer_id,
                             ledger_entries.c.job_id.in_(job_ids),
-                            ledger_entries.c.kind.in_(CHARGE_KINDS),
+                            ENTRY_IS_CHARGE,
                         )
                     )
                 ).scalars()

@@ -19,7 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     func,
-    text,
+    literal_column,
 )
 
 metadata = MetaData(
@@ -53,6 +53,12 @@ class UtcDateTime(TypeDecorator):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+def _sql_literal(value: str | int):
+    # Rendered inline, not as a bound parameter: a partial index is only usable when the
+    # planner can see the query's predicate matches the index's, and it cannot see a parameter.
+    return literal_column(repr(value) if isinstance(value, str) else str(value))
+
+
 # BigInteger ids that are still autoincrementing primary keys on SQLite.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -66,7 +72,7 @@ customers = Table(
     Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
     Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
     CheckConstraint("overdraft >= 0", name="overdraft_not_negative"),
-    Index("ix_customers_depleted", "credits_depleted_at", "customer_id", postgresql_where=text("credits_depleted_at IS NOT NULL"), sqlite_where=text("credits_depleted_at IS NOT NULL")),
+    Index("ix_customers_depleted", "credits_depleted_at", "customer_id"),
 )
 
 credit_lots = Table(
@@ -84,11 +90,14 @@ credit_lots = Table(
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
     CheckConstraint("remaining <= amount", name="remaining_within_amount"),
     CheckConstraint("source IN ('payment', 'adjustment')", name="known_source"),
-    # Consumption order for one customer, open lots only.
-    Index("ix_credit_lots_open", "customer_id", "expires_at", "issued_at", "id", postgresql_where=text("remaining > 0"), sqlite_where=text("remaining > 0")),
-    # The expiry sweep: due lots across all customers.
-    Index("ix_credit_lots_due", "expires_at", postgresql_where=text("remaining > 0"), sqlite_where=text("remaining > 0")),
 )
+# Consumption order for one customer, open lots only.
+LOT_IS_OPEN = credit_lots.c.remaining > _sql_literal(0)
+Index("ix_credit_lots_open", credit_lots.c.customer_id, credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
+# The expiry sweep: due lots across all customers.
+Index("ix_credit_lots_due", credit_lots.c.expires_at, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
+# Every lot of a customer (history, reconciliation).
+Index("ix_credit_lots_customer", credit_lots.c.customer_id)
 
 ledger_entries = Table(
     "ledger_entries",
@@ -110,16 +119,10 @@ ledger_entries = Table(
         name="known_kind",
     ),
     Index("ix_ledger_entries_customer", "customer_id", "id"),
-    # A job is charged once, whatever the event ids say.
-    Index(
-        "uq_ledger_entries_job_charge",
-        "customer_id",
-        "job_id",
-        unique=True,
-        postgresql_where=text("kind IN ('debited', 'captured')"),
-        sqlite_where=text("kind IN ('debited', 'captured')"),
-    ),
 )
+# A job is charged once, whatever the event ids say.
+ENTRY_IS_CHARGE = ledger_entries.c.kind.in_([_sql_literal("debited"), _sql_literal("captured")])
+Index("uq_ledger_entries_job_charge", ledger_entries.c.customer_id, ledger_entries.c.job_id, unique=True, postgresql_where=ENTRY_IS_CHARGE, sqlite_where=ENTRY_IS_CHARGE)
 
 lot_movements = Table(
     "lot_movements",
@@ -143,10 +146,11 @@ holds = Table(
     Column("closed_at", UtcDateTime, nullable=True),
     CheckConstraint("credits > 0", name="credits_positive"),
     CheckConstraint("status IN ('active', 'captured', 'released', 'lapsed')", name="known_status"),
-    Index("ix_holds_due", "expires_at", postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'")),
-    # One active hold per job; a job may be booked again after its hold is released.
-    Index("uq_holds_active_job", "customer_id", "job_id", unique=True, postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'")),
 )
+HOLD_IS_ACTIVE = holds.c.status == _sql_literal("active")
+Index("ix_holds_due", holds.c.expires_at, postgresql_where=HOLD_IS_ACTIVE, sqlite_where=HOLD_IS_ACTIVE)
+# One active hold per job; a job may be booked again after its hold is released.
+Index("uq_holds_active_job", holds.c.customer_id, holds.c.job_id, unique=True, postgresql_where=HOLD_IS_ACTIVE, sqlite_where=HOLD_IS_ACTIVE)
 
 processed_events = Table(
     "processed_events",

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 01:46:34.044116
+Create Date: 2026-11-21 01:58:52.187027
 """
 from alembic import op
 import sqlalchemy as sa
@@ -26,7 +26,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('customer_id', name=op.f('pk_customers'))
     )
     with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.create_index('ix_customers_depleted', ['credits_depleted_at', 'customer_id'], unique=False, postgresql_where=sa.text('credits_depleted_at IS NOT NULL'), sqlite_where=sa.text('credits_depleted_at IS NOT NULL'))
+        batch_op.create_index('ix_customers_depleted', ['credits_depleted_at', 'customer_id'], unique=False)
 
     op.create_table('dead_letters',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -67,6 +67,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_credit_lots'))
     )
     with op.batch_alter_table('credit_lots', schema=None) as batch_op:
+        batch_op.create_index('ix_credit_lots_customer', ['customer_id'], unique=False)
         batch_op.create_index('ix_credit_lots_due', ['expires_at'], unique=False, postgresql_where=sa.text('remaining > 0'), sqlite_where=sa.text('remaining > 0'))
         batch_op.create_index('ix_credit_lots_open', ['customer_id', 'expires_at', 'issued_at', 'id'], unique=False, postgresql_where=sa.text('remaining > 0'), sqlite_where=sa.text('remaining > 0'))
 
@@ -136,6 +137,7 @@ def downgrade() -> None:
     with op.batch_alter_table('credit_lots', schema=None) as batch_op:
         batch_op.drop_index('ix_credit_lots_open', postgresql_where=sa.text('remaining > 0'), sqlite_where=sa.text('remaining > 0'))
         batch_op.drop_index('ix_credit_lots_due', postgresql_where=sa.text('remaining > 0'), sqlite_where=sa.text('remaining > 0'))
+        batch_op.drop_index('ix_credit_lots_customer')
 
     op.drop_table('credit_lots')
     op.drop_table('processed_events')
@@ -144,6 +146,6 @@ def downgrade() -> None:
 
     op.drop_table('dead_letters')
     with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.drop_index('ix_customers_depleted', postgresql_where=sa.text('credits_depleted_at IS NOT NULL'), sqlite_where=sa.text('credits_depleted_at IS NOT NULL'))
+        batch_op.drop_index('ix_customers_depleted')
 
     op.drop_table('customers')

@@ -1,0 +1,1 @@
+"""The HTTP read side and booking holds (FastAPI)."""

@@ -1,0 +1,107 @@
+"""Dramatiq actors. Thin: decode, validate, open a unit of work, call the domain, commit.
+
+Run them with ``dramatiq workers.actors`` (or ``credits worker``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import dramatiq
+import structlog
+from pydantic import ValidationError
+
+from domain import DomainError
+from messages import parse_event
+from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
+from service_layer import handlers
+from service_layer.errors import EventConflict
+from workers.broker import broker
+from workers.runtime import get_runtime
+
+log = structlog.get_logger("credits.workers")
+
+SWEEPS_QUEUE = "credit_sweeps"
+#: A sweep gives up its worker thread after this many batches and re-enqueues itself.
+SWEEP_BATCHES_PER_MESSAGE = 200
+
+
+class Rejected(Exception):
+    """A message that can never succeed: it goes straight to the dead letters, never retried."""
+
+
+def _retry_options() -> dict:
+    settings = get_runtime().settings
+    return {
+        "throws": (Rejected,),
+        "max_retries": settings.event_max_retries,
+        "min_backoff": settings.event_min_backoff_ms,
+        "max_backoff": settings.event_max_backoff_ms,
+    }
+
+
+@dramatiq.actor(actor_name=APPLY_EVENT_ACTOR, queue_name=EVENTS_QUEUE, **_retry_options())
+async def apply_event(*args: object, **kwargs: object) -> None:
+    """Apply one domain event. Bad input and conflicts are rejected; anything else is retried."""
+    if args or set(kwargs) != {EVENT_KWARG} or not isinstance(kwargs[EVENT_KWARG], (str, bytes)):
+        log.error("event_rejected", reason="malformed message", detail=f"expected kwargs {{{EVENT_KWARG!r}: <JSON string>}}, got args={len(args)} kwargs={sorted(kwargs)}")
+        raise Rejected(f"malformed message: expected exactly one keyword argument {EVENT_KWARG!r} holding the event as a JSON string")
+    try:
+        event = parse_event(kwargs[EVENT_KWARG])
+    except ValidationError as error:
+        problems = error.errors(include_url=False, include_input=False, include_context=False)
+        log.error("event_rejected", reason="invalid event", errors=problems)
+        raise Rejected(f"invalid event: {problems}") from None
+    structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
+    runtime = get_runtime()
+    try:
+        outcome = await handlers.apply_event(event, runtime.new_uow(), runtime.settings.policy)
+    except (EventConflict, DomainError) as error:
+        log.error("event_rejected", reason=type(error).__name__, detail=str(error))
+        raise Rejected(str(error)) from None
+    log.info("event_" + outcome.value)
+
+
+@dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
+async def expire_credits(as_of: str | None = None) -> None:
+    """Periodic: expire every lot past its expiry date as of ``as_of`` (default: now)."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    result = await handlers.expire_due_credits(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
+    _finish_sweep(expire_credits, now, result)
+
+
+@dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
+async def lapse_holds(as_of: str | None = None) -> None:
+    """Periodic: lapse every hold not captured within its time to live."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    result = await handlers.lapse_due_holds(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
+    _finish_sweep(lapse_holds, now, result)
+
+
+def _sweep_time(as_of: str | None) -> datetime:
+    now = get_runtime().clock.now()
+    if as_of is None:
+        return now
+    try:
+        moment = datetime.fromisoformat(as_of)
+    except (TypeError, ValueError):
+        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {as_of!r}") from None
+    if moment.tzinfo is None:
+        raise Rejected(f"as_of must carry a timezone, got {as_of!r}")
+    if moment > now:
+        # Sweeping "as of" the future would expire credits customers still own.
+        raise Rejected(f"as_of {as_of} is in the future")
+    return moment
+
+
+def _finish_sweep(actor: dramatiq.Actor, now: datetime, result: handlers.SweepResult) -> None:
+    log.info("sweep_done", sweep=actor.actor_name, as_of=now.isoformat(), customers=result.customers, entries=result.entries, more=result.more)
+    if result.more:
+        actor.send(as_of=now.isoformat())
+
+
+PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds)}
+
+__all__ = ["PERIODIC_ACTORS", "Rejected", "apply_event", "broker", "expire_credits", "lapse_holds"]

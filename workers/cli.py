@@ -1,0 +1,118 @@
+"""`credits`: the operator's command line.
+
+    credits demo                 the main job on the embedded default (SQLite + in-process Redis)
+    credits migrate              apply database migrations (Procfile `release`)
+    credits web                  serve the HTTP API on $PORT
+    credits worker               run Dramatiq workers (needs REDIS_URL)
+    credits scheduler            enqueue periodic jobs on schedule
+    credits run <periodic-job>   enqueue one periodic job now
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="credits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="simulate months of customers through the real actors")
+    demo.add_argument("--customers", type=int, default=200)
+    demo.add_argument("--months", type=int, default=14)
+    demo.add_argument("--seed", type=int, default=7)
+
+    commands.add_parser("migrate", help="apply database migrations")
+
+    web = commands.add_parser("web", help="serve the HTTP API")
+    web.add_argument("--host", default="0.0.0.0")
+    web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+
+    worker = commands.add_parser("worker", help="run Dramatiq worker processes")
+    worker.add_argument("--processes", type=int, default=2)
+    worker.add_argument("--threads", type=int, default=8)
+
+    commands.add_parser("scheduler", help="enqueue periodic jobs on schedule")
+
+    run = commands.add_parser("run", help="enqueue a periodic job now")
+    run.add_argument("job", choices=PERIODIC_JOB_NAMES)
+    run.add_argument("--as-of", help="ISO 8601 time to sweep as of (not in the future); default now")
+
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command](args) or 0
+
+
+def _demo(args) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(customers=args.customers, months=args.months, seed=args.seed)
+
+
+def _migrate(args) -> int:
+    from alembic import command
+
+    from infra.db.engine import alembic_config
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    command.upgrade(alembic_config(settings.effective_database_url), "head")
+    print("database migrated to head", file=sys.stderr)
+    return 0
+
+
+def _web(args) -> int:
+    import uvicorn
+
+    from api.app import app_factory
+
+    uvicorn.run(app_factory(), host=args.host, port=args.port, log_config=None, proxy_headers=True)
+    return 0
+
+
+def _worker(args) -> int:
+    from infra.settings import get_settings
+
+    if not get_settings().redis_url:
+        print("credits worker needs REDIS_URL: the embedded default runs in one process (`credits demo`)", file=sys.stderr)
+        return 2
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)],
+    )
+    return 0  # not reached
+
+
+def _scheduler(args) -> int:
+    from infra.settings import get_settings
+    from workers.scheduler import run_scheduler
+
+    run_scheduler(get_settings())
+    return 0
+
+
+def _run(args) -> int:
+    from infra.broker import is_embedded
+    from workers.actors import PERIODIC_ACTORS, broker
+    from workers.runtime import get_runtime
+
+    options = {"as_of": args.as_of} if args.as_of else {}
+    message = PERIODIC_ACTORS[args.job].send(**options)
+    print(f"enqueued {args.job} as message {message.message_id}", file=sys.stderr)
+    if is_embedded(get_runtime().settings):
+        # No other process can reach the in-process Redis: do the work here.
+        from workers.inprocess import drain, running_worker
+
+        with running_worker(broker) as worker:
+            drain(broker, worker)
+        print(f"{args.job} done", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"demo": _demo, "migrate": _migrate, "web": _web, "worker": _worker, "scheduler": _scheduler, "run": _run}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Dramatiq middleware: small, one job each (as in Dramatiq's own middleware package)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dramatiq
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import Middleware
+from sqlalchemy import insert
+
+from infra.db import require_current_schema
+from infra.db.tables import dead_letters
+from infra.logging import scrub
+from workers.runtime import get_runtime
+
+log = structlog.get_logger("credits.workers")
+
+
+class LogContext(Middleware):
+    """Bind message id and actor to every log line written while a message is processed."""
+
+    def before_process_message(self, broker, message):
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(message_id=message.message_id, actor=message.actor_name)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        structlog.contextvars.clear_contextvars()
+
+    after_skip_message = after_process_message
+
+
+class RequireMigratedSchema(Middleware):
+    """Refuse to start a worker on a database that is not migrated to head."""
+
+    def before_worker_boot(self, broker, worker):
+        runtime = get_runtime()
+
+        async def check() -> None:
+            from infra.db import Database
+
+            db = Database(runtime.settings.effective_database_url)
+            try:
+                await require_current_schema(db)
+            finally:
+                await db.dispose()
+
+        asyncio.run(check())
+
+
+class ArchiveDeadLetters(Middleware):
+    """Copy every dead-lettered message into PostgreSQL.
+
+    Redis keeps dead letters for a week and loses them on restart; the table keeps them
+    for an operator to inspect and replay.
+    """
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        if not message.failed:
+            return
+        error = scrub(f"{type(exception).__name__}: {exception}") if exception else None
+        row = {
+            "message_id": message.message_id,
+            "queue_name": message.queue_name,
+            "actor_name": message.actor_name,
+            "message": message.encode().decode("utf-8", "replace"),
+            "error": error,
+        }
+
+        async def archive() -> None:
+            async with get_runtime().db.begin() as connection:
+                await connection.execute(insert(dead_letters).values(**row))
+
+        try:
+            get_event_loop_thread().run_coroutine(archive())
+            log.error("message_dead_lettered", error=error)
+        except Exception:
+            log.exception("dead_letter_archive_failed", error=error)
+
+    def after_skip_message(self, broker, message):
+        # Skipped messages (e.g. too old) are failed by Dramatiq too.
+        self.after_process_message(broker, message)
+
+
+def worker_middleware() -> list[Middleware]:
+    """Middleware the workers add on top of Dramatiq's defaults; order matters (after Retries)."""
+    from dramatiq.middleware.asyncio import AsyncIO
+
+    return [AsyncIO(), LogContext(), RequireMigratedSchema(), ArchiveDeadLetters()]
+
+
+def install(broker: dramatiq.Broker) -> dramatiq.Broker:
+    for middleware in worker_middleware():
+        broker.add_middleware(middleware)
+    return broker

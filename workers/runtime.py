@@ -1,0 +1,46 @@
+"""What a worker process shares: settings, the database, the clock.
+
+The database is created on first use, from the event-loop thread that runs the async
+actors, because asyncpg connections belong to the loop that opened them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infra.clock import Clock, SystemClock
+from infra.db import Database
+from infra.settings import Settings, get_settings
+from service_layer.unit_of_work import SqlUnitOfWork
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    clock: Clock = field(default_factory=SystemClock)
+    _db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.settings.effective_database_url, pool_size=self.settings.db_pool_size)
+        return self._db
+
+    def new_uow(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.db)
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(get_settings())
+    return _runtime
+
+
+def configure_runtime(runtime: Runtime) -> None:
+    """Replace the process's runtime (the demo and tests use a movable clock)."""
+    global _runtime
+    _runtime = runtime

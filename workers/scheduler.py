@@ -1,0 +1,80 @@
+"""The scheduler process: it only enqueues periodic messages (APScheduler, as Dramatiq's docs advise).
+
+Several schedulers may run (a deploy overlap, a mistake): each tick of each job is claimed
+in Redis with SET NX first, so only one of them enqueues it. The periodic actors are
+idempotent anyway, so a double fire would waste work, not money.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import dramatiq
+import structlog
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from infra.settings import Settings
+
+log = structlog.get_logger("credits.scheduler")
+LOCK_PREFIX = "credits:scheduler"
+
+
+@dataclass(frozen=True)
+class PeriodicJob:
+    actor: dramatiq.Actor
+    every: timedelta
+
+    @property
+    def name(self) -> str:
+        return self.actor.actor_name
+
+
+def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
+    from workers.actors import expire_credits, lapse_holds
+
+    return [
+        PeriodicJob(expire_credits, timedelta(minutes=settings.expire_credits_every_minutes)),
+        PeriodicJob(lapse_holds, timedelta(minutes=settings.lapse_holds_every_minutes)),
+    ]
+
+
+def fire(job: PeriodicJob, redis_client, owner: str, now: datetime | None = None) -> bool:
+    """Enqueue ``job`` for the current tick unless another scheduler already has. Returns whether it did."""
+    now = now or datetime.now(timezone.utc)
+    seconds = int(job.every.total_seconds())
+    tick = int(now.timestamp()) // seconds
+    key = f"{LOCK_PREFIX}:{job.name}:{tick}"
+    if not redis_client.set(key, owner, nx=True, ex=seconds * 2):
+        log.info("periodic_skipped", job=job.name, tick=tick, reason="another scheduler fired this tick")
+        return False
+    job.actor.send()
+    log.info("periodic_enqueued", job=job.name, tick=tick)
+    return True
+
+
+def run_scheduler(settings: Settings) -> None:
+    from workers.broker import broker
+
+    owner = f"scheduler-{uuid.uuid4()}"
+    scheduler = BlockingScheduler(timezone=timezone.utc)
+    for job in periodic_jobs(settings):
+        scheduler.add_job(
+            fire,
+            IntervalTrigger(seconds=int(job.every.total_seconds()), timezone=timezone.utc),
+            args=(job, broker.client, owner),
+            id=job.name,
+            next_run_time=datetime.now(timezone.utc),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=60,
+        )
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
+    log.info("scheduler_started", owner=owner, jobs=[job.name for job in periodic_jobs(settings)])
+    try:
+        scheduler.start()
+    except (KeyboardInterrupt, SystemExit):
+        pass
