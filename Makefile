@@ -1,0 +1,23 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Each creates the virtualenv and installs the project first when needed.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test services
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/credits demo
+
+services:
+	bash scripts/ensure-services.sh
+
+test: $(STAMP) services
+	$(VENV)/bin/python -m pytest

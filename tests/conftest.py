@@ -1,0 +1,117 @@
+"""Fixtures over the real services: a fresh PostgreSQL database and a private Redis database per run.
+
+Nothing here skips: if PostgreSQL or Redis is unreachable the run fails, loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+from alembic import command
+from sqlalchemy import text
+
+from infra.db import Database
+from infra.db.engine import alembic_config
+from tests.support import WorkerProcesses, start_worker_processes
+
+POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+LEDGER_TABLES = "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters"
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A database of its own for this test run, migrated to head, dropped at the end."""
+    name = f"credits_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    url = f"{base}/{name}"
+    command.upgrade(alembic_config(url), "head")
+    yield url
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis logical database no concurrent test run is using (claimed in db 0), flushed."""
+    admin = redis.Redis.from_url(f"{REDIS_SERVER_URL}/0")
+    owner = uuid.uuid4().hex
+    for index in range(1, 16):
+        if admin.set(f"credits-tests:db:{index}", owner, nx=True, ex=3 * 3600):
+            break
+    else:
+        raise RuntimeError("all Redis databases 1-15 are claimed by other test runs")
+    url = f"{REDIS_SERVER_URL}/{index}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+    if admin.get(f"credits-tests:db:{index}") == owner.encode():
+        admin.delete(f"credits-tests:db:{index}")
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+async def database(pg_url: str) -> Database:
+    db = Database(pg_url)
+    yield db
+    await db.dispose()
+
+
+@pytest.fixture
+async def db(database: Database) -> Database:
+    """The test database, emptied before the test."""
+    async with database.begin() as connection:
+        await connection.execute(text(f"TRUNCATE {LEDGER_TABLES} RESTART IDENTITY CASCADE"))
+    return database
+
+
+@pytest.fixture
+def service_env(pg_url: str, redis_url: str) -> dict[str, str]:
+    """Environment for processes under test: real PostgreSQL and Redis, short retry back-off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(
+        DATABASE_URL=pg_url,
+        REDIS_URL=redis_url,
+        EVENT_MIN_BACKOFF_MS="100",
+        EVENT_MAX_BACKOFF_MS="2000",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., WorkerProcesses]:
+    """Start real `dramatiq workers.actors` processes; all are stopped after the test."""
+    started: list[WorkerProcesses] = []
+
+    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None) -> WorkerProcesses:
+        workers = start_worker_processes({**service_env, **(env or {})}, tmp_path / f"workers-{len(started)}.log", processes, threads)
+        started.append(workers)
+        return workers
+
+    yield start
+    for workers in started:
+        workers.stop()

@@ -1,0 +1,107 @@
+"""Helpers shared by the tests: waiting, real worker processes, ledger reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from infra.db import Database
+from infra.db.tables import credit_lots, customers, ledger_entries
+
+ROOT = Path(__file__).resolve().parent.parent
+HOLD_KINDS = ("held", "released", "lapsed")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@dataclass
+class WorkerProcesses:
+    """A real `dramatiq workers.actors` command, with its own process group."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.process.poll() is not None:
+            return
+        # Signal the dramatiq main process only; it shuts its worker processes down itself.
+        os.kill(self.process.pid, sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0) -> WorkerProcesses:
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    workers = WorkerProcesses(process, log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"worker exited with {process.returncode}:\n{workers.log()}")
+        return workers.log().count("ready for action") >= processes
+
+    wait_until(ready, timeout=ready_timeout, message="dramatiq workers to boot")
+    return workers
+
+
+async def reconciliation(db: Database) -> list[str]:
+    """Every customer whose entries do not sum to (credit in lots − overdraft). Empty means it reconciles."""
+    async with db.connect() as connection:
+        entries = dict(
+            (
+                await connection.execute(
+                    select(ledger_entries.c.customer_id, func.sum(ledger_entries.c.credits))
+                    .where(ledger_entries.c.kind.not_in(HOLD_KINDS))
+                    .group_by(ledger_entries.c.customer_id)
+                )
+            ).all()
+        )
+        lots = dict(
+            (await connection.execute(select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(credit_lots.c.customer_id))).all()
+        )
+        rows = (await connection.execute(select(customers.c.customer_id, customers.c.balance, customers.c.overdraft))).all()
+    problems = []
+    for customer_id, balance, overdraft in rows:
+        book = (lots.get(customer_id) or 0) - overdraft
+        summed = entries.get(customer_id) or 0
+        if not (summed == book == balance):
+            problems.append(f"{customer_id}: entries {summed}, lots-overdraft {book}, stored balance {balance}")
+    return problems
