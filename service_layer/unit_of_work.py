@@ -28,8 +28,15 @@ class SqlUnitOfWork:
 
     async def __aenter__(self) -> "SqlUnitOfWork":
         await self.db.acquire_writer()
-        self._connection = await self.db.engine.connect()
-        await self._connection.begin()
+        try:
+            self._connection = await self.db.engine.connect()
+            await self._connection.begin()
+        except BaseException:
+            if self._connection is not None:
+                await self._connection.close()
+                self._connection = None
+            self.db.release_writer()
+            raise
         self.accounts = SqlAccountRepository(self._connection)
         self.events = SqlEventLog(self._connection)
         return self
