@@ -84,13 +84,30 @@ class ArchiveDeadLetters(Middleware):
 
 
 def worker_middleware() -> list[Middleware]:
-    """Middleware the workers add on top of Dramatiq's defaults; order matters (after Retries)."""
+    """Middleware the workers add on top of Dramatiq's defaults; see ``install`` for where.
+
+    RequireMigratedSchema comes before AsyncIO: ``before_worker_boot`` hooks run in list order,
+    and once AsyncIO has started its (non-daemon) event-loop thread, a refusal to boot would
+    leave the worker process hanging on that thread instead of exiting.
+    """
     from dramatiq.middleware.asyncio import AsyncIO
 
-    return [AsyncIO(), LogContext(), RequireMigratedSchema(), ArchiveDeadLetters()]
+    return [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters()]
+
+
+#: Dramatiq runs ``after_*`` hooks in *reverse* list order, so these go *before* Retries:
+#: ArchiveDeadLetters must run after Retries has decided (``message.failed``), and LogContext
+#: must clear the log context last, after Retries and ArchiveDeadLetters have logged.
+_BEFORE_RETRIES = (LogContext, ArchiveDeadLetters)
 
 
 def install(broker: dramatiq.Broker) -> dramatiq.Broker:
+    from dramatiq.middleware import Retries
+
+    has_retries = any(isinstance(m, Retries) for m in broker.middleware)
     for middleware in worker_middleware():
-        broker.add_middleware(middleware)
+        if has_retries and isinstance(middleware, _BEFORE_RETRIES):
+            broker.add_middleware(middleware, before=Retries)
+        else:
+            broker.add_middleware(middleware)
     return broker

@@ -1,0 +1,304 @@
+"""Delivery guarantees end to end: Publisher → real Redis → real `dramatiq workers.actors` → PostgreSQL.
+
+At-least-once in, exactly-once effects: the same event published several times changes the
+ledger once; the same event_id with a different payload is refused loudly (Redis dead-letter
+queue, an `event_rejected` error log line, a `dead_letters` row) and never applied; events
+arriving out of order are applied at their own time.
+
+The helpers at the top are shared by the other modules of this package (tests/support.py is
+not ours to extend).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import func, select
+
+from infra.db import Database
+from infra.db.tables import credit_lots, customers, dead_letters, ledger_entries, processed_events
+from messages import APPLY_EVENT_ACTOR, EVENTS_QUEUE, JobCompleted, PaymentSucceeded, Publisher
+from tests.support import WorkerProcesses, eventually, reconciliation, wait_until
+
+EVENTS_XQ = f"dramatiq:{EVENTS_QUEUE}.XQ"
+#: The log line each actor run ends with (LogContext binds the message id to it).
+OUTCOMES = ("event_applied", "event_duplicate", "event_rejected")
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def log_records(workers: WorkerProcesses) -> list[dict]:
+    """The workers' JSON log lines, parsed (non-JSON lines are skipped)."""
+    records = []
+    for line in workers.log().splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def outcomes_of(workers: WorkerProcesses) -> dict[str, list[dict]]:
+    """message id → every outcome line written for it, in log order."""
+    seen: dict[str, list[dict]] = {}
+    for record in log_records(workers):
+        if record.get("event") in OUTCOMES and "message_id" in record:
+            seen.setdefault(record["message_id"], []).append(record)
+    return seen
+
+
+def wait_for_outcomes(workers: WorkerProcesses, message_ids, timeout: float = 30.0) -> dict[str, str]:
+    """Wait until every message has an outcome line; returns message id → its (single) outcome."""
+    message_ids = list(message_ids)
+    wait_until(
+        lambda: all(m in outcomes_of(workers) for m in message_ids),
+        timeout=timeout,
+        message=f"outcomes for {len(message_ids)} message(s)",
+    )
+    seen = outcomes_of(workers)
+    return {m: seen[m][-1]["event"] for m in message_ids}
+
+
+def retry_lines(workers: WorkerProcesses, message_id: str) -> list[str]:
+    return [r["event"] for r in log_records(workers) if str(r.get("event", "")).startswith(f"Retrying message '{message_id}'")]
+
+
+def dead_lettered(redis_client: redis.Redis, queue: str = EVENTS_QUEUE) -> dict[str, dict]:
+    """Dramatiq's Redis dead-letter queue: message id → decoded message (zset and hash agree)."""
+    xq = f"dramatiq:{queue}.XQ"
+    members = {m.decode() for m in redis_client.zrange(xq, 0, -1)}
+    bodies = {k.decode(): json.loads(v) for k, v in redis_client.hgetall(f"{xq}.msgs").items()}
+    assert members == set(bodies), f"{xq} and {xq}.msgs disagree: {members} vs {set(bodies)}"
+    return {body["message_id"]: body for body in bodies.values()}
+
+
+async def dead_letter_rows(db: Database) -> dict[str, dict]:
+    """The dead_letters table: message id → row."""
+    async with db.connect() as connection:
+        rows = (await connection.execute(select(dead_letters))).mappings().all()
+    return {row["message_id"]: dict(row) for row in rows}
+
+
+async def scalar(db: Database, query):
+    async with db.connect() as connection:
+        return (await connection.execute(query)).scalar()
+
+
+async def customer_row(db: Database, customer_id: str) -> dict | None:
+    async with db.connect() as connection:
+        row = (await connection.execute(select(customers).where(customers.c.customer_id == customer_id))).mappings().first()
+    return dict(row) if row else None
+
+
+async def entries_of(db: Database, customer_id: str) -> list[dict]:
+    async with db.connect() as connection:
+        rows = (
+            await connection.execute(
+                select(ledger_entries).where(ledger_entries.c.customer_id == customer_id).order_by(ledger_entries.c.id)
+            )
+        ).mappings().all()
+    return [dict(row) for row in rows]
+
+
+async def ledger_snapshot(db: Database) -> dict:
+    """Everything the ledger holds, as comparable values (timestamps of bookkeeping left out)."""
+    async with db.connect() as connection:
+        snapshot = {
+            "customers": (await connection.execute(
+                select(customers.c.customer_id, customers.c.balance, customers.c.overdraft, customers.c.credits_depleted_at).order_by(customers.c.customer_id)
+            )).all(),
+            "lots": (await connection.execute(select(credit_lots).order_by(credit_lots.c.id))).all(),
+            "entries": (await connection.execute(
+                select(*(c for c in ledger_entries.c if c.name != "recorded_at")).order_by(ledger_entries.c.id)
+            )).all(),
+            "processed": (await connection.execute(
+                select(processed_events.c.event_id, processed_events.c.fingerprint).order_by(processed_events.c.event_id)
+            )).all(),
+        }
+    return snapshot
+
+
+async def wait_for_dead_letter_rows(db: Database, message_ids, timeout: float = 30.0) -> dict[str, dict]:
+    message_ids = set(message_ids)
+
+    async def archived() -> bool:
+        return message_ids <= set(await dead_letter_rows(db))
+
+    await eventually(archived, timeout=timeout, message=f"dead_letters rows for {sorted(message_ids)}")
+    return await dead_letter_rows(db)
+
+
+def raw_broker(redis_url: str) -> RedisBroker:
+    """A bare producer broker, to enqueue messages the Publisher would never write."""
+    return RedisBroker(url=redis_url, middleware=[])
+
+
+def publish_raw(broker: RedisBroker, *, args: tuple = (), kwargs: dict | None = None) -> str:
+    message = dramatiq.Message(queue_name=EVENTS_QUEUE, actor_name=APPLY_EVENT_ACTOR, args=args, kwargs=kwargs or {}, options={})
+    return broker.enqueue(message).message_id
+
+
+def payment(event_id: str, customer_id: str, credits: int, at: datetime = T0) -> PaymentSucceeded:
+    return PaymentSucceeded(event_id=event_id, customer_id=customer_id, occurred_at=at, payment_id=f"in_{event_id}", credits=credits)
+
+
+def job(event_id: str, customer_id: str, job_id: str, at: datetime = T0 + timedelta(hours=1), credits: int = 1) -> JobCompleted:
+    return JobCompleted(event_id=event_id, customer_id=customer_id, occurred_at=at, job_id=job_id, credits=credits)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_an_event_published_many_times_changes_the_ledger_once(db, redis_client, redis_url, start_workers):
+    workers = start_workers(processes=1, threads=4)
+    publisher = Publisher.from_url(redis_url)
+    pay = payment("pay-1", "cust-dup", 10)
+    completed = job("job-1-done", "cust-dup", "job-1", credits=3)
+
+    # Wait for the payment first so the job's outcome does not depend on processing order.
+    first = publisher.publish(pay)
+    assert wait_for_outcomes(workers, [first]) == {first: "event_applied"}
+    copies = [publisher.publish(completed) for _ in range(5)] + [publisher.publish(pay) for _ in range(3)]
+    outcomes = wait_for_outcomes(workers, copies)
+
+    # Exactly one of the job's copies did the work; every other copy was a recognised duplicate.
+    assert sorted(outcomes[m] for m in copies[:5]) == ["event_applied"] + ["event_duplicate"] * 4
+    assert [outcomes[m] for m in copies[5:]] == ["event_duplicate"] * 3
+    assert all(len(lines) == 1 for m, lines in outcomes_of(workers).items()), "a copy was attempted more than once"
+
+    entries = await entries_of(db, "cust-dup")
+    assert [(e["kind"], e["credits"], e["event_id"], e["job_id"]) for e in entries] == [
+        ("issued", 10, "pay-1", None),
+        ("debited", -3, "job-1-done", "job-1"),
+    ]
+    row = await customer_row(db, "cust-dup")
+    assert (row["balance"], row["overdraft"]) == (7, 0)
+    assert await scalar(db, select(func.count()).select_from(processed_events)) == 2
+    assert await scalar(db, select(func.count()).select_from(credit_lots)) == 1
+    assert await reconciliation(db) == []
+
+    # Once everything has settled, a late redelivery changes nothing at all.
+    before = await ledger_snapshot(db)
+    late = [publisher.publish(completed), publisher.publish(pay)]
+    assert wait_for_outcomes(workers, late) == {late[0]: "event_duplicate", late[1]: "event_duplicate"}
+    # So does the same event as another producer might spell it: other key order, another
+    # UTC offset for the same instant, optional fields left out. Same event, same fingerprint.
+    raw = raw_broker(redis_url)
+    respelled = json.dumps({
+        "credits": 10, "payment_id": "in_pay-1", "type": "payment.succeeded", "customer_id": "cust-dup",
+        "occurred_at": "2026-03-02T10:00:00+01:00", "event_id": "pay-1",
+    })
+    other = publish_raw(raw, kwargs={"event": respelled})
+    assert wait_for_outcomes(workers, [other]) == {other: "event_duplicate"}
+    raw.close()
+    assert await ledger_snapshot(db) == before
+    assert dead_lettered(redis_client) == {}
+    assert await dead_letter_rows(db) == {}
+    publisher.close()
+
+
+async def test_same_event_id_with_a_different_payload_is_refused_loudly(db, redis_client, redis_url, start_workers):
+    workers = start_workers(processes=1, threads=2)
+    publisher = Publisher.from_url(redis_url)
+    original = payment("pay-conflict", "cust-conflict", 10)
+    applied = publisher.publish(original)
+    assert wait_for_outcomes(workers, [applied]) == {applied: "event_applied"}
+    before = await ledger_snapshot(db)
+
+    # Same event_id, different amount: a producer bug that must never reach the ledger.
+    forged = payment("pay-conflict", "cust-conflict", 99)
+    refused = publisher.publish(forged)
+    assert wait_for_outcomes(workers, [refused]) == {refused: "event_rejected"}
+
+    # 1. Redis dead-letter queue (zset + hash), holding the refused payload.
+    wait_until(lambda: refused in dead_lettered(redis_client), message="the conflict in the Redis dead-letter queue")
+    xq = dead_lettered(redis_client)
+    assert set(xq) == {refused}
+    assert json.loads(xq[refused]["kwargs"]["event"])["credits"] == 99
+    # 2. An error log line saying why, tied to the message.
+    [line] = outcomes_of(workers)[refused]
+    assert line["level"] == "error" and line["reason"] == "EventConflict"
+    assert "pay-conflict" in line["detail"] and "different payload" in line["detail"]
+    assert retry_lines(workers, refused) == [], "a conflict must not be retried"
+    # 3. A row in PostgreSQL's dead_letters with the error and the whole message.
+    rows = await wait_for_dead_letter_rows(db, [refused])
+    assert set(rows) == {refused}
+    assert rows[refused]["queue_name"] == EVENTS_QUEUE and rows[refused]["actor_name"] == APPLY_EVENT_ACTOR
+    assert rows[refused]["error"].startswith("Rejected: ") and "different payload" in rows[refused]["error"]
+    assert json.loads(json.loads(rows[refused]["message"])["kwargs"]["event"])["credits"] == 99
+
+    # Never applied: the ledger is exactly as before, the original fingerprint stands.
+    assert await ledger_snapshot(db) == before
+    assert (await customer_row(db, "cust-conflict"))["balance"] == 10
+
+    # And the worker goes on: the next event is applied.
+    after = publisher.publish(job("job-after-conflict", "cust-conflict", "j-1"))
+    assert wait_for_outcomes(workers, [after]) == {after: "event_applied"}
+    assert (await customer_row(db, "cust-conflict"))["balance"] == 9
+    assert await reconciliation(db) == []
+    publisher.close()
+
+
+async def test_a_job_is_charged_once_even_under_a_second_event_id(db, redis_client, redis_url, start_workers):
+    workers = start_workers(processes=1, threads=2)
+    publisher = Publisher.from_url(redis_url)
+    ids = [publisher.publish(payment("pay-2", "cust-twice", 5))]
+    assert wait_for_outcomes(workers, ids)[ids[0]] == "event_applied"
+    charged = publisher.publish(job("done-a", "cust-twice", "job-x", credits=2))
+    assert wait_for_outcomes(workers, [charged]) == {charged: "event_applied"}
+
+    again = publisher.publish(job("done-b", "cust-twice", "job-x", credits=2))
+    assert wait_for_outcomes(workers, [again]) == {again: "event_rejected"}
+    assert outcomes_of(workers)[again][0]["reason"] == "JobAlreadyCharged"
+    await wait_for_dead_letter_rows(db, [again])
+    assert set(dead_lettered(redis_client)) == {again}
+
+    charges = [e for e in await entries_of(db, "cust-twice") if e["job_id"] == "job-x"]
+    assert [(e["kind"], e["credits"], e["event_id"]) for e in charges] == [("debited", -2, "done-a")]
+    assert (await customer_row(db, "cust-twice"))["balance"] == 3
+    assert await scalar(db, select(func.count()).select_from(processed_events).where(processed_events.c.event_id == "done-b")) == 0
+    publisher.close()
+
+
+async def test_late_events_are_applied_at_their_own_time(db, redis_client, redis_url, start_workers):
+    workers = start_workers(processes=1, threads=2)
+    publisher = Publisher.from_url(redis_url)
+    paid_at = T0 + timedelta(days=10)
+    job_at = T0 + timedelta(days=3)  # before the payment, but published after it
+
+    first = publisher.publish(payment("pay-late", "cust-late", 2, at=paid_at))
+    assert wait_for_outcomes(workers, [first]) == {first: "event_applied"}
+    assert (await customer_row(db, "cust-late"))["credits_depleted_at"] is None
+    late = publisher.publish(job("job-late-done", "cust-late", "job-late", at=job_at, credits=2))
+    assert wait_for_outcomes(workers, [late]) == {late: "event_applied"}
+
+    row = await customer_row(db, "cust-late")
+    assert (row["balance"], row["overdraft"]) == (0, 0)
+    # Depletion is dated by the event that depleted the credits, not by when it was processed.
+    assert row["credits_depleted_at"] == job_at
+    debit = (await entries_of(db, "cust-late"))[-1]
+    assert (debit["kind"], debit["credits"], debit["occurred_at"], debit["balance_after"]) == ("debited", -2, job_at, 0)
+
+    # A job reported before any payment arrives runs into overdraft; the late payment repays it.
+    early = publisher.publish(job("job-early-done", "cust-early", "job-early", at=T0 + timedelta(days=5), credits=3))
+    assert wait_for_outcomes(workers, [early]) == {early: "event_applied"}
+    row = await customer_row(db, "cust-early")
+    assert (row["balance"], row["overdraft"], row["credits_depleted_at"]) == (-3, 3, None)
+    repay = publisher.publish(payment("pay-early", "cust-early", 5, at=T0 + timedelta(days=1)))
+    assert wait_for_outcomes(workers, [repay]) == {repay: "event_applied"}
+    row = await customer_row(db, "cust-early")
+    assert (row["balance"], row["overdraft"]) == (2, 0)
+    async with db.connect() as connection:
+        remaining = (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "cust-early"))).scalars().all()
+    assert remaining == [2]
+    assert await reconciliation(db) == []
+    assert dead_lettered(redis_client) == {}
+    publisher.close()
