@@ -12,7 +12,8 @@ import sys
 import structlog
 
 SECRET_KEYS = frozenset({"authorization", "token", "password", "secret", "api_key", "email", "admin_api_token", "frontend_api_token"})
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+#: Also percent-encoded (``%40``), as uvicorn's access log writes a path holding an email.
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"']+")
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
 
@@ -24,12 +25,22 @@ def scrub(text: str) -> str:
     return _URL_PASSWORD.sub(r"\1[redacted]@", text)
 
 
+def _clean(key: object, value: object) -> object:
+    if isinstance(key, str) and key.lower() in SECRET_KEYS:
+        return "[redacted]"
+    if isinstance(value, str):
+        return scrub(value)
+    # Nested values too: e.g. validation errors quote the producer's input in `msg` and `loc`.
+    if isinstance(value, dict):
+        return {scrub(k) if isinstance(k, str) else k: _clean(k, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_clean(None, item) for item in value]
+    return value
+
+
 def redact(_logger, _method, event_dict: dict) -> dict:
     for key, value in list(event_dict.items()):
-        if key.lower() in SECRET_KEYS:
-            event_dict[key] = "[redacted]"
-        elif isinstance(value, str):
-            event_dict[key] = scrub(value)
+        event_dict[key] = _clean(key, value)
     return event_dict
 
 

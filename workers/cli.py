@@ -90,6 +90,10 @@ def _scheduler(args) -> int:
     from infra.settings import get_settings
     from workers.scheduler import run_scheduler
 
+    if not get_settings().redis_url:
+        # On the in-process Redis its messages would reach no worker: refuse instead of idling.
+        print("credits scheduler needs REDIS_URL: on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
+        return 2
     run_scheduler(get_settings())
     return 0
 
@@ -99,6 +103,12 @@ def _run(args) -> int:
     from workers.actors import PERIODIC_ACTORS, broker
     from workers.runtime import get_runtime
 
+    if is_embedded(get_runtime().settings):
+        # Refuse before enqueueing and booting the in-process worker (a failed boot once hung
+        # this process on Dramatiq's event-loop thread); nothing else could run the message.
+        from infra.db import require_current_schema_now
+
+        require_current_schema_now(get_runtime().settings.effective_database_url)
     options = {"as_of": args.as_of} if args.as_of else {}
     message = PERIODIC_ACTORS[args.job].send(**options)
     print(f"enqueued {args.job} as message {message.message_id}", file=sys.stderr)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import dramatiq
 import structlog
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import Middleware
 from sqlalchemy import insert
 
-from infra.db import require_current_schema
+from infra.db import require_current_schema_now
 from infra.db.tables import dead_letters
 from infra.logging import scrub
 from workers.runtime import get_runtime
@@ -35,18 +33,7 @@ class RequireMigratedSchema(Middleware):
     """Refuse to start a worker on a database that is not migrated to head."""
 
     def before_worker_boot(self, broker, worker):
-        runtime = get_runtime()
-
-        async def check() -> None:
-            from infra.db import Database
-
-            db = Database(runtime.settings.effective_database_url)
-            try:
-                await require_current_schema(db)
-            finally:
-                await db.dispose()
-
-        asyncio.run(check())
+        require_current_schema_now(get_runtime().settings.effective_database_url)
 
 
 class ArchiveDeadLetters(Middleware):

@@ -95,6 +95,19 @@ async def current_revision(connection: AsyncConnection) -> str | None:
     return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
 
+def require_current_schema_now(url: str) -> None:
+    """The same check from synchronous code (a process refusing to boot)."""
+
+    async def check() -> None:
+        db = Database(url)
+        try:
+            await require_current_schema(db)
+        finally:
+            await db.dispose()
+
+    asyncio.run(check())
+
+
 async def require_current_schema(db: Database) -> None:
     """Raise SchemaNotReady unless the database is migrated to head."""
     try:
