@@ -68,7 +68,11 @@ def _web(args) -> int:
     import uvicorn
 
     from api.app import app_factory
+    from infra.db import require_current_schema_now
+    from infra.settings import get_settings
 
+    # Refuse here, in one readable line, rather than from inside uvicorn's lifespan.
+    require_current_schema_now(get_settings().effective_database_url)
     uvicorn.run(app_factory(), host=args.host, port=args.port, log_config=None, proxy_headers=True)
     return 0
 
