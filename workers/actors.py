@@ -65,19 +65,23 @@ async def apply_event(*args: object, **kwargs: object) -> None:
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def expire_credits(as_of: str | None = None) -> None:
     """Periodic: expire every lot past its expiry date as of ``as_of`` (default: now)."""
-    now = _sweep_time(as_of)
-    runtime = get_runtime()
-    result = await handlers.expire_due_credits(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
-    _finish_sweep(expire_credits, now, result)
+    await _sweep(expire_credits, handlers.expire_due_credits, as_of)
 
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def lapse_holds(as_of: str | None = None) -> None:
     """Periodic: lapse every hold not captured within its time to live."""
+    await _sweep(lapse_holds, handlers.lapse_due_holds, as_of)
+
+
+async def _sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:
     now = _sweep_time(as_of)
     runtime = get_runtime()
-    result = await handlers.lapse_due_holds(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
-    _finish_sweep(lapse_holds, now, result)
+    result = await sweep(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
+    log.info("sweep_done", sweep=actor.actor_name, as_of=now.isoformat(), customers=result.customers, entries=result.entries, more=result.more)
+    if result.more:
+        # Give the worker thread back; the rest is done by a fresh message.
+        actor.send(as_of=now.isoformat())
 
 
 def _sweep_time(as_of: str | None) -> datetime:
@@ -94,12 +98,6 @@ def _sweep_time(as_of: str | None) -> datetime:
         # Sweeping "as of" the future would expire credits customers still own.
         raise Rejected(f"as_of {as_of} is in the future")
     return moment
-
-
-def _finish_sweep(actor: dramatiq.Actor, now: datetime, result: handlers.SweepResult) -> None:
-    log.info("sweep_done", sweep=actor.actor_name, as_of=now.isoformat(), customers=result.customers, entries=result.entries, more=result.more)
-    if result.more:
-        actor.send(as_of=now.isoformat())
 
 
 PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds)}

@@ -68,21 +68,14 @@ class SqlAccountRepository:
         return accounts
 
     async def customers_with_due_lots(self, now: datetime, limit: int) -> list[str]:
-        query = (
-            select(credit_lots.c.customer_id)
-            .where(LOT_IS_OPEN, credit_lots.c.expires_at <= now)
-            .order_by(credit_lots.c.expires_at)
-            .limit(limit)
-        )
-        return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
+        return await self._customers_due(credit_lots, LOT_IS_OPEN, now, limit)
 
     async def customers_with_due_holds(self, now: datetime, limit: int) -> list[str]:
-        query = (
-            select(holds.c.customer_id)
-            .where(HOLD_IS_ACTIVE, holds.c.expires_at <= now)
-            .order_by(holds.c.expires_at)
-            .limit(limit)
-        )
+        return await self._customers_due(holds, HOLD_IS_ACTIVE, now, limit)
+
+    async def _customers_due(self, table, is_open, now: datetime, limit: int) -> list[str]:
+        """Customers owning the ``limit`` earliest open rows of ``table`` due by ``now`` (index-ordered)."""
+        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now).order_by(table.c.expires_at).limit(limit)
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
     async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], customer_row=None) -> Account | None:
