@@ -174,12 +174,21 @@ class Account:
 
     def catch_up(self, at: datetime, event_id: str) -> None:
         """Expire lots and lapse holds that are due by ``at``, each at its own expiry time."""
-        due_lots = sorted((lot for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at), key=Lot.sort_key)
-        for lot in due_lots:
-            self._take(EntryKind.EXPIRED, lot.expires_at, event_id, [Movement(lot, lot.remaining)], note="expired")
-        due_holds = sorted((h for h in self.holds.values() if h.status is HoldStatus.ACTIVE and h.expires_at <= at), key=lambda h: h.expires_at)
-        for hold in due_holds:
-            self._close_hold(hold, HoldStatus.LAPSED, hold.expires_at, event_id)
+        # One time-ordered pass, so entries read chronologically (lapses move no balance,
+        # so their place among the expiries changes no depletion time).
+        due: list[tuple[tuple, Lot | Hold]] = [
+            ((lot.expires_at, 0, *lot.sort_key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at
+        ]
+        due += [
+            ((hold.expires_at, 1, hold.placed_at, hold.job_id), hold)
+            for hold in self.holds.values()
+            if hold.status is HoldStatus.ACTIVE and hold.expires_at <= at
+        ]
+        for _, item in sorted(due, key=lambda pair: pair[0]):
+            if isinstance(item, Lot):
+                self._take(EntryKind.EXPIRED, item.expires_at, event_id, [Movement(item, item.remaining)], note="expired")
+            else:
+                self._close_hold(item, HoldStatus.LAPSED, item.expires_at, event_id)
 
     def issue(
         self,
@@ -268,6 +277,17 @@ class Account:
     # ---------------------------------------------------------------- internals
 
     def _spend(self, kind: EntryKind, credits: int, at: datetime, event_id: str, job_id: str | None, note: str | None) -> Entry:
+        movements, shortfall = self._oldest_first(credits, at)
+        return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=shortfall, note=note)
+
+    def _expire_over_cap(self, cap: int, at: datetime, event_id: str) -> None:
+        excess = sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - cap
+        if excess > 0:
+            movements, _ = self._oldest_first(excess, at)
+            self._take(EntryKind.EXPIRED, at, event_id, movements, note=f"over rollover cap of {cap}")
+
+    def _oldest_first(self, credits: int, at: datetime) -> tuple[list[Movement], int]:
+        """Plan taking ``credits`` from lots spendable at ``at``, oldest first; returns what no lot covers."""
         movements = []
         left = credits
         for lot in sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key):
@@ -276,20 +296,7 @@ class Account:
             take = min(lot.remaining, left)
             movements.append(Movement(lot, take))
             left -= take
-        return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=left, note=note)
-
-    def _expire_over_cap(self, cap: int, at: datetime, event_id: str) -> None:
-        excess = sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - cap
-        if excess <= 0:
-            return
-        movements = []
-        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key):
-            if excess == 0:
-                break
-            take = min(lot.remaining, excess)
-            movements.append(Movement(lot, take))
-            excess -= take
-        self._take(EntryKind.EXPIRED, at, event_id, movements, note=f"over rollover cap of {cap}")
+        return movements, left
 
     def _take(
         self,

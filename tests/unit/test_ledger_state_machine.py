@@ -126,14 +126,17 @@ class Model:
 
     # rules
     def catch_up(self, at: datetime) -> None:
-        for lot in sorted((lot for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at), key=ModelLot.key):
-            before, amount = self.book, lot.remaining
-            lot.remaining = 0
-            self._moved("expired", -amount, lot.expires_at, before)
-        due = [(job, h) for job, h in self.holds.items() if h.status == "active" and h.expires_at <= at]
-        for job, hold in sorted(due, key=lambda item: item[1].expires_at):
-            hold.status = "lapsed"
-            self._hold_entry("lapsed", job, hold, hold.expires_at)
+        # Expiries and lapses in time order; at the same instant, expiries first.
+        due: list[tuple] = [((lot.expires_at, 0) + lot.key(), "lot", lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at]
+        due += [((h.expires_at, 1, h.placed_at, job), job, h) for job, h in self.holds.items() if h.status == "active" and h.expires_at <= at]
+        for _, job, item in sorted(due, key=lambda entry: entry[0]):
+            if job == "lot":
+                before, amount = self.book, item.remaining
+                item.remaining = 0
+                self._moved("expired", -amount, item.expires_at, before)
+            else:
+                item.status = "lapsed"
+                self._hold_entry("lapsed", job, item, item.expires_at)
 
     def issue(self, credits: int, at: datetime, payment: bool) -> None:
         self.catch_up(at)
