@@ -86,7 +86,7 @@ def test_producer_publishes_with_only_pydantic_dramatiq_and_redis(redis_client, 
         assert set(message["kwargs"]) == {"event"}
         assert isinstance(message["kwargs"]["event"], str)  # the event is a JSON *string*
         assert isinstance(message["message_timestamp"], int)
-    for message_id, event_json in zip(report["ids"], report["events"]):
+    for message_id, event_json in zip(report["ids"], report["events"], strict=True):
         carried = by_message_id[message_id]["kwargs"]["event"]
         assert carried == event_json
         assert parse_event(carried) == parse_event(event_json)

@@ -66,12 +66,17 @@ def _month_events(rng: random.Random, people: list[SimulatedCustomer], month_sta
                 occurred_at=paid_at, payment_id=f"in_{uuid.uuid4().hex[:16]}", credits=person.monthly_credits,
                 amount_cents=person.monthly_credits * 2500, currency="USD",
             ))
-        jobs = _poisson(rng, person.jobs_per_month if paying else person.jobs_per_month * 0.5)
-        for j in range(jobs):
+        # Jobs arrive as a Poisson process: exponential gaps between them.
+        rate = (person.jobs_per_month if paying else person.jobs_per_month * 0.5) / span
+        at = month_start + timedelta(seconds=rng.expovariate(rate))
+        j = 0
+        while at < month_end:
             events.append(JobCompleted(
                 event_id=f"{run}:job:{person.customer_id}:{month}:{j}", customer_id=person.customer_id,
-                occurred_at=month_start + timedelta(seconds=rng.uniform(0, span)), job_id=f"job-{month}-{j}",
+                occurred_at=at, job_id=f"job-{month}-{j}",
             ))
+            j += 1
+            at += timedelta(seconds=rng.expovariate(rate))
         if rng.random() < 0.01:
             events.append(CreditsAdjusted(
                 event_id=f"{run}:adj:{person.customer_id}:{month}", customer_id=person.customer_id,
@@ -88,16 +93,6 @@ def _month_events(rng: random.Random, people: list[SimulatedCustomer], month_sta
         i = rng.randrange(len(delivered))
         delivered.append(delivered.pop(i))
     return delivered
-
-
-def _poisson(rng: random.Random, mean: float) -> int:
-    # Knuth's method; fine for small means.
-    limit, k, p = pow(2.718281828459045, -mean), 0, 1.0
-    while True:
-        p *= rng.random()
-        if p <= limit:
-            return k
-        k += 1
 
 
 def _next_month(moment: datetime) -> datetime:
@@ -144,7 +139,7 @@ def run_demo(customers: int = 200, months: int = 14, seed: int = 7) -> int:
     publisher = Publisher(broker)
     started = time.monotonic()
     published = 0
-    threads = 4
+    threads = 2
     with running_worker(broker, threads=threads) as worker:
         month_start = first_month
         for month in range(months):

@@ -12,7 +12,7 @@ from dramatiq.common import dq_name
 @contextmanager
 def running_worker(broker: dramatiq.Broker, threads: int = 1) -> Iterator[dramatiq.Worker]:
     # One thread on SQLite: it has a single writer, and the event loop is shared anyway.
-    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=10)
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
     # A deeper prefetch than Dramatiq's 2 per thread keeps the consumer from idling in its
     # back-off while the workers are busy (Worker takes no argument for it).
     worker.queue_prefetch = max(worker.queue_prefetch, 64)

@@ -429,7 +429,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def agrees_with_model(self) -> None:
         account, model = self.account, self.model
         assert len(account.lots) == len(model.lots)
-        for lot, expected in zip(account.lots, model.lots):
+        for lot, expected in zip(account.lots, model.lots, strict=True):
             assert (lot.amount, lot.remaining, lot.issued_at, lot.expires_at) == (
                 expected.amount,
                 expected.remaining,
