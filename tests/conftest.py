@@ -46,6 +46,16 @@ def pg_url() -> str:
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+def empty_database() -> str:
+    """A PostgreSQL database with no schema at all (never migrated), dropped after the test."""
+    name = f"credits_unmigrated_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    yield f"{base}/{name}"
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A Redis logical database no concurrent test run is using (claimed in db 0), flushed."""

@@ -39,6 +39,21 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def wait_until_serving(process: subprocess.Popen, base_url: str, log: Callable[[], str], timeout: float = 30.0) -> None:
+    """Wait until an HTTP server process answers GET /healthz with 200; fail at once if it exits."""
+    import httpx
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"server process exited with {process.returncode}:\n{log()}")
+        try:
+            return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout=timeout, interval=0.1, message=f"{base_url}/healthz to answer")
+
+
 @dataclass
 class WorkerProcesses:
     """A real `dramatiq workers.actors` command, with its own process group."""

@@ -24,7 +24,7 @@ from honcho.environ import parse_procfile
 
 import workers.cli
 from infra.settings import Settings
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, wait_until_serving
 
 APP_SERVICES = ("migrate", "web", "worker", "scheduler")
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -188,16 +188,8 @@ def test_procfile_web_serves_through_honcho(procfile, service_env, tmp_path):
         start_new_session=True,
     )
 
-    def healthy() -> bool:
-        if honcho.poll() is not None:
-            raise AssertionError(f"honcho exited with {honcho.returncode}:\n{log_path.read_text()}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(healthy, timeout=30, interval=0.1, message="the Procfile web process to answer /healthz")
+        wait_until_serving(honcho, f"http://127.0.0.1:{port}", log_path.read_text)
         response = httpx.get(f"http://127.0.0.1:{port}/api/admin/at-risk-count", headers={"Authorization": "Bearer admin-token-0123456789abcdef"})
         assert response.status_code == 200 and isinstance(response.json()["count"], int)
     finally:

@@ -7,14 +7,11 @@ with that message before doing anything else.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from domain import CreditPolicy
@@ -151,23 +148,6 @@ def test_other_commands_refuse_bad_configuration(redis_url, tmp_path, command):
     assert result.returncode == 1
     assert "invalid configuration: HOLD_TTL_DAYS: Input should be greater than or equal to 1" in result.stderr
     assert not (tmp_path / "never.sqlite3").exists()
-
-
-async def _admin(sql: str) -> None:
-    connection = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
-@pytest.fixture
-def empty_database() -> str:
-    name = f"credits_unmigrated_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    yield f"{base}/{name}"
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_credits_web_refuses_an_unmigrated_database(empty_database, tmp_path):

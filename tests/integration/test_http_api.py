@@ -31,7 +31,7 @@ from infra.settings import Settings
 from messages import Event, JobCompleted, PaymentSucceeded, Publisher
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support import eventually, reconciliation, wait_until
+from tests.support import eventually, reconciliation, wait_until_serving
 
 ADMIN_TOKEN = "admin-" + secrets.token_hex(16)
 FRONTEND_TOKEN = "front-" + secrets.token_hex(16)
@@ -93,16 +93,8 @@ def start_web_server(env: dict[str, str], log_path: Path, timeout: float = 30.0)
     )
     server = WebServer(process, f"http://127.0.0.1:{port}", log_path)
 
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"credits web exited with {process.returncode}:\n{server.log()}")
-        try:
-            return httpx.get(f"{server.base_url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_until(healthy, timeout=timeout, interval=0.1, message="credits web to answer /healthz")
+        wait_until_serving(process, server.base_url, server.log, timeout=timeout)
     except BaseException:
         server.stop()
         raise

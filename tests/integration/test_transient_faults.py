@@ -16,15 +16,12 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 
-import asyncpg
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from infra.db.tables import dead_letters, ledger_entries, processed_events
 from messages import Publisher
-from tests.conftest import POSTGRES_ADMIN_DSN
 from tests.integration.test_delivery import (
     customer_row,
     dead_lettered,
@@ -236,16 +233,8 @@ def _start_refused_worker(env: dict[str, str], timeout: float = 60.0) -> tuple[i
     return process.returncode, output
 
 
-async def test_a_worker_refuses_to_start_on_an_unmigrated_database(service_env):
-    name = f"credits_unmigrated_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(service_env["DATABASE_URL"]).set(database=name).render_as_string(hide_password=False)
-        returncode, output = _start_refused_worker({**service_env, "DATABASE_URL": url})
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+def test_a_worker_refuses_to_start_on_an_unmigrated_database(service_env, empty_database):
+    returncode, output = _start_refused_worker({**service_env, "DATABASE_URL": empty_database})
     assert returncode != 0, output
     assert "not migrated" in output and "credits migrate" in output, output
     assert "ready for action" not in output
