@@ -6,6 +6,8 @@
     credits worker               run Dramatiq workers (needs REDIS_URL)
     credits scheduler            enqueue periodic jobs on schedule
     credits run <periodic-job>   enqueue one periodic job now
+    credits dead-letters list    show dead-lettered messages (archived in the database)
+    credits dead-letters replay ID...   re-enqueue archived dead letters
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="enqueue a periodic job now")
     run.add_argument("job", choices=PERIODIC_JOB_NAMES)
     run.add_argument("--as-of", help="ISO 8601 time to sweep as of (not in the future); default now")
+
+    dead = commands.add_parser("dead-letters", help="list or replay dead-lettered messages")
+    dead_commands = dead.add_subparsers(dest="dead_letters_command", required=True)
+    dead_list = dead_commands.add_parser("list", help="show dead letters not yet replayed")
+    dead_list.add_argument("--all", action="store_true", help="include replayed ones")
+    dead_list.add_argument("--limit", type=int, default=100)
+    dead_replay = dead_commands.add_parser("replay", help="re-enqueue dead letters by id")
+    dead_replay.add_argument("ids", type=int, nargs="+")
+    dead_replay.add_argument("--force", action="store_true", help="replay even if replayed before")
 
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args) or 0
@@ -103,30 +114,92 @@ def _scheduler(args) -> int:
 
 
 def _run(args) -> int:
-    from infra.broker import is_embedded
-    from workers.actors import PERIODIC_ACTORS, broker
+    from workers.actors import PERIODIC_ACTORS
     from workers.runtime import get_runtime
 
-    if is_embedded(get_runtime().settings):
-        # Refuse before enqueueing and booting the in-process worker (a failed boot once hung
-        # this process on Dramatiq's event-loop thread); nothing else could run the message.
-        from infra.db import require_current_schema_now
-
-        require_current_schema_now(get_runtime().settings.effective_database_url)
+    _refuse_unmigrated_embedded(get_runtime().settings)
     options = {"as_of": args.as_of} if args.as_of else {}
     message = PERIODIC_ACTORS[args.job].send(**options)
     print(f"enqueued {args.job} as message {message.message_id}", file=sys.stderr)
-    if is_embedded(get_runtime().settings):
-        # No other process can reach the in-process Redis: do the work here.
-        from workers.inprocess import drain, running_worker
-
-        with running_worker(broker) as worker:
-            drain(broker, worker)
+    if _work_here_if_embedded():
         print(f"{args.job} done", file=sys.stderr)
     return 0
 
 
-COMMANDS = {"demo": _demo, "migrate": _migrate, "web": _web, "worker": _worker, "scheduler": _scheduler, "run": _run}
+def _dead_letters(args) -> int:
+    import asyncio
+    from datetime import datetime, timezone
+
+    from infra.db import Database, require_current_schema_now
+    from workers import dead_letters
+    from workers.runtime import get_runtime
+
+    settings = get_runtime().settings
+    require_current_schema_now(settings.effective_database_url)
+
+    async def listing() -> None:
+        db = Database(settings.effective_database_url)
+        try:
+            rows = await dead_letters.list_dead_letters(db, include_replayed=args.all, limit=args.limit)
+        finally:
+            await db.dispose()
+        for row in rows:
+            replayed = f" replayed {row.replayed_at:%Y-%m-%d %H:%M}" if row.replayed_at else ""
+            print(f"{row.id:>6}  {row.failed_at:%Y-%m-%d %H:%M:%S}  {row.actor_name:<16} {(row.error or '')[:100]}{replayed}")
+        print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+
+    async def replaying(broker) -> None:
+        db = Database(settings.effective_database_url)
+        try:
+            for line in await dead_letters.replay(db, broker, args.ids, datetime.now(timezone.utc), force=args.force):
+                print(line)
+        finally:
+            await db.dispose()
+
+    if args.dead_letters_command == "list":
+        asyncio.run(listing())
+        return 0
+    from workers.actors import broker
+
+    asyncio.run(replaying(broker))
+    _work_here_if_embedded()
+    return 0
+
+
+def _refuse_unmigrated_embedded(settings) -> None:
+    from infra.broker import is_embedded
+
+    if is_embedded(settings):
+        # Refuse before enqueueing and booting the in-process worker; nothing else could run the message.
+        from infra.db import require_current_schema_now
+
+        require_current_schema_now(settings.effective_database_url)
+
+
+def _work_here_if_embedded() -> bool:
+    """On the embedded default no other process can reach the in-process Redis: do the work here."""
+    from infra.broker import is_embedded
+    from workers.actors import broker
+    from workers.runtime import get_runtime
+
+    if not is_embedded(get_runtime().settings):
+        return False
+    from workers.inprocess import drain, running_worker
+
+    with running_worker(broker) as worker:
+        drain(broker, worker)
+    return True
+
+
+COMMANDS = {
+    "demo": _demo,
+    "migrate": _migrate,
+    "web": _web,
+    "worker": _worker,
+    "scheduler": _scheduler,
+    "run": _run,
+    "dead-letters": _dead_letters,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

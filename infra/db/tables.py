@@ -173,5 +173,7 @@ dead_letters = Table(
     Column("message", Text, nullable=False),
     Column("error", Text, nullable=True),
     Column("failed_at", UtcDateTime, nullable=False, server_default=func.now()),
+    #: Set when an operator re-enqueued the message (`credits dead-letters replay`).
+    Column("replayed_at", UtcDateTime, nullable=True),
     Index("ix_dead_letters_message", "message_id"),
 )

@@ -36,6 +36,7 @@ def upgrade() -> None:
     sa.Column('message', sa.Text(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('failed_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('replayed_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
     )
     with op.batch_alter_table('dead_letters', schema=None) as batch_op:
