@@ -21,7 +21,8 @@ from service_layer import handlers, views
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
 
-Identifier = Annotated[str, Path(min_length=1, max_length=255)]
+NO_NUL = r"^[^\x00]*$"
+Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 
 
 # ---------------------------------------------------------------- schemas
@@ -52,7 +53,7 @@ class CreditsOut(BaseModel):
 
 class HoldIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    job_id: str = Field(min_length=1, max_length=255)
+    job_id: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
     credits: int = Field(1, gt=0, le=MAX_CREDITS)
 
 
@@ -120,8 +121,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     app.state.clock = clock or SystemClock()
     app.state.db = db
 
-    def uow(request: Request) -> SqlUnitOfWork:
-        return SqlUnitOfWork(request.app.state.db)
+    def uow(request: Request, read_only: bool = False) -> SqlUnitOfWork:
+        return SqlUnitOfWork(request.app.state.db, read_only=read_only)
 
     def now(request: Request) -> datetime:
         return request.app.state.clock.now()
@@ -133,7 +134,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     @app.get("/api/customers/{customer_id}/credits", response_model=CreditsOut, dependencies=[frontend])
     async def get_credits(customer_id: Identifier, request: Request) -> CreditsOut:
         try:
-            view = await handlers.credit_view(uow(request), customer_id, now(request))
+            view = await handlers.credit_view(uow(request, read_only=True), customer_id, now(request))
         except CustomerNotFound as error:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
         return CreditsOut(

@@ -1,5 +1,6 @@
 """Pure credit-ledger rules: no I/O, no clock reads. Every rule takes the moment it applies at."""
 
+from domain.acceptance import EventWindow
 from domain.errors import (
     DomainError,
     HoldConflict,
@@ -16,6 +17,7 @@ __all__ = [
     "DomainError",
     "Entry",
     "EntryKind",
+    "EventWindow",
     "Hold",
     "HoldConflict",
     "HoldStatus",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from domain import CreditPolicy
+from domain import CreditPolicy, EventWindow
 
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///credits.sqlite3"
 
@@ -33,12 +34,45 @@ class Settings(BaseSettings):
     lapse_holds_every_minutes: int = Field(15, ge=1)
     sweep_batch_size: int = Field(500, ge=1, le=100_000)
 
+    #: Events dated further ahead than this, or older than EVENT_MAX_AGE_DAYS, are refused.
+    event_max_future_seconds: int = Field(300, ge=0, le=86_400)
+    event_max_age_days: int = Field(400, ge=1)
+
     event_max_retries: int = Field(20, ge=0)
+    #: While the database is unreachable, keep retrying (at the max back-off) this many times:
+    #: with 10-minute back-off, about 69 days. Nothing is dead-lettered by an outage.
+    event_max_outage_retries: int = Field(10_000, ge=0)
     event_min_backoff_ms: int = Field(1_000, ge=1)
     event_max_backoff_ms: int = Field(600_000, ge=1)
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url:
+            raise ValueError("is empty; unset it for the embedded SQLite default")
+        # The async driver is the one installed; accept the usual spellings of a PostgreSQL URL.
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix):]
+        if not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("must be a postgresql:// (asyncpg) or sqlite+aiosqlite:// URL")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
+        return url
 
     @model_validator(mode="after")
     def _coherent(self) -> "Settings":
@@ -57,6 +91,10 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or EMBEDDED_DATABASE_URL
+
+    @property
+    def event_window(self) -> EventWindow:
+        return EventWindow(timedelta(seconds=self.event_max_future_seconds), timedelta(days=self.event_max_age_days))
 
     @property
     def policy(self) -> CreditPolicy:

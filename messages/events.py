@@ -15,9 +15,11 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 MAX_CREDITS = 1_000_000
 
-EventId = Annotated[str, Field(min_length=1, max_length=255)]
-CustomerId = Annotated[str, Field(min_length=1, max_length=255)]
-ExternalId = Annotated[str, Field(min_length=1, max_length=255)]
+#: No NUL characters: PostgreSQL text cannot hold them, so they would fail on every retry.
+_NO_NUL = r"^[^\x00]*$"
+EventId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
+CustomerId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
+ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 PositiveCredits = Annotated[int, Field(gt=0, le=MAX_CREDITS)]
 
 
@@ -66,8 +68,8 @@ class PaymentSucceeded(Event):
 class CreditsAdjusted(Event):
     type: Literal["credits.adjusted"] = "credits.adjusted"
     credits: Annotated[int, Field(ge=-MAX_CREDITS, le=MAX_CREDITS)]
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
-    actor: Annotated[str, Field(min_length=1, max_length=255)]
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=_NO_NUL)]
+    actor: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 
     @field_validator("credits")
     @classmethod

@@ -109,32 +109,34 @@ class SweepResult:
 
 async def expire_due_credits(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
     """Write expiry entries for every lot past its expiry, a batch of customers per transaction."""
-    return await _sweep(new_uow, now, max_batches, lambda uow: uow.accounts.customers_with_due_lots(now, batch_size))
+    return await _sweep(new_uow, now, max_batches, lambda uow, busy: uow.accounts.customers_with_due_lots(now, batch_size, exclude=busy))
 
 
 async def lapse_due_holds(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
     """Lapse every hold not captured within its time to live."""
-    return await _sweep(new_uow, now, max_batches, lambda uow: uow.accounts.customers_with_due_holds(now, batch_size))
+    return await _sweep(new_uow, now, max_batches, lambda uow, busy: uow.accounts.customers_with_due_holds(now, batch_size, exclude=busy))
 
 
 async def _sweep(
     new_uow: UnitOfWorkFactory,
     now: datetime,
     max_batches: int | None,
-    find_due: Callable[[UnitOfWork], Awaitable[list[str]]],
+    find_due: Callable[[UnitOfWork, set[str]], Awaitable[list[str]]],
 ) -> SweepResult:
     # Lots never enter memory beyond one batch of customers; each batch commits on its own,
-    # so a crash loses at most the batch in flight, which the next run redoes.
+    # so a crash loses at most the batch in flight, which the next run redoes. Customers
+    # another transaction holds are passed over for this run, not waited for: their own
+    # event catches them up, and the next run sweeps them.
     event_id = f"sweep:{now.isoformat()}"
+    busy: set[str] = set()
     customers = entries = batches = 0
     while max_batches is None or batches < max_batches:
         async with new_uow() as uow:
-            due = await find_due(uow)
+            due = await find_due(uow, busy)
             if not due:
                 return SweepResult(customers, entries)
             accounts = await uow.accounts.lock_available(due)
-            if not accounts:
-                return SweepResult(customers, entries)  # another sweeper holds them all and will finish them
+            busy.update(set(due) - {account.customer_id for account in accounts})
             for account in accounts:
                 account.catch_up(now, event_id)
                 entries += len(account.new_entries)

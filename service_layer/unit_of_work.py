@@ -22,14 +22,19 @@ class UnitOfWork(Protocol):
 class SqlUnitOfWork:
     """Nothing is written unless ``commit()`` is called; leaving the block rolls back the rest."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, read_only: bool = False) -> None:
         self.db = db
+        #: A read-only unit of work reads one snapshot (REPEATABLE READ): the customer row,
+        #: lots and holds are read by separate statements and must agree with each other.
+        self.read_only = read_only
         self._connection: AsyncConnection | None = None
 
     async def __aenter__(self) -> "SqlUnitOfWork":
         await self.db.acquire_writer()
         try:
             self._connection = await self.db.engine.connect()
+            if self.read_only and not self.db.is_sqlite:
+                await self._connection.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             await self._connection.begin()
         except BaseException:
             if self._connection is not None:

@@ -107,6 +107,8 @@ def service_env(pg_url: str, redis_url: str) -> dict[str, str]:
         EVENT_MIN_BACKOFF_MS="100",
         EVENT_MAX_BACKOFF_MS="2000",
         LOG_LEVEL="INFO",
+        # The tests use fixed historical dates; the event-time window has tests of its own.
+        EVENT_MAX_AGE_DAYS="36500",
         PYTHONUNBUFFERED="1",
     )
     return env

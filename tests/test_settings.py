@@ -171,3 +171,30 @@ def test_credits_web_refuses_an_unreachable_database_without_showing_its_passwor
     assert result.returncode != 0
     assert "cannot reach the database at postgresql+asyncpg://postgres:***@127.0.0.1:1/credits" in output
     assert "hunter2-secret" not in output
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("postgres://u:p@db:5432/credits", "postgresql+asyncpg://u:p@db:5432/credits"),
+        ("postgresql://u:p@db/credits", "postgresql+asyncpg://u:p@db/credits"),
+        ("postgresql+asyncpg://u@db/credits", "postgresql+asyncpg://u@db/credits"),
+        ("sqlite+aiosqlite:///credits.sqlite3", "sqlite+aiosqlite:///credits.sqlite3"),
+    ],
+)
+def test_database_urls_in_their_usual_spellings_use_the_async_driver(given, stored):
+    assert load_settings(database_url=given).database_url == stored
+
+
+@pytest.mark.parametrize("url", ["", "   ", "nonsense", "mysql://db/credits", "sqlite:///credits.sqlite3"])
+def test_unusable_database_urls_are_refused_at_start(url):
+    with pytest.raises(SettingsError) as refused:
+        load_settings(database_url=url)
+    assert "DATABASE_URL" in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "http://redis", ""])
+def test_unusable_redis_urls_are_refused_at_start(url):
+    with pytest.raises(SettingsError) as refused:
+        load_settings(redis_url=url)
+    assert "REDIS_URL" in str(refused.value)

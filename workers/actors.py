@@ -12,6 +12,7 @@ import structlog
 from pydantic import ValidationError
 
 from domain import DomainError
+from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from messages import parse_event
 from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 from service_layer import handlers
@@ -30,11 +31,18 @@ class Rejected(Exception):
     """A message that can never succeed: it goes straight to the dead letters, never retried."""
 
 
+def should_retry(retries: int, error: BaseException) -> bool:
+    """Retry a database outage for as long as it lasts (bounded in weeks); anything else a few times."""
+    settings = get_runtime().settings
+    limit = settings.event_max_outage_retries if is_connectivity_error(error) else settings.event_max_retries
+    return retries < limit
+
+
 def _retry_options() -> dict:
     settings = get_runtime().settings
     return {
         "throws": (Rejected,),
-        "max_retries": settings.event_max_retries,
+        "retry_when": should_retry,
         "min_backoff": settings.event_min_backoff_ms,
         "max_backoff": settings.event_max_backoff_ms,
     }
@@ -54,11 +62,16 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         raise Rejected(f"invalid event: {problems}") from None
     structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
     runtime = get_runtime()
+    problem = runtime.settings.event_window.problem(event.occurred_at, runtime.clock.now())
+    if problem:
+        log.error("event_rejected", reason="EventOutsideWindow", detail=problem)
+        raise Rejected(problem)
     try:
         outcome = await handlers.apply_event(event, runtime.new_uow(), runtime.settings.policy)
-    except (EventConflict, DomainError) as error:
-        log.error("event_rejected", reason=type(error).__name__, detail=str(error))
-        raise Rejected(str(error)) from None
+    except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
+        detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
+        log.error("event_rejected", reason=type(error).__name__, detail=detail)
+        raise Rejected(detail) from None
     log.info("event_" + outcome.value)
 
 

@@ -19,7 +19,7 @@ from infra.db import Database
 from infra.db.tables import dead_letters
 
 #: Options Dramatiq adds while delivering; dropped so a replay starts with a fresh retry budget.
-DELIVERY_OPTIONS = ("retries", "eta", "redis_message_id", "traceback", "dead_message_ttl")
+DELIVERY_OPTIONS = ("retries", "eta", "redis_message_id", "traceback", "requeue_timestamp", "dead_message_ttl")
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,8 @@ def run_demo(customers: int = 200, months: int = 14, seed: int = 7) -> int:
         # A fresh embedded database per run, so the story always starts from zero.
         path = Path(tempfile.mkdtemp(prefix="credits-demo-")) / "credits.sqlite3"
         settings = settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{path}"})
+    # The story is set in the past: accept events as old as its first month.
+    settings = settings.model_copy(update={"event_max_age_days": max(settings.event_max_age_days, (months + 1) * 31)})
     configure_runtime(Runtime(settings))
 
     from alembic import command

@@ -67,15 +67,19 @@ class SqlAccountRepository:
                 accounts.append(account)
         return accounts
 
-    async def customers_with_due_lots(self, now: datetime, limit: int) -> list[str]:
-        return await self._customers_due(credit_lots, LOT_IS_OPEN, now, limit)
+    async def customers_with_due_lots(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
+        return await self._customers_due(credit_lots, LOT_IS_OPEN, now, limit, exclude)
 
-    async def customers_with_due_holds(self, now: datetime, limit: int) -> list[str]:
-        return await self._customers_due(holds, HOLD_IS_ACTIVE, now, limit)
+    async def customers_with_due_holds(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
+        return await self._customers_due(holds, HOLD_IS_ACTIVE, now, limit, exclude)
 
-    async def _customers_due(self, table, is_open, now: datetime, limit: int) -> list[str]:
+    async def _customers_due(self, table, is_open, now: datetime, limit: int, exclude: Iterable[str]) -> list[str]:
         """Customers owning the ``limit`` earliest open rows of ``table`` due by ``now`` (index-ordered)."""
-        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now).order_by(table.c.expires_at).limit(limit)
+        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now)
+        exclude = list(exclude)
+        if exclude:
+            query = query.where(table.c.customer_id.not_in(exclude))
+        query = query.order_by(table.c.expires_at).limit(limit)
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
     async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], customer_row=None) -> Account | None:

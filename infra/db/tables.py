@@ -109,7 +109,8 @@ ledger_entries = Table(
     Column("balance_after", Integer, nullable=False),
     Column("overdraft_change", Integer, nullable=False, server_default="0"),
     Column("occurred_at", UtcDateTime, nullable=False),
-    Column("event_id", String(255), nullable=False),
+    # Text: besides wire event ids (<= 255) it holds composed ones such as hold:<customer>:<job>.
+    Column("event_id", Text, nullable=False),
     Column("job_id", String(255), nullable=True),
     Column("lot_id", Id, ForeignKey("credit_lots.id"), nullable=True),
     Column("note", Text, nullable=True),

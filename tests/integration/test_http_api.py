@@ -279,6 +279,22 @@ async def test_holds_for_an_unknown_customer_are_404(db, client):
     assert released.status_code == 404
 
 
+async def test_holds_work_for_the_longest_legal_ids(db, client):
+    customer, job_id = "c" * 255, "j" * 255
+    await apply(db, payment(customer, 2, now() - timedelta(days=1)))
+    placed = await client.post(f"/api/customers/{customer}/holds", json={"job_id": job_id, "credits": 1}, headers=FRONT)
+    assert placed.status_code == 201, placed.text
+    released = await client.delete(f"/api/customers/{customer}/holds/{job_id}", headers=FRONT)
+    assert released.status_code == 204
+
+
+async def test_a_nul_character_in_an_id_is_422_not_500(db, client):
+    await apply(db, payment("dora", 2, now() - timedelta(days=1)))
+    assert (await client.get("/api/customers/do%00ra/credits", headers=FRONT)).status_code == 422
+    placed = await client.post("/api/customers/dora/holds", json={"job_id": "j\u0000", "credits": 1}, headers=FRONT)
+    assert placed.status_code == 422, placed.text
+
+
 @pytest.mark.parametrize(
     "body",
     [

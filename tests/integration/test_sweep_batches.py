@@ -36,3 +36,21 @@ async def test_a_sweep_stops_at_its_batch_budget_and_the_next_call_finishes(db):
     assert left == 0
     assert expired == -sum(range(1, 8))
     assert await reconciliation(db) == []
+
+
+async def test_a_sweep_passes_over_customers_another_transaction_holds(db):
+    policy = CreditPolicy()
+    for n in range(5):
+        event = PaymentSucceeded(event_id=f"pay-{n}", customer_id=f"c{n}", occurred_at=ISSUED, payment_id=f"in_{n}", credits=2)
+        await handlers.apply_event(event, SqlUnitOfWork(db), policy)
+    now = ISSUED + timedelta(days=400)
+
+    # c0 is busy (an event worker holds its row lock) and its lots are the first due.
+    async with SqlUnitOfWork(db) as busy:
+        await busy.accounts.lock("c0", create=False)
+        swept = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), now, batch_size=1)
+    assert (swept.customers, swept.entries, swept.more) == (4, 4, False)
+
+    later = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), now, batch_size=1)
+    assert (later.customers, later.entries) == (1, 1)
+    assert await reconciliation(db) == []

@@ -355,7 +355,8 @@ def test_fingerprint_is_a_sha256_hex_digest():
 
 _offsets = st.integers(-14 * 60, 14 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes)))
 _moments = st.datetimes(min_value=datetime(2000, 1, 2), max_value=datetime(2099, 12, 30), timezones=_offsets)
-_ids = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=255)
+_text_chars = st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00")
+_ids = st.text(_text_chars, min_size=1, max_size=255)
 _common = {"event_id": _ids, "occurred_at": _moments, "customer_id": _ids}
 
 _events = st.one_of(
@@ -373,7 +374,7 @@ _events = st.one_of(
         CreditsAdjusted,
         **_common,
         credits=st.integers(-MAX_CREDITS, MAX_CREDITS).filter(bool),
-        reason=st.text(min_size=1, max_size=500),
+        reason=st.text(_text_chars, min_size=1, max_size=500),
         actor=_ids,
     ),
 )
@@ -389,3 +390,12 @@ def test_any_event_round_trips_with_a_stable_fingerprint(event):
     # Re-serialising with keys in another order changes nothing.
     shuffled = json.dumps(dict(sorted(json.loads(event.model_dump_json()).items(), reverse=True)))
     assert parse_event(shuffled).fingerprint() == event.fingerprint()
+
+
+@pytest.mark.parametrize("field", ["event_id", "customer_id", "job_id"])
+def test_a_nul_character_is_refused_because_postgresql_text_cannot_hold_it(field):
+    fields = dict(VALID["job.completed"])
+    fields[field] = "a\x00b"
+    with pytest.raises(ValidationError) as refused:
+        parse_event(raw(fields))
+    assert refused.value.errors()[0]["type"] == "string_pattern_mismatch"

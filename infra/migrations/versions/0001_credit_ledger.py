@@ -98,7 +98,7 @@ def upgrade() -> None:
     sa.Column('balance_after', sa.Integer(), nullable=False),
     sa.Column('overdraft_change', sa.Integer(), server_default='0', nullable=False),
     sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('event_id', sa.String(length=255), nullable=False),
+    sa.Column('event_id', sa.Text(), nullable=False),
     sa.Column('job_id', sa.String(length=255), nullable=True),
     sa.Column('lot_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('note', sa.Text(), nullable=True),
