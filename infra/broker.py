@@ -3,19 +3,64 @@
 from __future__ import annotations
 
 import fakeredis
+import structlog
+from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.errors import DecodeError
 
+from infra.logging import scrub
 from infra.settings import Settings
+
+log = structlog.get_logger("credits.broker")
 
 #: One in-process Redis per process, so the producer and the workers of the embedded default meet.
 _EMBEDDED_SERVER = fakeredis.FakeServer()
 
 
+class DeadLetteringRedisBroker(RedisBroker):
+    """A RedisBroker whose consumers dead-letter an envelope that is not a Dramatiq message.
+
+    Dramatiq's Redis consumer raises on such an envelope and stalls every message it had
+    prefetched; a producer in another language can write one. Here it goes to the dead-letter
+    queue (`<queue>.XQ`) with an error log, and the rest of the batch is delivered.
+    """
+
+    def do_fetch(self, queue_name: str, prefetch: int) -> list:
+        batch = self._dispatch("fetch")(queue_name, prefetch)
+        undecodable = []
+        for data in batch:
+            if data is None:
+                continue
+            try:
+                Message.decode(data)
+            except DecodeError:
+                undecodable.append(data)
+        if undecodable:
+            self._dead_letter(queue_name, undecodable)
+            batch = [data for data in batch if data not in undecodable]
+        return batch
+
+    def _dead_letter(self, queue_name: str, undecodable: list[bytes]) -> None:
+        # Fetching moved the ids into this broker's ack set; find theirs and nack them (to the XQ).
+        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        messages = f"{self.namespace}:{queue_name}.msgs"
+        for redis_message_id in self.client.smembers(acks):
+            data = self.client.hget(messages, redis_message_id)
+            if data in undecodable:
+                self.do_nack(queue_name, redis_message_id.decode())
+                log.error(
+                    "message_undecodable",
+                    queue=queue_name,
+                    redis_message_id=redis_message_id.decode(),
+                    raw=scrub(data.decode("utf-8", "replace")[:500]),
+                )
+
+
 def redis_broker(settings: Settings, middleware: list | None = None) -> RedisBroker:
-    """The real RedisBroker, over a real or in-process Redis. ``middleware=None`` keeps Dramatiq's defaults."""
+    """The worker's broker, over a real or in-process Redis. ``middleware=None`` keeps Dramatiq's defaults."""
     if settings.redis_url:
-        return RedisBroker(url=settings.redis_url, middleware=middleware)
-    return RedisBroker(client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware)
+        return DeadLetteringRedisBroker(url=settings.redis_url, middleware=middleware)
+    return DeadLetteringRedisBroker(client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware)
 
 
 def is_embedded(settings: Settings) -> bool:

@@ -154,3 +154,25 @@ async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db,
     assert workers.process.poll() is None
     publisher.close()
     raw.close()
+
+
+async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_and_the_rest_go_through(db, redis_client, redis_url, start_workers):
+    """A producer in another language writes garbage into the queue itself, not just the event."""
+    workers = start_workers(processes=1, threads=2)
+    good = Publisher.from_url(redis_url)
+    first = good.publish(payment("pay-envelope", "cust-envelope", 3))
+    # A raw write exactly as docs/WIRE_CONTRACT.md describes, but with a broken envelope.
+    with redis_client.pipeline(transaction=True) as pipe:
+        pipe.hset("dramatiq:credit_events.msgs", "garbage-1", b"{not json at all")
+        pipe.rpush("dramatiq:credit_events", "garbage-1")
+        pipe.execute()
+    after = [good.publish(job(f"job-envelope-{n}", "cust-envelope", f"j-{n}")) for n in range(2)]
+    assert set(wait_for_outcomes(workers, [first, *after]).values()) == {"event_applied"}
+    assert (await customer_row(db, "cust-envelope"))["balance"] == 1
+
+    assert redis_client.zscore("dramatiq:credit_events.XQ", "garbage-1") is not None
+    assert redis_client.hget("dramatiq:credit_events.XQ.msgs", "garbage-1") == b"{not json at all"
+    [line] = [r for r in log_records(workers) if r.get("event") == "message_undecodable"]
+    assert line["level"] == "error" and line["redis_message_id"] == "garbage-1"
+    assert "Consumer encountered an unexpected error" not in workers.log()
+    good.close()
