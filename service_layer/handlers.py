@@ -140,7 +140,7 @@ async def _sweep(
             for account in accounts:
                 account.catch_up(now, event_id)
                 entries += len(account.new_entries)
-                await uow.accounts.save(account)
+            await uow.accounts.save_many(accounts)
             await uow.commit()
             customers += len(accounts)
             batches += 1

@@ -60,12 +60,7 @@ class SqlAccountRepository:
             .with_for_update(skip_locked=True)
         )
         locked = (await self.connection.execute(query)).scalars().all()
-        accounts = []
-        for customer_id in locked:
-            account = await self._load(customer_id, for_update=False, job_ids=())
-            if account is not None:
-                accounts.append(account)
-        return accounts
+        return await self._load_many(locked)
 
     async def customers_with_due_lots(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
         return await self._customers_due(credit_lots, LOT_IS_OPEN, now, limit, exclude)
@@ -83,26 +78,17 @@ class SqlAccountRepository:
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
     async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], customer_row=None) -> Account | None:
-        row = customer_row
-        if row is None:
+        if customer_row is None:
             query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
             if for_update:
                 query = query.with_for_update()
-            row = (await self.connection.execute(query)).first()
-            if row is None:
+            customer_row = (await self.connection.execute(query)).first()
+            if customer_row is None:
                 return None
-        lot_rows = await self.connection.execute(
-            select(credit_lots)
-            .where(credit_lots.c.customer_id == customer_id, LOT_IS_OPEN)
-            .order_by(credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)
-        )
-        hold_rows = await self.connection.execute(
-            select(holds).where(holds.c.customer_id == customer_id, HOLD_IS_ACTIVE)
-        )
+        [account] = await self._load_many([customer_id], {customer_id: customer_row})
         job_ids = list(job_ids)
-        charged: set[str] = set()
         if job_ids:
-            charged = set(
+            account.charged_jobs = set(
                 (
                     await self.connection.execute(
                         select(ledger_entries.c.job_id).where(
@@ -113,72 +99,107 @@ class SqlAccountRepository:
                     )
                 ).scalars()
             )
-        return Account(
-            customer_id=customer_id,
-            lots=[
-                Lot(r.amount, r.remaining, r.issued_at, r.expires_at, LotSource(r.source), r.event_id, id=r.id)
-                for r in lot_rows
-            ],
-            holds={
-                r.job_id: Hold(r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id)
-                for r in hold_rows
-            },
-            overdraft=row.overdraft,
-            depleted_at=row.credits_depleted_at,
-            charged_jobs=charged,
+        return account
+
+    async def _load_many(self, customer_ids: Sequence[str], customer_rows: dict | None = None) -> list[Account]:
+        """Accounts for ``customer_ids`` in three statements, whatever their number (sweeps load batches)."""
+        if not customer_ids:
+            return []
+        if customer_rows is None:
+            rows = await self.connection.execute(
+                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id.in_(customer_ids))
+            )
+            customer_rows = {row.customer_id: row for row in rows}
+        lots_of: dict[str, list[Lot]] = {customer_id: [] for customer_id in customer_ids}
+        lot_rows = await self.connection.execute(
+            select(credit_lots)
+            .where(credit_lots.c.customer_id.in_(customer_ids), LOT_IS_OPEN)
+            .order_by(credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)
         )
+        for r in lot_rows:
+            lots_of[r.customer_id].append(Lot(r.amount, r.remaining, r.issued_at, r.expires_at, LotSource(r.source), r.event_id, id=r.id))
+        holds_of: dict[str, dict[str, Hold]] = {customer_id: {} for customer_id in customer_ids}
+        for r in await self.connection.execute(select(holds).where(holds.c.customer_id.in_(customer_ids), HOLD_IS_ACTIVE)):
+            holds_of[r.customer_id][r.job_id] = Hold(r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id)
+        return [
+            Account(
+                customer_id=customer_id,
+                lots=lots_of[customer_id],
+                holds=holds_of[customer_id],
+                overdraft=customer_rows[customer_id].overdraft,
+                depleted_at=customer_rows[customer_id].credits_depleted_at,
+            )
+            for customer_id in customer_ids
+            if customer_id in customer_rows
+        ]
 
     async def save(self, account: Account) -> None:
-        """Write what changed: new lots and holds, updated ones, the new entries, the customer row."""
+        await self.save_many([account])
+
+    async def save_many(self, accounts: Sequence[Account]) -> None:
+        """Write what changed in ``accounts``: new lots and holds, updated ones, the new entries and
+        the customer rows — one statement per kind of change, however many accounts."""
         conn = self.connection
-        changed_lots = list({id(lot): lot for lot in account.changed_lots}.values())
-        stored_lots = [lot for lot in changed_lots if lot.id is not None]
-        for lot in (lot for lot in changed_lots if lot.id is None):
-            lot.id = (
+        lots = [(account, lot) for account in accounts for lot in {id(lot): lot for lot in account.changed_lots}.values()]
+        stored_lots = [lot for _, lot in lots if lot.id is not None]
+        new_lots = [(account, lot) for account, lot in lots if lot.id is None]
+        if new_lots:
+            ids = (
                 await conn.execute(
-                    insert(credit_lots)
-                    .values(
-                        customer_id=account.customer_id,
-                        source=lot.source.value,
-                        event_id=lot.event_id,
-                        amount=lot.amount,
-                        remaining=lot.remaining,
-                        issued_at=lot.issued_at,
-                        expires_at=lot.expires_at,
-                    )
-                    .returning(credit_lots.c.id)
+                    insert(credit_lots).returning(credit_lots.c.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "customer_id": account.customer_id,
+                            "source": lot.source.value,
+                            "event_id": lot.event_id,
+                            "amount": lot.amount,
+                            "remaining": lot.remaining,
+                            "issued_at": lot.issued_at,
+                            "expires_at": lot.expires_at,
+                        }
+                        for account, lot in new_lots
+                    ],
                 )
-            ).scalar_one()
+            ).scalars().all()
+            for (_, lot), lot_id in zip(new_lots, ids, strict=True):
+                lot.id = lot_id
         if stored_lots:
             await conn.execute(
                 update(credit_lots).where(credit_lots.c.id == bindparam("lot_id")).values(remaining=bindparam("new_remaining")),
                 [{"lot_id": lot.id, "new_remaining": lot.remaining} for lot in stored_lots],
             )
 
-        changed_holds = list({id(hold): hold for hold in account.changed_holds}.values())
-        for hold in changed_holds:
-            if hold.id is None:
-                hold.id = (
-                    await conn.execute(
-                        insert(holds)
-                        .values(
-                            customer_id=account.customer_id,
-                            job_id=hold.job_id,
-                            credits=hold.credits,
-                            placed_at=hold.placed_at,
-                            expires_at=hold.expires_at,
-                            status=hold.status.value,
-                            closed_at=hold.closed_at,
-                        )
-                        .returning(holds.c.id)
-                    )
-                ).scalar_one()
-            else:
+        changed_holds = [(account, hold) for account in accounts for hold in {id(h): h for h in account.changed_holds}.values()]
+        new_holds = [(account, hold) for account, hold in changed_holds if hold.id is None]
+        stored_holds = [hold for _, hold in changed_holds if hold.id is not None]
+        if new_holds:
+            ids = (
                 await conn.execute(
-                    update(holds).where(holds.c.id == hold.id).values(status=hold.status.value, closed_at=hold.closed_at)
+                    insert(holds).returning(holds.c.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "customer_id": account.customer_id,
+                            "job_id": hold.job_id,
+                            "credits": hold.credits,
+                            "placed_at": hold.placed_at,
+                            "expires_at": hold.expires_at,
+                            "status": hold.status.value,
+                            "closed_at": hold.closed_at,
+                        }
+                        for account, hold in new_holds
+                    ],
                 )
+            ).scalars().all()
+            for (_, hold), hold_id in zip(new_holds, ids, strict=True):
+                hold.id = hold_id
+        if stored_holds:
+            await conn.execute(
+                update(holds).where(holds.c.id == bindparam("hold_id")).values(status=bindparam("new_status"), closed_at=bindparam("new_closed_at")),
+                [{"hold_id": h.id, "new_status": h.status.value, "new_closed_at": h.closed_at} for h in stored_holds],
+            )
 
-        if account.new_entries:
+        entries = [(account, entry) for account in accounts for entry in account.new_entries]
+        if entries:
             entry_ids = (
                 await conn.execute(
                     insert(ledger_entries).returning(ledger_entries.c.id, sort_by_parameter_order=True),
@@ -195,33 +216,39 @@ class SqlAccountRepository:
                             "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
                             "note": entry.note,
                         }
-                        for entry in account.new_entries
+                        for account, entry in entries
                     ],
                 )
             ).scalars().all()
             movements = [
                 {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
-                for entry_id, entry in zip(entry_ids, account.new_entries, strict=True)
+                for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
                 for movement in entry.movements
             ]
             if movements:
                 await conn.execute(insert(lot_movements), movements)
 
-        await conn.execute(
-            update(customers)
-            .where(customers.c.customer_id == account.customer_id)
-            .values(
-                balance=account.book_balance,
-                overdraft=account.overdraft,
-                credits_depleted_at=account.depleted_at,
-                updated_at=func.now(),
+        if accounts:
+            await conn.execute(
+                update(customers)
+                .where(customers.c.customer_id == bindparam("account_id"))
+                .values(
+                    balance=bindparam("new_balance"),
+                    overdraft=bindparam("new_overdraft"),
+                    credits_depleted_at=bindparam("new_depleted_at"),
+                    updated_at=func.now(),
+                ),
+                [
+                    {"account_id": a.customer_id, "new_balance": a.book_balance, "new_overdraft": a.overdraft, "new_depleted_at": a.depleted_at}
+                    for a in accounts
+                ],
             )
-        )
-        account.new_entries.clear()
-        account.changed_lots.clear()
-        account.changed_holds.clear()
-        account.lots = [lot for lot in account.lots if lot.remaining > 0]
-        account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
+        for account in accounts:
+            account.new_entries.clear()
+            account.changed_lots.clear()
+            account.changed_holds.clear()
+            account.lots = [lot for lot in account.lots if lot.remaining > 0]
+            account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
 
 
 class SqlEventLog:
