@@ -144,23 +144,21 @@ class SqlAccountRepository:
         stored_lots = [lot for _, lot in lots if lot.id is not None]
         new_lots = [(account, lot) for account, lot in lots if lot.id is None]
         if new_lots:
-            ids = (
-                await conn.execute(
-                    insert(credit_lots).returning(credit_lots.c.id, sort_by_parameter_order=True),
-                    [
-                        {
-                            "customer_id": account.customer_id,
-                            "source": lot.source.value,
-                            "event_id": lot.event_id,
-                            "amount": lot.amount,
-                            "remaining": lot.remaining,
-                            "issued_at": lot.issued_at,
-                            "expires_at": lot.expires_at,
-                        }
-                        for account, lot in new_lots
-                    ],
-                )
-            ).scalars().all()
+            ids = await self._insert_returning_ids(
+                credit_lots,
+                [
+                    {
+                        "customer_id": account.customer_id,
+                        "source": lot.source.value,
+                        "event_id": lot.event_id,
+                        "amount": lot.amount,
+                        "remaining": lot.remaining,
+                        "issued_at": lot.issued_at,
+                        "expires_at": lot.expires_at,
+                    }
+                    for account, lot in new_lots
+                ],
+            )
             for (_, lot), lot_id in zip(new_lots, ids, strict=True):
                 lot.id = lot_id
         if stored_lots:
@@ -173,23 +171,21 @@ class SqlAccountRepository:
         new_holds = [(account, hold) for account, hold in changed_holds if hold.id is None]
         stored_holds = [hold for _, hold in changed_holds if hold.id is not None]
         if new_holds:
-            ids = (
-                await conn.execute(
-                    insert(holds).returning(holds.c.id, sort_by_parameter_order=True),
-                    [
-                        {
-                            "customer_id": account.customer_id,
-                            "job_id": hold.job_id,
-                            "credits": hold.credits,
-                            "placed_at": hold.placed_at,
-                            "expires_at": hold.expires_at,
-                            "status": hold.status.value,
-                            "closed_at": hold.closed_at,
-                        }
-                        for account, hold in new_holds
-                    ],
-                )
-            ).scalars().all()
+            ids = await self._insert_returning_ids(
+                holds,
+                [
+                    {
+                        "customer_id": account.customer_id,
+                        "job_id": hold.job_id,
+                        "credits": hold.credits,
+                        "placed_at": hold.placed_at,
+                        "expires_at": hold.expires_at,
+                        "status": hold.status.value,
+                        "closed_at": hold.closed_at,
+                    }
+                    for account, hold in new_holds
+                ],
+            )
             for (_, hold), hold_id in zip(new_holds, ids, strict=True):
                 hold.id = hold_id
         if stored_holds:
@@ -200,26 +196,24 @@ class SqlAccountRepository:
 
         entries = [(account, entry) for account in accounts for entry in account.new_entries]
         if entries:
-            entry_ids = (
-                await conn.execute(
-                    insert(ledger_entries).returning(ledger_entries.c.id, sort_by_parameter_order=True),
-                    [
-                        {
-                            "customer_id": account.customer_id,
-                            "kind": entry.kind.value,
-                            "credits": entry.credits,
-                            "balance_after": entry.balance_after,
-                            "overdraft_change": entry.overdraft_change,
-                            "occurred_at": entry.occurred_at,
-                            "event_id": entry.event_id,
-                            "job_id": entry.job_id,
-                            "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
-                            "note": entry.note,
-                        }
-                        for account, entry in entries
-                    ],
-                )
-            ).scalars().all()
+            entry_ids = await self._insert_returning_ids(
+                ledger_entries,
+                [
+                    {
+                        "customer_id": account.customer_id,
+                        "kind": entry.kind.value,
+                        "credits": entry.credits,
+                        "balance_after": entry.balance_after,
+                        "overdraft_change": entry.overdraft_change,
+                        "occurred_at": entry.occurred_at,
+                        "event_id": entry.event_id,
+                        "job_id": entry.job_id,
+                        "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
+                        "note": entry.note,
+                    }
+                    for account, entry in entries
+                ],
+            )
             movements = [
                 {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
                 for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
@@ -249,6 +243,12 @@ class SqlAccountRepository:
             account.changed_holds.clear()
             account.lots = [lot for lot in account.lots if lot.remaining > 0]
             account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
+
+
+    async def _insert_returning_ids(self, table, rows: list[dict]) -> list[int]:
+        """Insert ``rows`` in one statement; their new ids, in the rows' order."""
+        result = await self.connection.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+        return list(result.scalars())
 
 
 class SqlEventLog:
