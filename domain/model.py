@@ -204,6 +204,7 @@ class Account:
         self.catch_up(at, event_id)
         if source is LotSource.PAYMENT and policy.carry_limit is not None:
             self._expire_over_cap(policy.carry_limit, at, event_id)
+        before = self.book_balance
         lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id)
         repaid = min(self.overdraft, credits)
         lot.remaining -= repaid
@@ -211,7 +212,7 @@ class Account:
         self.lots.append(lot)
         self.changed_lots.append(lot)
         kind = EntryKind.ISSUED if source is LotSource.PAYMENT else EntryKind.ADJUSTED
-        self._record(kind, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=self.book_balance - credits)
+        self._record(kind, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=before)
         return lot
 
     def debit(self, credits: int, at: datetime, event_id: str, job_id: str | None = None, note: str | None = None) -> Entry:

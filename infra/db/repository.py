@@ -24,10 +24,10 @@ from infra.db.tables import (
 from messages import Event
 from service_layer.errors import EventConflict
 
-def insert_ignoring_conflicts(connection: AsyncConnection, table):
-    """INSERT ... ON CONFLICT DO NOTHING in the connection's dialect."""
+def upsert_into(connection: AsyncConnection, table):
+    """An INSERT that takes ON CONFLICT clauses, in the connection's dialect."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+    return dialect.insert(table)
 
 
 class SqlAccountRepository:
@@ -39,8 +39,7 @@ class SqlAccountRepository:
         if not create:
             return await self._load(customer_id, for_update=True, job_ids=job_ids)
         # Create-or-lock in one statement: ON CONFLICT DO UPDATE locks the existing row.
-        dialect = postgresql if self.connection.dialect.name == "postgresql" else sqlite
-        upsert = dialect.insert(customers).values(customer_id=customer_id)
+        upsert = upsert_into(self.connection, customers).values(customer_id=customer_id)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
         ).returning(customers.c.overdraft, customers.c.credits_depleted_at)
@@ -140,54 +139,42 @@ class SqlAccountRepository:
         """Write what changed in ``accounts``: new lots and holds, updated ones, the new entries and
         the customer rows — one statement per kind of change, however many accounts."""
         conn = self.connection
-        lots = [(account, lot) for account in accounts for lot in {id(lot): lot for lot in account.changed_lots}.values()]
+        lots = [(account, lot) for account in accounts for lot in _unique(account.changed_lots)]
         stored_lots = [lot for _, lot in lots if lot.id is not None]
-        new_lots = [(account, lot) for account, lot in lots if lot.id is None]
-        if new_lots:
-            ids = await self._insert_returning_ids(
-                credit_lots,
-                [
-                    {
-                        "customer_id": account.customer_id,
-                        "source": lot.source.value,
-                        "event_id": lot.event_id,
-                        "amount": lot.amount,
-                        "remaining": lot.remaining,
-                        "issued_at": lot.issued_at,
-                        "expires_at": lot.expires_at,
-                    }
-                    for account, lot in new_lots
-                ],
-            )
-            for (_, lot), lot_id in zip(new_lots, ids, strict=True):
-                lot.id = lot_id
+        await self._insert_new(
+            credit_lots,
+            lots,
+            lambda account, lot: {
+                "customer_id": account.customer_id,
+                "source": lot.source.value,
+                "event_id": lot.event_id,
+                "amount": lot.amount,
+                "remaining": lot.remaining,
+                "issued_at": lot.issued_at,
+                "expires_at": lot.expires_at,
+            },
+        )
         if stored_lots:
             await conn.execute(
                 update(credit_lots).where(credit_lots.c.id == bindparam("lot_id")).values(remaining=bindparam("new_remaining")),
                 [{"lot_id": lot.id, "new_remaining": lot.remaining} for lot in stored_lots],
             )
 
-        changed_holds = [(account, hold) for account in accounts for hold in {id(h): h for h in account.changed_holds}.values()]
-        new_holds = [(account, hold) for account, hold in changed_holds if hold.id is None]
+        changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
         stored_holds = [hold for _, hold in changed_holds if hold.id is not None]
-        if new_holds:
-            ids = await self._insert_returning_ids(
-                holds,
-                [
-                    {
-                        "customer_id": account.customer_id,
-                        "job_id": hold.job_id,
-                        "credits": hold.credits,
-                        "placed_at": hold.placed_at,
-                        "expires_at": hold.expires_at,
-                        "status": hold.status.value,
-                        "closed_at": hold.closed_at,
-                    }
-                    for account, hold in new_holds
-                ],
-            )
-            for (_, hold), hold_id in zip(new_holds, ids, strict=True):
-                hold.id = hold_id
+        await self._insert_new(
+            holds,
+            changed_holds,
+            lambda account, hold: {
+                "customer_id": account.customer_id,
+                "job_id": hold.job_id,
+                "credits": hold.credits,
+                "placed_at": hold.placed_at,
+                "expires_at": hold.expires_at,
+                "status": hold.status.value,
+                "closed_at": hold.closed_at,
+            },
+        )
         if stored_holds:
             await conn.execute(
                 update(holds).where(holds.c.id == bindparam("hold_id")).values(status=bindparam("new_status"), closed_at=bindparam("new_closed_at")),
@@ -245,10 +232,23 @@ class SqlAccountRepository:
             account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
 
 
+    async def _insert_new(self, table, items: list[tuple[Account, Lot | Hold]], row) -> None:
+        """Insert the items that have no id yet, in one statement, and give each its new id."""
+        new = [(account, item) for account, item in items if item.id is None]
+        if new:
+            ids = await self._insert_returning_ids(table, [row(account, item) for account, item in new])
+            for (_, item), new_id in zip(new, ids, strict=True):
+                item.id = new_id
+
     async def _insert_returning_ids(self, table, rows: list[dict]) -> list[int]:
         """Insert ``rows`` in one statement; their new ids, in the rows' order."""
         result = await self.connection.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
         return list(result.scalars())
+
+
+def _unique(items: list) -> list:
+    """Each object once (by identity), in first-seen order: the domain notes a lot per movement."""
+    return list({id(item): item for item in items}.values())
 
 
 class SqlEventLog:
@@ -264,7 +264,7 @@ class SqlEventLog:
         """
         fingerprint = event.fingerprint()
         inserted = await self.connection.execute(
-            insert_ignoring_conflicts(self.connection, processed_events)
+            upsert_into(self.connection, processed_events)
             .values(
                 event_id=event.event_id,
                 event_type=event.type,
@@ -272,6 +272,7 @@ class SqlEventLog:
                 fingerprint=fingerprint,
                 payload=event.model_dump(mode="json"),
             )
+            .on_conflict_do_nothing()
             .returning(processed_events.c.event_id)
         )
         if inserted.first() is not None:
