@@ -5,21 +5,29 @@ from __future__ import annotations
 import secrets
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
+import asyncio
+
+import structlog
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged
+from infra.broker import enqueue_charges, redis_broker
 from infra.clock import Clock, SystemClock
 from infra.db import Database, require_current_schema
 from infra.settings import Settings, SettingsError, get_settings
+from infra.stripe.webhooks import WebhookRejected, verify
+from messages import Event, Publisher
 from messages.events import MAX_CREDITS
-from service_layer import handlers, views
-from service_layer.errors import CustomerNotFound
+from service_layer import handlers, payments, views, webhooks
+from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.unit_of_work import SqlUnitOfWork
+
+log = structlog.get_logger("credits.api")
 
 NO_NUL = r"^[^\x00]*$"
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
@@ -61,6 +69,57 @@ class DepletedCustomerOut(BaseModel):
     customer_id: str
     credits_depleted_at: datetime
     days_depleted: int
+    dunning_status: str | None
+    attempts_made: int | None
+    next_retry_at: datetime | None
+    membership_status: str
+
+
+class NoticeAction(BaseModel):
+    type: Literal["update_payment_method", "retry_payment"]
+    #: update_payment_method: the provider's hosted invoice page or billing portal.
+    url: str | None = None
+    #: retry_payment: the request the front end makes.
+    method: str | None = None
+    path: str | None = None
+
+
+class NoticeOut(BaseModel):
+    kind: Literal["none", "no_credits", "payment_failed", "action_required"]
+    message: str
+    next_retry_at: datetime | None = None
+    attempts_left: int | None = None
+    failure_reason: str | None = None
+    decline_code: str | None = None
+    actions: list[NoticeAction]
+
+
+class RetryAcceptedOut(BaseModel):
+    attempts: int
+
+
+class StripeCustomerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer_id: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+
+
+class StripeCustomerOut(BaseModel):
+    stripe_customer_id: str
+    customer_id: str
+    parked_events_relayed: int
+
+
+class ParkedEventOut(BaseModel):
+    event_id: str
+    type: str
+    stripe_customer_id: str | None
+    received_at: datetime
+    detail: str | None
+
+
+class WebhookReceiptOut(BaseModel):
+    outcome: str
+    detail: str | None = None
 
 
 class CreditsReportOut(BaseModel):
@@ -115,11 +174,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         finally:
             if owned:
                 await app.state.db.dispose()
+            if app.state.broker is not None:
+                app.state.broker.close()
 
     app = FastAPI(title="credits", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock or SystemClock()
     app.state.db = db
+    # Webhooks and "retry now" hand work to the workers over Redis; without REDIS_URL no
+    # worker could receive it, so those routes answer 503 rather than accept and lose it.
+    app.state.broker = redis_broker(settings, middleware=[]) if settings.redis_url else None
 
     def uow(request: Request, read_only: bool = False) -> SqlUnitOfWork:
         return SqlUnitOfWork(request.app.state.db, read_only=read_only)
@@ -199,6 +263,107 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             next_offset=offset + limit if offset + limit < total else None,
             customers=[DepletedCustomerOut(**vars(c)) for c in page],
         )
+
+    def broker_or_503(request: Request):
+        if request.app.state.broker is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "REDIS_URL is not set: nothing could relay this")
+        return request.app.state.broker
+
+    def publisher(request: Request):
+        sender = Publisher(broker_or_503(request))
+
+        async def publish(event: Event) -> None:
+            await asyncio.to_thread(sender.publish, event)
+
+        return publish
+
+    @app.post(
+        "/webhooks/stripe",
+        response_model=WebhookReceiptOut,
+        responses={400: {"description": "Not a genuine, fresh, well-formed Stripe event"}, 503: {"description": "Webhooks are not configured"}},
+    )
+    async def stripe_webhook(request: Request, stripe_signature: Annotated[str | None, Header()] = None) -> WebhookReceiptOut:
+        secrets_ = [secret.get_secret_value() for secret in settings.stripe_webhook_secrets]
+        if not secrets_:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STRIPE_WEBHOOK_SECRETS is not set")
+        publish = publisher(request)
+        payload = await request.body()
+        try:
+            event = verify(payload, stripe_signature, secrets_, settings.stripe_webhook_tolerance_seconds)
+        except WebhookRejected as error:
+            log.warning("stripe_webhook_rejected", reason=str(error), bytes=len(payload))
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+        receipt = await webhooks.receive(uow(request), event, publish, settings.stripe_plan_credits, now(request))
+        if receipt.linked_stripe_customer:
+            await webhooks.relay_parked(lambda: uow(request), publish, settings.stripe_plan_credits, now(request), receipt.linked_stripe_customer)
+        return WebhookReceiptOut(outcome=receipt.outcome, detail=receipt.detail)
+
+    @app.get("/api/customers/{customer_id}/notice", response_model=NoticeOut, dependencies=[frontend])
+    async def notice(customer_id: Identifier, request: Request) -> NoticeOut:
+        try:
+            found = await payments.notice_for(uow(request, read_only=True), customer_id, now(request), settings.dunning, settings.stripe_billing_portal_url)
+        except CustomerNotFound as error:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+        actions = []
+        if found.payment_url and found.kind != "none":
+            actions.append(NoticeAction(type="update_payment_method", url=found.payment_url))
+        if found.can_retry:
+            actions.append(NoticeAction(type="retry_payment", method="POST", path=f"/api/customers/{customer_id}/payment-retry"))
+        return NoticeOut(
+            kind=found.kind,
+            message=found.message,
+            next_retry_at=found.next_retry_at,
+            attempts_left=found.attempts_left,
+            failure_reason=found.failure_reason,
+            decline_code=found.decline_code,
+            actions=actions,
+        )
+
+    @app.post(
+        "/api/customers/{customer_id}/payment-retry",
+        response_model=RetryAcceptedOut,
+        status_code=status.HTTP_202_ACCEPTED,
+        dependencies=[frontend],
+        responses={409: {"description": "Nothing is owed"}, 429: {"description": "Retried too often; see Retry-After"}},
+    )
+    async def payment_retry(customer_id: Identifier, request: Request) -> RetryAcceptedOut:
+        broker = broker_or_503(request)
+        try:
+            attempt_ids = await payments.request_retry_now(lambda: uow(request), customer_id, now(request), settings.dunning)
+        except CustomerNotFound as error:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+        except NothingOwed as error:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+        except RetryLimited as error:
+            seconds = int(error.retry_after.total_seconds()) + 1
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(error), headers={"Retry-After": str(seconds)}) from None
+        try:
+            await asyncio.to_thread(enqueue_charges, broker, attempt_ids)
+        except Exception as error:  # the attempts are stored: collect_payments charges them within minutes
+            log.warning("charge_enqueue_failed", customer_id=customer_id, error=str(error))
+        return RetryAcceptedOut(attempts=len(attempt_ids))
+
+    @app.put("/api/admin/stripe-customers/{stripe_customer_id}", response_model=StripeCustomerOut, dependencies=[admin], responses={409: {"description": "Linked differently already"}})
+    async def link_stripe_customer(stripe_customer_id: Identifier, body: StripeCustomerIn, request: Request) -> StripeCustomerOut:
+        async with uow(request) as unit:
+            linked = await unit.stripe.map_customer(stripe_customer_id, body.customer_id)
+            await unit.commit()
+        if linked != body.customer_id:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"{stripe_customer_id} is linked to another customer, or {body.customer_id!r} to another Stripe customer")
+        relayed = await webhooks.relay_parked(lambda: uow(request), publisher(request), settings.stripe_plan_credits, now(request), stripe_customer_id)
+        return StripeCustomerOut(stripe_customer_id=stripe_customer_id, customer_id=linked, parked_events_relayed=sum(1 for r in relayed if r.outcome != "parked"))
+
+    @app.get("/api/admin/stripe-events/parked", response_model=list[ParkedEventOut], dependencies=[admin])
+    async def parked_stripe_events(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ParkedEventOut]:
+        async with uow(request, read_only=True) as unit:
+            rows = await unit.stripe.parked_events(limit=limit)
+        return [ParkedEventOut(event_id=r.event_id, type=r.type, stripe_customer_id=r.stripe_customer_id, received_at=r.received_at, detail=r.detail) for r in rows]
+
+    @app.post("/api/admin/stripe-events/parked/relay", response_model=list[WebhookReceiptOut], dependencies=[admin])
+    async def relay_parked_stripe_events(request: Request) -> list[WebhookReceiptOut]:
+        """After fixing the plan table, say: translate every parked event again."""
+        receipts = await webhooks.relay_parked(lambda: uow(request), publisher(request), settings.stripe_plan_credits, now(request))
+        return [WebhookReceiptOut(outcome=r.outcome, detail=r.detail) for r in receipts]
 
     @app.get("/api/admin/at-risk-count", response_model=CountOut, dependencies=[admin])
     async def at_risk_count(request: Request) -> CountOut:

@@ -30,3 +30,14 @@ class JobAlreadyCharged(DomainError):
     Charging it again would double-spend the customer's credits, so the
     event is refused instead of applied.
     """
+
+
+class PaymentAlreadyApplied(DomainError):
+    """A payment has already issued its credits: a second issuance would double them."""
+
+
+class PaymentNotApplied(Exception):
+    """A reversal arrived for a payment whose credits have not been issued (yet).
+
+    Not a DomainError: the payment may simply be a few messages behind, so it is retried.
+    """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged
+from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged, PaymentAlreadyApplied, PaymentNotApplied
 from domain.policy import CreditPolicy
 
 
@@ -30,6 +30,8 @@ class EntryKind(StrEnum):
     HELD = "held"
     RELEASED = "released"
     LAPSED = "lapsed"
+    #: Credits a refunded or disputed payment had issued, taken back.
+    REVERSED = "reversed"
 
     @property
     def moves_balance(self) -> bool:
@@ -55,6 +57,10 @@ class Lot:
     source: LotSource
     event_id: str
     id: int | None = None
+    #: The payment that issued the lot (payment lots only): a payment issues credits once.
+    payment_id: str | None = None
+    #: Credits of this lot taken back because its payment was refunded or disputed.
+    reversed: int = 0
 
     def sort_key(self) -> tuple:
         # Consumption order (expires_at, issued_at, id); unsaved lots are newer than saved ones.
@@ -129,6 +135,8 @@ class Account:
 
     ``charged_jobs`` holds the job ids (among those the caller asked about) that have
     already been charged; the repository fills it so the double-charge rule lives here.
+    Likewise the lots of payments the caller asked about are loaded even when spent, so
+    that a payment issues credits once and its reversal knows what it issued.
     """
 
     customer_id: str
@@ -198,14 +206,17 @@ class Account:
         policy: CreditPolicy,
         source: LotSource = LotSource.PAYMENT,
         note: str | None = None,
+        payment_id: str | None = None,
     ) -> Lot:
         """Create a lot. Outstanding overdraft is repaid from it first."""
         _require_positive(credits)
+        if payment_id is not None and self.payment_lot(payment_id) is not None:
+            raise PaymentAlreadyApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has already issued its credits")
         self.catch_up(at, event_id)
         if source is LotSource.PAYMENT and policy.carry_limit is not None:
             self._expire_over_cap(policy.carry_limit, at, event_id)
         before = self.book_balance
-        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id)
+        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id, payment_id=payment_id)
         repaid = min(self.overdraft, credits)
         lot.remaining -= repaid
         self.overdraft -= repaid
@@ -245,6 +256,34 @@ class Account:
             entry = self._spend(EntryKind.DEBITED, credits, at, event_id, job_id, None)
         self.charged_jobs.add(job_id)
         return entry
+
+    def payment_lot(self, payment_id: str) -> Lot | None:
+        return next((lot for lot in self.lots if lot.payment_id == payment_id), None)
+
+    def reverse_payment(self, payment_id: str, total_reversed: int, at: datetime, event_id: str, note: str) -> Entry | None:
+        """Take back what a refunded or disputed payment issued, up to ``total_reversed`` credits in all.
+
+        ``total_reversed`` is cumulative (a second partial refund states the new total), so
+        replays and reordered reports never take back more than the payment issued. The
+        credits come out of the payment's own lot first; what was already spent is taken from
+        the customer's other credits, oldest first, and what nothing covers becomes overdraft.
+        Past entries are never rewritten. Returns the new entry, or None if nothing was left to take.
+        """
+        _require_positive(total_reversed)
+        lot = self.payment_lot(payment_id)
+        if lot is None:
+            raise PaymentNotApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has issued no credits (yet)")
+        credits = min(total_reversed, lot.amount) - lot.reversed
+        if credits <= 0:
+            return None
+        self.catch_up(at, event_id)
+        lot.reversed += credits
+        self.changed_lots.append(lot)
+        movements: list[Movement] = []
+        if lot.spendable_at(at):
+            movements.append(Movement(lot, min(lot.remaining, credits)))
+        others, shortfall = self._oldest_first(credits - sum(m.credits for m in movements), at, skip=lot)
+        return self._take(EntryKind.REVERSED, at, event_id, movements + others, shortfall=shortfall, note=note)
 
     def place_hold(self, job_id: str, credits: int, at: datetime, event_id: str, policy: CreditPolicy) -> Hold:
         """Reserve credits for a booked job. Placing the same hold twice returns the first."""
@@ -287,11 +326,11 @@ class Account:
             movements, _ = self._oldest_first(excess, at)
             self._take(EntryKind.EXPIRED, at, event_id, movements, note=f"over rollover cap of {cap}")
 
-    def _oldest_first(self, credits: int, at: datetime) -> tuple[list[Movement], int]:
+    def _oldest_first(self, credits: int, at: datetime, skip: Lot | None = None) -> tuple[list[Movement], int]:
         """Plan taking ``credits`` from lots spendable at ``at``, oldest first; returns what no lot covers."""
         movements = []
         left = credits
-        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key):
+        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at) and lot is not skip), key=Lot.sort_key):
             if left == 0:
                 break
             take = min(lot.remaining, left)

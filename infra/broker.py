@@ -9,6 +9,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import DecodeError
 
 from infra.logging import scrub
+from messages.wire import CHARGE_ATTEMPTS_ACTOR, PAYMENTS_QUEUE
 from infra.settings import Settings
 
 log = structlog.get_logger("credits.broker")
@@ -61,6 +62,13 @@ def redis_broker(settings: Settings, middleware: list | None = None) -> RedisBro
     if settings.redis_url:
         return DeadLetteringRedisBroker(url=settings.redis_url, middleware=middleware)
     return DeadLetteringRedisBroker(client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware)
+
+
+def enqueue_charges(broker, attempt_ids: list[int]) -> None:
+    """Ask a worker to charge these payment attempts now. If this is lost, the periodic
+    ``collect_payments`` charges them within minutes: the attempts are rows in the database."""
+    if attempt_ids:
+        broker.enqueue(Message(queue_name=PAYMENTS_QUEUE, actor_name=CHARGE_ATTEMPTS_ACTOR, args=(), kwargs={"attempt_ids": list(attempt_ids)}, options={}))
 
 
 def is_embedded(settings: Settings) -> bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from functools import lru_cache
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain import CreditPolicy, EventWindow
+from domain.dunning import DunningRules, RetryNowLimit, RetrySchedule
 
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///credits.sqlite3"
 
@@ -45,6 +48,30 @@ class Settings(BaseSettings):
     event_min_backoff_ms: int = Field(1_000, ge=1)
     event_max_backoff_ms: int = Field(600_000, ge=1)
 
+    # ------------------------------------------------------------ Stripe and dunning
+    #: Unset: no payment provider; retries wait (nothing is lost) and webhooks answer 503.
+    stripe_api_key: SecretStr | None = None
+    #: Where the Stripe SDK sends API requests (tests point it at a local fake Stripe).
+    stripe_api_base: str | None = None
+    stripe_timeout_seconds: float = Field(20, gt=0, le=120)
+    #: Webhook signing secrets, comma-separated: every one is accepted, so a secret can be rotated.
+    stripe_webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    stripe_webhook_tolerance_seconds: int = Field(300, ge=1, le=3600)
+    #: Credits per unit of each Stripe price, as JSON: {"price_123": 10}. A price's own
+    #: `credits` metadata is used for prices not listed here.
+    stripe_plan_credits: Annotated[dict[str, int], NoDecode] = {}
+    #: Stripe's customer-portal login link: where a customer updates their payment method.
+    stripe_billing_portal_url: str | None = None
+
+    #: Days after the first failed payment on which it is retried: 3-5 retries within 7-14 days.
+    dunning_retry_days: Annotated[tuple[int, ...], NoDecode] = (1, 3, 7, 14)
+    #: When the schedule is exhausted: keep the subscription (past due), or cancel it at Stripe.
+    dunning_end_action: Literal["keep", "cancel_subscription"] = "keep"
+    collect_payments_every_minutes: int = Field(5, ge=1, le=1440)
+    #: "Retry now" and payment-method updates charge at once at most this often per customer.
+    payment_retry_now_limit: int = Field(3, ge=1, le=100)
+    payment_retry_now_window_minutes: int = Field(60, ge=1, le=10_080)
+
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)
 
@@ -74,6 +101,47 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
+    @field_validator("stripe_webhook_secrets", mode="before")
+    @classmethod
+    def _secrets(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        for secret in value or ():
+            text = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
+            if not text.startswith("whsec_"):
+                raise ValueError("each secret must be a Stripe webhook signing secret (whsec_...)")
+        return value
+
+    @field_validator("stripe_plan_credits", mode="before")
+    @classmethod
+    def _plan_credits(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as error:
+                raise ValueError(f'must be a JSON object such as {{"price_123": 10}}: {error}') from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v > 0 for k, v in value.items()):
+            raise ValueError('must map Stripe price ids to positive whole credits, e.g. {"price_123": 10}')
+        return value
+
+    @field_validator("dunning_retry_days", mode="before")
+    @classmethod
+    def _retry_days(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = tuple(int(part) for part in value.split(","))
+            except ValueError:
+                raise ValueError("must be whole days separated by commas, e.g. 1,3,7,14") from None
+        RetrySchedule(tuple(value))  # raises ValueError naming what is wrong
+        return value
+
+    @field_validator("stripe_api_base", "stripe_billing_portal_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return url
+
     @model_validator(mode="after")
     def _coherent(self) -> "Settings":
         if not self.allow_unlimited_rollover and self.rollover_cap is None:
@@ -95,6 +163,13 @@ class Settings(BaseSettings):
     @property
     def event_window(self) -> EventWindow:
         return EventWindow(timedelta(seconds=self.event_max_future_seconds), timedelta(days=self.event_max_age_days))
+
+    @property
+    def dunning(self) -> DunningRules:
+        return DunningRules(
+            RetrySchedule(self.dunning_retry_days),
+            RetryNowLimit(self.payment_retry_now_limit, timedelta(minutes=self.payment_retry_now_window_minutes)),
+        )
 
     @property
     def policy(self) -> CreditPolicy:

@@ -79,8 +79,62 @@ class CreditsAdjusted(Event):
         return credits
 
 
+OptionalText = Annotated[str, Field(max_length=2000, pattern=_NO_NUL)] | None
+HttpsUrl = Annotated[str, Field(max_length=2000, pattern=r"^https://[^\x00\s]+$")] | None
+
+
+class PaymentFailed(Event):
+    """A charge for an invoice failed. Opens (or updates) the invoice's dunning case."""
+
+    type: Literal["payment.failed"] = "payment.failed"
+    invoice_id: ExternalId
+    decline_code: Annotated[str, Field(max_length=100, pattern=_NO_NUL)] | None = None
+    failure_message: OptionalText = None
+    #: Where the customer can pay the invoice themselves (Stripe's hosted invoice page).
+    hosted_invoice_url: HttpsUrl = None
+    subscription_id: ExternalId | None = None
+
+
+class PaymentActionRequired(Event):
+    """The bank wants the customer to authenticate the invoice's payment: not a retryable failure."""
+
+    type: Literal["payment.action_required"] = "payment.action_required"
+    invoice_id: ExternalId
+    hosted_invoice_url: HttpsUrl = None
+    subscription_id: ExternalId | None = None
+
+
+class PaymentMethodUpdated(Event):
+    """The customer has a new default payment method: unpaid invoices are charged at once."""
+
+    type: Literal["payment_method.updated"] = "payment_method.updated"
+    payment_method_id: ExternalId | None = None
+
+
+class PaymentReversed(Event):
+    """A payment was refunded or disputed: take back the credits it issued.
+
+    ``total_credits_reversed`` is cumulative over the payment's reversals (a second partial
+    refund states the new total), so a replayed or reordered report never takes twice.
+    """
+
+    type: Literal["payment.reversed"] = "payment.reversed"
+    payment_id: ExternalId
+    reason: Literal["refund", "dispute"]
+    total_credits_reversed: PositiveCredits
+
+
 AnyEvent = Annotated[
-    Union[JobCompleted, JobCancelled, PaymentSucceeded, CreditsAdjusted],
+    Union[
+        JobCompleted,
+        JobCancelled,
+        PaymentSucceeded,
+        CreditsAdjusted,
+        PaymentFailed,
+        PaymentActionRequired,
+        PaymentMethodUpdated,
+        PaymentReversed,
+    ],
     Field(discriminator="type"),
 ]
 
@@ -94,5 +148,14 @@ def parse_event(raw: str | bytes) -> Event:
 
 EVENT_TYPES: dict[str, type[Event]] = {
     model.model_fields["type"].default: model
-    for model in (JobCompleted, JobCancelled, PaymentSucceeded, CreditsAdjusted)
+    for model in (
+        JobCompleted,
+        JobCancelled,
+        PaymentSucceeded,
+        CreditsAdjusted,
+        PaymentFailed,
+        PaymentActionRequired,
+        PaymentMethodUpdated,
+        PaymentReversed,
+    )
 }

@@ -8,3 +8,7 @@ EVENTS_QUEUE = "credit_events"
 APPLY_EVENT_ACTOR = "apply_event"
 #: The single keyword argument of the message: the event as a JSON *string*.
 EVENT_KWARG = "event"
+
+#: Internal (not for producers): charge requested payment attempts at once.
+PAYMENTS_QUEUE = "credit_payments"
+CHARGE_ATTEMPTS_ACTOR = "charge_payment_attempts"

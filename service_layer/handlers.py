@@ -11,57 +11,162 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+import structlog
+
 from domain import Account, CreditPolicy, Hold
+from domain.dunning import AttemptKind, DunningCase, DunningRules
 from domain.model import CreditView
-from messages import CreditsAdjusted, Event, JobCancelled, JobCompleted, PaymentSucceeded
-from service_layer.errors import CustomerNotFound
+from messages import (
+    CreditsAdjusted,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    PaymentActionRequired,
+    PaymentFailed,
+    PaymentMethodUpdated,
+    PaymentReversed,
+    PaymentSucceeded,
+)
+from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.unit_of_work import UnitOfWork
 
 UnitOfWorkFactory = Callable[[], UnitOfWork]
+log = structlog.get_logger("credits.handlers")
 
 
 class Outcome(StrEnum):
     APPLIED = "applied"
+    #: This event id was applied before: nothing done.
     DUPLICATE = "duplicate"
+    #: A new event that changes nothing: a payment already issued, a failure reported after
+    #: the invoice was paid, a payment-method update with nothing owed. Recorded, not applied.
+    IGNORED = "ignored"
 
 
-def _job_completed(account: Account, event: JobCompleted, policy: CreditPolicy) -> None:
-    account.complete_job(event.job_id, event.credits, event.occurred_at, event.event_id)
+@dataclass
+class Context:
+    """What an event handler works with: the locked account, its unit of work, the rules."""
+
+    uow: UnitOfWork
+    account: Account
+    policy: CreditPolicy
+    dunning: DunningRules
 
 
-def _job_cancelled(account: Account, event: JobCancelled, policy: CreditPolicy) -> None:
-    account.release_hold(event.job_id, event.occurred_at, event.event_id)
+async def _job_completed(ctx: Context, event: JobCompleted) -> bool:
+    ctx.account.complete_job(event.job_id, event.credits, event.occurred_at, event.event_id)
+    return True
 
 
-def _payment_succeeded(account: Account, event: PaymentSucceeded, policy: CreditPolicy) -> None:
-    account.issue(event.credits, event.occurred_at, event.event_id, policy, note=f"payment {event.payment_id}")
+async def _job_cancelled(ctx: Context, event: JobCancelled) -> bool:
+    ctx.account.release_hold(event.job_id, event.occurred_at, event.event_id)
+    return True
 
 
-def _credits_adjusted(account: Account, event: CreditsAdjusted, policy: CreditPolicy) -> None:
-    account.adjust(event.credits, event.occurred_at, event.event_id, policy, note=f"{event.reason} (by {event.actor})")
+async def _payment_succeeded(ctx: Context, event: PaymentSucceeded) -> bool:
+    """Issue the payment's credits once, and end the dunning of its invoice."""
+    issued = ctx.account.payment_lot(event.payment_id) is None
+    if issued:
+        ctx.account.issue(event.credits, event.occurred_at, event.event_id, ctx.policy, note=f"payment {event.payment_id}", payment_id=event.payment_id)
+    case = await ctx.uow.dunning.get(event.payment_id)
+    recovered = case is not None and case.paid(event.occurred_at)
+    if recovered:
+        await ctx.uow.dunning.save(case)
+    return issued or recovered
 
 
-EVENT_HANDLERS: dict[type[Event], Callable[[Account, Event, CreditPolicy], None]] = {
+async def _credits_adjusted(ctx: Context, event: CreditsAdjusted) -> bool:
+    ctx.account.adjust(event.credits, event.occurred_at, event.event_id, ctx.policy, note=f"{event.reason} (by {event.actor})")
+    return True
+
+
+async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequired) -> bool:
+    """Open the invoice's dunning case at its first failure; later reports update it."""
+    if ctx.account.payment_lot(event.invoice_id) is not None:
+        return False  # already paid: a late failure report never reopens it
+    case = await ctx.uow.dunning.get(event.invoice_id)
+    is_new = case is None
+    if is_new:
+        case = DunningCase.open(event.customer_id, event.invoice_id, event.occurred_at, ctx.dunning.schedule)
+    case.hosted_invoice_url = event.hosted_invoice_url or case.hosted_invoice_url
+    case.subscription_id = event.subscription_id or case.subscription_id
+    if isinstance(event, PaymentActionRequired):
+        case.action_required(event.occurred_at)
+    else:
+        case.payment_failed(event.occurred_at, event.decline_code, event.failure_message, ctx.dunning.schedule)
+    await (ctx.uow.dunning.add(case) if is_new else ctx.uow.dunning.save(case))
+    return True
+
+
+async def _payment_method_updated(ctx: Context, event: PaymentMethodUpdated) -> bool:
+    """Charge every unpaid invoice at once with the new method (without using up a scheduled retry)."""
+    try:
+        requested = await request_immediate_charges(ctx.uow, event.customer_id, AttemptKind.PAYMENT_METHOD, event.occurred_at, ctx.dunning)
+    except (NothingOwed, RetryLimited) as reason:
+        log.info("payment_method_update_charges_nothing", reason=str(reason))
+        return False
+    return bool(requested)
+
+
+async def _payment_reversed(ctx: Context, event: PaymentReversed) -> bool:
+    note = f"payment {event.payment_id} {'refunded' if event.reason == 'refund' else 'disputed'}"
+    entry = ctx.account.reverse_payment(event.payment_id, event.total_credits_reversed, event.occurred_at, event.event_id, note)
+    return entry is not None
+
+
+EVENT_HANDLERS: dict[type[Event], Callable[[Context, Event], Awaitable[bool]]] = {
     JobCompleted: _job_completed,
     JobCancelled: _job_cancelled,
     PaymentSucceeded: _payment_succeeded,
     CreditsAdjusted: _credits_adjusted,
+    PaymentFailed: _payment_failed,
+    PaymentActionRequired: _payment_failed,
+    PaymentMethodUpdated: _payment_method_updated,
+    PaymentReversed: _payment_reversed,
 }
 
 
-async def apply_event(event: Event, uow: UnitOfWork, policy: CreditPolicy) -> Outcome:
+def _payment_ids(event: Event) -> tuple[str, ...]:
+    """Payments whose lots the handler decides on (loaded even when spent)."""
+    if isinstance(event, (PaymentSucceeded, PaymentReversed)):
+        return (event.payment_id,)
+    if isinstance(event, (PaymentFailed, PaymentActionRequired)):
+        return (event.invoice_id,)
+    return ()
+
+
+async def apply_event(event: Event, uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules()) -> Outcome:
     """Apply one event exactly once. Raises EventConflict or a DomainError to refuse it."""
-    handler = EVENT_HANDLERS[type(event)]
-    job_ids = (event.job_id,) if isinstance(event, JobCompleted) else ()
     async with uow:
-        account = await uow.accounts.lock(event.customer_id, create=True, job_ids=job_ids)
-        assert account is not None
-        if not await uow.events.claim(event):
-            return Outcome.DUPLICATE
-        handler(account, event, policy)
-        await uow.accounts.save(account)
+        outcome = await apply_event_in(uow, event, policy, dunning)
         await uow.commit()
-    return Outcome.APPLIED
+    return outcome
+
+
+async def apply_event_in(uow: UnitOfWork, event: Event, policy: CreditPolicy, dunning: DunningRules) -> Outcome:
+    """Apply one event inside an open unit of work (the caller commits): effect and idempotency record together."""
+    job_ids = (event.job_id,) if isinstance(event, JobCompleted) else ()
+    account = await uow.accounts.lock(event.customer_id, create=True, job_ids=job_ids, payment_ids=_payment_ids(event))
+    assert account is not None
+    if not await uow.events.claim(event):
+        return Outcome.DUPLICATE
+    changed = await EVENT_HANDLERS[type(event)](Context(uow, account, policy, dunning), event)
+    await uow.accounts.save(account)
+    return Outcome.APPLIED if changed else Outcome.IGNORED
+
+
+async def request_immediate_charges(uow: UnitOfWork, customer_id: str, kind: AttemptKind, now: datetime, rules: DunningRules) -> list[int]:
+    """Ask for an immediate charge of each unpaid invoice of the customer (caller holds the account lock).
+
+    Raises NothingOwed, or RetryLimited when the customer has charged at once too often lately.
+    """
+    cases = [case for case in await uow.dunning.cases_of(customer_id, for_update=True) if case.owes]
+    if not cases:
+        raise NothingOwed(customer_id)
+    wait = rules.retry_now.retry_after(await uow.dunning.immediate_attempt_times(customer_id, now - rules.retry_now.window), now)
+    if wait is not None:
+        raise RetryLimited(customer_id, wait)
+    return [attempt_id for case in cases if (attempt_id := await uow.dunning.add_attempt(case, kind, now)) is not None]
 
 
 async def place_hold(

@@ -7,12 +7,15 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db import Database
+from infra.db.payments import SqlDunningRepository, SqlStripeRepository
 from infra.db.repository import SqlAccountRepository, SqlEventLog
 
 
 class UnitOfWork(Protocol):
     accounts: SqlAccountRepository
     events: SqlEventLog
+    dunning: SqlDunningRepository
+    stripe: SqlStripeRepository
 
     async def __aenter__(self) -> "UnitOfWork": ...
     async def __aexit__(self, *exc: object) -> None: ...
@@ -44,6 +47,8 @@ class SqlUnitOfWork:
             raise
         self.accounts = SqlAccountRepository(self._connection)
         self.events = SqlEventLog(self._connection)
+        self.dunning = SqlDunningRepository(self._connection)
+        self.stripe = SqlStripeRepository(self._connection)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

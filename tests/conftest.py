@@ -23,7 +23,10 @@ from tests.support import WorkerProcesses, start_worker_processes
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-LEDGER_TABLES = "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters"
+LEDGER_TABLES = (
+    "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, "
+    "stripe_customers, stripe_events, stripe_payments, dunning_cases, payment_attempts"
+)
 
 
 async def _admin(sql: str) -> None:

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from domain import DomainError
 from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from messages import parse_event
-from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
-from service_layer import handlers
+from infra.broker import enqueue_charges
+from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
+from service_layer import handlers, payments
 from service_layer.errors import EventConflict
 from workers.broker import broker
 from workers.runtime import get_runtime
@@ -66,13 +67,48 @@ async def apply_event(*args: object, **kwargs: object) -> None:
     if problem:
         log.error("event_rejected", reason="EventOutsideWindow", detail=problem)
         raise Rejected(problem)
+    uow = runtime.new_uow()
     try:
-        outcome = await handlers.apply_event(event, runtime.new_uow(), runtime.settings.policy)
+        outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning)
     except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
         detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
         log.error("event_rejected", reason=type(error).__name__, detail=detail)
         raise Rejected(detail) from None
     log.info("event_" + outcome.value)
+    enqueue_charges(broker, uow.dunning.new_attempt_ids)
+
+
+@dramatiq.actor(actor_name=CHARGE_ATTEMPTS_ACTOR, queue_name=PAYMENTS_QUEUE, **_retry_options())
+async def charge_payment_attempts(attempt_ids: list[int]) -> None:
+    """Charge requested payment attempts now ("retry now", a new payment method)."""
+    if not isinstance(attempt_ids, list) or not all(type(i) is int for i in attempt_ids):
+        raise Rejected(f"attempt_ids must be a list of integers, got {attempt_ids!r}")
+    runtime = get_runtime()
+    if runtime.provider is None:
+        log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
+        return
+    result = await payments.charge_pending(
+        runtime.new_uow, runtime.provider, runtime.clock.now, runtime.settings.policy, runtime.settings.dunning, attempt_ids=attempt_ids
+    )
+    log.info("payment_attempts_charged", attempt_ids=attempt_ids, charged=result.charged, postponed=result.postponed)
+
+
+@dramatiq.actor(queue_name=PAYMENTS_QUEUE, **_retry_options())
+async def collect_payments(as_of: str | None = None) -> None:
+    """Periodic: request due scheduled retries, charge every pending attempt, apply the end action."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    settings = runtime.settings
+    if runtime.provider is None:
+        log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
+        return
+    scheduled = await payments.schedule_due_retries(runtime.new_uow, now)
+    clock = (lambda: now) if as_of is not None else runtime.clock.now
+    result = await payments.charge_pending(runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning)
+    cancelled = 0
+    if settings.dunning_end_action == "cancel_subscription":
+        cancelled = await payments.cancel_past_due_subscriptions(runtime.new_uow, runtime.provider, clock)
+    log.info("payments_collected", as_of=now.isoformat(), scheduled=scheduled, charged=result.charged, postponed=result.postponed, subscriptions_cancelled=cancelled)
 
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
@@ -98,6 +134,7 @@ async def _sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:
 
 
 def _sweep_time(as_of: str | None) -> datetime:
+    """The moment a periodic job runs as of: now, or an earlier ``as_of`` (catching up; the tests' movable clock)."""
     now = get_runtime().clock.now()
     if as_of is None:
         return now
@@ -113,6 +150,6 @@ def _sweep_time(as_of: str | None) -> datetime:
     return moment
 
 
-PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds)}
+PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds, collect_payments)}
 
-__all__ = ["PERIODIC_ACTORS", "Rejected", "apply_event", "broker", "expire_credits", "lapse_holds"]
+__all__ = ["PERIODIC_ACTORS", "Rejected", "apply_event", "broker", "charge_payment_attempts", "collect_payments", "expire_credits", "lapse_holds"]

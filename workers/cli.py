@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds")
+PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds", "collect_payments")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,22 @@ class Runtime:
     settings: Settings
     clock: Clock = field(default_factory=SystemClock)
     _db: Database | None = None
+    _provider: object | None = None
 
     @property
     def db(self) -> Database:
         if self._db is None:
             self._db = Database(self.settings.effective_database_url, pool_size=self.settings.db_pool_size)
         return self._db
+
+    @property
+    def provider(self):
+        """The payment provider (Stripe), or None when STRIPE_API_KEY is not set."""
+        if self._provider is None and self.settings.stripe_api_key is not None:
+            from infra.stripe.client import StripeProvider
+
+            self._provider = StripeProvider(self.settings)
+        return self._provider
 
     def new_uow(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.db)

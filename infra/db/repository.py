@@ -34,17 +34,17 @@ class SqlAccountRepository:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
 
-    async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = ()) -> Account | None:
+    async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = (), payment_ids: Iterable[str] = ()) -> Account | None:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
         if not create:
-            return await self._load(customer_id, for_update=True, job_ids=job_ids)
+            return await self._load(customer_id, for_update=True, job_ids=job_ids, payment_ids=payment_ids)
         # Create-or-lock in one statement: ON CONFLICT DO UPDATE locks the existing row.
         upsert = upsert_into(self.connection, customers).values(customer_id=customer_id)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
         ).returning(customers.c.overdraft, customers.c.credits_depleted_at)
         row = (await self.connection.execute(upsert)).one()
-        return await self._load(customer_id, for_update=False, job_ids=job_ids, customer_row=row)
+        return await self._load(customer_id, for_update=False, job_ids=job_ids, payment_ids=payment_ids, customer_row=row)
 
     async def get(self, customer_id: str) -> Account | None:
         """Load an account for reading, without a lock."""
@@ -76,7 +76,9 @@ class SqlAccountRepository:
         query = query.order_by(table.c.expires_at).limit(limit)
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
-    async def _load(self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], customer_row=None) -> Account | None:
+    async def _load(
+        self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = (), customer_row=None
+    ) -> Account | None:
         if customer_row is None:
             query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
             if for_update:
@@ -116,7 +118,7 @@ class SqlAccountRepository:
             .order_by(credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)
         )
         for r in lot_rows:
-            lots_of[r.customer_id].append(Lot(r.amount, r.remaining, r.issued_at, r.expires_at, LotSource(r.source), r.event_id, id=r.id))
+            lots_of[r.customer_id].append(_lot(r))
         holds_of: dict[str, dict[str, Hold]] = {customer_id: {} for customer_id in customer_ids}
         for r in await self.connection.execute(select(holds).where(holds.c.customer_id.in_(customer_ids), HOLD_IS_ACTIVE)):
             holds_of[r.customer_id][r.job_id] = Hold(r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id)
@@ -152,12 +154,16 @@ class SqlAccountRepository:
                 "remaining": lot.remaining,
                 "issued_at": lot.issued_at,
                 "expires_at": lot.expires_at,
+                "payment_id": lot.payment_id,
+                "reversed": lot.reversed,
             },
         )
         if stored_lots:
             await conn.execute(
-                update(credit_lots).where(credit_lots.c.id == bindparam("lot_id")).values(remaining=bindparam("new_remaining")),
-                [{"lot_id": lot.id, "new_remaining": lot.remaining} for lot in stored_lots],
+                update(credit_lots)
+                .where(credit_lots.c.id == bindparam("lot_id"))
+                .values(remaining=bindparam("new_remaining"), reversed=bindparam("new_reversed")),
+                [{"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed} for lot in stored_lots],
             )
 
         changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
@@ -244,6 +250,10 @@ class SqlAccountRepository:
         """Insert ``rows`` in one statement; their new ids, in the rows' order."""
         result = await self.connection.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
         return list(result.scalars())
+
+
+def _lot(row) -> Lot:
+    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, reversed=row.reversed)
 
 
 def _unique(items: list) -> list:

@@ -86,6 +86,8 @@ credit_lots = Table(
     Column("remaining", Integer, nullable=False),
     Column("issued_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
+    Column("payment_id", String(255), nullable=True),
+    Column("reversed", Integer, nullable=False, server_default="0"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
     CheckConstraint("remaining <= amount", name="remaining_within_amount"),
@@ -98,6 +100,9 @@ Index("ix_credit_lots_open", credit_lots.c.customer_id, credit_lots.c.expires_at
 Index("ix_credit_lots_due", credit_lots.c.expires_at, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
 # Every lot of a customer (history, reconciliation).
 Index("ix_credit_lots_customer", credit_lots.c.customer_id)
+# A payment issues credits once, whatever the event ids say.
+LOT_HAS_PAYMENT = credit_lots.c.payment_id.is_not(None)
+Index("uq_credit_lots_payment", credit_lots.c.customer_id, credit_lots.c.payment_id, unique=True, postgresql_where=LOT_HAS_PAYMENT, sqlite_where=LOT_HAS_PAYMENT)
 
 ledger_entries = Table(
     "ledger_entries",
@@ -116,7 +121,7 @@ ledger_entries = Table(
     Column("note", Text, nullable=True),
     Column("recorded_at", UtcDateTime, nullable=False, server_default=func.now()),
     CheckConstraint(
-        "kind IN ('issued', 'debited', 'captured', 'expired', 'adjusted', 'held', 'released', 'lapsed')",
+        "kind IN ('issued', 'debited', 'captured', 'expired', 'adjusted', 'held', 'released', 'lapsed', 'reversed')",
         name="known_kind",
     ),
     Index("ix_ledger_entries_customer", "customer_id", "id"),
@@ -178,3 +183,105 @@ dead_letters = Table(
     Column("replayed_at", UtcDateTime, nullable=True),
     Index("ix_dead_letters_message", "message_id"),
 )
+
+
+# ---------------------------------------------------------------- payments (Stripe, dunning)
+
+stripe_customers = Table(
+    "stripe_customers",
+    metadata,
+    Column("stripe_customer_id", String(255), primary_key=True),
+    Column("customer_id", String(255), nullable=False, unique=True),
+    Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
+)
+
+stripe_events = Table(
+    "stripe_events",
+    metadata,
+    # Stripe's event id: a redelivered event is recognised here and does nothing.
+    Column("event_id", String(255), primary_key=True),
+    Column("type", String(255), nullable=False),
+    Column("stripe_created_at", UtcDateTime, nullable=False),
+    Column("stripe_customer_id", String(255), nullable=True),
+    Column("payload", JSON, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    # relayed: domain events published; ignored: nothing for us; parked: waits for review.
+    Column("outcome", String(16), nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("resolved_at", UtcDateTime, nullable=True),
+    CheckConstraint("outcome IN ('relayed', 'ignored', 'parked')", name="known_outcome"),
+)
+STRIPE_EVENT_IS_PARKED = stripe_events.c.outcome == _sql_literal("parked")
+Index("ix_stripe_events_parked", stripe_events.c.stripe_customer_id, stripe_events.c.received_at, postgresql_where=STRIPE_EVENT_IS_PARKED, sqlite_where=STRIPE_EVENT_IS_PARKED)
+
+# Paid invoices and the charges that paid them: a refund or dispute names a charge or a
+# payment intent, and is traced back to the invoice (our payment id) through this table.
+stripe_payments = Table(
+    "stripe_payments",
+    metadata,
+    Column("invoice_id", String(255), primary_key=True),
+    # Unknown until the invoice.paid event (newer API versions send invoice_payment.paid too).
+    Column("customer_id", String(255), nullable=True),
+    Column("payment_intent_id", String(255), nullable=True, index=True),
+    Column("charge_id", String(255), nullable=True, index=True),
+    Column("amount_paid", BigInteger, nullable=True),
+    Column("currency", String(3), nullable=True),
+    Column("credits", Integer, nullable=True),
+    Column("paid_at", UtcDateTime, nullable=True),
+)
+
+dunning_cases = Table(
+    "dunning_cases",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("customer_id", String(255), nullable=False),
+    Column("invoice_id", String(255), nullable=False, unique=True),
+    Column("status", String(32), nullable=False),
+    Column("first_failed_at", UtcDateTime, nullable=False),
+    Column("attempts_made", Integer, nullable=False, server_default="0"),
+    Column("next_retry_at", UtcDateTime, nullable=True),
+    Column("last_failure_at", UtcDateTime, nullable=True),
+    Column("last_decline_code", String(100), nullable=True),
+    Column("last_failure_message", Text, nullable=True),
+    Column("hosted_invoice_url", Text, nullable=True),
+    Column("subscription_id", String(255), nullable=True),
+    Column("closed_at", UtcDateTime, nullable=True),
+    Column("subscription_cancelled_at", UtcDateTime, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "status IN ('retrying', 'action_required', 'needs_payment_method', 'past_due', 'recovered', 'closed')",
+        name="known_status",
+    ),
+    CheckConstraint("attempts_made >= 0", name="attempts_not_negative"),
+    Index("ix_dunning_cases_customer", "customer_id", "first_failed_at"),
+)
+CASE_IS_RETRYING = dunning_cases.c.status == _sql_literal("retrying")
+Index("ix_dunning_cases_due", dunning_cases.c.next_retry_at, postgresql_where=CASE_IS_RETRYING, sqlite_where=CASE_IS_RETRYING)
+
+payment_attempts = Table(
+    "payment_attempts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("case_id", Id, ForeignKey("dunning_cases.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    # The scheduled attempt's number (1..n); None for immediate ones.
+    Column("number", Integer, nullable=True),
+    # Sent to the provider with the charge: a repeated call after a crash is the same charge.
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("requested_at", UtcDateTime, nullable=False),
+    # While a worker is charging, no other one takes the attempt; a crash frees it at this time.
+    Column("leased_until", UtcDateTime, nullable=True),
+    Column("provider_errors", Integer, nullable=False, server_default="0"),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("outcome", String(16), nullable=True),
+    Column("decline_code", String(100), nullable=True),
+    Column("failure_message", Text, nullable=True),
+    CheckConstraint("kind IN ('scheduled', 'customer', 'payment_method')", name="known_kind"),
+    CheckConstraint("outcome IS NULL OR outcome IN ('succeeded', 'declined', 'action_required', 'closed')", name="known_outcome"),
+    Index("ix_payment_attempts_case", "case_id", "requested_at"),
+)
+ATTEMPT_IS_PENDING = payment_attempts.c.finished_at.is_(None)
+Index("ix_payment_attempts_pending", payment_attempts.c.leased_until, postgresql_where=ATTEMPT_IS_PENDING, sqlite_where=ATTEMPT_IS_PENDING)
+# One scheduled attempt per number per case: two collectors cannot both make attempt 2.
+ATTEMPT_IS_SCHEDULED = payment_attempts.c.number.is_not(None)
+Index("uq_payment_attempts_number", payment_attempts.c.case_id, payment_attempts.c.number, unique=True, postgresql_where=ATTEMPT_IS_SCHEDULED, sqlite_where=ATTEMPT_IS_SCHEDULED)

@@ -243,10 +243,13 @@ class QueueingActor:
         return self.broker.enqueue(dramatiq.Message(queue_name=SWEEPS_QUEUE, actor_name=self.actor_name, args=(), kwargs={}, options={}))
 
 
-def queued_actors(redis_client) -> list[str]:
-    ids = [i.decode() for i in redis_client.lrange(f"dramatiq:{SWEEPS_QUEUE}", 0, -1)]
-    bodies = redis_client.hmget(f"dramatiq:{SWEEPS_QUEUE}.msgs", ids) if ids else []
-    return [json.loads(body)["actor_name"] for body in bodies]
+def queued_actors(redis_client, queues: tuple[str, ...] = (SWEEPS_QUEUE,)) -> list[str]:
+    names = []
+    for queue in queues:
+        ids = [i.decode() for i in redis_client.lrange(f"dramatiq:{queue}", 0, -1)]
+        bodies = redis_client.hmget(f"dramatiq:{queue}.msgs", ids) if ids else []
+        names += [json.loads(body)["actor_name"] for body in bodies]
+    return names
 
 
 async def test_two_schedulers_enqueue_each_tick_once(db, redis_client, redis_url, start_workers):
@@ -322,8 +325,8 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
         with log.open("wb") as output:
             processes.append(subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env=service_env, stdout=output, stderr=subprocess.STDOUT))
     try:
-        # Each scheduler fires both jobs once at start: four decisions in all.
-        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 4, timeout=60, message="both schedulers to fire both jobs")
+        # Each scheduler fires its three jobs once at start: six decisions in all.
+        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 6, timeout=60, message="both schedulers to fire every job")
     finally:
         for process in processes:
             process.terminate()
@@ -334,7 +337,7 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
                 process.kill()
                 process.wait(5)
     decisions = [record for log in logs for record in _scheduler_lines(log.read_text())]
-    assert sorted(r["job"] for r in decisions) == ["expire_credits"] * 2 + ["lapse_holds"] * 2
+    assert sorted(r["job"] for r in decisions) == ["collect_payments"] * 2 + ["expire_credits"] * 2 + ["lapse_holds"] * 2
     by_tick: dict[tuple[str, int], list[str]] = {}
     for record in decisions:
         by_tick.setdefault((record["job"], record["tick"]), []).append(record["event"])
@@ -343,4 +346,4 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
     for (job_name, tick), events in by_tick.items():
         assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (job_name, tick, events)
         assert redis_client.exists(f"{LOCK_PREFIX}:{job_name}:{tick}")
-    assert sorted(queued_actors(redis_client)) == sorted(job_name for job_name, _ in by_tick)
+    assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments"))) == sorted(job_name for job_name, _ in by_tick)

@@ -17,6 +17,10 @@ from messages.events import (
     Event,
     JobCancelled,
     JobCompleted,
+    PaymentActionRequired,
+    PaymentFailed,
+    PaymentMethodUpdated,
+    PaymentReversed,
     PaymentSucceeded,
     parse_event,
 )
@@ -36,15 +40,41 @@ VALID = {
         "currency": "EUR",
     },
     "credits.adjusted": {**BASE, "type": "credits.adjusted", "credits": -3, "reason": "refund", "actor": "ops@x"},
+    "payment.failed": {
+        **BASE,
+        "type": "payment.failed",
+        "invoice_id": "in_1",
+        "decline_code": "insufficient_funds",
+        "failure_message": "Your card has insufficient funds.",
+        "hosted_invoice_url": "https://invoice.stripe.com/i/in_1",
+        "subscription_id": "sub_1",
+    },
+    "payment.action_required": {**BASE, "type": "payment.action_required", "invoice_id": "in_1", "hosted_invoice_url": None, "subscription_id": None},
+    "payment_method.updated": {**BASE, "type": "payment_method.updated", "payment_method_id": "pm_1"},
+    "payment.reversed": {**BASE, "type": "payment.reversed", "payment_id": "in_1", "reason": "refund", "total_credits_reversed": 4},
 }
 MODELS = {
     "job.completed": JobCompleted,
     "job.cancelled": JobCancelled,
     "payment.succeeded": PaymentSucceeded,
     "credits.adjusted": CreditsAdjusted,
+    "payment.failed": PaymentFailed,
+    "payment.action_required": PaymentActionRequired,
+    "payment_method.updated": PaymentMethodUpdated,
+    "payment.reversed": PaymentReversed,
 }
 ALL_TYPES = sorted(VALID)
 WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted"]
+
+
+def test_payment_failed_refuses_a_link_that_is_not_https():
+    with pytest.raises(ValidationError):
+        parse_event(json.dumps({**VALID["payment.failed"], "hosted_invoice_url": "javascript:alert(1)"}))
+
+
+def test_payment_reversed_names_its_reason():
+    with pytest.raises(ValidationError):
+        parse_event(json.dumps({**VALID["payment.reversed"], "reason": "goodwill"}))
 
 
 def raw(payload: dict) -> str:

@@ -1,0 +1,1 @@
+"""The payment provider: Stripe's API (charging, cancelling) and its webhooks (verifying, reading)."""

@@ -1,0 +1,103 @@
+"""Reading Stripe objects. Stripe's shapes differ between API versions; each reader accepts
+the older (``invoice.subscription``, ``line.price`` object, ``charge.invoice``) and the newer
+(``parent.subscription_details``, ``line.pricing.price_details``) spelling."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from service_layer.payments import PaidInvoice
+
+Obj = Mapping[str, Any]
+
+
+def object_id(value: Any) -> str | None:
+    """An id field that may be expanded into its object."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def moment(epoch: Any) -> datetime | None:
+    return datetime.fromtimestamp(epoch, timezone.utc) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None:
+    """Credits an invoice buys: per line, the plan table's (else the price's ``credits`` metadata) × quantity.
+
+    None when no line carries credits we know of (the event is then parked for review).
+    """
+    lines = (invoice.get("lines") or {}).get("data") or []
+    total, known = 0, False
+    for line in lines:
+        per_unit = _credits_per_unit(line, plan_credits)
+        if per_unit is None:
+            continue
+        quantity = line.get("quantity")
+        quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+        total += per_unit * quantity
+        known = True
+    return total if known and total > 0 else None
+
+
+def _credits_per_unit(line: Obj, plan_credits: Mapping[str, int]) -> int | None:
+    price = line.get("price")
+    price_id = object_id(price) or object_id(((line.get("pricing") or {}).get("price_details") or {}).get("price"))
+    if price_id and price_id in plan_credits:
+        return plan_credits[price_id]
+    metadata = price.get("metadata") if isinstance(price, Mapping) else None
+    raw = (metadata or {}).get("credits")
+    if isinstance(raw, str) and raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return None
+
+
+def subscription_of(invoice: Obj) -> str | None:
+    return object_id(invoice.get("subscription")) or object_id(
+        ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription")
+    )
+
+
+def paid_invoice(invoice: Obj, customer_id: str, plan_credits: Mapping[str, int], fallback_time: datetime) -> PaidInvoice:
+    paid_at = moment((invoice.get("status_transitions") or {}).get("paid_at")) or fallback_time
+    currency = invoice.get("currency")
+    amount = invoice.get("amount_paid")
+    return PaidInvoice(
+        invoice_id=invoice["id"],
+        customer_id=customer_id,
+        paid_at=paid_at,
+        credits=invoice_credits(invoice, plan_credits),
+        amount_cents=amount if isinstance(amount, int) and amount >= 0 else None,
+        currency=currency.upper() if isinstance(currency, str) and len(currency) == 3 else None,
+    )
+
+
+def failure_of(invoice: Obj) -> tuple[str | None, str | None]:
+    """(decline code, message) of an invoice's failed payment, from whatever the payload carries.
+
+    Stripe names the payment intent and charge by id in invoice events, so the decline code
+    of Stripe's own first attempt is often unknown here; our first retry learns it.
+    """
+    intent = invoice.get("payment_intent")
+    errors = [intent.get("last_payment_error")] if isinstance(intent, Mapping) else []
+    errors += [invoice.get("last_payment_error"), invoice.get("last_finalization_error")]
+    for error in errors:
+        if isinstance(error, Mapping):
+            code, message = _text(error.get("decline_code")) or _text(error.get("code")), _text(error.get("message"))
+            if code or message:
+                return code, message
+    charge = invoice.get("charge")
+    if isinstance(charge, Mapping):
+        outcome = charge.get("outcome") if isinstance(charge.get("outcome"), Mapping) else {}
+        return _text(outcome.get("reason")) or _text(charge.get("failure_code")), _text(charge.get("failure_message"))
+    return None, None
+
+
+def _text(value: Any, limit: int = 2000) -> str | None:
+    return value[:limit] if isinstance(value, str) and value and "\x00" not in value else None
+
+
+def https_or_none(url: Any) -> str | None:
+    return url if isinstance(url, str) and url.startswith("https://") and len(url) <= 2000 else None

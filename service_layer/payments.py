@@ -1,0 +1,279 @@
+"""Collecting unpaid invoices: scheduled retries, immediate charges, the end of the schedule, the notice.
+
+A charge is requested as a ``payment_attempts`` row first, then charged by whichever worker
+leases it, with the attempt's own idempotency key: a crash between the provider's answer
+and our commit is retried with the same key, and the provider answers with the same charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from domain import CreditPolicy
+from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus
+from infra.db.payments import Attempt
+from messages import PaymentSucceeded
+from service_layer.errors import CustomerNotFound
+from service_layer.handlers import apply_event_in, request_immediate_charges
+from service_layer.unit_of_work import UnitOfWork
+
+log = structlog.get_logger("credits.payments")
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+#: A worker charging an attempt holds it this long; after a crash another worker takes it.
+ATTEMPT_LEASE = timedelta(minutes=5)
+#: After the provider failed (5xx, timeout), the same charge is tried again after this, doubling.
+PROVIDER_BACKOFF = timedelta(minutes=1)
+PROVIDER_BACKOFF_MAX = timedelta(hours=1)
+
+
+# ---------------------------------------------------------------- the provider port
+
+
+@dataclass(frozen=True)
+class PaidInvoice:
+    """What a successful charge tells the ledger: enough to issue the payment's credits."""
+
+    invoice_id: str
+    customer_id: str
+    paid_at: datetime
+    #: None when the invoice's prices carry no credits we know of (then nothing is issued
+    #: here, and the invoice.paid webhook is parked for review with the reason).
+    credits: int | None
+    amount_cents: int | None = None
+    currency: str | None = None
+
+
+@dataclass(frozen=True)
+class ChargeResult:
+    outcome: AttemptOutcome
+    decline_code: str | None = None
+    message: str | None = None
+    paid: PaidInvoice | None = None
+
+
+class ProviderUnavailable(Exception):
+    """The provider could not be reached or failed on its side: try the same charge again later."""
+
+
+class PaymentProvider(Protocol):
+    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str) -> ChargeResult: ...
+
+    async def cancel_subscription(self, subscription_id: str, idempotency_key: str) -> None: ...
+
+
+# ---------------------------------------------------------------- collecting
+
+
+@dataclass
+class CollectionResult:
+    scheduled: int = 0
+    charged: dict[str, int] = field(default_factory=dict)
+    postponed: int = 0
+    cancelled_subscriptions: int = 0
+
+
+async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit: int = 500) -> int:
+    """Request the next scheduled attempt of every case whose retry is due (once per attempt number)."""
+    async with new_uow() as uow:
+        due = await uow.dunning.lock_due(now, limit)
+        requested = [await uow.dunning.add_attempt(case, AttemptKind.SCHEDULED, now) for case in due]
+        await uow.commit()
+    return sum(1 for attempt_id in requested if attempt_id is not None)
+
+
+async def charge_pending(
+    new_uow: UnitOfWorkFactory,
+    provider: PaymentProvider,
+    now: Callable[[], datetime],
+    policy: CreditPolicy,
+    rules: DunningRules,
+    attempt_ids: list[int] | None = None,
+    limit: int = 100,
+) -> CollectionResult:
+    """Charge pending attempts (those given, or any), each once, and record what happened."""
+    result = CollectionResult()
+    async with new_uow() as uow:
+        attempts = await uow.dunning.claim_attempts(now(), ATTEMPT_LEASE, limit, attempt_ids)
+        await uow.commit()
+    for attempt in attempts:
+        outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules)
+        if outcome is None:
+            result.postponed += 1
+        else:
+            result.charged[outcome.value] = result.charged.get(outcome.value, 0) + 1
+    return result
+
+
+async def charge_attempt(
+    new_uow: UnitOfWorkFactory,
+    provider: PaymentProvider,
+    attempt: Attempt,
+    now: Callable[[], datetime],
+    policy: CreditPolicy,
+    rules: DunningRules,
+) -> AttemptOutcome | None:
+    """Charge one leased attempt. Returns its outcome, or None when the provider failed (postponed)."""
+    bound = log.bind(invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value)
+    async with new_uow() as uow:
+        case = await uow.dunning.get_by_id(attempt.case_id)
+        still_owed = case is not None and case.owes
+        if not still_owed:
+            # Paid or closed since the attempt was requested: nothing to charge.
+            await uow.dunning.finish_attempt(attempt.id, now(), AttemptOutcome.CLOSED, message="nothing owed any more")
+            await uow.commit()
+            bound.info("payment_attempt_skipped", reason="nothing owed")
+            return AttemptOutcome.CLOSED
+    try:
+        charge = await provider.pay_invoice(attempt.invoice_id, attempt.customer_id, attempt.idempotency_key)
+    except ProviderUnavailable as error:
+        wait = min(PROVIDER_BACKOFF * 2 ** attempt.provider_errors, PROVIDER_BACKOFF_MAX)
+        async with new_uow() as uow:
+            await uow.dunning.postpone_attempt(attempt.id, now() + wait, str(error))
+            await uow.commit()
+        bound.warning("payment_attempt_postponed", error=str(error), retry_in_s=int(wait.total_seconds()))
+        return None
+    await record_charge(new_uow, attempt, charge, now(), policy, rules)
+    bound.info("payment_attempt_done", outcome=charge.outcome.value, decline_code=charge.decline_code)
+    return charge.outcome
+
+
+async def record_charge(
+    new_uow: UnitOfWorkFactory, attempt: Attempt, charge: ChargeResult, at: datetime, policy: CreditPolicy, rules: DunningRules
+) -> None:
+    """Record an attempt's outcome on the attempt and its case; a payment issues its credits in the same transaction."""
+    async with new_uow() as uow:
+        # The account first, then the case: the order every writer takes them in.
+        await uow.accounts.lock(attempt.customer_id, create=True, payment_ids=(attempt.invoice_id,))
+        case = await uow.dunning.get_by_id(attempt.case_id)
+        if not await uow.dunning.finish_attempt(attempt.id, at, charge.outcome, charge.decline_code, charge.message):
+            return  # another worker recorded it (our lease ran out): the provider answered it the same, by key
+        if charge.outcome is AttemptOutcome.SUCCEEDED:
+            paid = charge.paid
+            if paid is not None and paid.credits:
+                event = PaymentSucceeded(
+                    event_id=f"charge:{attempt.idempotency_key}",
+                    occurred_at=paid.paid_at,
+                    customer_id=attempt.customer_id,
+                    payment_id=paid.invoice_id,
+                    credits=paid.credits,
+                    amount_cents=paid.amount_cents,
+                    currency=paid.currency,
+                )
+                await apply_event_in(uow, event, policy, rules)  # issues once, ends the case
+            else:
+                log.error("paid_invoice_without_credits", invoice_id=attempt.invoice_id, detail="no credits known for its prices; the invoice.paid webhook is parked for review")
+                case = await uow.dunning.get_by_id(attempt.case_id)
+                case.paid(at)
+                await uow.dunning.save(case)
+        elif charge.outcome is AttemptOutcome.CLOSED:
+            case.close(at, charge.message or "invoice closed at the provider")
+            await uow.dunning.save(case)
+        else:
+            case.attempt_failed(attempt.kind, charge.outcome, at, charge.decline_code, charge.message, rules.schedule)
+            await uow.dunning.save(case)
+        await uow.commit()
+
+
+async def cancel_past_due_subscriptions(new_uow: UnitOfWorkFactory, provider: PaymentProvider, now: Callable[[], datetime], limit: int = 100) -> int:
+    """End action ``cancel_subscription``: cancel the subscription of each case whose schedule ran out."""
+    cancelled = 0
+    async with new_uow() as uow:
+        cases = await uow.dunning.lock_to_cancel(limit)
+        # Holding the rows while calling the provider is fine: few cases, and others skip them.
+        for case in cases:
+            try:
+                await provider.cancel_subscription(case.subscription_id, f"dunning-cancel:{case.invoice_id}")
+            except ProviderUnavailable as error:
+                log.warning("subscription_cancel_postponed", invoice_id=case.invoice_id, error=str(error))
+                continue
+            case.subscription_cancelled(now())
+            await uow.dunning.save(case)
+            cancelled += 1
+            log.info("subscription_cancelled", invoice_id=case.invoice_id, subscription_id=case.subscription_id, customer_id=case.customer_id)
+        await uow.commit()
+    return cancelled
+
+
+async def request_retry_now(new_uow: UnitOfWorkFactory, customer_id: str, now: datetime, rules: DunningRules) -> list[int]:
+    """The customer's "retry now": request an immediate charge of each unpaid invoice.
+
+    Raises CustomerNotFound, NothingOwed or RetryLimited. Returns the attempts to charge.
+    """
+    async with new_uow() as uow:
+        if await uow.accounts.lock(customer_id, create=False) is None:
+            raise CustomerNotFound(customer_id)
+        attempt_ids = await request_immediate_charges(uow, customer_id, AttemptKind.CUSTOMER, now, rules)
+        await uow.commit()
+    return attempt_ids
+
+
+# ---------------------------------------------------------------- the customer's notice
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: str  # none | no_credits | payment_failed | action_required
+    message: str
+    next_retry_at: datetime | None = None
+    attempts_left: int | None = None
+    failure_reason: str | None = None
+    decline_code: str | None = None
+    #: Where the customer fixes it: the hosted invoice page, else the billing portal.
+    payment_url: str | None = None
+    can_retry: bool = False
+
+
+async def notice_for(uow: UnitOfWork, customer_id: str, now: datetime, rules: DunningRules, billing_portal_url: str | None) -> Notice:
+    """What the front end shows the customer on login; the most pressing matter wins."""
+    async with uow:
+        account = await uow.accounts.get(customer_id)
+        if account is None:
+            raise CustomerNotFound(customer_id)
+        cases = await uow.dunning.cases_of(customer_id)
+        view = account.view(now)
+    case = _most_pressing(cases)
+    if case is not None:
+        url = case.hosted_invoice_url or billing_portal_url
+        reason = case.last_failure_message or (f"declined ({case.last_decline_code})" if case.last_decline_code else None)
+        if case.status is DunningStatus.ACTION_REQUIRED:
+            return Notice(
+                "action_required",
+                "Your bank needs you to confirm your latest payment. Open the payment page to confirm it.",
+                failure_reason=reason,
+                decline_code=case.last_decline_code,
+                payment_url=url,
+                can_retry=False,
+            )
+        return Notice(
+            "payment_failed",
+            _failed_message(case, rules),
+            next_retry_at=case.next_retry_at,
+            attempts_left=case.attempts_left(rules.schedule),
+            failure_reason=reason,
+            decline_code=case.last_decline_code,
+            payment_url=url,
+            can_retry=True,
+        )
+    if not view.can_schedule:
+        return Notice("no_credits", "You have no credits left. Your credits come back with your next payment.", payment_url=billing_portal_url)
+    return Notice("none", "")
+
+
+def _most_pressing(cases: list[DunningCase]) -> DunningCase | None:
+    order = [DunningStatus.ACTION_REQUIRED, DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.PAST_DUE, DunningStatus.RETRYING]
+    open_cases = [case for case in cases if case.owes]
+    return min(open_cases, key=lambda case: order.index(case.status), default=None)
+
+
+def _failed_message(case: DunningCase, rules: DunningRules) -> str:
+    if case.status is DunningStatus.NEEDS_PAYMENT_METHOD:
+        return "Your card was declined and cannot be charged again. Please update your payment method."
+    if case.status is DunningStatus.PAST_DUE:
+        return "We could not collect your payment and your membership is past due. Please update your payment method or retry the payment."
+    return f"Your latest payment failed. We will retry it automatically on {case.next_retry_at:%B %-d}; you can also update your payment method or retry now."
