@@ -62,7 +62,10 @@ class ProviderUnavailable(Exception):
 
 
 class PaymentProvider(Protocol):
-    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str) -> ChargeResult: ...
+    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str, reconcile_first: bool = False) -> ChargeResult:
+        """Charge an open invoice. ``reconcile_first``: read the invoice's state before charging
+        (a previous try failed on the provider's side and may have paid it all the same)."""
+        ...
 
     async def cancel_subscription(self, subscription_id: str, idempotency_key: str) -> None: ...
 
@@ -130,7 +133,7 @@ async def charge_attempt(
             bound.info("payment_attempt_skipped", reason="nothing owed")
             return AttemptOutcome.CLOSED
     try:
-        charge = await provider.pay_invoice(attempt.invoice_id, attempt.customer_id, attempt.idempotency_key)
+        charge = await provider.pay_invoice(attempt.invoice_id, attempt.customer_id, charge_key(attempt), reconcile_first=attempt.provider_errors > 0)
     except ProviderUnavailable as error:
         wait = min(PROVIDER_BACKOFF * 2 ** attempt.provider_errors, PROVIDER_BACKOFF_MAX)
         async with new_uow() as uow:
@@ -141,6 +144,17 @@ async def charge_attempt(
     await record_charge(new_uow, attempt, charge, now(), policy, rules)
     bound.info("payment_attempt_done", outcome=charge.outcome.value, decline_code=charge.decline_code)
     return charge.outcome
+
+
+def charge_key(attempt: Attempt) -> str:
+    """The idempotency key of this try of the attempt.
+
+    A repeat after a crash uses the same key, so the provider answers with the same charge.
+    After the provider failed, a new key: Stripe replays a saved 500 for the same key for a
+    day. A second charge is impossible all the same — an invoice is paid once, and the retry
+    reads the invoice's state before charging it again.
+    """
+    return attempt.idempotency_key if attempt.provider_errors == 0 else f"{attempt.idempotency_key}:retry-{attempt.provider_errors}"
 
 
 async def record_charge(

@@ -34,7 +34,11 @@ class StripeProvider:
             http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
         )
 
-    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str) -> ChargeResult:
+    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str, reconcile_first: bool = False) -> ChargeResult:
+        if reconcile_first:
+            settled = await self._settled(invoice_id, customer_id)
+            if settled is not None:
+                return settled
         try:
             invoice = await self.client.v1.invoices.pay_async(invoice_id, options={"idempotency_key": idempotency_key})
         except stripe.CardError as error:
@@ -62,15 +66,18 @@ class StripeProvider:
     async def _settled_otherwise(self, invoice_id: str, customer_id: str, error: stripe.InvalidRequestError) -> ChargeResult:
         if error.code in _NEEDS_ACTION:
             return ChargeResult(AttemptOutcome.ACTION_REQUIRED, error.code, error.user_message or error._message)
+        settled = await self._settled(invoice_id, customer_id)
+        return settled or ChargeResult(AttemptOutcome.DECLINED, error.code, error.user_message or error._message)
+
+    async def _settled(self, invoice_id: str, customer_id: str) -> ChargeResult | None:
+        """The result an invoice's own state gives when it is paid, voided or gone; None while it is open."""
         try:
             invoice = (await self.client.v1.invoices.retrieve_async(invoice_id)).to_dict()
         except stripe.InvalidRequestError as missing:
             return ChargeResult(AttemptOutcome.CLOSED, missing.code, f"invoice cannot be read: {missing._message}")
         except _UNAVAILABLE as failure:
             raise ProviderUnavailable(f"{type(failure).__name__}: {failure._message or failure}") from None
-        if invoice.get("status") in ("paid", "void", "uncollectible"):
-            return self._result(invoice, customer_id)
-        return ChargeResult(AttemptOutcome.DECLINED, error.code, error.user_message or error._message)
+        return self._result(invoice, customer_id) if invoice.get("status") in ("paid", "void", "uncollectible") else None
 
     def _result(self, invoice: dict, customer_id: str) -> ChargeResult:
         status = invoice.get("status")
