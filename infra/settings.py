@@ -101,6 +101,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
+    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose and .env files spell "not set" as an empty value.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("stripe_webhook_secrets", mode="before")
     @classmethod
     def _secrets(cls, value: object) -> object:
