@@ -179,13 +179,20 @@ class DunningCase:
         self._stop(DunningStatus.ACTION_REQUIRED)
 
     def attempt_failed(self, kind: AttemptKind, outcome: AttemptOutcome, at: datetime, decline_code: str | None, message: str | None, schedule: RetrySchedule) -> None:
-        """One of our own charges was declined or needs authentication."""
+        """One of our own charges was declined or needs authentication.
+
+        Our own answer from the provider decides the state; only the failure *note* defers
+        to a newer report. A soft decline never resumes retrying over a newer report that
+        said retrying cannot help.
+        """
         if not self.owes:
             return
         if kind is AttemptKind.SCHEDULED:
             self.attempts_made += 1
+        latest = self._is_latest_failure(at)
         if outcome is AttemptOutcome.ACTION_REQUIRED:
-            self.action_required(at, message)
+            self._note_failure(at, "authentication_required", message or "the bank asks the customer to confirm this payment")
+            self._stop(DunningStatus.ACTION_REQUIRED)
             return
         self._note_failure(at, decline_code, message)
         if is_hard_decline(decline_code):
@@ -193,6 +200,8 @@ class DunningCase:
             return
         if self.status is DunningStatus.PAST_DUE:
             return  # a soft decline of a "retry now" after the schedule ran out changes nothing
+        if not latest and self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED):
+            return
         # Soft decline: carry on with what is left of the schedule (also after a new
         # payment method that was soft-declined), or give up when it is used up.
         next_at = schedule.retry_at(self.first_failed_at, self.attempts_made)

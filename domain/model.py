@@ -61,6 +61,8 @@ class Lot:
     payment_id: str | None = None
     #: Credits of this lot taken back because its payment was refunded or disputed.
     reversed: int = 0
+    #: Credits of this lot that expired unused (and that no reversal has written off yet).
+    expired: int = 0
 
     def sort_key(self) -> tuple:
         # Consumption order (expires_at, issued_at, id); unsaved lots are newer than saved ones.
@@ -282,7 +284,12 @@ class Account:
         movements: list[Movement] = []
         if lot.spendable_at(at):
             movements.append(Movement(lot, min(lot.remaining, credits)))
-        others, shortfall = self._oldest_first(credits - sum(m.credits for m in movements), at, skip=lot)
+        left = credits - sum(m.credits for m in movements)
+        written_off = min(lot.expired, left)
+        lot.expired -= written_off
+        if written_off:
+            note = f"{note}; {written_off} of its credits had expired unused"
+        others, shortfall = self._oldest_first(left - written_off, at, skip=lot)
         return self._take(EntryKind.REVERSED, at, event_id, movements + others, shortfall=shortfall, note=note)
 
     def place_hold(self, job_id: str, credits: int, at: datetime, event_id: str, policy: CreditPolicy) -> Hold:
@@ -351,6 +358,8 @@ class Account:
         before = self.book_balance
         for movement in movements:
             movement.lot.remaining -= movement.credits
+            if kind is EntryKind.EXPIRED:
+                movement.lot.expired += movement.credits
             self.changed_lots.append(movement.lot)
         self.overdraft += shortfall
         credits = sum(m.credits for m in movements) + shortfall

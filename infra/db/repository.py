@@ -156,14 +156,15 @@ class SqlAccountRepository:
                 "expires_at": lot.expires_at,
                 "payment_id": lot.payment_id,
                 "reversed": lot.reversed,
+                "expired": lot.expired,
             },
         )
         if stored_lots:
             await conn.execute(
                 update(credit_lots)
                 .where(credit_lots.c.id == bindparam("lot_id"))
-                .values(remaining=bindparam("new_remaining"), reversed=bindparam("new_reversed")),
-                [{"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed} for lot in stored_lots],
+                .values(remaining=bindparam("new_remaining"), reversed=bindparam("new_reversed"), expired=bindparam("new_expired")),
+                [{"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed, "new_expired": lot.expired} for lot in stored_lots],
             )
 
         changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
@@ -253,7 +254,7 @@ class SqlAccountRepository:
 
 
 def _lot(row) -> Lot:
-    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, reversed=row.reversed)
+    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, reversed=row.reversed, expired=row.expired)
 
 
 def _unique(items: list) -> list:

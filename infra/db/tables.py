@@ -88,6 +88,7 @@ credit_lots = Table(
     Column("expires_at", UtcDateTime, nullable=False),
     Column("payment_id", String(255), nullable=True),
     Column("reversed", Integer, nullable=False, server_default="0"),
+    Column("expired", Integer, nullable=False, server_default="0"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
     CheckConstraint("remaining <= amount", name="remaining_within_amount"),

@@ -105,6 +105,12 @@ def upgrade() -> None:
     op.create_index('uq_payment_attempts_number', 'payment_attempts', ['case_id', 'number'], unique=True, postgresql_where=sa.text('number IS NOT NULL'), sqlite_where=sa.text('number IS NOT NULL'))
     op.add_column('credit_lots', sa.Column('payment_id', sa.String(length=255), nullable=True))
     op.add_column('credit_lots', sa.Column('reversed', sa.Integer(), server_default='0', nullable=False))
+    op.add_column('credit_lots', sa.Column('expired', sa.Integer(), server_default='0', nullable=False))
+    # Lots that expired before this migration: what their expiry entries took from them.
+    op.execute(
+        "UPDATE credit_lots SET expired = COALESCE((SELECT SUM(m.credits) FROM lot_movements m"
+        " JOIN ledger_entries e ON e.id = m.entry_id WHERE m.lot_id = credit_lots.id AND e.kind = 'expired'), 0)"
+    )
     op.create_index('uq_credit_lots_payment', 'credit_lots', ['customer_id', 'payment_id'], unique=True, postgresql_where=sa.text('payment_id IS NOT NULL'), sqlite_where=sa.text('payment_id IS NOT NULL'))
     _entry_kinds(_KINDS + ", 'reversed'")
 
@@ -114,6 +120,7 @@ def downgrade() -> None:
     op.execute("DELETE FROM ledger_entries WHERE kind = 'reversed'")
     _entry_kinds(_KINDS)
     op.drop_index('uq_credit_lots_payment', table_name='credit_lots', postgresql_where=sa.text('payment_id IS NOT NULL'), sqlite_where=sa.text('payment_id IS NOT NULL'))
+    op.drop_column('credit_lots', 'expired')
     op.drop_column('credit_lots', 'reversed')
     op.drop_column('credit_lots', 'payment_id')
     op.drop_index('uq_payment_attempts_number', table_name='payment_attempts', postgresql_where=sa.text('number IS NOT NULL'), sqlite_where=sa.text('number IS NOT NULL'))
