@@ -99,7 +99,12 @@ async def translate(uow: UnitOfWork, event: StripeEvent, plan_credits: Mapping[s
     handler = _HANDLERS.get(event.type)
     if handler is None:
         return Translation(IGNORED, f"{event.type} is not used")
-    return await handler(uow, event, obj, plan_credits)
+    try:
+        return await handler(uow, event, obj, plan_credits)
+    except (KeyError, TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        # Signed, so from Stripe, yet not what we can read: keep it for review rather than
+        # answer 5xx and have Stripe redeliver the same thing for three days.
+        return Translation(PARKED, f"unreadable {event.type} object: {type(error).__name__}: {str(error)[:500]}")
 
 
 # ---------------------------------------------------------------- one function per Stripe event type

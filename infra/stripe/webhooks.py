@@ -25,7 +25,7 @@ class StripeEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str = Field(min_length=4, max_length=255, pattern=r"^evt_[A-Za-z0-9_]+$")
     type: str = Field(min_length=1, max_length=255, pattern=r"^[a-z_.]+$")
-    created: int = Field(gt=0)
+    created: int = Field(gt=0, lt=4_102_444_800)  # before 2100: a readable moment
     livemode: bool = False
     data: StripeEventData
 
