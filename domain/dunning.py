@@ -200,8 +200,8 @@ class DunningCase:
             return
         if self.status is DunningStatus.PAST_DUE:
             return  # a soft decline of a "retry now" after the schedule ran out changes nothing
-        if not latest and self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED):
-            return
+        if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and (kind is AttemptKind.SCHEDULED or not latest):
+            return  # only a charge the customer asked for, answered after it, resumes the schedule
         # Soft decline: carry on with what is left of the schedule (also after a new
         # payment method that was soft-declined), or give up when it is used up.
         next_at = schedule.retry_at(self.first_failed_at, self.attempts_made)

@@ -163,7 +163,9 @@ async def request_immediate_charges(uow: UnitOfWork, customer_id: str, kind: Att
     cases = [case for case in await uow.dunning.cases_of(customer_id, for_update=True) if case.owes]
     if not cases:
         raise NothingOwed(customer_id)
-    wait = rules.retry_now.retry_after(await uow.dunning.immediate_attempt_times(customer_id, now - rules.retry_now.window), now)
+    # One press charges every unpaid invoice: the limit counts presses, not invoices.
+    presses = sorted(set(await uow.dunning.immediate_attempt_times(customer_id, now - rules.retry_now.window)))
+    wait = rules.retry_now.retry_after(presses, now)
     if wait is not None:
         raise RetryLimited(customer_id, wait)
     return [attempt_id for case in cases if (attempt_id := await uow.dunning.add_attempt(case, kind, now)) is not None]

@@ -99,18 +99,38 @@ async def charge_pending(
     attempt_ids: list[int] | None = None,
     limit: int = 100,
 ) -> CollectionResult:
-    """Charge pending attempts (those given, or any), each once, and record what happened."""
+    """Charge pending attempts (those given, or any), each once, and record what happened.
+
+    Attempts are leased one at a time, so a slow provider never outlives a lease; one that
+    fails unexpectedly is postponed and the others are still charged.
+    """
     result = CollectionResult()
-    async with new_uow() as uow:
-        attempts = await uow.dunning.claim_attempts(now(), ATTEMPT_LEASE, limit, attempt_ids)
-        await uow.commit()
-    for attempt in attempts:
-        outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules)
+    for _ in range(limit):
+        async with new_uow() as uow:
+            attempts = await uow.dunning.claim_attempts(now(), ATTEMPT_LEASE, 1, attempt_ids)
+            await uow.commit()
+        if not attempts:
+            break
+        [attempt] = attempts
+        try:
+            outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules)
+        except Exception as error:
+            log.exception("payment_attempt_failed", attempt_id=attempt.id, invoice_id=attempt.invoice_id)
+            await _postpone(new_uow, attempt, now(), f"{type(error).__name__}: {error}")
+            outcome = None
         if outcome is None:
             result.postponed += 1
         else:
             result.charged[outcome.value] = result.charged.get(outcome.value, 0) + 1
     return result
+
+
+async def _postpone(new_uow: UnitOfWorkFactory, attempt: Attempt, at: datetime, reason: str) -> timedelta:
+    wait = min(PROVIDER_BACKOFF * 2 ** attempt.provider_errors, PROVIDER_BACKOFF_MAX)
+    async with new_uow() as uow:
+        await uow.dunning.postpone_attempt(attempt.id, at + wait, reason[:2000])
+        await uow.commit()
+    return wait
 
 
 async def charge_attempt(
@@ -125,25 +145,31 @@ async def charge_attempt(
     bound = log.bind(invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value)
     async with new_uow() as uow:
         case = await uow.dunning.get_by_id(attempt.case_id)
-        still_owed = case is not None and case.owes
-        if not still_owed:
-            # Paid or closed since the attempt was requested: nothing to charge.
-            await uow.dunning.finish_attempt(attempt.id, now(), AttemptOutcome.CLOSED, message="nothing owed any more")
+        skip = _reason_not_to_charge(case, attempt)
+        if skip is not None:
+            await uow.dunning.finish_attempt(attempt.id, now(), AttemptOutcome.CLOSED, message=skip)
             await uow.commit()
-            bound.info("payment_attempt_skipped", reason="nothing owed")
+            bound.info("payment_attempt_skipped", reason=skip)
             return AttemptOutcome.CLOSED
     try:
         charge = await provider.pay_invoice(attempt.invoice_id, attempt.customer_id, charge_key(attempt), reconcile_first=attempt.provider_errors > 0)
     except ProviderUnavailable as error:
-        wait = min(PROVIDER_BACKOFF * 2 ** attempt.provider_errors, PROVIDER_BACKOFF_MAX)
-        async with new_uow() as uow:
-            await uow.dunning.postpone_attempt(attempt.id, now() + wait, str(error))
-            await uow.commit()
+        wait = await _postpone(new_uow, attempt, now(), str(error))
         bound.warning("payment_attempt_postponed", error=str(error), retry_in_s=int(wait.total_seconds()))
         return None
     await record_charge(new_uow, attempt, charge, now(), policy, rules)
     bound.info("payment_attempt_done", outcome=charge.outcome.value, decline_code=charge.decline_code)
     return charge.outcome
+
+
+def _reason_not_to_charge(case: DunningCase | None, attempt: Attempt) -> str | None:
+    """Why a requested attempt must not be charged any more, if it must not."""
+    if case is None or not case.owes:
+        return "nothing owed any more"  # paid or closed since the attempt was requested
+    if attempt.kind is AttemptKind.SCHEDULED and case.status is not DunningStatus.RETRYING:
+        # A hard decline or a needed authentication came in meanwhile: no automatic retries.
+        return f"the schedule stopped: {case.status.value}"
+    return None
 
 
 def charge_key(attempt: Attempt) -> str:

@@ -157,7 +157,7 @@ async def _invoice_paid(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Ma
         paid_at=paid.paid_at,
     )
     if paid.credits is None:
-        return Translation(PARKED, "no credits known for the invoice's prices: add them to STRIPE_PLAN_CREDITS or give the price `credits` metadata, then relay the parked events")
+        return Translation(PARKED, "no credits known for the invoice's prices (or over 1,000,000): add them to STRIPE_PLAN_CREDITS or give the price `credits` metadata, then relay the parked events")
     return Translation(RELAYED, None, [PaymentSucceeded(
         **_envelope(event, customer_id, paid.paid_at),
         payment_id=paid.invoice_id,

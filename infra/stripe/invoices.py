@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from messages.events import MAX_CREDITS
 from service_layer.payments import PaidInvoice
 
 Obj = Mapping[str, Any]
@@ -27,7 +28,8 @@ def moment(epoch: Any) -> datetime | None:
 def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None:
     """Credits an invoice buys: per line, the plan table's (else the price's ``credits`` metadata) × quantity.
 
-    None when no line carries credits we know of (the event is then parked for review).
+    None when no line carries credits we know of, or the total is beyond what one payment
+    may issue (the event is then parked for review).
     """
     lines = (invoice.get("lines") or {}).get("data") or []
     total, known = 0, False
@@ -39,7 +41,8 @@ def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None
         quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
         total += per_unit * quantity
         known = True
-    return total if known and total > 0 else None
+    # Beyond what one event may issue is a misconfigured plan, not a purchase: parked for review.
+    return total if known and 0 < total <= MAX_CREDITS else None
 
 
 def _credits_per_unit(line: Obj, plan_credits: Mapping[str, int]) -> int | None:
