@@ -165,8 +165,15 @@ class DunningCase:
 
     def payment_failed(self, at: datetime, decline_code: str | None, message: str | None, schedule: RetrySchedule) -> None:
         """The provider reports a failed charge (its own, or the outcome of one of ours)."""
-        if not self.owes or not self._is_latest_failure(at):
+        if not self.owes:
             return  # paid or closed: a late failure report never reopens it
+        if at < self.first_failed_at:
+            # An earlier failure reported late: the schedule counts from the first one.
+            self.first_failed_at = at
+            if self.status is DunningStatus.RETRYING:
+                self.next_retry_at = schedule.retry_at(at, self.attempts_made)
+        if not self._is_latest_failure(at):
+            return
         self._note_failure(at, decline_code, message)
         if is_hard_decline(decline_code):
             self._stop(DunningStatus.NEEDS_PAYMENT_METHOD)

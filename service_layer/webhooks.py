@@ -204,12 +204,16 @@ async def _charge_refunded(uow: UnitOfWork, event: StripeEvent, obj: dict, plan:
     payment = await uow.stripe.payment_for(
         invoice_id=object_id(obj.get("invoice")), charge_id=object_id(obj.get("id")), payment_intent_id=object_id(obj.get("payment_intent"))
     )
-    return _reversal(event, payment, "refund", obj.get("amount_refunded"), obj.get("amount"))
+    if payment is not None:
+        payment = await uow.stripe.note_reversal(payment.invoice_id, refunded=obj.get("amount_refunded"))
+    return _reversal(event, payment, "refund", obj.get("amount"))
 
 
 async def _dispute_created(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
     payment = await uow.stripe.payment_for(charge_id=object_id(obj.get("charge")), payment_intent_id=object_id(obj.get("payment_intent")))
-    return _reversal(event, payment, "dispute", obj.get("amount"), None)
+    if payment is not None:
+        payment = await uow.stripe.note_reversal(payment.invoice_id, disputed=obj.get("amount"))
+    return _reversal(event, payment, "dispute", None)
 
 
 _HANDLERS = {
@@ -229,13 +233,15 @@ HANDLED_EVENT_TYPES = tuple(_HANDLERS)
 # ---------------------------------------------------------------- helpers
 
 
-def _reversal(event: StripeEvent, payment, reason: str, amount_reversed: Any, charge_amount: Any) -> Translation:
+def _reversal(event: StripeEvent, payment, reason: str, charge_amount: Any) -> Translation:
+    """Take back the credits for everything refunded and disputed so far (both count: a dispute
+    of what a partial refund left takes the rest)."""
     if payment is None or payment.customer_id is None:
         return Translation(PARKED, "no paid invoice known for this charge: relay the parked events once its invoice.paid has arrived")
     if not payment.credits:
         return Translation(IGNORED, f"invoice {payment.invoice_id} issued no credits")
     paid = payment.amount_paid or (charge_amount if isinstance(charge_amount, int) else None)
-    total = _proportion(payment.credits, amount_reversed, paid)
+    total = _proportion(payment.credits, (payment.amount_refunded or 0) + (payment.amount_disputed or 0), paid)
     if total == 0:
         return Translation(IGNORED, f"the {reason} amount takes back no whole credit")
     return Translation(RELAYED, None, [PaymentReversed(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningStatus
@@ -121,6 +121,8 @@ class SqlDunningRepository:
         if number is not None:
             key = f"dunning:{case.invoice_id}:{number}"
         else:
+            if await self._has_pending(case, kind):
+                return None  # one charge of this kind at a time (a card change sends two events)
             count = (await self.connection.execute(select(func.count()).where(payment_attempts.c.case_id == case.id))).scalar_one()
             key = f"dunning:{case.invoice_id}:{kind.value}:{count + 1}"
         statement = (
@@ -133,6 +135,10 @@ class SqlDunningRepository:
         if attempt_id is not None and kind is not AttemptKind.SCHEDULED:
             self.new_attempt_ids.append(attempt_id)
         return attempt_id
+
+    async def _has_pending(self, case: DunningCase, kind: AttemptKind) -> bool:
+        query = select(payment_attempts.c.id).where(payment_attempts.c.case_id == case.id, payment_attempts.c.kind == kind.value, ATTEMPT_IS_PENDING)
+        return (await self.connection.execute(query.limit(1))).first() is not None
 
     async def immediate_attempt_times(self, customer_id: str, since: datetime) -> list[datetime]:
         """When the customer's immediate (not scheduled) charges were requested since ``since``."""
@@ -256,6 +262,17 @@ class SqlStripeRepository:
         statement = upsert_into(self.connection, stripe_payments).values(invoice_id=invoice_id, **known)
         statement = statement.on_conflict_do_update(index_elements=[stripe_payments.c.invoice_id], set_=known) if known else statement.on_conflict_do_nothing()
         await self.connection.execute(statement)
+
+    async def note_reversal(self, invoice_id: str, *, refunded: int | None = None, disputed: int | None = None):
+        """Record the cumulative amount refunded or disputed (never lowered: reports come out of
+        order) and return the payment with both."""
+        values = {}
+        for column, amount in ((stripe_payments.c.amount_refunded, refunded), (stripe_payments.c.amount_disputed, disputed)):
+            if isinstance(amount, int) and amount > 0:
+                values[column.name] = case((func.coalesce(column, 0) < amount, amount), else_=column)
+        if values:
+            await self.connection.execute(update(stripe_payments).where(stripe_payments.c.invoice_id == invoice_id).values(**values))
+        return await self.payment_for(invoice_id=invoice_id)
 
     async def payment_for(self, *, invoice_id: str | None = None, charge_id: str | None = None, payment_intent_id: str | None = None):
         """The paid invoice a charge, payment intent or invoice id belongs to, if known."""

@@ -100,6 +100,15 @@ class SqlAccountRepository:
                     )
                 ).scalars()
             )
+        payment_ids = list(payment_ids)
+        if payment_ids:
+            # Spent payment lots too: whether a payment issued credits, and what, is decided on them.
+            rows = await self.connection.execute(
+                select(credit_lots).where(
+                    credit_lots.c.customer_id == customer_id, credit_lots.c.payment_id.in_(payment_ids), credit_lots.c.remaining == 0
+                )
+            )
+            account.lots += [_lot(row) for row in rows]
         return account
 
     async def _load_many(self, customer_ids: Sequence[str], customer_rows: dict | None = None) -> list[Account]:

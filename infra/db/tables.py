@@ -229,6 +229,9 @@ stripe_payments = Table(
     Column("currency", String(3), nullable=True),
     Column("credits", Integer, nullable=True),
     Column("paid_at", UtcDateTime, nullable=True),
+    # Cumulative amounts refunded and disputed, in the currency's minor unit.
+    Column("amount_refunded", BigInteger, nullable=True),
+    Column("amount_disputed", BigInteger, nullable=True),
 )
 
 dunning_cases = Table(

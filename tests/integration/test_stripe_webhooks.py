@@ -14,6 +14,8 @@ Event ``created`` times are near now: the workers refuse events outside their ev
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 import uuid
@@ -21,12 +23,11 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-import stripe
 from sqlalchemy import func, select
 
 from api.app import create_app
 from domain import CreditPolicy
-from infra.db.tables import credit_lots, customers, dunning_cases, ledger_entries, payment_attempts, processed_events, stripe_customers, stripe_events
+from infra.db.tables import credit_lots, customers, dead_letters, dunning_cases, ledger_entries, payment_attempts, processed_events, stripe_customers, stripe_events
 from infra.settings import load_settings
 from messages import JobCompleted
 from service_layer import handlers
@@ -58,6 +59,8 @@ def _env(pg_url: str, redis_url: str) -> dict[str, str]:
         STRIPE_PLAN_CREDITS=json.dumps(PLAN),
         EVENT_MIN_BACKOFF_MS="100",
         EVENT_MAX_BACKOFF_MS="1000",
+        # A message that keeps failing is dead-lettered within a second, not retried for minutes.
+        EVENT_MAX_RETRIES="3",
         LOG_LEVEL="INFO",
     )
 
@@ -175,14 +178,28 @@ async def wait_balance(db, customer_id: str, expected: int, message: str = "") -
     await eventually(reached, timeout=20, message=message or f"{customer_id}'s balance to be {expected}")
 
 
-async def wait_applied(db, stripe_event: dict) -> None:
-    """Until the worker has recorded the domain event the Stripe event became (applied or ignored)."""
+async def wait_applied(db, stripe_event: dict, timeout: float = 20) -> None:
+    """Until the worker has recorded the domain event the Stripe event became (applied or ignored).
+
+    Fails as soon as the event is dead-lettered instead, naming the error.
+    """
     event_id = f"stripe:{stripe_event['id']}"
 
-    async def done() -> bool:
+    async def processed() -> bool:
         return await scalar(db, select(func.count()).where(processed_events.c.event_id == event_id)) == 1
 
-    await eventually(done, timeout=20, message=f"{event_id} to be processed")
+    async def refused() -> list[str]:
+        return [r.error for r in await rows(db, select(dead_letters)) if event_id in r.message]
+
+    async def settled() -> bool:
+        return await processed() or bool(await refused())
+
+    await eventually(settled, timeout=timeout, message=f"{event_id} to be processed")
+    assert await processed(), f"{event_id} was never applied; dead-lettered with: {await refused()}"
+
+
+async def no_dead_letters(db) -> None:
+    assert [r.error for r in await rows(db, select(dead_letters))] == []
 
 
 async def stripe_event_rows(db) -> list:
@@ -260,6 +277,26 @@ async def test_a_price_without_known_credits_is_parked_not_dropped(db, client):
     _, _, other_invoice = ids()
     await relay(client, event("invoice.paid", paid(other_invoice, stripe_customer, price="price_meta", price_metadata={"credits": "7"}, legacy_shape=True)))
     await wait_balance(db, customer_id, 7)
+
+
+async def test_invoice_paid_again_after_the_credits_were_spent_is_ignored(db, client):
+    """BUG (same root cause): once the payment's lot is spent it is not loaded, so a second report
+    of the payment (another invoice.paid, or our own dunning charge's PaymentSucceeded) tries to
+    issue the credits again; the unique index on (customer_id, payment_id) refuses the insert and
+    the event is dead-lettered as an IntegrityError instead of being recorded as ignored."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
+    await wait_balance(db, customer_id, 10)
+    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
+
+    second = event("invoice.paid", paid(invoice_id, stripe_customer))
+    await relay(client, second)
+    await wait_applied(db, second)
+
+    assert await balance(db, customer_id) == 0
+    await no_dead_letters(db)
 
 
 # --------------------------------------------------------------------------- forgeries
@@ -340,8 +377,8 @@ async def test_a_header_carrying_a_signature_per_secret_is_accepted(db, client):
     await link(client, stripe_customer, customer_id)
     body = json.dumps(event("invoice.paid", paid(invoice_id, stripe_customer)))
     now = int(time.time())
-    unknown = stripe.WebhookSignature._compute_signature(f"{now}.{body}", "whsec_" + uuid.uuid4().hex)
-    genuine = stripe.WebhookSignature._compute_signature(f"{now}.{body}", OLD_SECRET)
+    unknown = hmac.new(("whsec_" + uuid.uuid4().hex).encode(), f"{now}.{body}".encode(), hashlib.sha256).hexdigest()
+    genuine = hmac.new(OLD_SECRET.encode(), f"{now}.{body}".encode(), hashlib.sha256).hexdigest()
     headers = {"Stripe-Signature": f"t={now},v1={unknown},v1={genuine}", "Content-Type": "application/json"}
     response = await client.post(WEBHOOK, content=body.encode(), headers=headers)
     assert response.status_code == 200, response.text
@@ -428,6 +465,25 @@ async def test_a_failure_reported_after_the_payment_never_opens_a_case(db, clien
     assert notice["kind"] == "none"
 
 
+async def test_a_late_failure_for_a_paid_invoice_whose_credits_are_spent_opens_no_case(db, client):
+    """BUG: the "already paid" check looks for the payment's lot among the open lots only; once the
+    credits are spent, a failure reported late opens a dunning case for an invoice that is paid,
+    and the customer is told their payment failed."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
+    await wait_balance(db, customer_id, 10)
+    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
+
+    late = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(60))
+    await relay(client, late)
+    await wait_applied(db, late)
+
+    assert await case_of(db, invoice_id) is None, "a dunning case was opened for a paid invoice"
+    assert (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()["kind"] != "payment_failed"
+
+
 async def test_an_older_failure_after_the_payment_never_reopens_the_case(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
@@ -465,6 +521,19 @@ async def test_an_older_failure_does_not_overwrite_the_newer_decline(db, client)
     assert (case.last_decline_code, case.last_failure_message, case.last_failure_at) == ("insufficient_funds", "newer", moment(newer["created"]))
     notice = (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()
     assert (notice["decline_code"], notice["failure_reason"]) == ("insufficient_funds", "newer")
+
+
+async def test_payment_action_required_asks_the_customer_to_confirm(db, client):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    await relay(client, event("invoice.payment_action_required", invoice(invoice_id, stripe_customer)))
+    case = await wait_case(db, invoice_id)
+
+    assert (case.status, case.next_retry_at, case.last_decline_code) == ("action_required", None, "authentication_required")
+    notice = (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()
+    assert notice["kind"] == "action_required"
+    # Retrying without the customer cannot succeed: only the hosted page is offered.
+    assert notice["actions"] == [{"type": "update_payment_method", "url": case.hosted_invoice_url, "method": None, "path": None}]
 
 
 # --------------------------------------------------------------------------- unknown Stripe customers
@@ -518,6 +587,22 @@ async def test_customer_created_with_our_id_links_and_relays_what_was_parked(db,
     assert (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json() == []
 
 
+async def test_customer_created_naming_an_already_linked_customer_is_parked(db, client):
+    customer_id, stripe_customer, _ = ids()
+    await link(client, stripe_customer, customer_id)
+    impostor = f"cus_{uuid.uuid4().hex[:12]}"
+    obj = {"id": impostor, "object": "customer", "metadata": {"customer_id": customer_id}}
+
+    body = await relay(client, event("customer.created", obj), outcome="parked")
+
+    assert body["detail"] == f"customer {customer_id!r} is already linked to another Stripe customer"
+    [entry] = (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json()
+    assert entry["stripe_customer_id"] == impostor
+    # Payments of the other Stripe customer are not credited to ours.
+    _, _, invoice_id = ids()
+    await relay(client, event("invoice.paid", paid(invoice_id, impostor)), outcome="parked")
+
+
 async def test_admin_relay_retranslates_every_parked_event(db, client):
     """POST /api/admin/stripe-events/parked/relay: what is still unknown stays parked."""
     customer_id, stripe_customer, invoice_id = ids()
@@ -551,22 +636,43 @@ async def test_refunds_take_back_credits_in_proportion_once(db, client, legacy_s
     await wait_balance(db, customer_id, 5, "half the payment's credits to be taken back")
 
     assert (await deliver(client, partial)).json()["outcome"] == "duplicate"
-    full = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent, invoice_id=on_invoice))
-    await relay(client, full)
-    await wait_balance(db, customer_id, 0, "the rest to be taken back")
-
-    # The partial refund reported again (a new event id, delivered late): nothing more is taken.
+    # The partial refund reported again (a new event id): the total stated is cumulative, nothing more is taken.
     replay = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent, invoice_id=on_invoice))
     await relay(client, replay)
     await wait_applied(db, replay)
+    assert await balance(db, customer_id) == 5
 
-    assert await balance(db, customer_id) == 0
+    full = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent, invoice_id=on_invoice))
+    await relay(client, full)
+    await wait_balance(db, customer_id, 0, "the rest to be taken back")
+    await wait_applied(db, full)
+
     [lot] = await rows(db, select(credit_lots).where(credit_lots.c.customer_id == customer_id))
     assert (lot.amount, lot.remaining, lot.reversed) == (10, 0, 10)
     reversals = await rows(db, select(ledger_entries).where(ledger_entries.c.customer_id == customer_id, ledger_entries.c.kind == "reversed").order_by(ledger_entries.c.id))
     assert [(e.credits, e.note) for e in reversals] == [(-5, f"payment {invoice_id} refunded")] * 2
     assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 0
+    await no_dead_letters(db)
     assert await reconciliation(db) == []
+
+
+async def test_a_late_refund_report_after_the_payment_was_fully_reversed_takes_nothing(db, client):
+    """BUG: a payment lot with nothing left (spent, reversed, expired) is not loaded, so a reversal
+    reported after the full refund raises PaymentNotApplied on every try and is dead-lettered,
+    instead of being recorded as "nothing left to take"."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
+    await wait_balance(db, customer_id, 10)
+    await relay(client, event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent)))
+    await wait_balance(db, customer_id, 0)
+
+    late = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent), created=ago(60))
+    await relay(client, late)
+    await wait_applied(db, late)
+
+    assert await balance(db, customer_id) == 0
+    await no_dead_letters(db)
 
 
 async def test_refunding_spent_credits_leaves_an_overdraft(db, client):
@@ -590,6 +696,55 @@ async def test_refunding_spent_credits_leaves_an_overdraft(db, client):
     await relay(client, event("invoice.paid", paid(next_invoice, stripe_customer, legacy_shape=True)))
     await wait_balance(db, customer_id, 2)
     assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 0
+    assert await reconciliation(db) == []
+
+
+async def test_disputing_a_payment_whose_credits_are_all_spent_leaves_an_overdraft(db, client):
+    """BUG: buy credits, spend them all, dispute the charge — the credits are never taken back.
+
+    The account repository loads open lots only and ignores the `payment_ids` it is given, so
+    the spent payment lot is invisible: PaymentReversed raises PaymentNotApplied until it is
+    dead-lettered, and no overdraft is ever recorded.
+    """
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
+    await wait_balance(db, customer_id, 10)
+    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
+
+    dispute = {"id": f"dp_{invoice_id}", "object": "dispute", "charge": charge_id, "payment_intent": intent, "amount": 4900, "currency": "usd", "reason": "fraudulent", "status": "needs_response"}
+    disputed = event("charge.dispute.created", dispute)
+    await relay(client, disputed)
+    await wait_applied(db, disputed)
+
+    assert await balance(db, customer_id) == -10
+    assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 10
+    await no_dead_letters(db)
+    assert await reconciliation(db) == []
+
+
+async def test_refunding_a_payment_whose_credits_expired_unused_writes_them_off(db, client):
+    """BUG (same root cause): LEDGER_RULES says credits that expired unused are written off by a
+    reversal. Once the expiry sweep has emptied the lot, it is not loaded any more, and the refund
+    raises PaymentNotApplied until it is dead-lettered."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    paid_at = ago(395 * 86400)  # expired a month ago; still inside the 400-day event window
+    body = paid(invoice_id, stripe_customer, created=paid_at, legacy_shape=True)
+    await relay(client, event("invoice.paid", body))
+    await wait_balance(db, customer_id, 10)
+    swept = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), datetime.now(timezone.utc), batch_size=100)
+    assert swept.entries >= 1
+    assert await balance(db, customer_id) == 0
+
+    refund = event("charge.refunded", charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"))
+    await relay(client, refund)
+    await wait_applied(db, refund)
+
+    assert await balance(db, customer_id) == 0
+    assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 0
+    await no_dead_letters(db)
     assert await reconciliation(db) == []
 
 

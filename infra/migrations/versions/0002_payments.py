@@ -77,6 +77,8 @@ def upgrade() -> None:
     sa.Column('currency', sa.String(length=3), nullable=True),
     sa.Column('credits', sa.Integer(), nullable=True),
     sa.Column('paid_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('amount_refunded', sa.BigInteger(), nullable=True),
+    sa.Column('amount_disputed', sa.BigInteger(), nullable=True),
     sa.PrimaryKeyConstraint('invoice_id', name=op.f('pk_stripe_payments'))
     )
     op.create_index(op.f('ix_stripe_payments_charge_id'), 'stripe_payments', ['charge_id'], unique=False)
