@@ -121,8 +121,8 @@ class SqlDunningRepository:
         if number is not None:
             key = f"dunning:{case.invoice_id}:{number}"
         else:
-            if await self._has_pending(case, kind):
-                return None  # one charge of this kind at a time (a card change sends two events)
+            if kind is AttemptKind.PAYMENT_METHOD and await self._has_pending(case, kind):
+                return None  # a card change sends two events (attached, customer.updated): one charge
             count = (await self.connection.execute(select(func.count()).where(payment_attempts.c.case_id == case.id))).scalar_one()
             key = f"dunning:{case.invoice_id}:{kind.value}:{count + 1}"
         statement = (
