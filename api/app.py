@@ -30,6 +30,20 @@ from service_layer.unit_of_work import SqlUnitOfWork
 log = structlog.get_logger("credits.api")
 
 NO_NUL = r"^[^\x00]*$"
+#: Stripe's events are a few kilobytes; an unauthenticated body is read no further than this.
+MAX_WEBHOOK_BYTES = 1_000_000
+
+
+async def _body_up_to(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
+    return bytes(body)
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 
 
@@ -73,6 +87,27 @@ class DepletedCustomerOut(BaseModel):
     attempts_made: int | None
     next_retry_at: datetime | None
     membership_status: str
+
+
+class UnpaidInvoiceOut(BaseModel):
+    customer_id: str
+    invoice_id: str
+    dunning_status: str
+    first_failed_at: datetime
+    attempts_made: int
+    next_retry_at: datetime | None
+    last_decline_code: str | None
+    last_failure_message: str | None
+    membership_status: str
+    balance: int
+
+
+class DunningReportOut(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+    invoices: list[UnpaidInvoiceOut]
 
 
 class NoticeAction(BaseModel):
@@ -287,7 +322,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         if not secrets_:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STRIPE_WEBHOOK_SECRETS is not set")
         publish = publisher(request)
-        payload = await request.body()
+        payload = await _body_up_to(request, MAX_WEBHOOK_BYTES)
         try:
             event = verify(payload, stripe_signature, secrets_, settings.stripe_webhook_tolerance_seconds)
         except WebhookRejected as error:
@@ -295,7 +330,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
         receipt = await webhooks.receive(uow(request), event, publish, settings.stripe_plan_credits, now(request))
         if receipt.linked_stripe_customer:
-            await webhooks.relay_parked(lambda: uow(request), publish, settings.stripe_plan_credits, now(request), receipt.linked_stripe_customer)
+            try:
+                await webhooks.relay_parked(lambda: uow(request), publish, settings.stripe_plan_credits, now(request), receipt.linked_stripe_customer)
+            except Exception:  # the delivery is recorded; the parked events wait for an admin's relay
+                log.exception("parked_relay_failed", stripe_customer_id=receipt.linked_stripe_customer)
         return WebhookReceiptOut(outcome=receipt.outcome, detail=receipt.detail)
 
     @app.get("/api/customers/{customer_id}/notice", response_model=NoticeOut, dependencies=[frontend])
@@ -364,6 +402,25 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         """After fixing the plan table, say: translate every parked event again."""
         receipts = await webhooks.relay_parked(lambda: uow(request), publisher(request), settings.stripe_plan_credits, now(request))
         return [WebhookReceiptOut(outcome=r.outcome, detail=r.detail) for r in receipts]
+
+    @app.get("/api/admin/dunning-report", response_model=DunningReportOut, dependencies=[admin])
+    async def dunning_report(
+        request: Request,
+        dunning_status: Annotated[
+            Literal["retrying", "action_required", "needs_payment_method", "past_due", "recovered", "closed"] | None, Query(alias="status")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> DunningReportOut:
+        """Every unpaid invoice in dunning (or those of one status), whatever the customer's credits."""
+        total, page = await views.unpaid_invoices(request.app.state.db, dunning_status, limit, offset)
+        return DunningReportOut(
+            total=total,
+            limit=limit,
+            offset=offset,
+            next_offset=offset + limit if offset + limit < total else None,
+            invoices=[UnpaidInvoiceOut(**vars(row)) for row in page],
+        )
 
     @app.get("/api/admin/at-risk-count", response_model=CountOut, dependencies=[admin])
     async def at_risk_count(request: Request) -> CountOut:

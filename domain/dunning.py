@@ -98,11 +98,24 @@ class RetrySchedule:
     def attempts(self) -> int:
         return len(self.days)
 
-    def retry_at(self, first_failed_at: datetime, attempts_made: int) -> datetime | None:
-        """When the next scheduled retry is due, or None when the schedule is used up."""
+    def retry_at(self, first_failed_at: datetime, attempts_made: int, not_before: datetime | None = None) -> datetime | None:
+        """When the next scheduled retry is due, or None when the schedule is used up.
+
+        ``not_before``: automatic charges of a card stay at least MIN_RETRY_GAP apart even when
+        the schedule's dates are past (a failure reported late, a collector catching up).
+        """
         if attempts_made >= len(self.days):
             return None
-        return first_failed_at + timedelta(days=self.days[attempts_made])
+        due = first_failed_at + timedelta(days=self.days[attempts_made])
+        return max(due, not_before) if not_before is not None else due
+
+    def ends_at(self, first_failed_at: datetime) -> datetime:
+        """The schedule's last day: a case still unpaid then is past due, whatever stopped it."""
+        return first_failed_at + timedelta(days=self.days[-1])
+
+
+#: Card networks penalise hammering a card: automatic retries are at least this far apart.
+MIN_RETRY_GAP = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -205,18 +218,28 @@ class DunningCase:
         if is_hard_decline(decline_code):
             self._stop(DunningStatus.NEEDS_PAYMENT_METHOD)
             return
-        if self.status is DunningStatus.PAST_DUE:
-            return  # a soft decline of a "retry now" after the schedule ran out changes nothing
         if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and (kind is AttemptKind.SCHEDULED or not latest):
             return  # only a charge the customer asked for, answered after it, resumes the schedule
         # Soft decline: carry on with what is left of the schedule (also after a new
         # payment method that was soft-declined), or give up when it is used up.
-        next_at = schedule.retry_at(self.first_failed_at, self.attempts_made)
+        # Automatic charges keep their distance from the last one (and from a new card's decline
+        # when retrying resumes); a customer's own retry leaves the schedule where it was.
+        if kind is not AttemptKind.SCHEDULED and self.status is DunningStatus.RETRYING:
+            return
+        next_at = schedule.retry_at(self.first_failed_at, self.attempts_made, not_before=at + MIN_RETRY_GAP)
         if next_at is None:
             self._stop(DunningStatus.PAST_DUE)
         else:
             self.status = DunningStatus.RETRYING
             self.next_retry_at = next_at
+
+    def schedule_ended(self, now: datetime, schedule: RetrySchedule) -> bool:
+        """A case that stopped retrying (hard decline, authentication) and is still unpaid when
+        the schedule ends is past due like an exhausted one. Returns whether it became so now."""
+        if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and now >= schedule.ends_at(self.first_failed_at):
+            self._stop(DunningStatus.PAST_DUE)
+            return True
+        return False
 
     def paid(self, at: datetime) -> bool:
         """The invoice is paid. Returns whether that closed the case now."""
@@ -248,5 +271,9 @@ class DunningCase:
             self.last_failure_message = message
 
     def _stop(self, status: DunningStatus) -> None:
+        # Past due is where the schedule ended: only payment or closing the invoice leaves it
+        # (a later decline must not hide it from the report or the end action).
+        if self.status is DunningStatus.PAST_DUE and status.is_open:
+            return
         self.status = status
         self.next_retry_at = None

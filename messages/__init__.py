@@ -3,6 +3,7 @@
 from messages.events import (
     CreditsAdjusted,
     Event,
+    InvoiceVoided,
     JobCancelled,
     JobCompleted,
     PaymentActionRequired,
@@ -21,6 +22,7 @@ __all__ = [
     "EVENTS_QUEUE",
     "EVENT_KWARG",
     "Event",
+    "InvoiceVoided",
     "JobCancelled",
     "JobCompleted",
     "PaymentActionRequired",

@@ -111,6 +111,14 @@ class PaymentMethodUpdated(Event):
     payment_method_id: ExternalId | None = None
 
 
+class InvoiceVoided(Event):
+    """The invoice was voided or written off at the provider: nothing is owed for it any more."""
+
+    type: Literal["invoice.voided"] = "invoice.voided"
+    invoice_id: ExternalId
+    reason: Literal["voided", "uncollectible"] = "voided"
+
+
 class PaymentReversed(Event):
     """A payment was refunded or disputed: take back the credits it issued.
 
@@ -134,6 +142,7 @@ AnyEvent = Annotated[
         PaymentActionRequired,
         PaymentMethodUpdated,
         PaymentReversed,
+        InvoiceVoided,
     ],
     Field(discriminator="type"),
 ]
@@ -157,5 +166,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PaymentActionRequired,
         PaymentMethodUpdated,
         PaymentReversed,
+        InvoiceVoided,
     )
 }

@@ -19,6 +19,7 @@ from domain.model import CreditView
 from messages import (
     CreditsAdjusted,
     Event,
+    InvoiceVoided,
     JobCancelled,
     JobCompleted,
     PaymentActionRequired,
@@ -101,11 +102,22 @@ async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequ
 async def _payment_method_updated(ctx: Context, event: PaymentMethodUpdated) -> bool:
     """Charge every unpaid invoice at once with the new method (without using up a scheduled retry)."""
     try:
-        requested = await request_immediate_charges(ctx.uow, event.customer_id, AttemptKind.PAYMENT_METHOD, event.occurred_at, ctx.dunning)
-    except (NothingOwed, RetryLimited) as reason:
+        requested = await request_immediate_charges(
+            ctx.uow, event.customer_id, AttemptKind.PAYMENT_METHOD, event.occurred_at, ctx.dunning, payment_method_id=event.payment_method_id
+        )
+    except NothingOwed as reason:
         log.info("payment_method_update_charges_nothing", reason=str(reason))
         return False
     return bool(requested)
+
+
+async def _invoice_voided(ctx: Context, event: InvoiceVoided) -> bool:
+    case = await ctx.uow.dunning.get(event.invoice_id)
+    if case is None or not case.owes:
+        return False
+    case.close(event.occurred_at, f"invoice {event.reason} at the provider")
+    await ctx.uow.dunning.save(case)
+    return True
 
 
 async def _payment_reversed(ctx: Context, event: PaymentReversed) -> bool:
@@ -123,6 +135,7 @@ EVENT_HANDLERS: dict[type[Event], Callable[[Context, Event], Awaitable[bool]]] =
     PaymentActionRequired: _payment_failed,
     PaymentMethodUpdated: _payment_method_updated,
     PaymentReversed: _payment_reversed,
+    InvoiceVoided: _invoice_voided,
 }
 
 
@@ -155,10 +168,14 @@ async def apply_event_in(uow: UnitOfWork, event: Event, policy: CreditPolicy, du
     return Outcome.APPLIED if changed else Outcome.IGNORED
 
 
-async def request_immediate_charges(uow: UnitOfWork, customer_id: str, kind: AttemptKind, now: datetime, rules: DunningRules) -> list[int]:
+async def request_immediate_charges(
+    uow: UnitOfWork, customer_id: str, kind: AttemptKind, now: datetime, rules: DunningRules, payment_method_id: str | None = None
+) -> list[int]:
     """Ask for an immediate charge of each unpaid invoice of the customer (caller holds the account lock).
 
-    Raises NothingOwed, or RetryLimited when the customer has charged at once too often lately.
+    Raises NothingOwed; and RetryLimited when the customer has charged at once too often
+    lately — except for a new payment method, whose charge then waits for its turn instead
+    of being dropped (nothing else would charge a hard-declined invoice).
     """
     cases = [case for case in await uow.dunning.cases_of(customer_id, for_update=True) if case.owes]
     if not cases:
@@ -166,9 +183,11 @@ async def request_immediate_charges(uow: UnitOfWork, customer_id: str, kind: Att
     # One press charges every unpaid invoice: the limit counts presses, not invoices.
     presses = sorted(set(await uow.dunning.immediate_attempt_times(customer_id, now - rules.retry_now.window)))
     wait = rules.retry_now.retry_after(presses, now)
-    if wait is not None:
+    if wait is not None and kind is not AttemptKind.PAYMENT_METHOD:
         raise RetryLimited(customer_id, wait)
-    return [attempt_id for case in cases if (attempt_id := await uow.dunning.add_attempt(case, kind, now)) is not None]
+    not_before = now + wait if wait is not None else None
+    requested = [await uow.dunning.add_attempt(case, kind, now, payment_method_id=payment_method_id, not_before=not_before) for case in cases]
+    return [attempt_id for attempt_id in requested if attempt_id is not None]
 
 
 async def place_hold(

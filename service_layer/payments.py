@@ -15,7 +15,7 @@ from typing import Protocol
 import structlog
 
 from domain import CreditPolicy
-from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus
+from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus, RetrySchedule
 from infra.db.payments import Attempt
 from messages import PaymentSucceeded
 from service_layer.errors import CustomerNotFound
@@ -62,9 +62,15 @@ class ProviderUnavailable(Exception):
 
 
 class PaymentProvider(Protocol):
-    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str, reconcile_first: bool = False) -> ChargeResult:
-        """Charge an open invoice. ``reconcile_first``: read the invoice's state before charging
-        (a previous try failed on the provider's side and may have paid it all the same)."""
+    async def pay_invoice(
+        self, invoice_id: str, customer_id: str, idempotency_key: str, *, check_first: bool = False, payment_method_id: str | None = None
+    ) -> ChargeResult:
+        """Charge an open invoice (with ``payment_method_id`` if given, else its default).
+
+        ``check_first``: read the invoice before charging — a previous try failed on the
+        provider's side and may have paid it all the same, or this is the first retry and the
+        provider's own first charge may have been a hard decline, which must not be retried.
+        """
         ...
 
     async def cancel_subscription(self, subscription_id: str, idempotency_key: str) -> None: ...
@@ -81,11 +87,17 @@ class CollectionResult:
     cancelled_subscriptions: int = 0
 
 
-async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit: int = 500) -> int:
-    """Request the next scheduled attempt of every case whose retry is due (once per attempt number)."""
+async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit: int = 500, schedule: RetrySchedule | None = None) -> int:
+    """Request the next scheduled attempt of every case whose retry is due (once per attempt), and
+    mark past due the stopped cases whose schedule has ended."""
+    schedule = schedule or RetrySchedule()
     async with new_uow() as uow:
         due = await uow.dunning.lock_due(now, limit)
         requested = [await uow.dunning.add_attempt(case, AttemptKind.SCHEDULED, now) for case in due]
+        for case in await uow.dunning.lock_stopped_before(now - timedelta(days=schedule.days[-1]), limit):
+            if case.schedule_ended(now, schedule):
+                await uow.dunning.save(case)
+                log.info("dunning_past_due", invoice_id=case.invoice_id, customer_id=case.customer_id, stopped_as=case.last_decline_code)
         await uow.commit()
     return sum(1 for attempt_id in requested if attempt_id is not None)
 
@@ -152,7 +164,10 @@ async def charge_attempt(
             bound.info("payment_attempt_skipped", reason=skip)
             return AttemptOutcome.CLOSED
     try:
-        charge = await provider.pay_invoice(attempt.invoice_id, attempt.customer_id, charge_key(attempt), reconcile_first=attempt.provider_errors > 0)
+        check_first = attempt.provider_errors > 0 or (attempt.kind is AttemptKind.SCHEDULED and attempt.number == 1)
+        charge = await provider.pay_invoice(
+            attempt.invoice_id, attempt.customer_id, charge_key(attempt), check_first=check_first, payment_method_id=attempt.payment_method_id
+        )
     except ProviderUnavailable as error:
         wait = await _postpone(new_uow, attempt, now(), str(error))
         bound.warning("payment_attempt_postponed", error=str(error), retry_in_s=int(wait.total_seconds()))

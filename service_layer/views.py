@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import case, exists, func, select
 
 from domain.dunning import DunningStatus
 from infra.db import Database
@@ -24,11 +24,16 @@ class DepletedCustomer:
     membership_status: str = "active"
 
 
-def membership_status(dunning_status: str | None, subscription_cancelled_at: datetime | None) -> str:
-    """active, past_due (the retry schedule ran out) or cancelled (and the end action cancelled it)."""
-    if subscription_cancelled_at is not None:
-        return "cancelled"
-    return "past_due" if dunning_status == DunningStatus.PAST_DUE.value else "active"
+def _membership_column():
+    """active; past_due when any unpaid invoice's schedule ran out; cancelled when the end action
+    also cancelled its subscription. Correlated to the customers row of the enclosing query."""
+    past_due = dunning_cases.alias("past_due")
+    is_past_due = (past_due.c.customer_id == customers.c.customer_id, past_due.c.status == DunningStatus.PAST_DUE.value)
+    return case(
+        (exists().where(*is_past_due, past_due.c.subscription_cancelled_at.is_not(None)).correlate(customers), "cancelled"),
+        (exists().where(*is_past_due).correlate(customers), "past_due"),
+        else_="active",
+    ).label("membership_status")
 
 
 async def depleted_customers(db: Database, now: datetime, days: int, limit: int, offset: int) -> tuple[int, list[DepletedCustomer]]:
@@ -53,7 +58,7 @@ async def depleted_customers(db: Database, now: datetime, days: int, limit: int,
                 dunning_cases.c.status,
                 dunning_cases.c.attempts_made,
                 dunning_cases.c.next_retry_at,
-                dunning_cases.c.subscription_cancelled_at,
+                _membership_column(),
             )
             .select_from(customers.outerjoin(dunning_cases, dunning_cases.c.id == latest_case))
             .where(*depleted_before_cutoff)
@@ -69,7 +74,45 @@ async def depleted_customers(db: Database, now: datetime, days: int, limit: int,
                 r.status,
                 r.attempts_made,
                 r.next_retry_at,
-                membership_status(r.status, r.subscription_cancelled_at),
+                r.membership_status,
+            )
+            for r in rows
+        ]
+    return total, page
+
+
+@dataclass(frozen=True)
+class UnpaidInvoice:
+    customer_id: str
+    invoice_id: str
+    dunning_status: str
+    first_failed_at: datetime
+    attempts_made: int
+    next_retry_at: datetime | None
+    last_decline_code: str | None
+    last_failure_message: str | None
+    membership_status: str
+    balance: int
+
+
+async def unpaid_invoices(db: Database, status: str | None, limit: int, offset: int) -> tuple[int, list[UnpaidInvoice]]:
+    """Every invoice in dunning (whatever the customer's credits), oldest failure first."""
+    open_statuses = [s.value for s in DunningStatus if s.is_open]
+    where = [dunning_cases.c.status == status] if status else [dunning_cases.c.status.in_(open_statuses)]
+    async with db.connect() as connection:
+        total = (await connection.execute(select(func.count()).select_from(dunning_cases).where(*where))).scalar_one()
+        rows = await connection.execute(
+            select(dunning_cases, customers.c.balance, _membership_column())
+            .select_from(dunning_cases.join(customers, customers.c.customer_id == dunning_cases.c.customer_id))
+            .where(*where)
+            .order_by(dunning_cases.c.first_failed_at, dunning_cases.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        page = [
+            UnpaidInvoice(
+                r.customer_id, r.invoice_id, r.status, r.first_failed_at, r.attempts_made, r.next_retry_at,
+                r.last_decline_code, r.last_failure_message, r.membership_status, r.balance,
             )
             for r in rows
         ]

@@ -20,6 +20,7 @@ from infra.stripe.invoices import failure_of, https_or_none, moment, object_id, 
 from infra.stripe.webhooks import StripeEvent
 from messages import (
     Event,
+    InvoiceVoided,
     PaymentActionRequired,
     PaymentFailed,
     PaymentMethodUpdated,
@@ -101,7 +102,7 @@ async def translate(uow: UnitOfWork, event: StripeEvent, plan_credits: Mapping[s
         return Translation(IGNORED, f"{event.type} is not used")
     try:
         return await handler(uow, event, obj, plan_credits)
-    except (KeyError, TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # pydantic's ValidationError is a ValueError
         # Signed, so from Stripe, yet not what we can read: keep it for review rather than
         # answer 5xx and have Stripe redeliver the same thing for three days.
         return Translation(PARKED, f"unreadable {event.type} object: {type(error).__name__}: {str(error)[:500]}")
@@ -200,6 +201,13 @@ async def _invoice_action_required(uow: UnitOfWork, event: StripeEvent, obj: dic
     ))
 
 
+async def _invoice_voided(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
+    reason = "uncollectible" if event.type == "invoice.marked_uncollectible" else "voided"
+    return await _for_customer(uow, event, object_id(obj.get("customer")), lambda customer_id: InvoiceVoided(
+        **_envelope(event, customer_id), invoice_id=obj["id"], reason=reason
+    ))
+
+
 async def _charge_refunded(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
     payment = await uow.stripe.payment_for(
         invoice_id=object_id(obj.get("invoice")), charge_id=object_id(obj.get("id")), payment_intent_id=object_id(obj.get("payment_intent"))
@@ -224,6 +232,8 @@ _HANDLERS = {
     "invoice_payment.paid": _invoice_payment_paid,
     "invoice.payment_failed": _invoice_payment_failed,
     "invoice.payment_action_required": _invoice_action_required,
+    "invoice.voided": _invoice_voided,
+    "invoice.marked_uncollectible": _invoice_voided,
     "charge.refunded": _charge_refunded,
     "charge.dispute.created": _dispute_created,
 }
@@ -239,7 +249,8 @@ def _reversal(event: StripeEvent, payment, reason: str, charge_amount: Any) -> T
     if payment is None or payment.customer_id is None:
         return Translation(PARKED, "no paid invoice known for this charge: relay the parked events once its invoice.paid has arrived")
     if not payment.credits:
-        return Translation(IGNORED, f"invoice {payment.invoice_id} issued no credits")
+        # Its credits are not known yet (its invoice.paid is parked): wait with it, in order.
+        return Translation(PARKED, f"the credits of invoice {payment.invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed")
     paid = payment.amount_paid or (charge_amount if isinstance(charge_amount, int) else None)
     total = _proportion(payment.credits, (payment.amount_refunded or 0) + (payment.amount_disputed or 0), paid)
     if total == 0:

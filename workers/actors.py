@@ -102,7 +102,7 @@ async def collect_payments(as_of: str | None = None) -> None:
     if runtime.provider is None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
         return
-    scheduled = await payments.schedule_due_retries(runtime.new_uow, now)
+    scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
     result = await payments.charge_pending(runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning)
     cancelled = 0

@@ -51,6 +51,7 @@ class Attempt:
     number: int | None
     idempotency_key: str
     provider_errors: int
+    payment_method_id: str | None = None
 
 
 class SqlDunningRepository:
@@ -99,6 +100,19 @@ class SqlDunningRepository:
         )
         return [_case(row) for row in await self.connection.execute(query)]
 
+    async def lock_stopped_before(self, first_failed_before: datetime, limit: int) -> list[DunningCase]:
+        """Cases that stopped retrying (hard decline, authentication) and failed first before the given time."""
+        query = (
+            select(dunning_cases)
+            .where(
+                dunning_cases.c.status.in_([DunningStatus.NEEDS_PAYMENT_METHOD.value, DunningStatus.ACTION_REQUIRED.value]),
+                dunning_cases.c.first_failed_at <= first_failed_before,
+            )
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [_case(row) for row in await self.connection.execute(query)]
+
     async def lock_to_cancel(self, limit: int) -> list[DunningCase]:
         """Past-due cases whose subscription is still to be cancelled (end action ``cancel_subscription``)."""
         query = (
@@ -115,24 +129,47 @@ class SqlDunningRepository:
 
     # ------------------------------------------------------------ attempts
 
-    async def add_attempt(self, case: DunningCase, kind: AttemptKind, now: datetime) -> int | None:
-        """Request a charge of the case's invoice. A scheduled one is numbered, and requested once."""
-        number = case.attempts_made + 1 if kind is AttemptKind.SCHEDULED else None
-        if number is not None:
+    async def add_attempt(
+        self, case: DunningCase, kind: AttemptKind, now: datetime, *, payment_method_id: str | None = None, not_before: datetime | None = None
+    ) -> int | None:
+        """Request a charge of the case's invoice; returns its id, or None when it is already requested.
+
+        Scheduled attempts are numbered and one is pending at a time (the collector holds the
+        case row; the unique number is the backstop). A payment method is charged once per case.
+        ``not_before`` delays the charge (a card update over the rate limit waits its turn).
+        """
+        attempts = payment_attempts.c
+        if kind is AttemptKind.SCHEDULED:
+            if await self._has_pending(case, kind):
+                return None
+            last = (await self.connection.execute(select(func.max(attempts.number)).where(attempts.case_id == case.id))).scalar_one()
+            number = (last or 0) + 1
             key = f"dunning:{case.invoice_id}:{number}"
         else:
-            if kind is AttemptKind.PAYMENT_METHOD and await self._has_pending(case, kind):
-                return None  # a card change sends two events (attached, customer.updated): one charge
-            count = (await self.connection.execute(select(func.count()).where(payment_attempts.c.case_id == case.id))).scalar_one()
+            number = None
+            if kind is AttemptKind.PAYMENT_METHOD:
+                same_card = attempts.payment_method_id == payment_method_id if payment_method_id else ATTEMPT_IS_PENDING
+                query = select(attempts.id).where(attempts.case_id == case.id, attempts.kind == kind.value, same_card).limit(1)
+                if (await self.connection.execute(query)).first() is not None:
+                    return None  # a card change sends two events (attached, customer.updated): one charge
+            count = (await self.connection.execute(select(func.count()).where(attempts.case_id == case.id))).scalar_one()
             key = f"dunning:{case.invoice_id}:{kind.value}:{count + 1}"
         statement = (
             upsert_into(self.connection, payment_attempts)
-            .values(case_id=case.id, kind=kind.value, number=number, idempotency_key=key, requested_at=now)
+            .values(
+                case_id=case.id,
+                kind=kind.value,
+                number=number,
+                idempotency_key=key,
+                requested_at=now,
+                payment_method_id=payment_method_id,
+                leased_until=not_before,
+            )
             .on_conflict_do_nothing()
-            .returning(payment_attempts.c.id)
+            .returning(attempts.id)
         )
         attempt_id = (await self.connection.execute(statement)).scalar_one_or_none()
-        if attempt_id is not None and kind is not AttemptKind.SCHEDULED:
+        if attempt_id is not None and kind is not AttemptKind.SCHEDULED and not_before is None:
             self.new_attempt_ids.append(attempt_id)
         return attempt_id
 
@@ -172,7 +209,7 @@ class SqlDunningRepository:
             .order_by(payment_attempts.c.requested_at)
         )
         return [
-            Attempt(r.id, r.case_id, r.customer_id, r.invoice_id, AttemptKind(r.kind), r.number, r.idempotency_key, r.provider_errors)
+            Attempt(r.id, r.case_id, r.customer_id, r.invoice_id, AttemptKind(r.kind), r.number, r.idempotency_key, r.provider_errors, r.payment_method_id)
             for r in rows
         ]
 

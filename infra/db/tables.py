@@ -101,9 +101,9 @@ Index("ix_credit_lots_open", credit_lots.c.customer_id, credit_lots.c.expires_at
 Index("ix_credit_lots_due", credit_lots.c.expires_at, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
 # Every lot of a customer (history, reconciliation).
 Index("ix_credit_lots_customer", credit_lots.c.customer_id)
-# A payment issues credits once, whatever the event ids say.
+# A payment issues credits once, to one customer, whatever the event ids say.
 LOT_HAS_PAYMENT = credit_lots.c.payment_id.is_not(None)
-Index("uq_credit_lots_payment", credit_lots.c.customer_id, credit_lots.c.payment_id, unique=True, postgresql_where=LOT_HAS_PAYMENT, sqlite_where=LOT_HAS_PAYMENT)
+Index("uq_credit_lots_payment", credit_lots.c.payment_id, unique=True, postgresql_where=LOT_HAS_PAYMENT, sqlite_where=LOT_HAS_PAYMENT)
 
 ledger_entries = Table(
     "ledger_entries",
@@ -273,6 +273,8 @@ payment_attempts = Table(
     # Sent to the provider with the charge: a repeated call after a crash is the same charge.
     Column("idempotency_key", String(255), nullable=False, unique=True),
     Column("requested_at", UtcDateTime, nullable=False),
+    #: The card to charge (a payment-method update names it); None: the invoice's default.
+    Column("payment_method_id", String(255), nullable=True),
     # While a worker is charging, no other one takes the attempt; a crash frees it at this time.
     Column("leased_until", UtcDateTime, nullable=True),
     Column("provider_errors", Integer, nullable=False, server_default="0"),

@@ -9,7 +9,8 @@ import structlog
 
 from domain.dunning import AttemptOutcome
 from infra.settings import Settings
-from infra.stripe.invoices import paid_invoice
+from domain.dunning import is_hard_decline
+from infra.stripe.invoices import last_payment_error, paid_invoice
 from service_layer.payments import ChargeResult, ProviderUnavailable
 
 log = structlog.get_logger("credits.stripe")
@@ -34,13 +35,16 @@ class StripeProvider:
             http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
         )
 
-    async def pay_invoice(self, invoice_id: str, customer_id: str, idempotency_key: str, reconcile_first: bool = False) -> ChargeResult:
-        if reconcile_first:
+    async def pay_invoice(
+        self, invoice_id: str, customer_id: str, idempotency_key: str, *, check_first: bool = False, payment_method_id: str | None = None
+    ) -> ChargeResult:
+        if check_first:
             settled = await self._settled(invoice_id, customer_id)
             if settled is not None:
                 return settled
+        params = {"payment_method": payment_method_id} if payment_method_id else None
         try:
-            invoice = await self.client.v1.invoices.pay_async(invoice_id, options={"idempotency_key": idempotency_key})
+            invoice = await self.client.v1.invoices.pay_async(invoice_id, params=params, options={"idempotency_key": idempotency_key})
         except stripe.CardError as error:
             code = (error.error.decline_code if error.error else None) or error.code
             message = error.user_message or str(error._message or "")
@@ -70,14 +74,20 @@ class StripeProvider:
         return settled or ChargeResult(AttemptOutcome.DECLINED, error.code, error.user_message or error._message)
 
     async def _settled(self, invoice_id: str, customer_id: str) -> ChargeResult | None:
-        """The result an invoice's own state gives when it is paid, voided or gone; None while it is open."""
+        """The result an invoice's own state gives when it is paid, voided, gone or its last
+        charge was hard-declined; None while it is open and worth charging."""
         try:
-            invoice = (await self.client.v1.invoices.retrieve_async(invoice_id)).to_dict()
+            invoice = (await self.client.v1.invoices.retrieve_async(invoice_id, params={"expand": ["payments.data.payment.payment_intent"]})).to_dict()
         except stripe.InvalidRequestError as missing:
             return ChargeResult(AttemptOutcome.CLOSED, missing.code, f"invoice cannot be read: {missing._message}")
         except _UNAVAILABLE as failure:
             raise ProviderUnavailable(f"{type(failure).__name__}: {failure._message or failure}") from None
-        return self._result(invoice, customer_id) if invoice.get("status") in ("paid", "void", "uncollectible") else None
+        if invoice.get("status") in ("paid", "void", "uncollectible"):
+            return self._result(invoice, customer_id)
+        code, message = last_payment_error(invoice)
+        if is_hard_decline(code):
+            return ChargeResult(AttemptOutcome.DECLINED, code, f"not charged again: the last charge was declined ({message or code})")
+        return None
 
     def _result(self, invoice: dict, customer_id: str) -> ChargeResult:
         status = invoice.get("status")

@@ -15,10 +15,10 @@ Obj = Mapping[str, Any]
 
 
 def object_id(value: Any) -> str | None:
-    """An id field that may be expanded into its object."""
+    """An id field that may be expanded into its object (None unless a plausible id)."""
     if isinstance(value, Mapping):
         value = value.get("id")
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and 0 < len(value) <= 255 and "\x00" not in value else None
 
 
 def moment(epoch: Any) -> datetime | None:
@@ -31,9 +31,15 @@ def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None
     None when no line carries credits we know of, or the total is beyond what one payment
     may issue (the event is then parked for review).
     """
-    lines = (invoice.get("lines") or {}).get("data") or []
+    lines = invoice.get("lines") or {}
+    if lines.get("has_more"):
+        return None  # the event does not carry every line: the total cannot be known from it
     total, known = 0, False
-    for line in lines:
+    for line in lines.get("data") or []:
+        if not isinstance(line, Mapping) or _is_proration(line) or _is_credit_line(line):
+            # Proration lines settle a plan change mid-period; credits come with each
+            # period's own charge, so a change is credited from the next renewal on.
+            continue
         per_unit = _credits_per_unit(line, plan_credits)
         if per_unit is None:
             continue
@@ -43,6 +49,16 @@ def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None
         known = True
     # Beyond what one event may issue is a misconfigured plan, not a purchase: parked for review.
     return total if known and 0 < total <= MAX_CREDITS else None
+
+
+def _is_proration(line: Obj) -> bool:
+    item = ((line.get("parent") or {}).get("subscription_item_details") or {}) if isinstance(line.get("parent"), Mapping) else {}
+    return bool(line.get("proration") or (isinstance(item, Mapping) and item.get("proration")))
+
+
+def _is_credit_line(line: Obj) -> bool:
+    amount = line.get("amount")
+    return isinstance(amount, int) and amount < 0
 
 
 def _credits_per_unit(line: Obj, plan_credits: Mapping[str, int]) -> int | None:
@@ -75,6 +91,17 @@ def paid_invoice(invoice: Obj, customer_id: str, plan_credits: Mapping[str, int]
         amount_cents=amount if isinstance(amount, int) and amount >= 0 else None,
         currency=currency.upper() if isinstance(currency, str) and len(currency) == 3 else None,
     )
+
+
+def last_payment_error(invoice: Obj) -> tuple[str | None, str | None]:
+    """(decline code, message) of the invoice's latest failed charge, from its expanded payments."""
+    payments = (invoice.get("payments") or {}).get("data") if isinstance(invoice.get("payments"), Mapping) else None
+    for entry in reversed(payments or []):
+        intent = ((entry or {}).get("payment") or {}).get("payment_intent") if isinstance(entry, Mapping) else None
+        error = intent.get("last_payment_error") if isinstance(intent, Mapping) else None
+        if isinstance(error, Mapping):
+            return _text(error.get("decline_code")) or _text(error.get("code")), _text(error.get("message"))
+    return failure_of(invoice)
 
 
 def failure_of(invoice: Obj) -> tuple[str | None, str | None]:

@@ -187,7 +187,7 @@ async def test_a_saved_500_is_replayed_for_the_same_key_so_charge_key_changes_it
     retry_key = charge_key(retried)
     assert retry_key != charge_key(attempt)
     assert charge_key(retried) == retry_key  # stable: a crash during this try repeats this key
-    result = await provider.pay_invoice("in_saved500", CUSTOMER, retry_key, reconcile_first=True)
+    result = await provider.pay_invoice("in_saved500", CUSTOMER, retry_key, check_first=True)
 
     assert result.outcome is AttemptOutcome.SUCCEEDED
     assert result.paid.credits == 200
@@ -200,7 +200,7 @@ async def test_reconcile_first_after_a_timed_out_charge_returns_succeeded_withou
 
     with pytest.raises(ProviderUnavailable):
         await provider.pay_invoice("in_lost", CUSTOMER, "dunning:in_lost:1")
-    result = await provider.pay_invoice("in_lost", CUSTOMER, "dunning:in_lost:1:retry-1", reconcile_first=True)
+    result = await provider.pay_invoice("in_lost", CUSTOMER, "dunning:in_lost:1:retry-1", check_first=True)
 
     assert result.outcome is AttemptOutcome.SUCCEEDED
     assert result.paid.invoice_id == "in_lost"
@@ -213,7 +213,7 @@ async def test_reconcile_first_on_an_open_invoice_reads_it_then_charges(fake, pr
     open_invoice(fake, "in_recon")
     fake.script("in_recon", "succeed")
 
-    result = await provider.pay_invoice("in_recon", CUSTOMER, "key-recon", reconcile_first=True)
+    result = await provider.pay_invoice("in_recon", CUSTOMER, "key-recon", check_first=True)
 
     assert result.outcome is AttemptOutcome.SUCCEEDED
     assert invoice_requests(fake, "in_recon") == [("GET", "/v1/invoices/in_recon"), ("POST", "/v1/invoices/in_recon/pay")]
@@ -279,7 +279,7 @@ async def test_a_void_or_uncollectible_invoice_is_closed(fake, provider, status)
 async def test_a_void_invoice_with_reconcile_first_is_closed_without_a_charge(fake, provider):
     open_invoice(fake, "in_void2", status="void")
 
-    result = await provider.pay_invoice("in_void2", CUSTOMER, "key-void2", reconcile_first=True)
+    result = await provider.pay_invoice("in_void2", CUSTOMER, "key-void2", check_first=True)
 
     assert result.outcome is AttemptOutcome.CLOSED
     assert fake.pay_requests("in_void2") == []
@@ -323,7 +323,7 @@ async def test_a_bad_api_key_is_provider_unavailable(fake):
     with pytest.raises(ProviderUnavailable, match="AuthenticationError"):
         await provider.pay_invoice("in_badkey", CUSTOMER, "key-badkey")
     with pytest.raises(ProviderUnavailable, match="AuthenticationError"):
-        await provider.pay_invoice("in_badkey", CUSTOMER, "key-badkey-2", reconcile_first=True)
+        await provider.pay_invoice("in_badkey", CUSTOMER, "key-badkey-2", check_first=True)
     with pytest.raises(ProviderUnavailable):
         await provider.cancel_subscription("sub_badkey", "dunning-cancel:in_badkey")
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain.dunning import (
+    MIN_RETRY_GAP,
     AttemptKind,
     AttemptOutcome,
     DunningCase,
@@ -436,11 +437,12 @@ steps = st.lists(
 @given(schedule=schedules, steps=steps)
 def test_soft_declines_walk_the_schedule_and_end_past_due(schedule, steps):
     """Scheduled attempts run when the case is due (late by any amount), customers retry at any
-    time; every decline is soft. The schedule is never exceeded, the next retry is always the
-    schedule's next day after the first failure, and the case is RETRYING until the last
-    scheduled attempt, PAST_DUE after it."""
+    time; every decline is soft. The schedule is never exceeded, the next retry is the
+    schedule's next day after the first failure — or a day after the last scheduled attempt,
+    whichever is later (a customer's own retry moves nothing) — and the case is RETRYING until the last scheduled attempt, PAST_DUE after it."""
     case = new_case(schedule)
     clock = FIRST_FAILURE
+    floor = FIRST_FAILURE  # a day after the last scheduled attempt: automatic charges keep apart
     for kind, code, late in steps:
         if kind is SCHEDULED:
             if not case.is_due(case.next_retry_at or clock):
@@ -451,13 +453,15 @@ def test_soft_declines_walk_the_schedule_and_end_past_due(schedule, steps):
             clock += timedelta(minutes=late)
         made_before = case.attempts_made
         soft(case, kind, clock, code=code, schedule=schedule)
+        if kind is SCHEDULED:
+            floor = clock + MIN_RETRY_GAP
 
         assert case.attempts_made == made_before + (kind is SCHEDULED)  # only scheduled attempts count
         assert 0 <= case.attempts_made <= schedule.attempts
         assert case.attempts_left(schedule) == (schedule.attempts - case.attempts_made if case.status is DunningStatus.RETRYING else 0)
         if case.attempts_made < schedule.attempts:
             assert case.status is DunningStatus.RETRYING
-            assert case.next_retry_at == FIRST_FAILURE + timedelta(days=schedule.days[case.attempts_made])
+            assert case.next_retry_at == max(FIRST_FAILURE + timedelta(days=schedule.days[case.attempts_made]), floor)
         else:
             assert case.status is DunningStatus.PAST_DUE
             assert case.next_retry_at is None
@@ -477,3 +481,99 @@ def test_payment_at_any_point_ends_the_case_for_good(schedule, declines, pay_lat
     soft(case, CUSTOMER, paid_at + timedelta(hours=2), schedule=schedule)
     assert case.paid(paid_at + timedelta(hours=3)) is False
     assert (case.status, case.next_retry_at, case.closed_at) == (DunningStatus.RECOVERED, None, paid_at)
+
+
+# --------------------------------------------------------------------------- past due, spacing
+
+
+def exhausted_case() -> DunningCase:
+    case = new_case()
+    for n in (1, 3, 7, 14):
+        soft(case, SCHEDULED, day(n))
+    assert case.status is DunningStatus.PAST_DUE
+    return case
+
+
+@pytest.mark.parametrize("report", ["hard webhook", "action webhook", "hard retry-now", "action retry-now"])
+def test_past_due_stays_past_due_whatever_declines_after_it(report):
+    """The report and the end action must still see it: only payment or closing the invoice ends it."""
+    case = exhausted_case()
+    if report == "hard webhook":
+        case.payment_failed(day(15), "lost_card", "lost", DEFAULT)
+    elif report == "action webhook":
+        case.action_required(day(15))
+    elif report == "hard retry-now":
+        case.attempt_failed(CUSTOMER, DECLINED, day(15), "stolen_card", "stolen", DEFAULT)
+    else:
+        case.attempt_failed(CUSTOMER, ACTION, day(15), "authentication_required", None, DEFAULT)
+    assert case.status is DunningStatus.PAST_DUE
+    assert case.next_retry_at is None
+    assert case.paid(day(16)) is True
+    assert case.status is DunningStatus.RECOVERED
+
+
+@pytest.mark.parametrize("stop", ["hard decline", "authentication"])
+def test_a_stopped_case_becomes_past_due_when_the_schedule_ends(stop):
+    case = new_case()
+    if stop == "hard decline":
+        soft(case, SCHEDULED, day(1), code="lost_card")
+    else:
+        case.attempt_failed(SCHEDULED, ACTION, day(1), None, None, DEFAULT)
+    assert case.schedule_ended(day(13, minutes=59 * 24), DEFAULT) is False  # 13 days 23:36 in
+    assert case.status is not DunningStatus.PAST_DUE
+    assert case.schedule_ended(day(14), DEFAULT) is True
+    assert case.status is DunningStatus.PAST_DUE
+    assert case.schedule_ended(day(15), DEFAULT) is False  # once
+
+
+def test_a_retrying_or_settled_case_is_not_made_past_due_by_the_calendar():
+    retrying = new_case()
+    assert retrying.schedule_ended(day(30), DEFAULT) is False
+    assert retrying.status is DunningStatus.RETRYING
+    paid = new_case()
+    paid.paid(day(2))
+    assert paid.schedule_ended(day(30), DEFAULT) is False
+    assert paid.status is DunningStatus.RECOVERED
+
+
+def test_automatic_retries_stay_a_day_apart_when_the_schedule_is_behind():
+    """A failure relayed 20 days late: every retry date is past, but the card is not charged
+    four times in a row — each retry waits a day after the one before."""
+    case = new_case()
+    late = day(20)
+    assert case.is_due(late)
+    soft(case, SCHEDULED, late)
+    assert case.next_retry_at == late + MIN_RETRY_GAP
+    soft(case, SCHEDULED, case.next_retry_at)
+    assert case.next_retry_at == late + 2 * MIN_RETRY_GAP
+    soft(case, SCHEDULED, case.next_retry_at)
+    soft(case, SCHEDULED, case.next_retry_at)
+    assert case.status is DunningStatus.PAST_DUE
+
+
+def test_a_customer_retry_leaves_the_schedule_where_it_was():
+    case = new_case()
+    soft(case, SCHEDULED, day(1, minutes=30))
+    scheduled = case.next_retry_at
+    soft(case, CUSTOMER, day(2))
+    assert case.next_retry_at == scheduled == day(3)
+    assert case.attempts_made == 1
+
+
+def test_a_new_card_declined_softly_resumes_the_schedule_a_day_later_at_the_earliest():
+    case = new_case()
+    soft(case, SCHEDULED, day(1), code="lost_card")
+    assert case.status is DunningStatus.NEEDS_PAYMENT_METHOD
+    soft(case, PAYMENT_METHOD, day(5))
+    assert case.status is DunningStatus.RETRYING
+    assert case.next_retry_at == day(6)  # day 3 is past: not at once after the decline, a day after it
+    soft(case, SCHEDULED, day(6))
+    assert case.next_retry_at == day(7)
+
+
+def test_an_earlier_failure_reported_late_moves_the_schedule_start():
+    case = new_case()
+    case.payment_failed(day(-2), "insufficient_funds", "older", DEFAULT)
+    assert case.first_failed_at == day(-2)
+    assert case.next_retry_at == day(-1)
+    assert case.last_failure_message == "older"

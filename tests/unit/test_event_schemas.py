@@ -15,6 +15,7 @@ from messages.events import (
     MAX_CREDITS,
     CreditsAdjusted,
     Event,
+    InvoiceVoided,
     JobCancelled,
     JobCompleted,
     PaymentActionRequired,
@@ -52,6 +53,7 @@ VALID = {
     "payment.action_required": {**BASE, "type": "payment.action_required", "invoice_id": "in_1", "hosted_invoice_url": None, "subscription_id": None},
     "payment_method.updated": {**BASE, "type": "payment_method.updated", "payment_method_id": "pm_1"},
     "payment.reversed": {**BASE, "type": "payment.reversed", "payment_id": "in_1", "reason": "refund", "total_credits_reversed": 4},
+    "invoice.voided": {**BASE, "type": "invoice.voided", "invoice_id": "in_1", "reason": "uncollectible"},
 }
 MODELS = {
     "job.completed": JobCompleted,
@@ -62,6 +64,7 @@ MODELS = {
     "payment.action_required": PaymentActionRequired,
     "payment_method.updated": PaymentMethodUpdated,
     "payment.reversed": PaymentReversed,
+    "invoice.voided": InvoiceVoided,
 }
 ALL_TYPES = sorted(VALID)
 WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted"]

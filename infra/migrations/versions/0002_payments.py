@@ -90,6 +90,7 @@ def upgrade() -> None:
     sa.Column('number', sa.Integer(), nullable=True),
     sa.Column('idempotency_key', sa.String(length=255), nullable=False),
     sa.Column('requested_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('payment_method_id', sa.String(length=255), nullable=True),
     sa.Column('leased_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('provider_errors', sa.Integer(), server_default='0', nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
@@ -113,7 +114,7 @@ def upgrade() -> None:
         "UPDATE credit_lots SET expired = COALESCE((SELECT SUM(m.credits) FROM lot_movements m"
         " JOIN ledger_entries e ON e.id = m.entry_id WHERE m.lot_id = credit_lots.id AND e.kind = 'expired'), 0)"
     )
-    op.create_index('uq_credit_lots_payment', 'credit_lots', ['customer_id', 'payment_id'], unique=True, postgresql_where=sa.text('payment_id IS NOT NULL'), sqlite_where=sa.text('payment_id IS NOT NULL'))
+    op.create_index('uq_credit_lots_payment', 'credit_lots', ['payment_id'], unique=True, postgresql_where=sa.text('payment_id IS NOT NULL'), sqlite_where=sa.text('payment_id IS NOT NULL'))
     _entry_kinds(_KINDS + ", 'reversed'")
 
 
