@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Literal
@@ -10,12 +9,13 @@ from typing import Annotated, Literal
 import asyncio
 
 import structlog
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, status
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged
+from api import referrals as referral_routes
+from api.auth import admin, frontend
 from infra.broker import enqueue_charges, redis_broker
 from infra.clock import Clock, SystemClock
 from infra.db import Database, require_current_schema
@@ -171,26 +171,6 @@ class CountOut(BaseModel):
     count: int
 
 
-# ---------------------------------------------------------------- auth
-
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def _require_token(setting: str):
-    def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        expected = getattr(request.app.state.settings, setting).get_secret_value()
-        given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), expected.encode()):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    return Depends(check)
-
-
-frontend = _require_token("frontend_api_token")
-admin = _require_token("admin_api_token")
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -225,6 +205,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
 
     def now(request: Request) -> datetime:
         return request.app.state.clock.now()
+
+    app.include_router(referral_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:

@@ -6,12 +6,14 @@ import json
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain import CreditPolicy, EventWindow
 from domain.dunning import DunningRules, RetryNowLimit, RetrySchedule
+from domain.referrals import FraudRules, PayoutCalendar, ReferralRules, ReferrerKind
 
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///credits.sqlite3"
 
@@ -72,6 +74,20 @@ class Settings(BaseSettings):
     payment_retry_now_limit: int = Field(3, ge=1, le=100)
     payment_retry_now_window_minutes: int = Field(60, ge=1, le=10_080)
 
+    # ------------------------------------------------------------ referrals and payouts
+    #: Reward per qualified referral in cents, by referrer kind (JSON).
+    referral_rewards_cents: Annotated[dict[str, int], NoDecode] = {"customer": 2_000, "employee": 1_000, "partner": 5_000}
+    referral_hold_days: int = Field(14, ge=0, le=180)
+    referral_velocity_limit: int = Field(5, ge=1, le=10_000)
+    referral_velocity_window_hours: int = Field(24, ge=1, le=24 * 90)
+    payout_currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    payout_minimum_cents: int = Field(1_000, ge=1)
+    #: Payouts are weekly on Fridays in this time zone.
+    payout_timezone: str = "America/New_York"
+    #: Payout method → gateway (JSON): stripe_connect (Stripe Connect transfers) or manual (CSV for operations).
+    payout_gateways: Annotated[dict[str, str], NoDecode] = {"stripe_connect": "stripe_connect", "cash_app": "manual", "manual": "manual"}
+    pay_referrals_every_minutes: int = Field(60, ge=1, le=1440)
+
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)
 
@@ -130,6 +146,41 @@ class Settings(BaseSettings):
             raise ValueError('must map Stripe price ids to positive whole credits, e.g. {"price_123": 10}')
         return value
 
+    @field_validator("referral_rewards_cents", "payout_gateways", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"must be a JSON object: {error}") from None
+        return value
+
+    @field_validator("referral_rewards_cents")
+    @classmethod
+    def _rewards(cls, value: dict[str, int]) -> dict[str, int]:
+        kinds = {kind.value for kind in ReferrerKind}
+        if set(value) != kinds or not all(type(v) is int and v >= 0 for v in value.values()):
+            raise ValueError(f"must give whole cents >= 0 for exactly {sorted(kinds)}")
+        return value
+
+    @field_validator("payout_gateways")
+    @classmethod
+    def _gateways(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = set(value.values()) - {"stripe_connect", "manual"}
+        if unknown or not value:
+            raise ValueError(f"gateways must be stripe_connect or manual, got {sorted(unknown) or 'none'}")
+        return value
+
+    @field_validator("payout_timezone")
+    @classmethod
+    def _timezone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r} (use an IANA name such as America/New_York)") from None
+        return name
+
     @field_validator("dunning_retry_days", mode="before")
     @classmethod
     def _retry_days(cls, value: object) -> object:
@@ -175,6 +226,17 @@ class Settings(BaseSettings):
         return DunningRules(
             RetrySchedule(self.dunning_retry_days),
             RetryNowLimit(self.payment_retry_now_limit, timedelta(minutes=self.payment_retry_now_window_minutes)),
+        )
+
+    @property
+    def referrals(self) -> ReferralRules:
+        return ReferralRules(
+            rewards_cents={ReferrerKind(kind): cents for kind, cents in self.referral_rewards_cents.items()},
+            hold=timedelta(days=self.referral_hold_days),
+            fraud=FraudRules(self.referral_velocity_limit, timedelta(hours=self.referral_velocity_window_hours)),
+            currency=self.payout_currency,
+            minimum_payout_cents=self.payout_minimum_cents,
+            calendar=PayoutCalendar(ZoneInfo(self.payout_timezone)),
         )
 
     @property

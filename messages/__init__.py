@@ -2,6 +2,7 @@
 
 from messages.events import (
     CreditsAdjusted,
+    CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
@@ -11,6 +12,7 @@ from messages.events import (
     PaymentMethodUpdated,
     PaymentReversed,
     PaymentSucceeded,
+    ReferralSubmitted,
     parse_event,
 )
 from messages.publisher import Publisher
@@ -19,6 +21,7 @@ from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 __all__ = [
     "APPLY_EVENT_ACTOR",
     "CreditsAdjusted",
+    "CustomerSignedUp",
     "EVENTS_QUEUE",
     "EVENT_KWARG",
     "Event",
@@ -31,5 +34,6 @@ __all__ = [
     "PaymentReversed",
     "PaymentSucceeded",
     "Publisher",
+    "ReferralSubmitted",
     "parse_event",
 ]

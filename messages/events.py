@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 MAX_CREDITS = 1_000_000
 
@@ -132,6 +132,35 @@ class PaymentReversed(Event):
     total_credits_reversed: PositiveCredits
 
 
+class CustomerSignedUp(Event):
+    """A new customer. A referral code given at sign-up attributes them to its referrer."""
+
+    type: Literal["customer.signed_up"] = "customer.signed_up"
+    email: Annotated[str, Field(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
+    phone: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9+() .\-]+$")] | None = None
+    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")] | None = None
+    #: The card's fingerprint (Stripe's `card.fingerprint`): the same card, whoever holds it.
+    payment_fingerprint: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)] | None = None
+
+
+class ReferralSubmitted(Event):
+    """A referral code entered for a customer after sign-up. ``customer_id`` is the referred
+    customer; producers may send ``referred_customer_id`` instead (the same thing)."""
+
+    type: Literal["referral.submitted"] = "referral.submitted"
+    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")]
+    referred_customer_id: CustomerId
+    customer_id: CustomerId | None = None  # type: ignore[assignment]  # filled from referred_customer_id
+
+    @model_validator(mode="after")
+    def _one_customer(self) -> "ReferralSubmitted":
+        if self.customer_id is None:
+            object.__setattr__(self, "customer_id", self.referred_customer_id)
+        elif self.customer_id != self.referred_customer_id:
+            raise ValueError("customer_id and referred_customer_id name the same customer; they differ")
+        return self
+
+
 AnyEvent = Annotated[
     Union[
         JobCompleted,
@@ -143,6 +172,8 @@ AnyEvent = Annotated[
         PaymentMethodUpdated,
         PaymentReversed,
         InvoiceVoided,
+        CustomerSignedUp,
+        ReferralSubmitted,
     ],
     Field(discriminator="type"),
 ]
@@ -167,5 +198,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PaymentMethodUpdated,
         PaymentReversed,
         InvoiceVoided,
+        CustomerSignedUp,
+        ReferralSubmitted,
     )
 }

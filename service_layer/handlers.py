@@ -15,9 +15,11 @@ import structlog
 
 from domain import Account, CreditPolicy, Hold
 from domain.dunning import AttemptKind, DunningCase, DunningRules
+from domain.referrals import ReferralRules
 from domain.model import CreditView
 from messages import (
     CreditsAdjusted,
+    CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
@@ -27,7 +29,9 @@ from messages import (
     PaymentMethodUpdated,
     PaymentReversed,
     PaymentSucceeded,
+    ReferralSubmitted,
 )
+from service_layer import referrals
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.unit_of_work import UnitOfWork
 
@@ -52,6 +56,7 @@ class Context:
     account: Account
     policy: CreditPolicy
     dunning: DunningRules
+    referrals: ReferralRules
 
 
 async def _job_completed(ctx: Context, event: JobCompleted) -> bool:
@@ -73,6 +78,8 @@ async def _payment_succeeded(ctx: Context, event: PaymentSucceeded) -> bool:
     recovered = case is not None and case.paid(event.occurred_at)
     if recovered:
         await ctx.uow.dunning.save(case)
+    if issued:
+        await referrals.payment_succeeded(ctx.uow, event.customer_id, event.payment_id, event.occurred_at, ctx.referrals)
     return issued or recovered
 
 
@@ -123,7 +130,18 @@ async def _invoice_voided(ctx: Context, event: InvoiceVoided) -> bool:
 async def _payment_reversed(ctx: Context, event: PaymentReversed) -> bool:
     note = f"payment {event.payment_id} {'refunded' if event.reason == 'refund' else 'disputed'}"
     entry = ctx.account.reverse_payment(event.payment_id, event.total_credits_reversed, event.occurred_at, event.event_id, note)
+    await referrals.payment_reversed(ctx.uow, event.payment_id, "refunded" if event.reason == "refund" else "disputed", event.occurred_at)
     return entry is not None
+
+
+async def _customer_signed_up(ctx: Context, event: CustomerSignedUp) -> bool:
+    await referrals.customer_signed_up(ctx.uow, event, ctx.referrals)
+    return True
+
+
+async def _referral_submitted(ctx: Context, event: ReferralSubmitted) -> bool:
+    await referrals.submit_referral(ctx.uow, event.referred_customer_id, event.referral_code, event.occurred_at, ctx.referrals)
+    return True
 
 
 EVENT_HANDLERS: dict[type[Event], Callable[[Context, Event], Awaitable[bool]]] = {
@@ -136,6 +154,8 @@ EVENT_HANDLERS: dict[type[Event], Callable[[Context, Event], Awaitable[bool]]] =
     PaymentMethodUpdated: _payment_method_updated,
     PaymentReversed: _payment_reversed,
     InvoiceVoided: _invoice_voided,
+    CustomerSignedUp: _customer_signed_up,
+    ReferralSubmitted: _referral_submitted,
 }
 
 
@@ -148,22 +168,26 @@ def _payment_ids(event: Event) -> tuple[str, ...]:
     return ()
 
 
-async def apply_event(event: Event, uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules()) -> Outcome:
+async def apply_event(
+    event: Event, uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules(), referral_rules: ReferralRules | None = None
+) -> Outcome:
     """Apply one event exactly once. Raises EventConflict or a DomainError to refuse it."""
     async with uow:
-        outcome = await apply_event_in(uow, event, policy, dunning)
+        outcome = await apply_event_in(uow, event, policy, dunning, referral_rules)
         await uow.commit()
     return outcome
 
 
-async def apply_event_in(uow: UnitOfWork, event: Event, policy: CreditPolicy, dunning: DunningRules) -> Outcome:
+async def apply_event_in(
+    uow: UnitOfWork, event: Event, policy: CreditPolicy, dunning: DunningRules, referral_rules: ReferralRules | None = None
+) -> Outcome:
     """Apply one event inside an open unit of work (the caller commits): effect and idempotency record together."""
     job_ids = (event.job_id,) if isinstance(event, JobCompleted) else ()
     account = await uow.accounts.lock(event.customer_id, create=True, job_ids=job_ids, payment_ids=_payment_ids(event))
     assert account is not None
     if not await uow.events.claim(event):
         return Outcome.DUPLICATE
-    changed = await EVENT_HANDLERS[type(event)](Context(uow, account, policy, dunning), event)
+    changed = await EVENT_HANDLERS[type(event)](Context(uow, account, policy, dunning, referral_rules or ReferralRules()), event)
     await uow.accounts.save(account)
     return Outcome.APPLIED if changed else Outcome.IGNORED
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 
 from domain import CreditPolicy
+from domain.referrals import ReferralRules
 from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus, RetrySchedule
 from infra.db.payments import Attempt
 from messages import PaymentSucceeded
@@ -110,6 +111,7 @@ async def charge_pending(
     rules: DunningRules,
     attempt_ids: list[int] | None = None,
     limit: int = 100,
+    referral_rules: ReferralRules | None = None,
 ) -> CollectionResult:
     """Charge pending attempts (those given, or any), each once, and record what happened.
 
@@ -125,7 +127,7 @@ async def charge_pending(
             break
         [attempt] = attempts
         try:
-            outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules)
+            outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules, referral_rules)
         except Exception as error:
             log.exception("payment_attempt_failed", attempt_id=attempt.id, invoice_id=attempt.invoice_id)
             await _postpone(new_uow, attempt, now(), f"{type(error).__name__}: {error}")
@@ -152,6 +154,7 @@ async def charge_attempt(
     now: Callable[[], datetime],
     policy: CreditPolicy,
     rules: DunningRules,
+    referral_rules: ReferralRules | None = None,
 ) -> AttemptOutcome | None:
     """Charge one leased attempt. Returns its outcome, or None when the provider failed (postponed)."""
     bound = log.bind(invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value)
@@ -172,7 +175,7 @@ async def charge_attempt(
         wait = await _postpone(new_uow, attempt, now(), str(error))
         bound.warning("payment_attempt_postponed", error=str(error), retry_in_s=int(wait.total_seconds()))
         return None
-    await record_charge(new_uow, attempt, charge, now(), policy, rules)
+    await record_charge(new_uow, attempt, charge, now(), policy, rules, referral_rules)
     bound.info("payment_attempt_done", outcome=charge.outcome.value, decline_code=charge.decline_code)
     return charge.outcome
 
@@ -199,7 +202,13 @@ def charge_key(attempt: Attempt) -> str:
 
 
 async def record_charge(
-    new_uow: UnitOfWorkFactory, attempt: Attempt, charge: ChargeResult, at: datetime, policy: CreditPolicy, rules: DunningRules
+    new_uow: UnitOfWorkFactory,
+    attempt: Attempt,
+    charge: ChargeResult,
+    at: datetime,
+    policy: CreditPolicy,
+    rules: DunningRules,
+    referral_rules: ReferralRules | None = None,
 ) -> None:
     """Record an attempt's outcome on the attempt and its case; a payment issues its credits in the same transaction."""
     async with new_uow() as uow:
@@ -220,7 +229,7 @@ async def record_charge(
                     amount_cents=paid.amount_cents,
                     currency=paid.currency,
                 )
-                await apply_event_in(uow, event, policy, rules)  # issues once, ends the case
+                await apply_event_in(uow, event, policy, rules, referral_rules)  # issues once, ends the case
             else:
                 log.error("paid_invoice_without_credits", invoice_id=attempt.invoice_id, detail="no credits known for its prices; the invoice.paid webhook is parked for review")
                 case = await uow.dunning.get_by_id(attempt.case_id)

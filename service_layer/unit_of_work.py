@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db import Database
 from infra.db.payments import SqlDunningRepository, SqlStripeRepository
+from infra.db.referrals import SqlReferralRepository
 from infra.db.repository import SqlAccountRepository, SqlEventLog
 
 
@@ -16,6 +17,7 @@ class UnitOfWork(Protocol):
     events: SqlEventLog
     dunning: SqlDunningRepository
     stripe: SqlStripeRepository
+    referrals: SqlReferralRepository
 
     async def __aenter__(self) -> "UnitOfWork": ...
     async def __aexit__(self, *exc: object) -> None: ...
@@ -49,6 +51,7 @@ class SqlUnitOfWork:
         self.events = SqlEventLog(self._connection)
         self.dunning = SqlDunningRepository(self._connection)
         self.stripe = SqlStripeRepository(self._connection)
+        self.referrals = SqlReferralRepository(self._connection)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

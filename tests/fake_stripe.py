@@ -46,6 +46,9 @@ class FakeStripe:
     default_outcome: str = "succeed"
     invoices: dict[str, dict] = field(default_factory=dict)
     subscriptions: dict[str, dict] = field(default_factory=dict)
+    transfers: list[dict] = field(default_factory=list)
+    #: Outcomes for the next transfers: ``succeed``, ``server_error``, ``timeout`` (made, answer lost), ``no_account``.
+    transfer_script: deque = field(default_factory=deque)
     requests: list[Request] = field(default_factory=list)
     _scripts: dict[str, deque] = field(default_factory=dict)
     _saved: dict[str, tuple[str, int, dict]] = field(default_factory=dict)
@@ -118,7 +121,7 @@ class FakeStripe:
             if saved_path != f"{method} {path}":
                 return _send(handler, 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters"))
             return _send(handler, status, payload, replayed=True)
-        status, payload, delay = self._route(method, path)
+        status, payload, delay = self._route(method, path, request.form, urlparse(handler.path).query)
         if key and method == "POST":
             with self._lock:
                 self._saved[key] = (f"{method} {path}", status, payload)
@@ -126,9 +129,15 @@ class FakeStripe:
             time.sleep(delay)
         _send(handler, status, payload)
 
-    def _route(self, method: str, path: str) -> tuple[int, dict, float]:
+    def _route(self, method: str, path: str, form: dict | None = None, query: str = "") -> tuple[int, dict, float]:
         parts = path.strip("/").split("/")
         with self._lock:
+            if parts == ["v1", "transfers"] and method == "POST":
+                return self._transfer(form or {})
+            if parts == ["v1", "transfers"] and method == "GET":
+                group = (parse_qs(query).get("transfer_group") or [None])[0]
+                found = [t for t in self.transfers if group is None or t["transfer_group"] == group]
+                return 200, {"object": "list", "data": found[:1], "has_more": len(found) > 1, "url": "/v1/transfers"}, 0
             if len(parts) == 3 and parts[:2] == ["v1", "invoices"] and method == "GET":
                 invoice = self.invoices.get(parts[2])
                 return (200, invoice, 0) if invoice else (404, _missing("invoice", parts[2]), 0)
@@ -141,6 +150,25 @@ class FakeStripe:
                 subscription["status"] = "canceled"
                 return 200, subscription, 0
         return 404, _error("invalid_request_error", f"Unrecognized request URL ({method}: {path})"), 0
+
+    def _transfer(self, form: dict) -> tuple[int, dict, float]:
+        outcome = self.transfer_script.popleft() if self.transfer_script else "succeed"
+        if outcome == "server_error":
+            return 500, _error("api_error", "An unknown error occurred"), 0
+        if outcome == "no_account":
+            return 400, _error("invalid_request_error", "No such destination", code="resource_missing"), 0
+        first = lambda name: (form.get(name) or [None])[0]  # noqa: E731
+        transfer = {
+            "id": f"tr_{next(_ids)}",
+            "object": "transfer",
+            "amount": int(first("amount")),
+            "currency": first("currency"),
+            "destination": first("destination"),
+            "transfer_group": first("transfer_group"),
+            "metadata": {key[len("metadata["):-1]: values[0] for key, values in form.items() if key.startswith("metadata[")},
+        }
+        self.transfers.append(transfer)
+        return 200, transfer, self.timeout_delay if outcome == "timeout" else 0
 
     def _pay(self, invoice_id: str) -> tuple[int, dict, float]:
         invoice = self.invoices.get(invoice_id)

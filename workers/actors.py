@@ -16,7 +16,7 @@ from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from messages import parse_event
 from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
-from service_layer import handlers, payments
+from service_layer import handlers, payments, payouts
 from service_layer.errors import EventConflict
 from workers.broker import broker
 from workers.runtime import get_runtime
@@ -69,7 +69,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         raise Rejected(problem)
     uow = runtime.new_uow()
     try:
-        outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning)
+        outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
     except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
         detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
         log.error("event_rejected", reason=type(error).__name__, detail=detail)
@@ -88,7 +88,8 @@ async def charge_payment_attempts(attempt_ids: list[int]) -> None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
         return
     result = await payments.charge_pending(
-        runtime.new_uow, runtime.provider, runtime.clock.now, runtime.settings.policy, runtime.settings.dunning, attempt_ids=attempt_ids
+        runtime.new_uow, runtime.provider, runtime.clock.now, runtime.settings.policy, runtime.settings.dunning, attempt_ids=attempt_ids,
+        referral_rules=runtime.settings.referrals,
     )
     log.info("payment_attempts_charged", attempt_ids=attempt_ids, charged=result.charged, postponed=result.postponed)
 
@@ -104,7 +105,7 @@ async def collect_payments(as_of: str | None = None) -> None:
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
-    result = await payments.charge_pending(runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning)
+    result = await payments.charge_pending(runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning, referral_rules=settings.referrals)
     cancelled = 0
     if settings.dunning_end_action == "cancel_subscription":
         cancelled = await payments.cancel_past_due_subscriptions(runtime.new_uow, runtime.provider, clock)
@@ -150,6 +151,27 @@ def _sweep_time(as_of: str | None) -> datetime:
     return moment
 
 
-PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds, collect_payments)}
+@dramatiq.actor(queue_name=PAYMENTS_QUEUE, **_retry_options())
+async def pay_referrals(as_of: str | None = None) -> None:
+    """Periodic: release rewards whose hold is over, make today's payouts (same-day payees
+    daily, everyone on Fridays in the business's time zone), send every unpaid payout."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    settings = runtime.settings
+    run = await payouts.pay_referrals(runtime.new_uow, runtime.payout_gateways, settings.payout_gateways, now, settings.referrals)
+    log.info("referrals_paid", as_of=now.isoformat(), released=run.released, payouts_created=len(run.created), held_back=len(run.held_back), sent=run.sent, failed=run.failed)
 
-__all__ = ["PERIODIC_ACTORS", "Rejected", "apply_event", "broker", "charge_payment_attempts", "collect_payments", "expire_credits", "lapse_holds"]
+
+PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds, collect_payments, pay_referrals)}
+
+__all__ = [
+    "PERIODIC_ACTORS",
+    "Rejected",
+    "apply_event",
+    "broker",
+    "charge_payment_attempts",
+    "collect_payments",
+    "expire_credits",
+    "lapse_holds",
+    "pay_referrals",
+]

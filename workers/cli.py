@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds", "collect_payments")
+PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds", "collect_payments", "pay_referrals")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ class Runtime:
     clock: Clock = field(default_factory=SystemClock)
     _db: Database | None = None
     _provider: object | None = None
+    _payout_gateways: dict | None = None
 
     @property
     def db(self) -> Database:
@@ -35,6 +36,14 @@ class Runtime:
 
             self._provider = StripeProvider(self.settings)
         return self._provider
+
+    @property
+    def payout_gateways(self) -> dict:
+        if self._payout_gateways is None:
+            from infra.payouts import payout_gateways
+
+            self._payout_gateways = payout_gateways(self.settings)
+        return self._payout_gateways
 
     def new_uow(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.db)

@@ -34,12 +34,13 @@ class PeriodicJob:
 
 
 def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
-    from workers.actors import collect_payments, expire_credits, lapse_holds
+    from workers.actors import collect_payments, expire_credits, lapse_holds, pay_referrals
 
     return [
         PeriodicJob(expire_credits, timedelta(minutes=settings.expire_credits_every_minutes)),
         PeriodicJob(lapse_holds, timedelta(minutes=settings.lapse_holds_every_minutes)),
         PeriodicJob(collect_payments, timedelta(minutes=settings.collect_payments_every_minutes)),
+        PeriodicJob(pay_referrals, timedelta(minutes=settings.pay_referrals_every_minutes)),
     ]
 
 

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -18,8 +19,10 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     func,
     literal_column,
+    true,
 )
 
 metadata = MetaData(
@@ -291,3 +294,135 @@ Index("ix_payment_attempts_pending", payment_attempts.c.leased_until, postgresql
 # One scheduled attempt per number per case: two collectors cannot both make attempt 2.
 ATTEMPT_IS_SCHEDULED = payment_attempts.c.number.is_not(None)
 Index("uq_payment_attempts_number", payment_attempts.c.case_id, payment_attempts.c.number, unique=True, postgresql_where=ATTEMPT_IS_SCHEDULED, sqlite_where=ATTEMPT_IS_SCHEDULED)
+
+
+# ---------------------------------------------------------------- referrals and payouts
+
+customer_profiles = Table(
+    "customer_profiles",
+    metadata,
+    Column("customer_id", String(255), primary_key=True),
+    # Normalised (domain/referrals.py): the self-referral and fraud rules compare these.
+    Column("email", String(320), nullable=True, index=True),
+    Column("phone", String(40), nullable=True, index=True),
+    Column("payment_fingerprint", String(255), nullable=True, index=True),
+    Column("signed_up_at", UtcDateTime, nullable=False),
+)
+
+referrers = Table(
+    "referrers",
+    metadata,
+    Column("referrer_id", String(255), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(255), nullable=True),
+    Column("email", String(320), nullable=True),
+    Column("phone", String(40), nullable=True),
+    # How the payee is paid; PAYOUT_GATEWAYS maps each method to a gateway.
+    Column("payout_method", String(32), nullable=False, server_default="manual"),
+    Column("same_day", Boolean, nullable=False, server_default=false()),
+    Column("stripe_account_id", String(255), nullable=True),
+    # Where a manual payout goes: a $cashtag, an email for a bank transfer…
+    Column("payout_address", String(255), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('customer', 'employee', 'partner')", name="known_kind"),
+)
+
+referral_codes = Table(
+    "referral_codes",
+    metadata,
+    Column("code", String(64), primary_key=True),
+    Column("referrer_id", String(255), ForeignKey("referrers.referrer_id"), nullable=False, index=True),
+    Column("active", Boolean, nullable=False, server_default=true()),
+    Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
+    Column("deactivated_at", UtcDateTime, nullable=True),
+)
+
+referrals = Table(
+    "referrals",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("referred_customer_id", String(255), nullable=False),
+    # False for a submission rejected outright (kept for the record). A customer has at most
+    # one attributed referral: the first that stands is fixed (partial unique index below).
+    Column("attributed", Boolean, nullable=False),
+    Column("referrer_id", String(255), nullable=True, index=True),
+    Column("code", String(64), nullable=True),
+    Column("submitted_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("flags", JSON, nullable=False),
+    Column("reward_cents", BigInteger, nullable=True),
+    Column("qualifying_payment_id", String(255), nullable=True, index=True),
+    Column("approve_after", UtcDateTime, nullable=True),
+    Column("payout_id", Id, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "status IN ('awaiting_payment', 'pending', 'approved', 'in_payout', 'paid', 'rejected', 'flagged', 'voided')",
+        name="known_status",
+    ),
+    Index("ix_referrals_status", "status", "approve_after"),
+    Index("ix_referrals_customer", "referred_customer_id"),
+)
+REFERRAL_IS_ATTRIBUTED = referrals.c.attributed.is_(True)
+Index("uq_referrals_attributed_customer", referrals.c.referred_customer_id, unique=True, postgresql_where=REFERRAL_IS_ATTRIBUTED, sqlite_where=REFERRAL_IS_ATTRIBUTED)
+
+referral_history = Table(
+    "referral_history",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("referral_id", Id, ForeignKey("referrals.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("reason", Text, nullable=True),
+    Index("ix_referral_history_referral", "referral_id", "id"),
+)
+
+# A paid reward whose payment was refunded or disputed: taken from the payee's next payout.
+referral_clawbacks = Table(
+    "referral_clawbacks",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("referral_id", Id, ForeignKey("referrals.id"), nullable=False, unique=True),
+    Column("payee_id", String(255), nullable=False, index=True),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("payout_id", Id, nullable=True),
+    CheckConstraint("amount_cents > 0", name="amount_positive"),
+)
+
+payouts = Table(
+    "payouts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("payee_id", String(255), nullable=False),
+    # week-<Friday> or day-<date>: one payout per payee per period, whatever reruns or crashes.
+    Column("period", String(32), nullable=False),
+    Column("method", String(32), nullable=False),
+    Column("gateway", String(32), nullable=False),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    # pending → paid; failed (retried on the next run); exported (manual: awaits its reference).
+    Column("status", String(16), nullable=False),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("external_reference", String(255), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_tried_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("paid_at", UtcDateTime, nullable=True),
+    CheckConstraint("status IN ('pending', 'failed', 'exported', 'paid')", name="known_status"),
+    CheckConstraint("amount_cents > 0", name="amount_positive"),
+    Index("uq_payouts_payee_period", "payee_id", "period", unique=True),
+    Index("ix_payouts_status", "status", "created_at"),
+)
+
+payout_items = Table(
+    "payout_items",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("payout_id", Id, ForeignKey("payouts.id"), nullable=False, index=True),
+    Column("referral_id", Id, ForeignKey("referrals.id"), nullable=True),
+    Column("clawback_id", Id, ForeignKey("referral_clawbacks.id"), nullable=True),
+    Column("amount_cents", BigInteger, nullable=False),
+    CheckConstraint("(referral_id IS NULL) <> (clawback_id IS NULL)", name="one_source"),
+)

@@ -18,22 +18,26 @@ log = structlog.get_logger("credits.stripe")
 #: Stripe says the customer must authenticate (3-D Secure): retrying without them cannot succeed.
 _NEEDS_ACTION = frozenset({"authentication_required", "invoice_payment_intent_requires_action"})
 #: Failures on Stripe's side or on the way to it: the same request (same key) is tried again later.
-_UNAVAILABLE = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError, stripe.IdempotencyError)
+UNAVAILABLE = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError, stripe.IdempotencyError)
+
+
+def stripe_client(settings: Settings) -> stripe.StripeClient:
+    if settings.stripe_api_key is None:
+        raise ValueError("STRIPE_API_KEY is not set")
+    return stripe.StripeClient(
+        settings.stripe_api_key.get_secret_value(),
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+        # No retries inside the SDK: a failed charge or payout is retried by its own schedule,
+        # with its idempotency key, and recorded.
+        max_network_retries=0,
+        http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
+    )
 
 
 class StripeProvider:
     def __init__(self, settings: Settings) -> None:
-        if settings.stripe_api_key is None:
-            raise ValueError("STRIPE_API_KEY is not set")
         self.plan_credits = dict(settings.stripe_plan_credits)
-        self.client = stripe.StripeClient(
-            settings.stripe_api_key.get_secret_value(),
-            base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
-            # No retries inside the SDK: a failed charge is retried by the dunning schedule,
-            # with the same idempotency key, and recorded.
-            max_network_retries=0,
-            http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
-        )
+        self.client = stripe_client(settings)
 
     async def pay_invoice(
         self, invoice_id: str, customer_id: str, idempotency_key: str, *, check_first: bool = False, payment_method_id: str | None = None
@@ -53,7 +57,7 @@ class StripeProvider:
         except stripe.InvalidRequestError as error:
             # Paid, voided or not payable as it stands: the invoice's own state says which.
             return await self._settled_otherwise(invoice_id, customer_id, error)
-        except _UNAVAILABLE as error:
+        except UNAVAILABLE as error:
             raise ProviderUnavailable(f"{type(error).__name__}: {error._message or error}") from None
         return self._result(invoice.to_dict(), customer_id)
 
@@ -64,7 +68,7 @@ class StripeProvider:
             if error.code != "resource_missing":
                 raise ProviderUnavailable(f"cannot cancel {subscription_id}: {error._message}") from None
             log.warning("subscription_already_gone", subscription_id=subscription_id)
-        except _UNAVAILABLE as error:
+        except UNAVAILABLE as error:
             raise ProviderUnavailable(f"{type(error).__name__}: {error._message or error}") from None
 
     async def _settled_otherwise(self, invoice_id: str, customer_id: str, error: stripe.InvalidRequestError) -> ChargeResult:
@@ -80,7 +84,7 @@ class StripeProvider:
             invoice = (await self.client.v1.invoices.retrieve_async(invoice_id, params={"expand": ["payments.data.payment.payment_intent"]})).to_dict()
         except stripe.InvalidRequestError as missing:
             return ChargeResult(AttemptOutcome.CLOSED, missing.code, f"invoice cannot be read: {missing._message}")
-        except _UNAVAILABLE as failure:
+        except UNAVAILABLE as failure:
             raise ProviderUnavailable(f"{type(failure).__name__}: {failure._message or failure}") from None
         if invoice.get("status") in ("paid", "void", "uncollectible"):
             return self._result(invoice, customer_id)

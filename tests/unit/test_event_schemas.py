@@ -14,6 +14,7 @@ from messages.events import (
     EVENT_TYPES,
     MAX_CREDITS,
     CreditsAdjusted,
+    CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
@@ -23,6 +24,7 @@ from messages.events import (
     PaymentMethodUpdated,
     PaymentReversed,
     PaymentSucceeded,
+    ReferralSubmitted,
     parse_event,
 )
 
@@ -54,6 +56,8 @@ VALID = {
     "payment_method.updated": {**BASE, "type": "payment_method.updated", "payment_method_id": "pm_1"},
     "payment.reversed": {**BASE, "type": "payment.reversed", "payment_id": "in_1", "reason": "refund", "total_credits_reversed": 4},
     "invoice.voided": {**BASE, "type": "invoice.voided", "invoice_id": "in_1", "reason": "uncollectible"},
+    "customer.signed_up": {**BASE, "type": "customer.signed_up", "email": "jane@example.com", "phone": "+1 555 0100", "referral_code": "JANE-7K3PQ", "payment_fingerprint": "fp_1"},
+    "referral.submitted": {**BASE, "type": "referral.submitted", "referral_code": "JANE-7K3PQ", "referred_customer_id": "cust-1"},
 }
 MODELS = {
     "job.completed": JobCompleted,
@@ -65,6 +69,8 @@ MODELS = {
     "payment_method.updated": PaymentMethodUpdated,
     "payment.reversed": PaymentReversed,
     "invoice.voided": InvoiceVoided,
+    "customer.signed_up": CustomerSignedUp,
+    "referral.submitted": ReferralSubmitted,
 }
 ALL_TYPES = sorted(VALID)
 WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted"]
@@ -73,6 +79,13 @@ WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted"]
 def test_payment_failed_refuses_a_link_that_is_not_https():
     with pytest.raises(ValidationError):
         parse_event(json.dumps({**VALID["payment.failed"], "hosted_invoice_url": "javascript:alert(1)"}))
+
+
+def test_a_referral_names_its_customer_once():
+    event = parse_event(json.dumps({k: v for k, v in VALID["referral.submitted"].items() if k != "customer_id"}))
+    assert event.customer_id == event.referred_customer_id == "cust-1"
+    with pytest.raises(ValidationError):
+        parse_event(json.dumps({**VALID["referral.submitted"], "customer_id": "someone-else"}))
 
 
 def test_payment_reversed_names_its_reason():
@@ -188,8 +201,10 @@ def test_extra_fields_are_refused(kind):
 @pytest.mark.parametrize("kind", ALL_TYPES)
 @pytest.mark.parametrize("field", ["event_id", "occurred_at", "customer_id"])
 def test_common_fields_are_required(kind, field):
-    error = refused(without(kind, field))
-    assert any(e["type"] == "missing" and e["loc"][-1] == field for e in error.errors())
+    # A referral's customer is its referred_customer_id, which is required instead.
+    missing = "referred_customer_id" if (kind, field) == ("referral.submitted", "customer_id") else field
+    error = refused(without(kind, missing))
+    assert any(e["type"] == "missing" and e["loc"][-1] == missing for e in error.errors())
 
 
 @pytest.mark.parametrize(("kind", "field"), [("job.completed", "job_id"), ("job.cancelled", "job_id"), ("payment.succeeded", "payment_id"), ("payment.succeeded", "credits"), ("credits.adjusted", "credits"), ("credits.adjusted", "reason"), ("credits.adjusted", "actor")])

@@ -1,0 +1,179 @@
+"""Paying referral rewards: the hold ends, payouts are snapshotted per payee and period, then sent.
+
+A payout is one row per (payee, period) — ``week-<Friday>`` or, for same-day payees,
+``day-<date>`` — made in the same transaction that moves its rewards to ``in_payout``.
+Sending is a separate step with the payout's own idempotency key, so a run that crashed
+midway, or a second run, finds the payout and never pays it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from domain.referrals import ReferralRules
+from service_layer.unit_of_work import UnitOfWork
+
+log = structlog.get_logger("credits.payouts")
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+
+# ---------------------------------------------------------------- the gateway port
+
+
+@dataclass(frozen=True)
+class PayoutOrder:
+    payout_id: int
+    payee_id: str
+    amount_cents: int
+    currency: str
+    period: str
+    idempotency_key: str
+    attempts: int  # earlier tries: a gateway checks whether one of them went through
+    stripe_account_id: str | None = None
+    payout_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Sent:
+    #: paid: the money moved (``reference`` is the provider's id); exported: handed to
+    #: operations to pay by hand, who record the reference later.
+    status: str
+    reference: str | None = None
+
+
+class PayoutFailed(Exception):
+    """The gateway did not pay: the payout stays failed and is tried again on the next run."""
+
+
+class PayoutGateway(Protocol):
+    name: str
+
+    async def send(self, order: PayoutOrder) -> Sent: ...
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class PayoutRun:
+    released: int = 0
+    created: list[int] = field(default_factory=list)
+    held_back: list[str] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+
+
+async def pay_referrals(new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules) -> PayoutRun:
+    """Release rewards whose hold is over, make today's payouts (same-day payees every day,
+    everyone on Fridays), then send every payout not yet paid (failed ones again)."""
+    run = PayoutRun()
+    run.released = await release_rewards(new_uow, now)
+    await make_payouts(new_uow, method_gateways, now, rules, run)
+    await send_payouts(new_uow, gateways, now, run)
+    return run
+
+
+async def release_rewards(new_uow: UnitOfWorkFactory, now: datetime, batch: int = 500) -> int:
+    released = 0
+    while True:
+        async with new_uow() as uow:
+            due = await uow.referrals.lock_due_for_release(now, batch)
+            for referral in due:
+                before = len(referral.history)
+                if referral.release(now):
+                    released += 1
+                await uow.referrals.save(referral, referral.history[before:])
+            await uow.commit()
+        if len(due) < batch:
+            return released
+
+
+async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, run: PayoutRun) -> None:
+    calendar = rules.calendar
+    friday = calendar.is_payout_day(now)
+    async with new_uow() as uow:
+        for payable in await uow.referrals.payable():
+            payee = await uow.referrals.referrer_row(payable.payee_id)
+            if payee is None:
+                continue
+            if payee.same_day:
+                period, minimum = calendar.same_day_period(now), 1
+            elif friday:
+                period, minimum = calendar.weekly_period(now), rules.minimum_payout_cents
+            else:
+                continue
+            if payable.total_cents < minimum:
+                run.held_back.append(payable.payee_id)
+                log.info("payout_held_back", payee_id=payable.payee_id, total_cents=payable.total_cents, minimum_cents=minimum, period=period)
+                continue
+            gateway = method_gateways.get(payee.payout_method, "manual")
+            payout_id = await uow.referrals.create_payout(payable, period, payee.payout_method, gateway, rules.currency, now)
+            if payout_id is None:
+                continue  # this period's payout exists (a rerun): what came since waits for the next period
+            for referral in await uow.referrals.referrals_in_payout(payout_id):
+                before = len(referral.history)
+                referral.into_payout(payout_id, now)
+                await uow.referrals.save(referral, referral.history[before:])
+            run.created.append(payout_id)
+            log.info("payout_created", payout_id=payout_id, payee_id=payable.payee_id, period=period, amount_cents=payable.total_cents, gateway=gateway)
+        await uow.commit()
+
+
+async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], now: datetime, run: PayoutRun, limit: int = 1_000, payout_ids: list[int] | None = None) -> None:
+    for _ in range(limit):
+        async with new_uow() as uow:
+            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, not_tried_since=now)
+            if not rows:
+                return
+            [row] = rows
+            # Marked tried in its own transaction first: a crash while sending is seen by the
+            # next run, whose gateway then checks with the provider before paying again.
+            await uow.referrals.set_payout(row.id, attempts=row.attempts + 1, last_tried_at=now)
+            await uow.commit()
+        payee = None
+        async with new_uow() as uow:
+            payee = await uow.referrals.referrer_row(row.payee_id)
+        order = PayoutOrder(
+            row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, row.attempts,
+            payee.stripe_account_id if payee else None, payee.payout_address if payee else None,
+        )
+        gateway = gateways.get(row.gateway)
+        try:
+            if gateway is None:
+                raise PayoutFailed(f"no {row.gateway} gateway is configured")
+            sent = await gateway.send(order)
+        except PayoutFailed as error:
+            async with new_uow() as uow:
+                await uow.referrals.set_payout(row.id, status="failed", last_error=str(error)[:2000])
+                await uow.commit()
+            run.failed.append(row.id)
+            log.warning("payout_failed", payout_id=row.id, payee_id=row.payee_id, error=str(error))
+            continue
+        if sent.status == "paid":
+            await record_paid(new_uow, row.id, sent.reference, now)
+        else:
+            async with new_uow() as uow:
+                await uow.referrals.set_payout(row.id, status="exported", last_error=None)
+                await uow.commit()
+        run.sent[sent.status] = run.sent.get(sent.status, 0) + 1
+        log.info("payout_" + sent.status, payout_id=row.id, payee_id=row.payee_id, reference=sent.reference, amount_cents=row.amount_cents)
+
+
+async def record_paid(new_uow: UnitOfWorkFactory, payout_id: int, reference: str | None, at: datetime) -> bool:
+    """Mark a payout paid (by the gateway, or by operations with the external reference), and its rewards."""
+    async with new_uow() as uow:
+        row = await uow.referrals.payout(payout_id)
+        if row is None or row.status == "paid":
+            return False
+        await uow.referrals.set_payout(payout_id, status="paid", paid_at=at, external_reference=reference, last_error=None)
+        for referral in await uow.referrals.referrals_in_payout(payout_id):
+            before = len(referral.history)
+            referral.paid(at)
+            await uow.referrals.save(referral, referral.history[before:])
+        await uow.commit()
+    return True

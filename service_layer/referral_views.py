@@ -1,0 +1,124 @@
+"""Read side of referrals and payouts: filtered lists with totals, and a referrer's own summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from sqlalchemy import case, func, select
+
+from domain.referrals import PayoutCalendar, ReferralStatus
+from infra.db import Database
+from infra.db.tables import payouts, referral_clawbacks, referral_codes, referral_history, referrals, referrers
+
+
+@dataclass(frozen=True)
+class Page:
+    total: int
+    total_cents: int
+    rows: list[dict]
+
+
+async def list_referrals(
+    db: Database, *, status: str | None, payee: str | None, since: datetime | None, until: datetime | None, limit: int, offset: int,
+    referral_id: int | None = None,
+) -> Page:
+    where = [referrals.c.id == referral_id] if referral_id is not None else []
+    if status:
+        where.append(referrals.c.status == status)
+    if payee:
+        where.append(referrals.c.referrer_id == payee)
+    if since:
+        where.append(referrals.c.submitted_at >= since)
+    if until:
+        where.append(referrals.c.submitted_at < until)
+    async with db.connect() as connection:
+        total, cents = (
+            await connection.execute(select(func.count(), func.coalesce(func.sum(referrals.c.reward_cents), 0)).select_from(referrals).where(*where))
+        ).one()
+        rows = [dict(r._mapping) for r in await connection.execute(select(referrals).where(*where).order_by(referrals.c.submitted_at, referrals.c.id).limit(limit).offset(offset))]
+        ids = [r["id"] for r in rows]
+        history: dict[int, list[dict]] = {}
+        if ids:
+            for h in await connection.execute(select(referral_history).where(referral_history.c.referral_id.in_(ids)).order_by(referral_history.c.id)):
+                history.setdefault(h.referral_id, []).append({"status": h.status, "at": h.at, "reason": h.reason})
+    for row in rows:
+        row["history"] = history.get(row["id"], [])
+        row["flags"] = list(row["flags"] or [])
+    return Page(total, int(cents), rows)
+
+
+async def list_payouts(
+    db: Database, *, status: str | None, payee: str | None, since: datetime | None, until: datetime | None, limit: int, offset: int
+) -> Page:
+    where = []
+    if status:
+        where.append(payouts.c.status == status)
+    if payee:
+        where.append(payouts.c.payee_id == payee)
+    if since:
+        where.append(payouts.c.created_at >= since)
+    if until:
+        where.append(payouts.c.created_at < until)
+    async with db.connect() as connection:
+        total, cents = (
+            await connection.execute(select(func.count(), func.coalesce(func.sum(payouts.c.amount_cents), 0)).select_from(payouts).where(*where))
+        ).one()
+        query = (
+            select(payouts, referrers.c.payout_address, referrers.c.name.label("payee_name"))
+            .select_from(payouts.outerjoin(referrers, referrers.c.referrer_id == payouts.c.payee_id))
+            .where(*where)
+            .order_by(payouts.c.created_at, payouts.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        rows = [dict(r._mapping) for r in await connection.execute(query)]
+    return Page(total, int(cents), rows)
+
+
+@dataclass(frozen=True)
+class ReferrerSummary:
+    referrer_id: str
+    kind: str
+    codes: list[dict]
+    referrals_by_status: dict[str, int]
+    paid_to_date_cents: int
+    upcoming_cents: int  # approved or in a payout not yet paid
+    clawbacks_pending_cents: int  # refunded after payout: taken from the next payout
+    next_payout_date: date
+
+
+async def referrer_summary(db: Database, referrer_id: str, now: datetime, calendar: PayoutCalendar) -> ReferrerSummary | None:
+    async with db.connect() as connection:
+        referrer = (await connection.execute(select(referrers).where(referrers.c.referrer_id == referrer_id))).first()
+        if referrer is None:
+            return None
+        codes = [
+            {"code": r.code, "active": r.active, "created_at": r.created_at}
+            for r in await connection.execute(select(referral_codes).where(referral_codes.c.referrer_id == referrer_id).order_by(referral_codes.c.created_at))
+        ]
+        counts = dict(
+            (await connection.execute(select(referrals.c.status, func.count()).where(referrals.c.referrer_id == referrer_id).group_by(referrals.c.status))).all()
+        )
+        paid, upcoming = (
+            await connection.execute(
+                select(
+                    func.coalesce(func.sum(case((referrals.c.status == ReferralStatus.PAID.value, referrals.c.reward_cents), else_=0)), 0),
+                    func.coalesce(
+                        func.sum(
+                            case((referrals.c.status.in_([ReferralStatus.APPROVED.value, ReferralStatus.IN_PAYOUT.value]), referrals.c.reward_cents), else_=0)
+                        ),
+                        0,
+                    ),
+                ).where(referrals.c.referrer_id == referrer_id)
+            )
+        ).one()
+        clawbacks = (
+            await connection.execute(
+                select(func.coalesce(func.sum(referral_clawbacks.c.amount_cents), 0)).where(
+                    referral_clawbacks.c.payee_id == referrer_id, referral_clawbacks.c.payout_id.is_(None)
+                )
+            )
+        ).scalar_one()
+    next_day = calendar.local_date(now) if referrer.same_day else calendar.next_payout_day(now)
+    return ReferrerSummary(referrer.referrer_id, referrer.kind, codes, counts, int(paid), int(upcoming), int(clawbacks), next_day)

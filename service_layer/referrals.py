@@ -1,0 +1,129 @@
+"""Referral use cases inside an event's unit of work: sign-up, attribution, qualification, reversal."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+
+from domain.referrals import (
+    ReferralRules,
+    Referral,
+    ReferralStatus,
+    ReferrerKind,
+    judge_referral,
+    normalize_code,
+    normalize_email,
+    normalize_phone,
+)
+from messages import CustomerSignedUp
+from service_layer.unit_of_work import UnitOfWork
+
+log = structlog.get_logger("credits.referrals")
+
+
+async def customer_signed_up(uow: UnitOfWork, event: CustomerSignedUp, rules: ReferralRules) -> None:
+    """Remember who the customer is, make them a referrer with a code, attribute their referral."""
+    repo = uow.referrals
+    email, phone = normalize_email(event.email), normalize_phone(event.phone)
+    await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at)
+    if await repo.add_referrer(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone):
+        await repo.add_code(event.customer_id, name_hint=(event.email.split("@", 1)[0]))
+    if event.referral_code:
+        await submit_referral(uow, event.customer_id, event.referral_code, event.occurred_at, rules)
+
+
+async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: datetime, rules: ReferralRules) -> Referral:
+    """Attribute the customer to the code's referrer, or record why not (caller holds the customer's lock)."""
+    repo = uow.referrals
+    code = normalize_code(code)
+    code_row = await repo.code(code)
+    referrer = await repo.referrer(code_row.referrer_id) if code_row else None
+    referred = await repo.party(customer_id)
+    verdict = judge_referral(
+        referrer,
+        bool(code_row and code_row.active),
+        referred,
+        already_referred=await repo.attributed(customer_id) is not None,
+        paid_before=await repo.has_paid_before(customer_id, at),
+        prior=await repo.prior_referrals(referrer.referrer_id) if referrer else [],
+        other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(referred.payment_fingerprints, customer_id),
+        at=at,
+        rules=rules.fraud,
+    )
+    referral = Referral.submitted(customer_id, referrer.referrer_id if referrer else None, code, at, verdict)
+    await repo.add(referral)
+    log.info("referral_" + verdict.status.value, customer_id=customer_id, code=code, reason=verdict.reason, flags=list(verdict.flags))
+    return referral
+
+
+async def payment_succeeded(uow: UnitOfWork, customer_id: str, payment_id: str, paid_at: datetime, rules: ReferralRules) -> None:
+    """The referred customer's first payment qualifies their referral's reward (held for refunds)."""
+    repo = uow.referrals
+    referral = await repo.attributed(customer_id)
+    if referral is None or referral.status is not ReferralStatus.AWAITING_PAYMENT:
+        return
+    before = len(referral.history)
+    if await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
+        referral.admin_reject(paid_at, "system", "the customer had already paid before being referred")
+    else:
+        kind = ReferrerKind((await repo.referrer_row(referral.referrer_id)).kind)
+        referral.qualify(payment_id, paid_at, rules.rewards_cents[kind], rules.hold)
+    await repo.save(referral, referral.history[before:])
+
+
+async def payment_reversed(uow: UnitOfWork, payment_id: str, reason: str, at: datetime) -> None:
+    """A refund or dispute of a qualifying payment: void the unpaid reward, or claw a paid one back."""
+    repo = uow.referrals
+    referral = await repo.by_qualifying_payment(payment_id)
+    if referral is None or referral.status in (ReferralStatus.VOIDED, ReferralStatus.REJECTED):
+        return
+    if await repo.has_clawback(referral.id):
+        return  # already taken back (a second partial refund of the same payment)
+    before = len(referral.history)
+    clawback = referral.payment_reversed(at, f"qualifying payment {payment_id} {reason}")
+    if clawback:
+        await repo.add_clawback(referral, clawback, at)
+    await repo.save(referral, referral.history[before:])
+
+
+# ---------------------------------------------------------------- admin use cases
+
+
+class ReferrerExists(Exception):
+    pass
+
+
+class NotFound(LookupError):
+    pass
+
+
+async def register_referrer(uow: UnitOfWork, referrer_id: str, kind: ReferrerKind, *, name: str | None, email: str | None, phone: str | None,
+                            payout_method: str, same_day: bool, stripe_account_id: str | None, payout_address: str | None) -> str:
+    """A new employee, partner (or customer) referrer with a first code; returns the code."""
+    async with uow:
+        added = await uow.referrals.add_referrer(
+            referrer_id, kind, name=name, email=normalize_email(email), phone=normalize_phone(phone), payout_method=payout_method,
+            same_day=same_day, stripe_account_id=stripe_account_id, payout_address=payout_address,
+        )
+        if not added:
+            raise ReferrerExists(referrer_id)
+        code = await uow.referrals.add_code(referrer_id, name_hint=name or referrer_id)
+        await uow.commit()
+    return code
+
+
+async def decide_flagged(uow: UnitOfWork, referral_id: int, approve: bool, admin: str, reason: str | None, now: datetime) -> Referral:
+    """An admin approves (the hold still applies) or rejects a reward. Raises NotFound or ReferralRuleError."""
+    async with uow:
+        referral = await uow.referrals.by_id(referral_id)
+        if referral is None:
+            raise NotFound(referral_id)
+        before = len(referral.history)
+        if approve:
+            referral.admin_approve(now, admin)
+        else:
+            referral.admin_reject(now, admin, reason or "no reason given")
+        await uow.referrals.save(referral, referral.history[before:])
+        await uow.commit()
+    return referral
