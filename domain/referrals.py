@@ -77,7 +77,7 @@ def nearly_identical_emails(a: str, b: str) -> bool:
 
 #: No 0/O, 1/I/L: a code read aloud or from a flyer is typed right.
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
-CODE_PATTERN = re.compile(r"^[A-Z]{0,8}-?[A-HJ-NP-Z2-9]{4,8}$")
+CODE_PATTERN = re.compile(rf"^[A-Z]{{0,8}}-?[{CODE_ALPHABET}]{{4,8}}$")
 
 
 def new_code(name_hint: str | None = None, length: int = 5) -> str:
@@ -166,6 +166,8 @@ def judge_referral(
     if len(recent) + 1 > rules.velocity_limit:
         flags.append(f"velocity: {len(recent) + 1} referrals within {_hours(rules.velocity_window)} h")
     if referred.email:
+        if any(p.email == referred.email for p in prior):
+            flags.append("near-identical email: the same mailbox as another referral of this referrer")
         similar = sorted({p.email for p in prior if p.email and nearly_identical_emails(p.email, referred.email)})
         if similar:
             flags.append(f"near-identical email to another referral of this referrer ({similar[0]})")
