@@ -215,6 +215,8 @@ class DunningCase:
             self._stop(DunningStatus.ACTION_REQUIRED)
             return
         self._note_failure(at, decline_code, message)
+        if self.status is DunningStatus.PAST_DUE:
+            return  # the schedule has ended: only payment or closing the invoice leaves past due
         if is_hard_decline(decline_code):
             self._stop(DunningStatus.NEEDS_PAYMENT_METHOD)
             return

@@ -64,13 +64,21 @@ class ProviderUnavailable(Exception):
 
 class PaymentProvider(Protocol):
     async def pay_invoice(
-        self, invoice_id: str, customer_id: str, idempotency_key: str, *, check_first: bool = False, payment_method_id: str | None = None
+        self,
+        invoice_id: str,
+        customer_id: str,
+        idempotency_key: str,
+        *,
+        check_first: bool = False,
+        payment_method_id: str | None = None,
+        heed_last_decline: bool = True,
     ) -> ChargeResult:
         """Charge an open invoice (with ``payment_method_id`` if given, else its default).
 
         ``check_first``: read the invoice before charging — a previous try failed on the
         provider's side and may have paid it all the same, or this is the first retry and the
-        provider's own first charge may have been a hard decline, which must not be retried.
+        provider's own first charge may have been a hard decline, which must not be retried
+        (when ``heed_last_decline``).
         """
         ...
 
@@ -169,7 +177,14 @@ async def charge_attempt(
     try:
         check_first = attempt.provider_errors > 0 or (attempt.kind is AttemptKind.SCHEDULED and attempt.number == 1)
         charge = await provider.pay_invoice(
-            attempt.invoice_id, attempt.customer_id, charge_key(attempt), check_first=check_first, payment_method_id=attempt.payment_method_id
+            attempt.invoice_id,
+            attempt.customer_id,
+            charge_key(attempt),
+            check_first=check_first,
+            payment_method_id=attempt.payment_method_id,
+            # Only an automatic charge of the same card heeds an earlier hard decline; a new
+            # card, or a customer's own retry (perhaps after changing their default), is tried.
+            heed_last_decline=attempt.kind is AttemptKind.SCHEDULED,
         )
     except ProviderUnavailable as error:
         wait = await _postpone(new_uow, attempt, now(), str(error))

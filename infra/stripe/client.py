@@ -40,10 +40,17 @@ class StripeProvider:
         self.client = stripe_client(settings)
 
     async def pay_invoice(
-        self, invoice_id: str, customer_id: str, idempotency_key: str, *, check_first: bool = False, payment_method_id: str | None = None
+        self,
+        invoice_id: str,
+        customer_id: str,
+        idempotency_key: str,
+        *,
+        check_first: bool = False,
+        payment_method_id: str | None = None,
+        heed_last_decline: bool = True,
     ) -> ChargeResult:
         if check_first:
-            settled = await self._settled(invoice_id, customer_id)
+            settled = await self._settled(invoice_id, customer_id, heed_last_decline and payment_method_id is None)
             if settled is not None:
                 return settled
         params = {"payment_method": payment_method_id} if payment_method_id else None
@@ -77,7 +84,7 @@ class StripeProvider:
         settled = await self._settled(invoice_id, customer_id)
         return settled or ChargeResult(AttemptOutcome.DECLINED, error.code, error.user_message or error._message)
 
-    async def _settled(self, invoice_id: str, customer_id: str) -> ChargeResult | None:
+    async def _settled(self, invoice_id: str, customer_id: str, heed_last_decline: bool = False) -> ChargeResult | None:
         """The result an invoice's own state gives when it is paid, voided, gone or its last
         charge was hard-declined; None while it is open and worth charging."""
         try:
@@ -89,7 +96,7 @@ class StripeProvider:
         if invoice.get("status") in ("paid", "void", "uncollectible"):
             return self._result(invoice, customer_id)
         code, message = last_payment_error(invoice)
-        if is_hard_decline(code):
+        if heed_last_decline and is_hard_decline(code):
             return ChargeResult(AttemptOutcome.DECLINED, code, f"not charged again: the last charge was declined ({message or code})")
         return None
 

@@ -15,17 +15,19 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from domain import CreditPolicy
 from domain.dunning import DunningRules
 from infra.db.tables import credit_lots, customers, dunning_cases, ledger_entries, payment_attempts, processed_events
 from infra.settings import load_settings
 from infra.stripe.client import StripeProvider
-from messages import JobCompleted, PaymentActionRequired, PaymentFailed, PaymentSucceeded
+from messages import JobCompleted, PaymentActionRequired, PaymentFailed, PaymentMethodUpdated, PaymentSucceeded
 from service_layer import handlers, payments
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.handlers import Outcome
@@ -777,3 +779,322 @@ async def test_one_attempt_that_cannot_be_recorded_does_not_stop_the_others(db, 
     assert len(fake.pay_requests("in_small")) == 1, "the other customer's due attempt was never charged"
     [attempt] = await attempt_rows(db, "in_small")
     assert attempt.outcome == "succeeded"
+
+
+# ---------------------------------------------------------------- review fixes: numbering, Stripe's own decline, new cards, past due
+
+
+def raw_requests(fake: FakeStripe) -> list[tuple[str, str]]:
+    """Record each request's method and raw path with its query string (the fake keeps the path only)."""
+    seen: list[tuple[str, str]] = []
+    handle = fake._handle
+
+    def recording(handler, method: str) -> None:
+        seen.append((method, handler.path))
+        handle(handler, method)
+
+    fake._handle = recording
+    return seen
+
+
+def stripe_declined(fake: FakeStripe, invoice_id: str, decline_code: str, message: str = "Your card was declined.") -> None:
+    """The invoice's own (Stripe's) charge failed: its payments, expanded, carry the payment intent's last error."""
+    fake.invoices[invoice_id]["payments"] = {
+        "object": "list",
+        "has_more": False,
+        "data": [
+            {
+                "id": f"inpay_{invoice_id}",
+                "object": "invoice_payment",
+                "status": "open",
+                "payment": {
+                    "type": "payment_intent",
+                    "payment_intent": {
+                        "id": f"pi_{invoice_id}",
+                        "object": "payment_intent",
+                        "status": "requires_payment_method",
+                        "last_payment_error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code, "message": message},
+                    },
+                },
+            }
+        ],
+    }
+
+
+async def new_card(db, customer: str, at: datetime, payment_method_id: str | None, tag: str = "") -> tuple[Outcome, list[int]]:
+    """A PaymentMethodUpdated as the relay publishes it. Returns the outcome and the attempts the worker would charge at once."""
+    event = PaymentMethodUpdated(event_id=f"evt_pm_{customer}_{payment_method_id}_{at.timestamp()}{tag}", occurred_at=at, customer_id=customer, payment_method_id=payment_method_id)
+    uow = SqlUnitOfWork(db)
+    outcome = await handlers.apply_event(event, uow, POLICY, RULES)
+    return outcome, list(uow.dunning.new_attempt_ids)
+
+
+def charged_with(request) -> list[str] | None:
+    return request.form.get("payment_method")
+
+
+async def test_after_a_skipped_scheduled_attempt_a_new_card_resumes_the_schedule_with_attempt_number_two(db, fake, provider):
+    """#1 postponed by a 500, a retry-now hard-declined, #1 closed uncharged, a new card soft-declined:
+    retrying resumes a day after that decline, and the next scheduled attempt is number 2 — not a
+    second number 1, whose key is taken (the case would never be retried again)."""
+    await payment_failed(db, fake, "ada", "in_ad1", decline_code="insufficient_funds")
+    fake.script("in_ad1", "server_error", "hard_decline", "soft_decline", "succeed")
+    assert await schedule(db, day(1)) == 1
+    assert (await charge(db, provider, day(1))).postponed == 1
+
+    [pressed] = await payments.request_retry_now(new_uow(db), "ada", day(1) + timedelta(seconds=10), RULES)
+    assert (await charge(db, provider, day(1) + timedelta(seconds=10), attempt_ids=[pressed])).charged == {"declined": 1}
+    assert (await case_row(db, "in_ad1")).status == "needs_payment_method"
+    calls_before = len(fake.requests)
+
+    # The postponed scheduled attempt's back-off ends: closed, without reading or charging anything.
+    assert (await charge(db, provider, day(1) + timedelta(minutes=5))).charged == {"closed": 1}
+    assert len(fake.requests) == calls_before
+    scheduled_one = (await attempt_rows(db, "in_ad1"))[0]
+    assert (scheduled_one.kind, scheduled_one.number, scheduled_one.outcome) == ("scheduled", 1, "closed")
+    assert scheduled_one.failure_message == "the schedule stopped: needs_payment_method"
+    case = await case_row(db, "in_ad1")
+    assert (case.status, case.attempts_made, case.next_retry_at) == ("needs_payment_method", 0, None)
+
+    # A new card, soft-declined.
+    outcome, at_once = await new_card(db, "ada", day(2), "pm_new")
+    assert outcome is Outcome.APPLIED
+    [card_attempt] = [a for a in await attempt_rows(db, "in_ad1") if a.kind == "payment_method"]
+    assert at_once == [card_attempt.id]
+    assert (card_attempt.payment_method_id, card_attempt.leased_until, card_attempt.number) == ("pm_new", None, None)
+    declined_at = day(2) + timedelta(minutes=1)
+    assert (await charge(db, provider, declined_at, attempt_ids=at_once)).charged == {"declined": 1}
+    assert charged_with(fake.pay_requests("in_ad1")[-1]) == ["pm_new"]
+
+    case = await case_row(db, "in_ad1")
+    assert case.status == "retrying"
+    assert case.next_retry_at >= declined_at + timedelta(days=1)
+    assert case.next_retry_at == declined_at + timedelta(days=1)  # day 1 of the schedule is long past
+    assert case.attempts_made == 0
+
+    # When due, attempt number 2 is requested and charged (the invoice's default method).
+    assert await schedule(db, case.next_retry_at - timedelta(seconds=1)) == 0
+    assert await schedule(db, case.next_retry_at) == 1
+    newest = (await attempt_rows(db, "in_ad1"))[-1]
+    assert (newest.kind, newest.number, newest.idempotency_key) == ("scheduled", 2, "dunning:in_ad1:2")
+    assert (await charge(db, provider, case.next_retry_at)).charged == {"succeeded": 1}
+
+    last = fake.pay_requests("in_ad1")[-1]
+    assert last.idempotency_key == "dunning:in_ad1:2"
+    assert charged_with(last) is None
+    assert len(fake.pay_requests("in_ad1")) == 4  # the 500, the retry-now, the new card, number 2
+    case = await case_row(db, "in_ad1")
+    assert (case.status, case.next_retry_at) == ("recovered", None)
+    assert [lot.amount for lot in await lots_of(db, "ada")] == [100]
+    assert await reconciliation(db) == []
+
+
+@pytest.mark.parametrize(
+    ("decline_code", "charged"), [("stolen_card", False), ("insufficient_funds", True)], ids=["hard-not-charged", "soft-charged"]
+)
+async def test_the_first_scheduled_attempt_reads_stripes_own_decline_first(db, fake, provider, decline_code, charged):
+    """The payment_failed webhook carried no decline code; Stripe's payment intent has one."""
+    await payment_failed(db, fake, "bea", "in_be1")
+    stripe_declined(fake, "in_be1", decline_code)
+    raw = raw_requests(fake)
+    assert (await case_row(db, "in_be1")).last_decline_code is None
+    assert await schedule(db, day(1)) == 1
+
+    result = await charge(db, provider, day(1))
+
+    method, path = raw[0]
+    assert (method, urlparse(path).path) == ("GET", "/v1/invoices/in_be1")
+    assert parse_qs(urlparse(path).query) == {"expand[0]": ["payments.data.payment.payment_intent"]}
+    [attempt] = await attempt_rows(db, "in_be1")
+    case = await case_row(db, "in_be1")
+    if charged:
+        assert result.charged == {"succeeded": 1}
+        assert [r.idempotency_key for r in fake.pay_requests("in_be1")] == ["dunning:in_be1:1"]
+        assert case.status == "recovered"
+        return
+    assert result.charged == {"declined": 1}
+    assert fake.pay_requests("in_be1") == []
+    assert [m for m, _ in raw] == ["GET"]
+    assert (attempt.outcome, attempt.decline_code) == ("declined", "stolen_card")
+    assert attempt.failure_message.startswith("not charged again")
+    assert (case.status, case.next_retry_at, case.attempts_made, case.last_decline_code) == ("needs_payment_method", None, 1, "stolen_card")
+    assert await schedule(db, day(3)) == 0
+    assert fake.invoices["in_be1"]["status"] == "open"
+
+
+async def test_a_new_card_is_charged_by_its_id_once_however_often_it_is_reported(db, fake, provider):
+    await payment_failed(db, fake, "cal", "in_ca1", decline_code="lost_card")
+    assert (await case_row(db, "in_ca1")).status == "needs_payment_method"
+    fake.script("in_ca1", "soft_decline", "succeed")
+
+    # payment_method.attached and customer.updated for the same card: one attempt.
+    outcome, at_once = await new_card(db, "cal", T0 + timedelta(hours=1), "pm_new", tag="attached")
+    assert outcome is Outcome.APPLIED and len(at_once) == 1
+    again, none = await new_card(db, "cal", T0 + timedelta(hours=1, seconds=1), "pm_new", tag="updated")
+    assert (again, none) == (Outcome.IGNORED, [])
+    assert [(a.kind, a.payment_method_id) for a in await attempt_rows(db, "in_ca1")] == [("payment_method", "pm_new")]
+
+    assert (await charge(db, provider, T0 + timedelta(hours=1), attempt_ids=at_once)).charged == {"declined": 1}
+    [request] = fake.pay_requests("in_ca1")
+    assert request.form.get("payment_method") == ["pm_new"]
+    assert request.idempotency_key == "dunning:in_ca1:payment_method:1"
+
+    # Reported once more after its charge finished: still not charged twice.
+    late, none = await new_card(db, "cal", T0 + timedelta(hours=2), "pm_new", tag="late")
+    assert (late, none) == (Outcome.IGNORED, [])
+    assert len(await attempt_rows(db, "in_ca1")) == 1
+
+    # Another card is another attempt, charged with that card.
+    other, at_once = await new_card(db, "cal", T0 + timedelta(hours=3), "pm_other")
+    assert other is Outcome.APPLIED and len(at_once) == 1
+    assert (await charge(db, provider, T0 + timedelta(hours=3), attempt_ids=at_once)).charged == {"succeeded": 1}
+    assert [charged_with(r) for r in fake.pay_requests("in_ca1")] == [["pm_new"], ["pm_other"]]
+    assert (await case_row(db, "in_ca1")).status == "recovered"
+
+
+async def test_a_new_card_over_the_retry_now_limit_is_charged_later_not_dropped(db, fake, provider):
+    await payment_failed(db, fake, "dan", "in_da1")
+    fake.script("in_da1", "soft_decline", "soft_decline", "soft_decline", "succeed")
+    first_press = T0 + timedelta(hours=1)
+    for minute in range(3):
+        at = first_press + timedelta(minutes=minute)
+        ids_ = await payments.request_retry_now(new_uow(db), "dan", at, RULES)
+        assert (await charge(db, provider, at, attempt_ids=ids_)).charged == {"declined": 1}
+    with pytest.raises(RetryLimited):
+        await payments.request_retry_now(new_uow(db), "dan", first_press + timedelta(minutes=10), RULES)
+
+    updated_at = first_press + timedelta(minutes=10)
+    outcome, at_once = await new_card(db, "dan", updated_at, "pm_new")
+
+    assert outcome is Outcome.APPLIED
+    assert at_once == []  # not handed to a worker at once ...
+    [delayed] = [a for a in await attempt_rows(db, "in_da1") if a.kind == "payment_method"]
+    turn = first_press + RULES.retry_now.window  # ... but when the first press leaves the hour
+    assert (delayed.payment_method_id, delayed.requested_at, delayed.leased_until, delayed.finished_at) == ("pm_new", updated_at, turn, None)
+    assert delayed.leased_until > updated_at
+
+    assert await charge(db, provider, updated_at) == payments.CollectionResult()
+    assert await charge(db, provider, turn - timedelta(seconds=1)) == payments.CollectionResult()
+    assert len(fake.pay_requests("in_da1")) == 3
+
+    assert (await charge(db, provider, turn)).charged == {"succeeded": 1}
+    last = fake.pay_requests("in_da1")[-1]
+    assert charged_with(last) == ["pm_new"]
+    [done] = [a for a in await attempt_rows(db, "in_da1") if a.kind == "payment_method"]
+    assert (done.outcome, done.finished_at) == ("succeeded", turn)
+    assert (await case_row(db, "in_da1")).status == "recovered"
+    assert [lot.amount for lot in await lots_of(db, "dan")] == [100]
+
+
+async def test_a_new_card_charge_postponed_by_a_server_error_still_charges_the_new_card(db, fake, provider):
+    """Stripe's own charge was hard-declined (lost card; its payment intent says so). The new card's
+    charge meets a 500; after the back-off the same attempt reads the invoice first — and must not
+    take the OLD card's hard decline as the answer for the NEW card."""
+    await payment_failed(db, fake, "eve", "in_ev1", decline_code="lost_card")
+    stripe_declined(fake, "in_ev1", "lost_card")
+    fake.script("in_ev1", "server_error", "succeed")
+    outcome, at_once = await new_card(db, "eve", T0 + timedelta(hours=1), "pm_new")
+    assert outcome is Outcome.APPLIED
+    assert (await charge(db, provider, T0 + timedelta(hours=1), attempt_ids=at_once)).postponed == 1
+
+    result = await charge(db, provider, T0 + timedelta(hours=1) + PROVIDER_BACKOFF)
+
+    assert [charged_with(r) for r in fake.pay_requests("in_ev1")] == [["pm_new"], ["pm_new"]], (
+        f"the new card was not charged again after the 500 (result {result.charged}); "
+        f"attempt: {[(a.outcome, a.decline_code, a.failure_message) for a in await attempt_rows(db, 'in_ev1')]}"
+    )
+    assert result.charged == {"succeeded": 1}
+    assert (await case_row(db, "in_ev1")).status == "recovered"
+
+
+async def exhaust(db, fake, provider, customer: str, invoice_id: str) -> None:
+    await payment_failed(db, fake, customer, invoice_id, subscription=f"sub_{customer}")
+    fake.script(invoice_id, *["soft_decline"] * 4)
+    for retry_day in RULES.schedule.days:
+        assert await schedule(db, day(retry_day)) == 1
+        assert (await charge(db, provider, day(retry_day))).charged == {"declined": 1}
+    assert (await case_row(db, invoice_id)).status == "past_due"
+
+
+async def test_past_due_stays_past_due_after_a_later_hard_decline(db, fake, provider):
+    await exhaust(db, fake, provider, "fay", "in_fa1")
+
+    # Stripe reports a hard decline later (its own retry; a webhook relayed late).
+    late = PaymentFailed(event_id="evt_late_fa1", occurred_at=day(14) + timedelta(hours=1), customer_id="fay", invoice_id="in_fa1", decline_code="lost_card", failure_message="lost")
+    assert await handlers.apply_event(late, SqlUnitOfWork(db), POLICY, RULES) is Outcome.APPLIED
+    case = await case_row(db, "in_fa1")
+    assert (case.status, case.next_retry_at, case.last_decline_code) == ("past_due", None, "lost_card")
+
+    # The customer's own retry is hard-declined too.
+    fake.script("in_fa1", "hard_decline")
+    pressed = await payments.request_retry_now(new_uow(db), "fay", day(14) + timedelta(hours=2), RULES)
+    assert (await charge(db, provider, day(14) + timedelta(hours=2), attempt_ids=pressed)).charged == {"declined": 1}
+    assert (await case_row(db, "in_fa1")).status == "past_due"
+
+    # So the end action still sees it.
+    assert await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(15))) == 1
+    assert fake.subscriptions["sub_fay"]["status"] == "canceled"
+    assert (await case_row(db, "in_fa1")).status == "past_due"
+
+
+async def stopped_by_a_hard_decline(db, fake, provider, customer: str, invoice_id: str) -> None:
+    await payment_failed(db, fake, customer, invoice_id, subscription=f"sub_{customer}")
+    fake.script(invoice_id, "hard_decline")
+    assert await schedule(db, day(1)) == 1
+    assert (await charge(db, provider, day(1))).charged == {"declined": 1}
+    assert (await case_row(db, invoice_id)).status == "needs_payment_method"
+
+
+async def test_a_case_stopped_by_a_hard_decline_is_past_due_when_the_schedule_ends_and_then_cancelled(db, fake, provider):
+    await stopped_by_a_hard_decline(db, fake, provider, "gus", "in_gu1")
+
+    assert await schedule(db, day(14) - timedelta(seconds=1)) == 0
+    assert (await case_row(db, "in_gu1")).status == "needs_payment_method"
+    assert await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) - timedelta(seconds=1))) == 0
+    assert fake.subscriptions["sub_gus"]["status"] == "active"
+
+    assert await schedule(db, day(14)) == 0  # no attempt requested: only the status changes
+    case = await case_row(db, "in_gu1")
+    assert (case.status, case.next_retry_at, case.last_decline_code) == ("past_due", None, "lost_card")
+    assert len(await attempt_rows(db, "in_gu1")) == 1
+
+    assert await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) + timedelta(minutes=1))) == 1
+    assert fake.subscriptions["sub_gus"]["status"] == "canceled"
+    [cancel] = [r for r in fake.requests if r.path == "/v1/subscriptions/sub_gus"]
+    assert (cancel.method, cancel.idempotency_key) == ("DELETE", "dunning-cancel:in_gu1")
+    case = await case_row(db, "in_gu1")
+    assert (case.status, case.subscription_cancelled_at) == ("past_due", day(14) + timedelta(minutes=1))
+    assert len(fake.pay_requests("in_gu1")) == 1
+
+
+async def test_a_case_past_due_by_the_calendar_stays_past_due_after_a_soft_declined_retry(db, fake, provider):
+    """Past due is final until paid (domain/dunning.py `_stop`). A case that went past due because its
+    schedule ended while stopped (hard decline on day 1, so attempts_made == 1) must not be put back
+    to 'retrying' — with new scheduled charges after the schedule's end — by a soft-declined retry-now."""
+    await stopped_by_a_hard_decline(db, fake, provider, "hal", "in_ha1")
+    assert await schedule(db, day(14)) == 0
+    assert (await case_row(db, "in_ha1")).status == "past_due"
+
+    fake.script("in_ha1", "soft_decline")
+    pressed = await payments.request_retry_now(new_uow(db), "hal", day(15), RULES)
+    assert (await charge(db, provider, day(15), attempt_ids=pressed)).charged == {"declined": 1}
+
+    case = await case_row(db, "in_ha1")
+    assert (case.status, case.next_retry_at) == ("past_due", None), f"a past-due case went back to {case.status!r}, next retry {case.next_retry_at}"
+    assert await schedule(db, day(30)) == 0
+
+
+async def test_one_payment_issues_credits_to_one_customer_only(db, fake):
+    await give_credits(db, "ivy", 100, T0, "in_shared")
+
+    stolen = PaymentSucceeded(event_id="evt_paid_in_shared_jon", occurred_at=T0 + timedelta(minutes=1), customer_id="jon", payment_id="in_shared", credits=100)
+    with pytest.raises(IntegrityError, match="uq_credit_lots_payment"):
+        await handlers.apply_event(stolen, SqlUnitOfWork(db), POLICY, RULES)
+
+    assert [(lot.customer_id, lot.amount, lot.remaining) for lot in await lots_of(db, "ivy")] == [("ivy", 100, 100)]
+    assert await lots_of(db, "jon") == []
+    async with db.connect() as connection:
+        assert (await connection.execute(select(func.count()).where(processed_events.c.event_id == "evt_paid_in_shared_jon"))).scalar_one() == 0
+        assert (await connection.execute(select(func.count()).where(customers.c.customer_id == "jon"))).scalar_one() == 0
+    assert (await customer_row(db, "ivy")).balance == 100
+    assert await reconciliation(db) == []

@@ -851,3 +851,188 @@ async def test_customer_updated_without_a_payment_method_change_is_ignored(db, c
     obj = {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer_id}, "email": "new@example.com"}
     body = await relay(client, event("customer.updated", obj, previous_attributes={"email": "old@example.com"}), outcome="ignored")
     assert body["detail"] == "no change we use"
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+async def test_one_card_change_reported_twice_requests_one_charge_with_that_card(db, client):
+    """A card change sends payment_method.attached and customer.updated for the same card."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="lost_card")))
+    case = await wait_case(db, invoice_id, lambda case: case.status == "needs_payment_method")
+
+    for body in (_attached(stripe_customer, customer_id, "pm_card"), _customer_updated(stripe_customer, customer_id, "pm_card")):
+        await relay(client, body)
+        await wait_applied(db, body)
+
+    [attempt] = await rows(db, select(payment_attempts).where(payment_attempts.c.case_id == case.id))
+    assert (attempt.kind, attempt.payment_method_id, attempt.outcome) == ("payment_method", "pm_card", None)
+    await no_dead_letters(db)
+
+
+@pytest.mark.parametrize(("stripe_type", "status", "reason"), [("invoice.voided", "void", "voided"), ("invoice.marked_uncollectible", "uncollectible", "uncollectible")])
+async def test_a_voided_or_written_off_invoice_closes_its_case(db, client, stripe_type, status, reason):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(60)))
+    await wait_case(db, invoice_id)
+    assert (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()["kind"] == "payment_failed"
+
+    closing = event(stripe_type, invoice(invoice_id, stripe_customer, status=status))
+    await relay(client, closing)
+    case = await wait_case(db, invoice_id, lambda case: case.status != "retrying")
+
+    assert (case.status, case.next_retry_at) == ("closed", None)
+    assert case.closed_at == moment(closing["created"])
+    assert case.last_failure_message == f"invoice {reason} at the provider"
+    notice = (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()
+    assert notice["kind"] == "no_credits"  # nothing owed; the customer simply has no credits
+    retry = await client.post(f"/api/customers/{customer_id}/payment-retry", headers=FRONT)
+    assert retry.status_code == 409, retry.text
+    assert await rows(db, select(payment_attempts)) == []
+    report = (await client.get("/api/admin/dunning-report", headers=ADMIN)).json()
+    assert invoice_id not in [row["invoice_id"] for row in report["invoices"]]
+    await no_dead_letters(db)
+
+
+async def test_a_refund_of_a_parked_payment_is_parked_with_it_and_both_stay_parked_on_relay(db, client):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    paid_body = event("invoice.paid", paid(invoice_id, stripe_customer, price="price_unknown", legacy_shape=True), created=ago(30))
+    await relay(client, paid_body, outcome="parked")
+
+    refund = event("charge.refunded", charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"))
+    parked = await relay(client, refund, outcome="parked")
+    assert parked["detail"] == f"the credits of invoice {invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed"
+
+    listing = (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json()
+    assert [(e["event_id"], e["type"]) for e in listing] == [(paid_body["id"], "invoice.paid"), (refund["id"], "charge.refunded")]
+
+    relayed = await client.post("/api/admin/stripe-events/parked/relay", headers=ADMIN)
+    assert relayed.status_code == 200, relayed.text
+    assert [r["outcome"] for r in relayed.json()] == ["parked", "parked"]
+    after = (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json()
+    assert [(e["event_id"], e["detail"]) for e in after] == [(e["event_id"], e["detail"]) for e in listing]
+    assert "STRIPE_PLAN_CREDITS" in after[0]["detail"]
+    assert after[1]["detail"] == parked["detail"]
+    await asyncio.sleep(0.3)
+    assert await balance(db, customer_id) is None  # nothing issued, nothing reversed
+    assert await rows(db, select(ledger_entries).where(ledger_entries.c.customer_id == customer_id)) == []
+
+
+def _line(line_id: str, *, quantity: int, amount: int, price: str = "price_basic", **extra) -> dict:
+    return {
+        "id": line_id,
+        "object": "line_item",
+        "quantity": quantity,
+        "amount": amount,
+        "pricing": {"type": "price_details", "price_details": {"price": price, "product": "prod_1"}},
+        **extra,
+    }
+
+
+async def test_proration_lines_carry_no_credits(db, client):
+    """A mid-period upgrade: the unused time credited back, the remaining time charged, the new period."""
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    body = paid(invoice_id, stripe_customer)
+    body["lines"]["data"] = [
+        _line("il_unused", quantity=1, amount=-2450, proration=True),
+        _line("il_remaining", quantity=2, amount=4900, parent={"type": "subscription_item_details", "subscription_item_details": {"proration": True, "subscription": "sub_1"}}),
+        _line("il_remaining_legacy", quantity=3, amount=1000, proration=True),
+        _line("il_period", quantity=1, amount=4900),
+    ]
+    first = event("invoice.paid", body)
+    await relay(client, first)
+    await wait_applied(db, first)
+
+    assert await balance(db, customer_id) == 10
+    [lot] = await rows(db, select(credit_lots).where(credit_lots.c.customer_id == customer_id))
+    assert (lot.amount, lot.payment_id) == (10, invoice_id)
+
+
+async def test_an_invoice_whose_lines_do_not_all_come_with_the_event_is_parked(db, client):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    body = paid(invoice_id, stripe_customer, quantity=2)
+    body["lines"]["has_more"] = True
+
+    parked = await relay(client, event("invoice.paid", body), outcome="parked")
+
+    assert "no credits known" in parked["detail"]
+    await asyncio.sleep(0.3)
+    assert await balance(db, customer_id) is None
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
+async def test_a_webhook_body_over_a_megabyte_is_413_and_records_nothing(db, client, streamed):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    body = paid(invoice_id, stripe_customer)
+    body["metadata"] = {"padding": "x" * 1_000_000}
+    payload, headers = signed(event("invoice.paid", body), NEW_SECRET)
+    assert len(payload) > 1_000_000
+
+    if streamed:
+        async def chunks():
+            for start in range(0, len(payload), 64 * 1024):
+                yield payload[start : start + 64 * 1024]
+
+        response = await client.post(WEBHOOK, content=chunks(), headers=headers)
+    else:
+        response = await client.post(WEBHOOK, content=payload, headers=headers)
+
+    assert response.status_code == 413, response.text
+    assert [r.type for r in await stripe_event_rows(db)] == ["customer.created"]
+    await asyncio.sleep(0.3)
+    assert await balance(db, customer_id) is None
+
+    # Just under the cap, the same kind of delivery is accepted.
+    body["metadata"] = {"padding": "x" * 990_000}
+    payload, headers = signed(event("invoice.paid", body), NEW_SECRET)
+    assert len(payload) < 1_000_000
+    assert (await client.post(WEBHOOK, content=payload, headers=headers)).status_code == 200
+    await wait_balance(db, customer_id, 10)
+
+
+@pytest.mark.parametrize("lines", [{"object": "list", "data": ["il_1"], "has_more": False}, ["il_1"], "il_1"], ids=["ids-in-data", "list", "string"])
+async def test_invoice_lines_that_are_not_objects_are_parked_not_a_500(db, client, lines):
+    customer_id, stripe_customer, invoice_id = ids()
+    await link(client, stripe_customer, customer_id)
+    body = paid(invoice_id, stripe_customer)
+    body["lines"] = lines
+    delivery = event("invoice.paid", body)
+
+    response = await deliver(client, delivery)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["outcome"] == "parked"
+    [row] = [r for r in await stripe_event_rows(db) if r.event_id == delivery["id"]]
+    assert (row.outcome, row.resolved_at) == ("parked", None)
+    assert (await deliver(client, delivery)).json()["outcome"] == "duplicate"
+    assert await balance(db, customer_id) is None
+
+
+async def test_a_payment_already_issued_to_another_customer_is_dead_lettered(db, client):
+    """The same invoice reported for two Stripe customers (two of ours): the second is refused."""
+    first_customer, first_stripe, invoice_id = ids()
+    second_customer, second_stripe, _ = ids()
+    await link(client, first_stripe, first_customer)
+    await link(client, second_stripe, second_customer)
+    await relay(client, event("invoice.paid", paid(invoice_id, first_stripe)))
+    await wait_balance(db, first_customer, 10)
+
+    stolen = event("invoice.paid", paid(invoice_id, second_stripe))
+    await relay(client, stolen)
+
+    async def dead_lettered() -> bool:
+        return any(f"stripe:{stolen['id']}" in r.message for r in await rows(db, select(dead_letters)))
+
+    await eventually(dead_lettered, timeout=20, message="the second customer's PaymentSucceeded to be dead-lettered")
+    [letter] = await rows(db, select(dead_letters))
+    assert "uq_credit_lots_payment" in letter.error
+    assert await balance(db, first_customer) == 10
+    assert await balance(db, second_customer) is None
+    assert await rows(db, select(credit_lots).where(credit_lots.c.customer_id == second_customer)) == []
