@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -32,6 +32,10 @@ class PayoutOrder:
     amount_cents: int
     currency: str
     period: str
+    #: The payout's own key: the provider-side group every try of it belongs to.
+    payout_key: str
+    #: This try's idempotency key: the payout's key, and a fresh one after a failure (a
+    #: provider may replay a saved error for a key, as Stripe does for a day).
     idempotency_key: str
     attempts: int  # earlier tries: a gateway checks whether one of them went through
     stripe_account_id: str | None = None
@@ -124,10 +128,14 @@ async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
         await uow.commit()
 
 
+#: A run sending a payout holds it this long; another run takes it only after (a crash frees it).
+SEND_LEASE = timedelta(minutes=10)
+
+
 async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], now: datetime, run: PayoutRun, limit: int = 1_000, payout_ids: list[int] | None = None) -> None:
     for _ in range(limit):
         async with new_uow() as uow:
-            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, not_tried_since=now)
+            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, not_tried_since=now - SEND_LEASE)
             if not rows:
                 return
             [row] = rows
@@ -138,8 +146,9 @@ async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, Payout
         payee = None
         async with new_uow() as uow:
             payee = await uow.referrals.referrer_row(row.payee_id)
+        key = row.idempotency_key if row.failures == 0 else f"{row.idempotency_key}:retry-{row.failures}"
         order = PayoutOrder(
-            row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, row.attempts,
+            row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, key, row.attempts,
             payee.stripe_account_id if payee else None, payee.payout_address if payee else None,
         )
         gateway = gateways.get(row.gateway)
@@ -149,7 +158,7 @@ async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, Payout
             sent = await gateway.send(order)
         except PayoutFailed as error:
             async with new_uow() as uow:
-                await uow.referrals.set_payout(row.id, status="failed", last_error=str(error)[:2000])
+                await uow.referrals.set_payout(row.id, status="failed", last_error=str(error)[:2000], failures=row.failures + 1)
                 await uow.commit()
             run.failed.append(row.id)
             log.warning("payout_failed", payout_id=row.id, payee_id=row.payee_id, error=str(error))

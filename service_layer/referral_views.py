@@ -33,8 +33,10 @@ async def list_referrals(
     if until:
         where.append(referrals.c.submitted_at < until)
     async with db.connect() as connection:
+        # The reward total counts rewards that stand: not rejected or voided ones.
+        standing = case((referrals.c.status.in_([ReferralStatus.REJECTED.value, ReferralStatus.VOIDED.value]), 0), else_=func.coalesce(referrals.c.reward_cents, 0))
         total, cents = (
-            await connection.execute(select(func.count(), func.coalesce(func.sum(referrals.c.reward_cents), 0)).select_from(referrals).where(*where))
+            await connection.execute(select(func.count(), func.coalesce(func.sum(standing), 0)).select_from(referrals).where(*where))
         ).one()
         rows = [dict(r._mapping) for r in await connection.execute(select(referrals).where(*where).order_by(referrals.c.submitted_at, referrals.c.id).limit(limit).offset(offset))]
         ids = [r["id"] for r in rows]
@@ -100,7 +102,13 @@ async def referrer_summary(db: Database, referrer_id: str, now: datetime, calend
         counts = dict(
             (await connection.execute(select(referrals.c.status, func.count()).where(referrals.c.referrer_id == referrer_id).group_by(referrals.c.status))).all()
         )
-        paid, upcoming = (
+        # Paid to date: what the payee's paid payouts brought them (net of clawbacks taken).
+        paid = (
+            await connection.execute(
+                select(func.coalesce(func.sum(payouts.c.amount_cents), 0)).where(payouts.c.payee_id == referrer_id, payouts.c.status == "paid")
+            )
+        ).scalar_one()
+        _, upcoming = (
             await connection.execute(
                 select(
                     func.coalesce(func.sum(case((referrals.c.status == ReferralStatus.PAID.value, referrals.c.reward_cents), else_=0)), 0),

@@ -54,6 +54,11 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     referral = Referral.submitted(customer_id, referrer.referrer_id if referrer else None, code, at, verdict)
     await repo.add(referral)
     log.info("referral_" + verdict.status.value, customer_id=customer_id, code=code, reason=verdict.reason, flags=list(verdict.flags))
+    if referral.status is ReferralStatus.AWAITING_PAYMENT:
+        # The first payment may have been applied before this (events from two producers).
+        first = await repo.first_payment_since(customer_id, at)
+        if first is not None:
+            await payment_succeeded(uow, customer_id, first.payment_id, first.issued_at, rules)
     return referral
 
 
@@ -64,7 +69,7 @@ async def payment_succeeded(uow: UnitOfWork, customer_id: str, payment_id: str, 
     if referral is None or referral.status is not ReferralStatus.AWAITING_PAYMENT:
         return
     before = len(referral.history)
-    if await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
+    if paid_at < referral.submitted_at or await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
         referral.admin_reject(paid_at, "system", "the customer had already paid before being referred")
     else:
         kind = ReferrerKind((await repo.referrer_row(referral.referrer_id)).kind)

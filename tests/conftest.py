@@ -131,3 +131,18 @@ def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., 
     yield start
     for workers in started:
         workers.stop()
+
+
+@pytest.fixture
+def fake_stripe():
+    """A local fake Stripe server (tests/fake_stripe.py) for the real SDK."""
+    from tests.fake_stripe import FakeStripe
+
+    with FakeStripe(timeout_delay=2.5) as server:
+        yield server
+
+
+@pytest.fixture
+def stripe_env(service_env: dict[str, str], fake_stripe) -> dict[str, str]:
+    """`service_env` with the Stripe SDK pointed at the fake (a client timeout shorter than its delays)."""
+    return {**service_env, "STRIPE_API_KEY": "sk_test_" + uuid.uuid4().hex[:12], "STRIPE_API_BASE": fake_stripe.url, "STRIPE_TIMEOUT_SECONDS": "1"}

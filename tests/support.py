@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
+import threading
 import signal
 import subprocess
 import sys
@@ -64,6 +67,18 @@ class WorkerProcesses:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def records(self) -> list[dict]:
+        """The workers' JSON log lines, parsed (non-JSON lines are skipped)."""
+        records = []
+        for line in self.log().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return records
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         if self.process.poll() is not None:
             return
@@ -120,3 +135,34 @@ async def reconciliation(db: Database) -> list[str]:
         if not (summed == book == balance):
             problems.append(f"{customer_id}: entries {summed}, lots-overdraft {book}, stored balance {balance}")
     return problems
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class InProcessServer:
+    """uvicorn serving an app over TCP from a thread of this process, so its clock is the test's."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "InProcessServer":
+        self.thread.start()
+
+        async def started() -> bool:
+            return self.server.started
+
+        await eventually(started, timeout=20, message="uvicorn to start")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        await asyncio.to_thread(self.thread.join, 15)

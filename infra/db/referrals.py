@@ -226,6 +226,16 @@ class SqlReferralRepository:
             query = query.where(credit_lots.c.payment_id != except_payment)
         return (await self.connection.execute(query.limit(1))).first() is not None
 
+    async def first_payment_since(self, customer_id: str, since: datetime):
+        """The customer's earliest payment lot issued at or after ``since`` (payment_id, issued_at), if any."""
+        query = (
+            select(credit_lots.c.payment_id, credit_lots.c.issued_at)
+            .where(credit_lots.c.customer_id == customer_id, credit_lots.c.payment_id.is_not(None), credit_lots.c.issued_at >= since)
+            .order_by(credit_lots.c.issued_at, credit_lots.c.id)
+            .limit(1)
+        )
+        return (await self.connection.execute(query)).first()
+
     async def lock_due_for_release(self, now: datetime, limit: int) -> list[Referral]:
         query = (
             select(referrals)

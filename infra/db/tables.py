@@ -406,6 +406,9 @@ payouts = Table(
     Column("idempotency_key", String(255), nullable=False, unique=True),
     Column("external_reference", String(255), nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    # Sends the gateway answered with a failure: each retry after one uses a fresh key.
+    Column("failures", Integer, nullable=False, server_default="0"),
+    # A lease: while a run sends, no other run takes the payout; a crash frees it after a while.
     Column("last_tried_at", UtcDateTime, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),

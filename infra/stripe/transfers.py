@@ -30,7 +30,7 @@ class StripeConnectGateway:
                     "amount": order.amount_cents,
                     "currency": order.currency.lower(),
                     "destination": order.stripe_account_id,
-                    "transfer_group": order.idempotency_key,
+                    "transfer_group": order.payout_key,
                     "metadata": {"payout_id": str(order.payout_id), "payee_id": order.payee_id, "period": order.period},
                 },
                 options={"idempotency_key": order.idempotency_key},
@@ -41,7 +41,7 @@ class StripeConnectGateway:
 
     async def _earlier_transfer(self, order: PayoutOrder) -> str | None:
         try:
-            found = await self.client.v1.transfers.list_async({"transfer_group": order.idempotency_key, "limit": 1})
+            found = await self.client.v1.transfers.list_async({"transfer_group": order.payout_key, "limit": 1})
         except UNAVAILABLE as error:
             raise PayoutFailed(f"cannot check for an earlier transfer: {error._message or error}") from None
         return found.data[0].id if found.data else None

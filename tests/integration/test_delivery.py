@@ -35,15 +35,7 @@ T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
 def log_records(workers: WorkerProcesses) -> list[dict]:
     """The workers' JSON log lines, parsed (non-JSON lines are skipped)."""
-    records = []
-    for line in workers.log().splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
+    return workers.records()
 
 
 def outcomes_of(workers: WorkerProcesses) -> dict[str, list[dict]]:

@@ -15,14 +15,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from api.app import create_app
@@ -33,9 +31,8 @@ from infra.settings import load_settings
 from messages import JobCompleted, PaymentSucceeded
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.fake_stripe import FakeStripe, event, invoice, signed
-from tests.integration.test_http_api import free_port
-from tests.support import ROOT, eventually, reconciliation
+from tests.fake_stripe import event, invoice, signed
+from tests.support import ROOT, InProcessServer, eventually, reconciliation
 
 pytestmark = pytest.mark.slow
 
@@ -48,43 +45,15 @@ PLAN = {"price_basic": 10}
 CREDITS_CLI = str(Path(sys.executable).with_name("credits"))
 
 
-class InProcessServer:
-    """uvicorn serving the app over TCP from a thread of this process."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> "InProcessServer":
-        self.thread.start()
-        await eventually(lambda: _true(self.server.started), timeout=20, message="uvicorn to start")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        await asyncio.to_thread(self.thread.join, 15)
-
-
 async def _true(value: bool) -> bool:
     return value
 
 
 @pytest.fixture
-def fake_stripe():
-    with FakeStripe(timeout_delay=3) as server:
-        yield server
-
-
-@pytest.fixture
-def payment_env(service_env, fake_stripe) -> dict[str, str]:
+def payment_env(stripe_env) -> dict[str, str]:
     return {
-        **service_env,
-        "STRIPE_API_KEY": "sk_test_walkthrough",
-        "STRIPE_API_BASE": fake_stripe.url,
+        **stripe_env,
         "STRIPE_PLAN_CREDITS": json.dumps(PLAN),
-        "STRIPE_TIMEOUT_SECONDS": "2",
         "DUNNING_END_ACTION": "cancel_subscription",
     }
 

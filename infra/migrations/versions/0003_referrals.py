@@ -38,6 +38,7 @@ def upgrade() -> None:
     sa.Column('idempotency_key', sa.String(length=255), nullable=False),
     sa.Column('external_reference', sa.String(length=255), nullable=True),
     sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('failures', sa.Integer(), server_default='0', nullable=False),
     sa.Column('last_tried_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
