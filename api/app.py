@@ -267,7 +267,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         request: Request,
         days: Annotated[int, Query(ge=0, le=3650)] = settings.depleted_report_days,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     ) -> CreditsReportOut:
         as_of = now(request)
         total, page = await views.depleted_customers(request.app.state.db, as_of, days, limit, offset)
@@ -392,7 +392,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             Literal["retrying", "action_required", "needs_payment_method", "past_due", "recovered", "closed"] | None, Query(alias="status")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     ) -> DunningReportOut:
         """Every unpaid invoice in dunning (or those of one status), whatever the customer's credits."""
         total, page = await views.unpaid_invoices(request.app.state.db, dunning_status, limit, offset)

@@ -16,6 +16,7 @@ from service_layer import payouts, referral_views, referrals
 from service_layer.unit_of_work import SqlUnitOfWork
 
 NO_NUL = r"^[^\x00]*$"
+MAX_ID = 2**63 - 1  # BIGINT: a larger number cannot name a row, and must not reach the database
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 Text255 = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
 ReferralStatusName = Literal["awaiting_payment", "pending", "approved", "in_payout", "paid", "rejected", "flagged", "voided"]
@@ -210,7 +211,7 @@ async def admin_referrals(
     until: AwareDatetime | None = None,
     format: Literal["json", "csv"] = "json",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
     page = await referral_views.list_referrals(request.app.state.db, status=status_, payee=payee, since=since, until=until, limit=limit, offset=offset)
     if format == "csv":
@@ -220,7 +221,7 @@ async def admin_referrals(
 
 
 @router.post("/api/admin/referrals/{referral_id}/{decision}", response_model=ReferralOut, dependencies=[admin], responses={409: {"description": "Not in a state that allows it"}})
-async def decide(referral_id: Annotated[int, Path(ge=1)], decision: Literal["approve", "reject"], body: DecisionIn, request: Request) -> ReferralOut:
+async def decide(referral_id: Annotated[int, Path(ge=1, le=MAX_ID)], decision: Literal["approve", "reject"], body: DecisionIn, request: Request) -> ReferralOut:
     try:
         await referrals.decide_flagged(_uow(request), referral_id, decision == "approve", body.admin, body.reason, _now(request))
     except referrals.NotFound:
@@ -243,7 +244,7 @@ async def admin_payouts(
     until: AwareDatetime | None = None,
     format: Literal["json", "csv"] = "json",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
     page = await referral_views.list_payouts(request.app.state.db, status=status_, payee=payee, since=since, until=until, limit=limit, offset=offset)
     if format == "csv":
@@ -253,7 +254,7 @@ async def admin_payouts(
 
 
 @router.post("/api/admin/payouts/{payout_id}/reference", status_code=status.HTTP_204_NO_CONTENT, dependencies=[admin], responses={409: {"description": "Not an exported manual payout"}})
-async def record_reference(payout_id: Annotated[int, Path(ge=1)], body: ReferenceIn, request: Request) -> Response:
+async def record_reference(payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: ReferenceIn, request: Request) -> Response:
     """Operations paid an exported payout by hand: record its reference; it is paid."""
     async with _uow(request) as uow:
         row = await uow.referrals.payout(payout_id, for_update=False)

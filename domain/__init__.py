@@ -6,6 +6,7 @@ from domain.errors import (
     HoldConflict,
     InsufficientCredits,
     JobAlreadyCharged,
+    MembershipFrozen,
     NoActiveHold,
 )
 from domain.model import Account, Entry, EntryKind, Hold, HoldStatus, Lot, LotSource, Movement
@@ -23,6 +24,7 @@ __all__ = [
     "HoldStatus",
     "InsufficientCredits",
     "JobAlreadyCharged",
+    "MembershipFrozen",
     "Lot",
     "LotSource",
     "Movement",

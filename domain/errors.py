@@ -41,3 +41,7 @@ class PaymentNotApplied(Exception):
 
     Not a DomainError: the payment may simply be a few messages behind, so it is retried.
     """
+
+
+class MembershipFrozen(DomainError):
+    """The membership is paused: no booking, no gifts, until it is unfrozen."""

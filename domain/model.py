@@ -9,16 +9,17 @@ credit is never spendable, whether or not the periodic sweep has run yet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
-from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged, PaymentAlreadyApplied, PaymentNotApplied
+from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen, PaymentAlreadyApplied, PaymentNotApplied
 from domain.policy import CreditPolicy
 
 
 class LotSource(StrEnum):
     PAYMENT = "payment"
     ADJUSTMENT = "adjustment"
+    GIFT = "gift"
 
 
 class EntryKind(StrEnum):
@@ -32,6 +33,8 @@ class EntryKind(StrEnum):
     LAPSED = "lapsed"
     #: Credits a refunded or disputed payment had issued, taken back.
     REVERSED = "reversed"
+    #: Credits given to (−) or received from (+) another customer.
+    GIFTED = "gifted"
 
     @property
     def moves_balance(self) -> bool:
@@ -125,10 +128,11 @@ class CreditView:
     lots: tuple[Lot, ...]
     holds: tuple[Hold, ...]
     credits_depleted_at: datetime | None
+    frozen_since: datetime | None = None
 
     @property
     def can_schedule(self) -> bool:
-        return self.available >= 1
+        return self.available >= 1 and self.frozen_since is None
 
 
 @dataclass(eq=False)
@@ -146,6 +150,8 @@ class Account:
     holds: dict[str, Hold] = field(default_factory=dict)
     overdraft: int = 0
     depleted_at: datetime | None = None
+    #: While frozen, nothing expires; unfreezing moves every open lot's expiry by the pause.
+    frozen_since: datetime | None = None
     charged_jobs: set[str] = field(default_factory=set)
     new_entries: list[Entry] = field(default_factory=list)
     changed_lots: list[Lot] = field(default_factory=list)
@@ -159,7 +165,12 @@ class Account:
         return sum(lot.remaining for lot in self.lots) - self.overdraft
 
     def balance(self, at: datetime) -> int:
-        return sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - self.overdraft
+        return sum(lot.remaining for lot in self.lots if self._spendable(lot, at)) - self.overdraft
+
+    def _spendable(self, lot: Lot, at: datetime) -> bool:
+        # While frozen, a lot that would have expired during the pause is still held (not yet
+        # moved: that happens at unfreezing, when the pause's length is known).
+        return lot.spendable_at(min(at, self.frozen_since) if self.frozen_since is not None else at)
 
     def held(self, at: datetime) -> int:
         return sum(hold.credits for hold in self.holds.values() if hold.active_at(at))
@@ -175,9 +186,10 @@ class Account:
             at=at,
             balance=self.balance(at),
             available=self.available(at),
-            lots=tuple(sorted((lot for lot in self.lots if lot.spendable_at(at)), key=Lot.sort_key)),
+            lots=tuple(sorted((lot for lot in self.lots if self._spendable(lot, at)), key=Lot.sort_key)),
             holds=tuple(sorted((h for h in self.holds.values() if h.active_at(at)), key=lambda h: h.placed_at)),
             credits_depleted_at=self.depleted_at,
+            frozen_since=self.frozen_since,
         )
 
     # ---------------------------------------------------------------- changing
@@ -185,9 +197,11 @@ class Account:
     def catch_up(self, at: datetime, event_id: str) -> None:
         """Expire lots and lapse holds that are due by ``at``, each at its own expiry time."""
         # One time-ordered pass, so entries read chronologically (lapses move no balance,
-        # so their place among the expiries changes no depletion time).
+        # so their place among the expiries changes no depletion time). A frozen membership
+        # expires only what was due before the freeze.
+        expiry_cutoff = min(at, self.frozen_since) if self.frozen_since is not None else at
         due: list[tuple[tuple, Lot | Hold]] = [
-            ((lot.expires_at, 0, *lot.sort_key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at
+            ((lot.expires_at, 0, *lot.sort_key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= expiry_cutoff
         ]
         due += [
             ((hold.expires_at, 1, hold.placed_at, hold.job_id), hold)
@@ -282,7 +296,7 @@ class Account:
         lot.reversed += credits
         self.changed_lots.append(lot)
         movements: list[Movement] = []
-        if lot.spendable_at(at):
+        if self._spendable(lot, at):
             movements.append(Movement(lot, min(lot.remaining, credits)))
         left = credits - sum(m.credits for m in movements)
         written_off = min(lot.expired, left)
@@ -292,9 +306,63 @@ class Account:
         others, shortfall = self._oldest_first(left - written_off, at, skip=lot)
         return self._take(EntryKind.REVERSED, at, event_id, movements + others, shortfall=shortfall, note=note)
 
+    def freeze(self, at: datetime, event_id: str) -> bool:
+        """Pause the membership: nothing expires, nothing can be booked. Returns whether it changed."""
+        if self.frozen_since is not None:
+            return False
+        self.catch_up(at, event_id)
+        self.frozen_since = at
+        return True
+
+    def unfreeze(self, at: datetime, event_id: str) -> timedelta | None:
+        """End the pause: every open lot that had not expired when it began expires that much later.
+        Returns the pause's length, or None if the membership was not frozen."""
+        if self.frozen_since is None:
+            return None
+        pause = max(at - self.frozen_since, timedelta(0))
+        for lot in self.lots:
+            if lot.remaining > 0 and lot.expires_at > self.frozen_since:
+                lot.expires_at += pause
+                self.changed_lots.append(lot)
+        self.frozen_since = None
+        self.catch_up(at, event_id)
+        return pause
+
+    def give(self, credits: int, to: "Account", at: datetime, event_id: str) -> list[Lot]:
+        """Gift credits: taken oldest-first from what this customer has available, given as new
+        lots that keep each original expiry date. Never more than is available (no overdraft)."""
+        _require_positive(credits)
+        if to is self or to.customer_id == self.customer_id:
+            raise ValueError("a customer cannot gift credits to themselves")
+        for account in (self, to):
+            if account.frozen_since is not None:
+                raise MembershipFrozen(f"customer {account.customer_id!r} is frozen: no gifts to or from a paused membership")
+        self.catch_up(at, event_id)
+        to.catch_up(at, event_id)
+        available = self.available(at)
+        if credits > available:
+            raise InsufficientCredits(self.customer_id, credits, available)
+        movements, shortfall = self._oldest_first(credits, at)
+        assert shortfall == 0
+        self._take(EntryKind.GIFTED, at, event_id, movements, note=f"gift to {to.customer_id}")
+        return [to._receive(m.credits, m.lot.expires_at, at, event_id, f"gift from {self.customer_id}") for m in movements]
+
+    def _receive(self, credits: int, expires_at: datetime, at: datetime, event_id: str, note: str) -> Lot:
+        before = self.book_balance
+        lot = Lot(credits, credits, at, expires_at, LotSource.GIFT, event_id)
+        repaid = min(self.overdraft, credits)
+        lot.remaining -= repaid
+        self.overdraft -= repaid
+        self.lots.append(lot)
+        self.changed_lots.append(lot)
+        self._record(EntryKind.GIFTED, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=before)
+        return lot
+
     def place_hold(self, job_id: str, credits: int, at: datetime, event_id: str, policy: CreditPolicy) -> Hold:
         """Reserve credits for a booked job. Placing the same hold twice returns the first."""
         _require_positive(credits)
+        if self.frozen_since is not None:
+            raise MembershipFrozen(f"customer {self.customer_id!r} has paused their membership: unfreeze it to book")
         self.catch_up(at, event_id)
         if job_id in self.charged_jobs:
             raise JobAlreadyCharged(f"job {job_id!r} of customer {self.customer_id!r} has already been charged")
@@ -328,7 +396,7 @@ class Account:
         return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=shortfall, note=note)
 
     def _expire_over_cap(self, cap: int, at: datetime, event_id: str) -> None:
-        excess = sum(lot.remaining for lot in self.lots if lot.spendable_at(at)) - cap
+        excess = sum(lot.remaining for lot in self.lots if self._spendable(lot, at)) - cap
         if excess > 0:
             movements, _ = self._oldest_first(excess, at)
             self._take(EntryKind.EXPIRED, at, event_id, movements, note=f"over rollover cap of {cap}")
@@ -337,7 +405,7 @@ class Account:
         """Plan taking ``credits`` from lots spendable at ``at``, oldest first; returns what no lot covers."""
         movements = []
         left = credits
-        for lot in sorted((lot for lot in self.lots if lot.spendable_at(at) and lot is not skip), key=Lot.sort_key):
+        for lot in sorted((lot for lot in self.lots if self._spendable(lot, at) and lot is not skip), key=Lot.sort_key):
             if left == 0:
                 break
             take = min(lot.remaining, left)

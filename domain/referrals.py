@@ -91,6 +91,11 @@ def normalize_code(code: str) -> str:
     return code.strip().upper()
 
 
+def code_lookup_key(code: str) -> str:
+    """How a typed code is matched: case, spaces and hyphens do not matter (JANE7K3PQ = jane-7k3pq)."""
+    return re.sub(r"[^A-Z0-9]", "", code.upper())
+
+
 # ---------------------------------------------------------------- who is who
 
 
@@ -165,6 +170,8 @@ def judge_referral(
     recent = [p for p in prior if at - rules.velocity_window < p.submitted_at <= at]
     if len(recent) + 1 > rules.velocity_limit:
         flags.append(f"velocity: {len(recent) + 1} referrals within {_hours(rules.velocity_window)} h")
+    if referred.email and referrer.party.email and nearly_identical_emails(referrer.party.email, referred.email):
+        flags.append("near-identical email to the referrer's own")
     if referred.email:
         if any(p.email == referred.email for p in prior):
             flags.append("near-identical email: the same mailbox as another referral of this referrer")
@@ -273,6 +280,13 @@ class Referral:
             self.history.append(Change(self.status, now, f"{why}: {self.reward_cents} clawed back from the next payout"))
             return self.reward_cents or 0
         return 0
+
+    def withdrawn_from_payout(self, now: datetime, why: str) -> None:
+        """The qualifying payment was reversed while the reward's payout was still unsent: void it."""
+        if self.status is not ReferralStatus.IN_PAYOUT:
+            raise ReferralRuleError(f"a {self.status.value} reward is in no payout")
+        self.payout_id = None
+        self._move(ReferralStatus.VOIDED, now, f"{why}: taken out of its unsent payout")
 
     def into_payout(self, payout_id: int, now: datetime) -> None:
         if self.status is not ReferralStatus.APPROVED:

@@ -79,7 +79,7 @@ async def _payment_succeeded(ctx: Context, event: PaymentSucceeded) -> bool:
     if recovered:
         await ctx.uow.dunning.save(case)
     if issued:
-        await referrals.payment_succeeded(ctx.uow, event.customer_id, event.payment_id, event.occurred_at, ctx.referrals)
+        await referrals.payment_succeeded(ctx.uow, event.customer_id, event.payment_id, event.occurred_at, ctx.referrals, event.amount_cents)
     return issued or recovered
 
 

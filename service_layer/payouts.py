@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 import structlog
@@ -72,13 +72,24 @@ class PayoutRun:
     failed: list[int] = field(default_factory=list)
 
 
-async def pay_referrals(new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules) -> PayoutRun:
+async def pay_referrals(
+    new_uow: UnitOfWorkFactory,
+    gateways: Mapping[str, PayoutGateway],
+    method_gateways: Mapping[str, str],
+    now: datetime,
+    rules: ReferralRules,
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> PayoutRun:
     """Release rewards whose hold is over, make today's payouts (same-day payees every day,
-    everyone on Fridays), then send every payout not yet paid (failed ones again)."""
+    everyone on Fridays), then send every payout not yet paid (failed ones again).
+
+    ``now`` is the business moment the run is for (a catch-up run passes an earlier one);
+    ``wall_clock`` times the send leases, which must hold against other runs in real time.
+    """
     run = PayoutRun()
     run.released = await release_rewards(new_uow, now)
     await make_payouts(new_uow, method_gateways, now, rules, run)
-    await send_payouts(new_uow, gateways, now, run)
+    await send_payouts(new_uow, gateways, wall_clock, run)
     return run
 
 
@@ -101,12 +112,28 @@ async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
     calendar = rules.calendar
     friday = calendar.is_payout_day(now)
     async with new_uow() as uow:
-        for payable in await uow.referrals.payable():
+        payables = await uow.referrals.payable()
+        await uow.commit()
+    for payable in payables:
+        try:
+            await _make_payout(new_uow, method_gateways, now, rules, payable.payee_id, friday, run)
+        except Exception:
+            # One payee's trouble never holds up the others' payouts; it shows in the log and
+            # its rewards stay approved for the next run.
+            log.exception("payout_not_made", payee_id=payable.payee_id)
+
+
+async def _make_payout(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, payee_id: str, friday: bool, run: PayoutRun) -> None:
+    calendar = rules.calendar
+    async with new_uow() as uow:
+        for payable in await uow.referrals.payable([payee_id]):
             payee = await uow.referrals.referrer_row(payable.payee_id)
             if payee is None:
                 continue
             if payee.same_day:
-                period, minimum = calendar.same_day_period(now), 1
+                # Paid the day each reward is approved: a later approval the same day is that day's next payout.
+                day = calendar.same_day_period(now)
+                period, minimum = f"{day}-{await uow.referrals.payouts_in_period(payable.payee_id, day) + 1}", 1
             elif friday:
                 period, minimum = calendar.weekly_period(now), rules.minimum_payout_cents
             else:
@@ -132,16 +159,21 @@ async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
 SEND_LEASE = timedelta(minutes=10)
 
 
-async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], now: datetime, run: PayoutRun, limit: int = 1_000, payout_ids: list[int] | None = None) -> None:
+async def send_payouts(
+    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun, limit: int = 1_000, payout_ids: list[int] | None = None
+) -> None:
+    started = wall_clock()
     for _ in range(limit):
+        now = wall_clock()
         async with new_uow() as uow:
-            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, not_tried_since=now - SEND_LEASE)
+            # Each payout once per run, and not while another run holds its lease.
+            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, now=now, run_started=started)
             if not rows:
                 return
             [row] = rows
             # Marked tried in its own transaction first: a crash while sending is seen by the
             # next run, whose gateway then checks with the provider before paying again.
-            await uow.referrals.set_payout(row.id, attempts=row.attempts + 1, last_tried_at=now)
+            await uow.referrals.set_payout(row.id, attempts=row.attempts + 1, last_tried_at=now, leased_until=now + SEND_LEASE)
             await uow.commit()
         payee = None
         async with new_uow() as uow:
@@ -156,9 +188,11 @@ async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, Payout
             if gateway is None:
                 raise PayoutFailed(f"no {row.gateway} gateway is configured")
             sent = await gateway.send(order)
-        except PayoutFailed as error:
+        except Exception as error:  # PayoutFailed, or anything unexpected: recorded, visible, retried
+            if not isinstance(error, PayoutFailed):
+                log.exception("payout_gateway_error", payout_id=row.id)
             async with new_uow() as uow:
-                await uow.referrals.set_payout(row.id, status="failed", last_error=str(error)[:2000], failures=row.failures + 1)
+                await uow.referrals.set_payout(row.id, status="failed", last_error=str(error)[:2000], failures=row.failures + 1, leased_until=None)
                 await uow.commit()
             run.failed.append(row.id)
             log.warning("payout_failed", payout_id=row.id, payee_id=row.payee_id, error=str(error))
@@ -167,7 +201,7 @@ async def send_payouts(new_uow: UnitOfWorkFactory, gateways: Mapping[str, Payout
             await record_paid(new_uow, row.id, sent.reference, now)
         else:
             async with new_uow() as uow:
-                await uow.referrals.set_payout(row.id, status="exported", last_error=None)
+                await uow.referrals.set_payout(row.id, status="exported", last_error=None, leased_until=None)
                 await uow.commit()
         run.sent[sent.status] = run.sent.get(sent.status, 0) + 1
         log.info("payout_" + sent.status, payout_id=row.id, payee_id=row.payee_id, reference=sent.reference, amount_cents=row.amount_cents)
@@ -179,7 +213,7 @@ async def record_paid(new_uow: UnitOfWorkFactory, payout_id: int, reference: str
         row = await uow.referrals.payout(payout_id)
         if row is None or row.status == "paid":
             return False
-        await uow.referrals.set_payout(payout_id, status="paid", paid_at=at, external_reference=reference, last_error=None)
+        await uow.referrals.set_payout(payout_id, status="paid", paid_at=at, external_reference=reference, last_error=None, leased_until=None)
         for referral in await uow.referrals.referrals_in_payout(payout_id):
             before = len(referral.history)
             referral.paid(at)

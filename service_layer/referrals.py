@@ -11,6 +11,7 @@ from domain.referrals import (
     Referral,
     ReferralStatus,
     ReferrerKind,
+    Verdict,
     judge_referral,
     normalize_code,
     normalize_email,
@@ -28,7 +29,8 @@ async def customer_signed_up(uow: UnitOfWork, event: CustomerSignedUp, rules: Re
     email, phone = normalize_email(event.email), normalize_phone(event.phone)
     await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at)
     if await repo.add_referrer(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone):
-        await repo.add_code(event.customer_id, name_hint=(event.email.split("@", 1)[0]))
+        # No name in the code: a customer's code is shared publicly and must not reveal them.
+        await repo.add_code(event.customer_id, name_hint=None)
     if event.referral_code:
         await submit_referral(uow, event.customer_id, event.referral_code, event.occurred_at, rules)
 
@@ -38,20 +40,11 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     repo = uow.referrals
     code = normalize_code(code)
     code_row = await repo.code(code)
-    referrer = await repo.referrer(code_row.referrer_id) if code_row else None
-    referred = await repo.party(customer_id)
-    verdict = judge_referral(
-        referrer,
-        bool(code_row and code_row.active),
-        referred,
-        already_referred=await repo.attributed(customer_id) is not None,
-        paid_before=await repo.has_paid_before(customer_id, at),
-        prior=await repo.prior_referrals(referrer.referrer_id) if referrer else [],
-        other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(referred.payment_fingerprints, customer_id),
-        at=at,
-        rules=rules.fraud,
-    )
-    referral = Referral.submitted(customer_id, referrer.referrer_id if referrer else None, code, at, verdict)
+    if code_row is not None:
+        await repo.lock_referrer(code_row.referrer_id)
+    verdict = await _judge(uow, customer_id, code_row.referrer_id if code_row else None, bool(code_row and code_row.active), at, rules,
+                           already_referred=await repo.attributed(customer_id) is not None)
+    referral = Referral.submitted(customer_id, code_row.referrer_id if code_row else None, code_row.code if code_row else code, at, verdict)
     await repo.add(referral)
     log.info("referral_" + verdict.status.value, customer_id=customer_id, code=code, reason=verdict.reason, flags=list(verdict.flags))
     if referral.status is ReferralStatus.AWAITING_PAYMENT:
@@ -62,19 +55,61 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     return referral
 
 
-async def payment_succeeded(uow: UnitOfWork, customer_id: str, payment_id: str, paid_at: datetime, rules: ReferralRules) -> None:
-    """The referred customer's first payment qualifies their referral's reward (held for refunds)."""
+async def _judge(uow: UnitOfWork, customer_id: str, referrer_id: str | None, code_active: bool, at: datetime, rules: ReferralRules, *, already_referred: bool) -> Verdict:
+    repo = uow.referrals
+    referrer = await repo.referrer(referrer_id) if referrer_id else None
+    referred = await repo.party(customer_id)
+    return judge_referral(
+        referrer,
+        code_active,
+        referred,
+        already_referred=already_referred,
+        paid_before=await repo.has_paid_before(customer_id, at),
+        prior=await repo.prior_referrals(referrer.referrer_id, excluding=customer_id) if referrer else [],
+        other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(referred.payment_fingerprints, customer_id),
+        at=at,
+        rules=rules.fraud,
+    )
+
+
+async def payment_succeeded(
+    uow: UnitOfWork, customer_id: str, payment_id: str, paid_at: datetime, rules: ReferralRules, amount_cents: int | None = None
+) -> None:
+    """The referred customer's first payment qualifies their referral's reward (held for refunds).
+
+    The rules are judged again with what is known now — a sign-up, a card fingerprint or a
+    sibling referral may have arrived after the referral itself — and a free payment (a trial,
+    a 100 % coupon) does not qualify: the referral waits for a paid one.
+    """
     repo = uow.referrals
     referral = await repo.attributed(customer_id)
     if referral is None or referral.status is not ReferralStatus.AWAITING_PAYMENT:
         return
+    if amount_cents is not None and amount_cents <= 0:
+        log.info("referral_not_qualified", customer_id=customer_id, payment_id=payment_id, reason="a free payment")
+        return
+    await repo.lock_referrer(referral.referrer_id)
     before = len(referral.history)
     if paid_at < referral.submitted_at or await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
         referral.admin_reject(paid_at, "system", "the customer had already paid before being referred")
     else:
-        kind = ReferrerKind((await repo.referrer_row(referral.referrer_id)).kind)
-        referral.qualify(payment_id, paid_at, rules.rewards_cents[kind], rules.hold)
+        verdict = await _judge(uow, customer_id, referral.referrer_id, True, referral.submitted_at, rules, already_referred=False)
+        if verdict.status is ReferralStatus.REJECTED:
+            referral.admin_reject(paid_at, "system", verdict.reason or "rejected")
+        else:
+            referral.flags = _merged_flags(referral.flags, verdict.flags)
+            kind = ReferrerKind((await repo.referrer_row(referral.referrer_id)).kind)
+            referral.qualify(payment_id, paid_at, rules.rewards_cents[kind], rules.hold)
     await repo.save(referral, referral.history[before:])
+
+
+def _merged_flags(earlier: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
+    """Flags judged now (with everything known) replace earlier ones of the same rule; others stay."""
+    def rule(flag: str) -> str:
+        return flag.split(":")[0].split(" (")[0]
+
+    current = {rule(flag) for flag in now}
+    return tuple(flag for flag in earlier if rule(flag) not in current) + now
 
 
 async def payment_reversed(uow: UnitOfWork, payment_id: str, reason: str, at: datetime) -> None:
@@ -86,9 +121,14 @@ async def payment_reversed(uow: UnitOfWork, payment_id: str, reason: str, at: da
     if await repo.has_clawback(referral.id):
         return  # already taken back (a second partial refund of the same payment)
     before = len(referral.history)
-    clawback = referral.payment_reversed(at, f"qualifying payment {payment_id} {reason}")
-    if clawback:
-        await repo.add_clawback(referral, clawback, at)
+    why = f"qualifying payment {payment_id} {reason}"
+    if referral.status is ReferralStatus.IN_PAYOUT and await repo.withdraw_from_unsent_payout(referral):
+        # Its payout was never sent: take the reward out of it rather than pay and claw back.
+        referral.withdrawn_from_payout(at, why)
+    else:
+        clawback = referral.payment_reversed(at, why)
+        if clawback:
+            await repo.add_clawback(referral, clawback, at)
     await repo.save(referral, referral.history[before:])
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerKind, new_code
+from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerKind, code_lookup_key, new_code
 from infra.db.repository import upsert_into
 from infra.db.tables import (
     REFERRAL_IS_ATTRIBUTED,
@@ -141,7 +142,7 @@ class SqlReferralRepository:
             candidate = code or new_code(name_hint)
             try:
                 async with self.connection.begin_nested():
-                    await self.connection.execute(insert(referral_codes).values(code=candidate, referrer_id=referrer_id))
+                    await self.connection.execute(insert(referral_codes).values(code=candidate, lookup=code_lookup_key(candidate), referrer_id=referrer_id))
                 return candidate
             except IntegrityError:
                 if code is not None:
@@ -149,11 +150,12 @@ class SqlReferralRepository:
         raise RuntimeError("could not find a free referral code in 20 tries")
 
     async def code(self, code: str):
-        return (await self.connection.execute(select(referral_codes).where(referral_codes.c.code == code))).first()
+        """The code as typed (case, spaces and hyphens do not matter)."""
+        return (await self.connection.execute(select(referral_codes).where(referral_codes.c.lookup == code_lookup_key(code)))).first()
 
     async def set_code_active(self, code: str, active: bool, at: datetime) -> bool:
         result = await self.connection.execute(
-            update(referral_codes).where(referral_codes.c.code == code).values(active=active, deactivated_at=None if active else at)
+            update(referral_codes).where(referral_codes.c.lookup == code_lookup_key(code)).values(active=active, deactivated_at=None if active else at)
         )
         return result.rowcount == 1
 
@@ -196,12 +198,19 @@ class SqlReferralRepository:
             out.setdefault(row.referral_id, []).append(row)
         return out
 
-    async def prior_referrals(self, referrer_id: str) -> list[PriorReferral]:
-        rows = await self.connection.execute(
+    async def lock_referrer(self, referrer_id: str) -> None:
+        """Serialise referrals of one referrer: the velocity and look-alike rules read their siblings."""
+        await self.connection.execute(select(referrers.c.referrer_id).where(referrers.c.referrer_id == referrer_id).with_for_update())
+
+    async def prior_referrals(self, referrer_id: str, excluding: str | None = None) -> list[PriorReferral]:
+        query = (
             select(referrals.c.referred_customer_id, referrals.c.submitted_at, customer_profiles.c.email, customer_profiles.c.payment_fingerprint)
             .select_from(referrals.outerjoin(customer_profiles, customer_profiles.c.customer_id == referrals.c.referred_customer_id))
             .where(referrals.c.referrer_id == referrer_id, REFERRAL_IS_ATTRIBUTED)
         )
+        if excluding is not None:
+            query = query.where(referrals.c.referred_customer_id != excluding)
+        rows = await self.connection.execute(query)
         return [
             PriorReferral(r.referred_customer_id, r.submitted_at, r.email, frozenset([r.payment_fingerprint]) if r.payment_fingerprint else frozenset())
             for r in rows
@@ -296,7 +305,7 @@ class SqlReferralRepository:
                 amount_cents=payable.total_cents,
                 currency=currency,
                 status="pending",
-                idempotency_key=f"payout:{payable.payee_id}:{period}",
+                idempotency_key=payout_key(payable.payee_id, period),
                 created_at=now,
             )
             .on_conflict_do_nothing()
@@ -315,11 +324,17 @@ class SqlReferralRepository:
             await self.connection.execute(update(referral_clawbacks).where(referral_clawbacks.c.id.in_(payable.clawback_ids)).values(payout_id=payout_id))
         return payout_id
 
-    async def lock_payouts_to_send(self, limit: int, payout_ids: list[int] | None = None, *, not_tried_since: datetime | None = None) -> list:
-        """Payouts not paid yet (new or failed), each once per run (``not_tried_since``), locked."""
-        query = select(payouts).where(payouts.c.status.in_(["pending", "failed"]))
-        if not_tried_since is not None:
-            query = query.where(or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < not_tried_since))
+    async def payouts_in_period(self, payee_id: str, period_prefix: str) -> int:
+        query = select(func.count()).where(payouts.c.payee_id == payee_id, payouts.c.period.like(f"{period_prefix}%"))
+        return (await self.connection.execute(query)).scalar_one()
+
+    async def lock_payouts_to_send(self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime) -> list:
+        """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked."""
+        query = select(payouts).where(
+            payouts.c.status.in_(["pending", "failed"]),
+            or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
+            or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
+        )
         if payout_ids is not None:
             query = query.where(payouts.c.id.in_(payout_ids))
         return list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True)))
@@ -329,13 +344,36 @@ class SqlReferralRepository:
         return (await self.connection.execute(query.with_for_update() if for_update else query)).first()
 
     async def set_payout(self, payout_id: int, **values: object) -> None:
-        await self.connection.execute(update(payouts).where(payouts.c.id == payout_id).values(**values))
+        """Change a payout not yet paid (a paid payout never changes again)."""
+        await self.connection.execute(update(payouts).where(payouts.c.id == payout_id, payouts.c.status != "paid").values(**values))
+
+    async def withdraw_from_unsent_payout(self, referral: Referral) -> bool:
+        """Take a reward out of its payout if that payout was never sent; the payout shrinks, or
+        goes when nothing is left. False when it was sent (or exported): then it is clawed back."""
+        row = await self.payout(referral.payout_id) if referral.payout_id is not None else None
+        if row is None or row.status not in ("pending", "failed") or row.attempts > 0:
+            return False
+        await self.connection.execute(delete(payout_items).where(payout_items.c.payout_id == row.id, payout_items.c.referral_id == referral.id))
+        remaining = (await self.connection.execute(select(func.coalesce(func.sum(payout_items.c.amount_cents), 0)).where(payout_items.c.payout_id == row.id))).scalar_one()
+        if remaining > 0:
+            await self.connection.execute(update(payouts).where(payouts.c.id == row.id).values(amount_cents=remaining))
+        else:
+            # Nothing (or only clawbacks) left: the payout goes; its clawbacks wait for the next one.
+            await self.connection.execute(update(referral_clawbacks).where(referral_clawbacks.c.payout_id == row.id).values(payout_id=None))
+            await self.connection.execute(delete(payout_items).where(payout_items.c.payout_id == row.id))
+            await self.connection.execute(delete(payouts).where(payouts.c.id == row.id))
+        return True
 
     async def referrals_in_payout(self, payout_id: int) -> list[Referral]:
         rows = await self.connection.execute(
             select(referrals).join(payout_items, and_(payout_items.c.referral_id == referrals.c.id, payout_items.c.payout_id == payout_id)).with_for_update()
         )
         return [_referral(row) for row in rows]
+
+
+def payout_key(payee_id: str, period: str) -> str:
+    """The payout's idempotency key: short whatever the payee id (providers cap keys at 255)."""
+    return f"payout-{period}-{hashlib.sha256(payee_id.encode()).hexdigest()[:32]}"
 
 
 def _values(referral: Referral) -> dict:

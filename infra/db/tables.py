@@ -331,6 +331,8 @@ referral_codes = Table(
     "referral_codes",
     metadata,
     Column("code", String(64), primary_key=True),
+    # The code as matched: upper case, letters and digits only (see domain.referrals.code_lookup_key).
+    Column("lookup", String(64), nullable=False, unique=True),
     Column("referrer_id", String(255), ForeignKey("referrers.referrer_id"), nullable=False, index=True),
     Column("active", Boolean, nullable=False, server_default=true()),
     Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
@@ -408,8 +410,9 @@ payouts = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     # Sends the gateway answered with a failure: each retry after one uses a fresh key.
     Column("failures", Integer, nullable=False, server_default="0"),
-    # A lease: while a run sends, no other run takes the payout; a crash frees it after a while.
     Column("last_tried_at", UtcDateTime, nullable=True),
+    # While a run sends it, no other run takes the payout; a crash frees it when the lease ends.
+    Column("leased_until", UtcDateTime, nullable=True),
     Column("last_error", Text, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("paid_at", UtcDateTime, nullable=True),
@@ -429,3 +432,8 @@ payout_items = Table(
     Column("amount_cents", BigInteger, nullable=False),
     CheckConstraint("(referral_id IS NULL) <> (clawback_id IS NULL)", name="one_source"),
 )
+# A reward or a clawback is in one payout, ever: a rerun cannot pay an item twice.
+ITEM_HAS_REFERRAL = payout_items.c.referral_id.is_not(None)
+ITEM_HAS_CLAWBACK = payout_items.c.clawback_id.is_not(None)
+Index("uq_payout_items_referral", payout_items.c.referral_id, unique=True, postgresql_where=ITEM_HAS_REFERRAL, sqlite_where=ITEM_HAS_REFERRAL)
+Index("uq_payout_items_clawback", payout_items.c.clawback_id, unique=True, postgresql_where=ITEM_HAS_CLAWBACK, sqlite_where=ITEM_HAS_CLAWBACK)

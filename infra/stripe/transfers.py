@@ -5,7 +5,7 @@ from __future__ import annotations
 import stripe
 
 from infra.settings import Settings
-from infra.stripe.client import UNAVAILABLE, stripe_client
+from infra.stripe.client import stripe_client
 from service_layer.payouts import PayoutFailed, PayoutOrder, Sent
 
 
@@ -42,6 +42,6 @@ class StripeConnectGateway:
     async def _earlier_transfer(self, order: PayoutOrder) -> str | None:
         try:
             found = await self.client.v1.transfers.list_async({"transfer_group": order.payout_key, "limit": 1})
-        except UNAVAILABLE as error:
+        except stripe.StripeError as error:
             raise PayoutFailed(f"cannot check for an earlier transfer: {error._message or error}") from None
         return found.data[0].id if found.data else None

@@ -20,6 +20,7 @@ import pytest
 
 from api.app import create_app
 from domain.referrals import CODE_PATTERN
+from infra.db.referrals import payout_key
 from infra.clock import FixedClock
 from infra.payouts import ManualGateway
 from infra.settings import Settings, load_settings
@@ -283,16 +284,21 @@ async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(
     for customer in ("v1", "v2", "v3", "v4", "v5", "g1", "g2"):
         await api.pay(customer, at(10, 1, 14))
 
+    # The rules are judged again when the first payment qualifies a referral, with everything
+    # known by then: g2 (dated 09:00, recorded after v3) counts in v3's window, and g1, whose card
+    # g2 shares, is flagged too.
     flagged = await api.referrals(status="flagged")
     assert {r["referred_customer_id"]: r["flags"] for r in flagged["referrals"]} == {
-        "v4": ["velocity: 4 referrals within 24 h"],
-        "v5": ["velocity: 5 referrals within 24 h"],
+        "v3": ["velocity: 4 referrals within 24 h"],
+        "v4": ["velocity: 5 referrals within 24 h"],
+        "v5": ["velocity: 6 referrals within 24 h"],
+        "g1": ["payment card shared with another customer"],
         "g2": ["payment card shared with another customer"],
     }
-    assert flagged["total_reward_cents"] == 3 * 5000
+    assert flagged["total_reward_cents"] == 4 * 5000 + 1000
     v4 = await api.referral_of("v4")
     assert [(h["status"], h["reason"]) for h in v4["history"]] == [
-        ("awaiting_payment", "velocity: 4 referrals within 24 h"), ("flagged", "velocity: 4 referrals within 24 h")
+        ("awaiting_payment", "velocity: 4 referrals within 24 h"), ("flagged", "velocity: 5 referrals within 24 h")
     ]
 
     # Approved during the hold: pending until it ends.
@@ -322,9 +328,9 @@ async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(
 
     # The hold ends: the approved one is released with the others; the rejected one stays rejected.
     run = await pay_referrals(api, at(10, 15, 15))  # a Thursday: released, nothing paid
-    assert (run.released, run.created) == (5, [])
+    assert (run.released, run.created) == (3, [])
     statuses = {r["referred_customer_id"]: r["status"] for r in (await api.referrals())["referrals"]}
-    assert statuses == {"v1": "approved", "v2": "approved", "v3": "approved", "v4": "approved", "v5": "flagged", "g1": "approved", "g2": "rejected"}
+    assert statuses == {"v1": "approved", "v2": "approved", "v3": "flagged", "v4": "approved", "v5": "flagged", "g1": "flagged", "g2": "rejected"}
 
     # Approved after the hold is over: payable at once.
     api.clock.move_to(at(10, 16, 9))
@@ -351,7 +357,7 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
     connect = StubConnect(failing={"partner-q"})
     run = await pay_referrals(api, at(10, 16, 14), connect)  # Friday
     assert (run.released, len(run.created), run.sent) == (4, 4, {"paid": 1, "exported": 2})
-    assert [o.idempotency_key for o in sorted(connect.orders, key=lambda o: o.payee_id)] == ["payout:partner-p:week-2026-10-16", "payout:partner-q:week-2026-10-16"]
+    assert [o.idempotency_key for o in sorted(connect.orders, key=lambda o: o.payee_id)] == [payout_key("partner-p", "week-2026-10-16"), payout_key("partner-q", "week-2026-10-16")]
     # The next Friday's payout made but not sent yet (a run that stopped between the two steps).
     await payouts.release_rewards(api.new_uow, at(10, 23, 14))
     await payouts.make_payouts(api.new_uow, GATEWAYS, at(10, 23, 14), api.settings.referrals, PayoutRun())
@@ -363,7 +369,7 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
         ("partner-p", "week-2026-10-16"): ("paid", 5000, "stripe_connect", "stripe_connect"),
         ("partner-q", "week-2026-10-16"): ("failed", 5000, "stripe_connect", "stripe_connect"),
         ("emp-e", "week-2026-10-16"): ("exported", 1000, "manual", "manual"),
-        ("cash-s", "day-2026-10-16"): ("exported", 1000, "cash_app", "manual"),
+        ("cash-s", "day-2026-10-16-1"): ("exported", 1000, "cash_app", "manual"),
         ("emp-e", "week-2026-10-23"): ("pending", 1000, "manual", "manual"),
     }
     paid_p = by_key[("partner-p", "week-2026-10-16")]
@@ -387,7 +393,7 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
     lines = {r["payee_id"]: r for r in reader}
     assert {k: (r["payee_name"], r["payout_address"], r["method"], r["period"], r["amount_cents"], r["currency"], r["status"], r["external_reference"]) for k, r in lines.items()} == {
         "emp-e": ("Eve", "eve@bank.example", "manual", "week-2026-10-16", "1000", "USD", "exported", ""),
-        "cash-s": ("Sol", "$solcash", "cash_app", "day-2026-10-16", "1000", "USD", "exported", ""),
+        "cash-s": ("Sol", "$solcash", "cash_app", "day-2026-10-16-1", "1000", "USD", "exported", ""),
     }
 
     # Operations paid the exported ones by hand.
@@ -419,7 +425,7 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
 async def test_a_referrer_sees_codes_counts_paid_to_date_clawbacks_and_the_next_payout_day(api):
     await api.sign_up("cust-c", at(10, 1, 9), email="Carla.Diaz@gmail.com")
     first = (await api.summary("cust-c"))["codes"][0]["code"]
-    assert first.startswith("CARLADIA-")
+    assert CODE_PATTERN.match(first) and "CARLA" not in first  # a customer's shared code does not reveal them
     second = (await api.http.post("/api/admin/referrers/cust-c/codes", json={"code": "CARLA-2026"}, headers=ADMIN)).json()["code"]
     s = await api.register("cash-s", "employee", name="Sol", payout_method="cash_app", same_day=True, payout_address="$solcash")
 

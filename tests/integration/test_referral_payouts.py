@@ -39,6 +39,7 @@ from infra.db.tables import (
 )
 from infra.settings import load_settings
 from messages import CustomerSignedUp, PaymentReversed, PaymentSucceeded, Publisher
+from infra.db.referrals import payout_key
 from tests.fake_stripe import FakeStripe
 from tests.support import ROOT, InProcessServer, WorkerProcesses, eventually, wait_until
 
@@ -229,7 +230,7 @@ async def test_referral_rewards_are_held_released_and_paid_weekly_once_per_payee
         assert (run["released"], run["payouts_created"]) == (5, 1)
         assert await statuses(db, {"r-p1": "approved", "r-e1": "approved", "r-c1": "approved", "r-c2": "approved", "r-s1": "in_payout", "r-p3": "pending"})
         [sam_payout] = await payout_rows(db)
-        assert (sam_payout.payee_id, sam_payout.period, sam_payout.amount_cents, sam_payout.gateway, sam_payout.status) == ("cash-sam", "day-2026-10-15", 1000, "manual", "exported")
+        assert (sam_payout.payee_id, sam_payout.period, sam_payout.amount_cents, sam_payout.gateway, sam_payout.status) == ("cash-sam", "day-2026-10-15-1", 1000, "manual", "exported")
         assert transfer_posts(fake_stripe) == []
 
         clock.move_to(at(10, 15, 16))
@@ -237,10 +238,10 @@ async def test_referral_rewards_are_held_released_and_paid_weekly_once_per_payee
         assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
         [line] = list(csv.DictReader(io.StringIO(export.text)))
         assert (line["id"], line["payee_id"], line["payout_address"], line["method"], line["period"], line["amount_cents"]) == (
-            str(sam_payout.id), "cash-sam", "$samcash", "cash_app", "day-2026-10-15", "1000"
+            str(sam_payout.id), "cash-sam", "$samcash", "cash_app", "day-2026-10-15-1", "1000"
         )
         await record_reference(http, sam_payout.id, "cashapp-0001")
-        sam_payout = await payout_of(db, "cash-sam", "day-2026-10-15")
+        sam_payout = await payout_of(db, "cash-sam", "day-2026-10-15-1")
         assert (sam_payout.status, sam_payout.external_reference, sam_payout.paid_at) == ("paid", "cashapp-0001", at(10, 15, 16))
         assert await statuses(db, {"r-s1": "paid"})
         summary = (await http.get("/api/referrers/cash-sam/summary", headers=FRONT)).json()
@@ -252,7 +253,7 @@ async def test_referral_rewards_are_held_released_and_paid_weekly_once_per_payee
         assert (run["released"], run["payouts_created"], run["held_back"], run["sent"], run["failed"]) == (0, 2, 1, {"paid": 1, "exported": 1}, [])
         acme_1 = await payout_of(db, "partner-acme", "week-2026-10-16")
         ref_1 = await payout_of(db, "cust-ref", "week-2026-10-16")
-        assert (acme_1.amount_cents, acme_1.gateway, acme_1.status, acme_1.idempotency_key) == (5000, "stripe_connect", "paid", "payout:partner-acme:week-2026-10-16")
+        assert (acme_1.amount_cents, acme_1.gateway, acme_1.status, acme_1.idempotency_key) == (5000, "stripe_connect", "paid", payout_key("partner-acme", "week-2026-10-16"))
         assert (ref_1.amount_cents, ref_1.gateway, ref_1.status) == (4000, "manual", "exported")
         assert len(await payout_rows(db)) == 3  # and none for emp-jo
         assert await statuses(db, {"r-e1": "approved", "r-p1": "paid", "r-p2": "voided", "r-c1": "in_payout", "r-c2": "in_payout"})

@@ -40,6 +40,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
     sa.Column('failures', sa.Integer(), server_default='0', nullable=False),
     sa.Column('last_tried_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('leased_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('paid_at', sa.DateTime(timezone=True), nullable=True),
@@ -102,11 +103,13 @@ def upgrade() -> None:
     op.create_index(op.f('ix_referral_clawbacks_payee_id'), 'referral_clawbacks', ['payee_id'], unique=False)
     op.create_table('referral_codes',
     sa.Column('code', sa.String(length=64), nullable=False),
+    sa.Column('lookup', sa.String(length=64), nullable=False),
     sa.Column('referrer_id', sa.String(length=255), nullable=False),
     sa.Column('active', sa.Boolean(), server_default=sa.text('true'), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.Column('deactivated_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['referrer_id'], ['referrers.referrer_id'], name=op.f('fk_referral_codes_referrer_id_referrers')),
+    sa.UniqueConstraint('lookup', name=op.f('uq_referral_codes_lookup')),
     sa.PrimaryKeyConstraint('code', name=op.f('pk_referral_codes'))
     )
     op.create_index(op.f('ix_referral_codes_referrer_id'), 'referral_codes', ['referrer_id'], unique=False)
@@ -133,9 +136,13 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_payout_items'))
     )
     op.create_index(op.f('ix_payout_items_payout_id'), 'payout_items', ['payout_id'], unique=False)
+    op.create_index('uq_payout_items_referral', 'payout_items', ['referral_id'], unique=True, postgresql_where=sa.text('referral_id IS NOT NULL'), sqlite_where=sa.text('referral_id IS NOT NULL'))
+    op.create_index('uq_payout_items_clawback', 'payout_items', ['clawback_id'], unique=True, postgresql_where=sa.text('clawback_id IS NOT NULL'), sqlite_where=sa.text('clawback_id IS NOT NULL'))
 
 
 def downgrade() -> None:
+    op.drop_index('uq_payout_items_clawback', table_name='payout_items', postgresql_where=sa.text('clawback_id IS NOT NULL'), sqlite_where=sa.text('clawback_id IS NOT NULL'))
+    op.drop_index('uq_payout_items_referral', table_name='payout_items', postgresql_where=sa.text('referral_id IS NOT NULL'), sqlite_where=sa.text('referral_id IS NOT NULL'))
     op.drop_index(op.f('ix_payout_items_payout_id'), table_name='payout_items')
     op.drop_table('payout_items')
     op.drop_index('ix_referral_history_referral', table_name='referral_history')
