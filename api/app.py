@@ -13,7 +13,7 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged
+from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from api import referrals as referral_routes
 from api.auth import admin, frontend
 from infra.broker import enqueue_charges, redis_broker
@@ -70,6 +70,7 @@ class CreditsOut(BaseModel):
     holds: list[HoldOut]
     lots: list[LotOut]
     credits_depleted_at: datetime | None
+    frozen_since: datetime | None
     can_schedule: bool
 
 
@@ -225,6 +226,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             holds=[HoldOut(job_id=h.job_id, credits=h.credits, placed_at=h.placed_at, expires_at=h.expires_at) for h in view.holds],
             lots=[LotOut(remaining=lot.remaining, issued_at=lot.issued_at, expires_at=lot.expires_at) for lot in view.lots],
             credits_depleted_at=view.credits_depleted_at,
+            frozen_since=view.frozen_since,
             can_schedule=view.can_schedule,
         )
 
@@ -245,8 +247,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
                 status_code=status.HTTP_409_CONFLICT,
                 content={"detail": str(error), "reason": "insufficient_credits", "available": error.available, "requested": error.wanted},
             )
-        except (HoldConflict, JobAlreadyCharged) as error:
-            reason = "hold_conflict" if isinstance(error, HoldConflict) else "job_already_charged"
+        except (HoldConflict, JobAlreadyCharged, MembershipFrozen) as error:
+            reason = {HoldConflict: "hold_conflict", JobAlreadyCharged: "job_already_charged", MembershipFrozen: "membership_frozen"}[type(error)]
             return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(error), "reason": reason})
         if not created:
             response.status_code = status.HTTP_200_OK

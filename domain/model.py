@@ -62,6 +62,8 @@ class Lot:
     id: int | None = None
     #: The payment that issued the lot (payment lots only): a payment issues credits once.
     payment_id: str | None = None
+    #: What the payment paid, in cents, when known.
+    paid_cents: int | None = None
     #: Credits of this lot taken back because its payment was refunded or disputed.
     reversed: int = 0
     #: Credits of this lot that expired unused (and that no reversal has written off yet).
@@ -223,6 +225,7 @@ class Account:
         source: LotSource = LotSource.PAYMENT,
         note: str | None = None,
         payment_id: str | None = None,
+        paid_cents: int | None = None,
     ) -> Lot:
         """Create a lot. Outstanding overdraft is repaid from it first."""
         _require_positive(credits)
@@ -232,7 +235,7 @@ class Account:
         if source is LotSource.PAYMENT and policy.carry_limit is not None:
             self._expire_over_cap(policy.carry_limit, at, event_id)
         before = self.book_balance
-        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id, payment_id=payment_id)
+        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id, payment_id=payment_id, paid_cents=paid_cents)
         repaid = min(self.overdraft, credits)
         lot.remaining -= repaid
         self.overdraft -= repaid

@@ -88,6 +88,26 @@ class Settings(BaseSettings):
     payout_gateways: Annotated[dict[str, str], NoDecode] = {"stripe_connect": "stripe_connect", "cash_app": "manual", "manual": "manual"}
     pay_referrals_every_minutes: int = Field(60, ge=1, le=1440)
 
+    # ------------------------------------------------------------ notifications and retention
+    #: Unset: notifications wait in the outbox (nothing is lost) until an SMTP server is configured.
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    #: starttls (port 587), tls (implicit, port 465) or none (a local relay).
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_from: str = Field("Credits <no-reply@example.com>", min_length=3, max_length=320)
+    smtp_timeout_seconds: float = Field(20, gt=0, le=300)
+    #: Customers are warned this many days before a lot of their credits expires.
+    notify_expiry_days_before: int = Field(30, ge=1, le=365)
+    send_notifications_every_minutes: int = Field(1, ge=1, le=1440)
+    warn_expiring_credits_every_minutes: int = Field(1440, ge=1, le=10_080)
+    notice_retention_every_minutes: int = Field(15, ge=1, le=1440)
+    #: The admin page's session cookie is Secure (HTTPS only) unless this is false (local use).
+    admin_cookie_secure: bool = True
+    #: How often the admin page's live bubble re-reads the count (server-sent events).
+    admin_live_interval_seconds: float = Field(2.0, ge=0.2, le=300)
+
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)
 
@@ -117,7 +137,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
-    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", mode="before")
+    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and .env files spell "not set" as an empty value.

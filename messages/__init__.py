@@ -2,11 +2,14 @@
 
 from messages.events import (
     CreditsAdjusted,
+    CreditsGifted,
     CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
     JobCompleted,
+    MembershipFrozen,
+    MembershipUnfrozen,
     PaymentActionRequired,
     PaymentFailed,
     PaymentMethodUpdated,
@@ -21,6 +24,7 @@ from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 __all__ = [
     "APPLY_EVENT_ACTOR",
     "CreditsAdjusted",
+    "CreditsGifted",
     "CustomerSignedUp",
     "EVENTS_QUEUE",
     "EVENT_KWARG",
@@ -28,6 +32,8 @@ __all__ = [
     "InvoiceVoided",
     "JobCancelled",
     "JobCompleted",
+    "MembershipFrozen",
+    "MembershipUnfrozen",
     "PaymentActionRequired",
     "PaymentFailed",
     "PaymentMethodUpdated",

@@ -138,7 +138,7 @@ class CustomerSignedUp(Event):
     type: Literal["customer.signed_up"] = "customer.signed_up"
     email: Annotated[str, Field(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
     phone: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9+() .\-]+$")] | None = None
-    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")] | None = None
+    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")] | None = None
     #: The card's fingerprint (Stripe's `card.fingerprint`): the same card, whoever holds it.
     payment_fingerprint: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)] | None = None
 
@@ -148,7 +148,7 @@ class ReferralSubmitted(Event):
     customer; producers may send ``referred_customer_id`` instead (the same thing)."""
 
     type: Literal["referral.submitted"] = "referral.submitted"
-    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")]
+    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")]
     referred_customer_id: CustomerId
     customer_id: CustomerId | None = None  # type: ignore[assignment]  # filled from referred_customer_id
 
@@ -158,6 +158,32 @@ class ReferralSubmitted(Event):
             object.__setattr__(self, "customer_id", self.referred_customer_id)
         elif self.customer_id != self.referred_customer_id:
             raise ValueError("customer_id and referred_customer_id name the same customer; they differ")
+        return self
+
+
+class MembershipFrozen(Event):
+    """The customer paused their membership: nothing expires and nothing can be booked until it is unfrozen."""
+
+    type: Literal["membership.frozen"] = "membership.frozen"
+
+
+class MembershipUnfrozen(Event):
+    """The pause is over: every unexpired lot's expiry moves by the time the membership was frozen."""
+
+    type: Literal["membership.unfrozen"] = "membership.unfrozen"
+
+
+class CreditsGifted(Event):
+    """``customer_id`` gives ``credits`` to ``to_customer_id``: oldest first, keeping their expiry dates."""
+
+    type: Literal["credits.gifted"] = "credits.gifted"
+    to_customer_id: CustomerId
+    credits: PositiveCredits
+
+    @model_validator(mode="after")
+    def _two_customers(self) -> "CreditsGifted":
+        if self.to_customer_id == self.customer_id:
+            raise ValueError("a customer cannot gift credits to themselves")
         return self
 
 
@@ -174,6 +200,9 @@ AnyEvent = Annotated[
         InvoiceVoided,
         CustomerSignedUp,
         ReferralSubmitted,
+        MembershipFrozen,
+        MembershipUnfrozen,
+        CreditsGifted,
     ],
     Field(discriminator="type"),
 ]
@@ -200,5 +229,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         InvoiceVoided,
         CustomerSignedUp,
         ReferralSubmitted,
+        MembershipFrozen,
+        MembershipUnfrozen,
+        CreditsGifted,
     )
 }

@@ -7,23 +7,27 @@ an event's effect and its idempotency record commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
 import structlog
 
 from domain import Account, CreditPolicy, Hold
+from domain import notifications as notices
 from domain.dunning import AttemptKind, DunningCase, DunningRules
 from domain.referrals import ReferralRules
 from domain.model import CreditView
 from messages import (
     CreditsAdjusted,
+    CreditsGifted,
     CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
     JobCompleted,
+    MembershipFrozen,
+    MembershipUnfrozen,
     PaymentActionRequired,
     PaymentFailed,
     PaymentMethodUpdated,
@@ -57,6 +61,8 @@ class Context:
     policy: CreditPolicy
     dunning: DunningRules
     referrals: ReferralRules
+    #: Other accounts the event touches (a gift's receiver), locked like ``account``.
+    others: dict[str, Account] = field(default_factory=dict)
 
 
 async def _job_completed(ctx: Context, event: JobCompleted) -> bool:
@@ -73,7 +79,9 @@ async def _payment_succeeded(ctx: Context, event: PaymentSucceeded) -> bool:
     """Issue the payment's credits once, and end the dunning of its invoice."""
     issued = ctx.account.payment_lot(event.payment_id) is None
     if issued:
-        ctx.account.issue(event.credits, event.occurred_at, event.event_id, ctx.policy, note=f"payment {event.payment_id}", payment_id=event.payment_id)
+        ctx.account.issue(
+            event.credits, event.occurred_at, event.event_id, ctx.policy, note=f"payment {event.payment_id}", payment_id=event.payment_id, paid_cents=event.amount_cents
+        )
     case = await ctx.uow.dunning.get(event.payment_id)
     recovered = case is not None and case.paid(event.occurred_at)
     if recovered:
@@ -103,6 +111,9 @@ async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequ
     else:
         case.payment_failed(event.occurred_at, event.decline_code, event.failure_message, ctx.dunning.schedule)
     await (ctx.uow.dunning.add(case) if is_new else ctx.uow.dunning.save(case))
+    if is_new and isinstance(event, PaymentFailed):
+        reason = case.last_failure_message or case.last_decline_code
+        await ctx.uow.notifications.enqueue(notices.payment_failed(event.customer_id, event.invoice_id, reason, case.next_retry_at), event.occurred_at)
     return True
 
 
@@ -134,6 +145,20 @@ async def _payment_reversed(ctx: Context, event: PaymentReversed) -> bool:
     return entry is not None
 
 
+async def _membership_frozen(ctx: Context, event: MembershipFrozen) -> bool:
+    return ctx.account.freeze(event.occurred_at, event.event_id)
+
+
+async def _membership_unfrozen(ctx: Context, event: MembershipUnfrozen) -> bool:
+    return ctx.account.unfreeze(event.occurred_at, event.event_id) is not None
+
+
+async def _credits_gifted(ctx: Context, event: CreditsGifted) -> bool:
+    receiver = ctx.others[event.to_customer_id]
+    ctx.account.give(event.credits, receiver, event.occurred_at, event.event_id)
+    return True
+
+
 async def _customer_signed_up(ctx: Context, event: CustomerSignedUp) -> bool:
     await referrals.customer_signed_up(ctx.uow, event, ctx.referrals)
     return True
@@ -156,6 +181,9 @@ EVENT_HANDLERS: dict[type[Event], Callable[[Context, Event], Awaitable[bool]]] =
     InvoiceVoided: _invoice_voided,
     CustomerSignedUp: _customer_signed_up,
     ReferralSubmitted: _referral_submitted,
+    MembershipFrozen: _membership_frozen,
+    MembershipUnfrozen: _membership_unfrozen,
+    CreditsGifted: _credits_gifted,
 }
 
 
@@ -183,13 +211,33 @@ async def apply_event_in(
 ) -> Outcome:
     """Apply one event inside an open unit of work (the caller commits): effect and idempotency record together."""
     job_ids = (event.job_id,) if isinstance(event, JobCompleted) else ()
-    account = await uow.accounts.lock(event.customer_id, create=True, job_ids=job_ids, payment_ids=_payment_ids(event))
-    assert account is not None
+    # Every account the event touches, locked in id order (two gifts crossing never deadlock).
+    others = (event.to_customer_id,) if isinstance(event, CreditsGifted) else ()
+    accounts: dict[str, Account] = {}
+    for customer_id in sorted({event.customer_id, *others}):
+        mine = customer_id == event.customer_id
+        accounts[customer_id] = await uow.accounts.lock(
+            customer_id, create=True, job_ids=job_ids if mine else (), payment_ids=_payment_ids(event) if mine else ()
+        )
+    account = accounts[event.customer_id]
     if not await uow.events.claim(event):
         return Outcome.DUPLICATE
-    changed = await EVENT_HANDLERS[type(event)](Context(uow, account, policy, dunning, referral_rules or ReferralRules()), event)
-    await uow.accounts.save(account)
+    depleted_before = {customer_id: a.depleted_at for customer_id, a in accounts.items()}
+    context = Context(uow, account, policy, dunning, referral_rules or ReferralRules(), {k: v for k, v in accounts.items() if k != event.customer_id})
+    changed = await EVENT_HANDLERS[type(event)](context, event)
+    for a in accounts.values():
+        await notify_depletion_change(uow, a, depleted_before[a.customer_id], event.occurred_at)
+    await uow.accounts.save_many(list(accounts.values()))
     return Outcome.APPLIED if changed else Outcome.IGNORED
+
+
+async def notify_depletion_change(uow: UnitOfWork, account: Account, depleted_before: datetime | None, at: datetime) -> None:
+    """Tell the customer when their credits ran out, and when they came back."""
+    if depleted_before is None and account.depleted_at is not None:
+        await uow.notifications.enqueue(notices.credits_depleted(account.customer_id, account.depleted_at), at)
+    elif depleted_before is not None and account.depleted_at is None:
+        notice = notices.credits_restored(account.customer_id, depleted_before, at, account.balance(at))
+        await uow.notifications.enqueue(notice, at)
 
 
 async def request_immediate_charges(
@@ -288,8 +336,10 @@ async def _sweep(
             accounts = await uow.accounts.lock_available(due)
             busy.update(set(due) - {account.customer_id for account in accounts})
             for account in accounts:
+                depleted_before = account.depleted_at
                 account.catch_up(now, event_id)
                 entries += len(account.new_entries)
+                await notify_depletion_change(uow, account, depleted_before, now)
             await uow.accounts.save_many(accounts)
             await uow.commit()
             customers += len(accounts)

@@ -133,7 +133,7 @@ async def _make_payout(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
             if payee.same_day:
                 # Paid the day each reward is approved: a later approval the same day is that day's next payout.
                 day = calendar.same_day_period(now)
-                period, minimum = f"{day}-{await uow.referrals.payouts_in_period(payable.payee_id, day) + 1}", 1
+                period, minimum = f"{day}-{await uow.referrals.last_period_number(payable.payee_id, day) + 1}", 1
             elif friday:
                 period, minimum = calendar.weekly_period(now), rules.minimum_payout_cents
             else:

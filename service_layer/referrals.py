@@ -51,7 +51,7 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
         # The first payment may have been applied before this (events from two producers).
         first = await repo.first_payment_since(customer_id, at)
         if first is not None:
-            await payment_succeeded(uow, customer_id, first.payment_id, first.issued_at, rules)
+            await payment_succeeded(uow, customer_id, first.payment_id, first.issued_at, rules, first.paid_cents)
     return referral
 
 

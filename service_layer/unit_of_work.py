@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db import Database
 from infra.db.payments import SqlDunningRepository, SqlStripeRepository
+from infra.db.notifications import SqlNotificationOutbox
 from infra.db.referrals import SqlReferralRepository
 from infra.db.repository import SqlAccountRepository, SqlEventLog
 
@@ -18,6 +19,7 @@ class UnitOfWork(Protocol):
     dunning: SqlDunningRepository
     stripe: SqlStripeRepository
     referrals: SqlReferralRepository
+    notifications: SqlNotificationOutbox
 
     async def __aenter__(self) -> "UnitOfWork": ...
     async def __aexit__(self, *exc: object) -> None: ...
@@ -52,6 +54,7 @@ class SqlUnitOfWork:
         self.dunning = SqlDunningRepository(self._connection)
         self.stripe = SqlStripeRepository(self._connection)
         self.referrals = SqlReferralRepository(self._connection)
+        self.notifications = SqlNotificationOutbox(self._connection)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -67,3 +70,9 @@ class SqlUnitOfWork:
     async def commit(self) -> None:
         assert self._connection is not None
         await self._connection.commit()
+
+    @property
+    def connection(self) -> AsyncConnection:
+        """For read models and small writes that need no repository (the admin page's notes)."""
+        assert self._connection is not None
+        return self._connection

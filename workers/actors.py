@@ -16,7 +16,7 @@ from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from messages import parse_event
 from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
-from service_layer import handlers, payments, payouts
+from service_layer import handlers, notifications, payments, payouts, retention
 from service_layer.errors import EventConflict
 from workers.broker import broker
 from workers.runtime import get_runtime
@@ -162,7 +162,45 @@ async def pay_referrals(as_of: str | None = None) -> None:
     log.info("referrals_paid", as_of=now.isoformat(), released=run.released, payouts_created=len(run.created), held_back=len(run.held_back), sent=run.sent, failed=run.failed)
 
 
-PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {actor.actor_name: actor for actor in (expire_credits, lapse_holds, collect_payments, pay_referrals)}
+NOTIFICATIONS_QUEUE = "credit_notifications"
+
+
+@dramatiq.actor(queue_name=NOTIFICATIONS_QUEUE, **_retry_options())
+async def send_notifications() -> None:
+    """Periodic: send due notifications from the outbox (each at most once)."""
+    runtime = get_runtime()
+    if runtime.mailer is None:
+        log.warning("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
+        return
+    result = await notifications.deliver(runtime.new_uow, runtime.mailer, runtime.clock.now)
+    log.info("notifications_sent", sent=result.sent, retrying=result.retrying, failed=result.failed, uncertain=result.uncertain)
+
+
+@dramatiq.actor(queue_name=NOTIFICATIONS_QUEUE, **_retry_options())
+async def warn_expiring_credits(as_of: str | None = None) -> None:
+    """Periodic (daily): warn each customer once per lot that expires within NOTIFY_EXPIRY_DAYS_BEFORE days."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    queued = await notifications.warn_expiring_credits(runtime.new_uow, now, runtime.settings.notify_expiry_days_before)
+    log.info("expiry_warnings_queued", as_of=now.isoformat(), queued=queued)
+    if queued:
+        send_notifications.send()
+
+
+@dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
+async def notice_retention_crossings(as_of: str | None = None) -> None:
+    """Periodic: record customers who crossed the retention line (depleted for more than the
+    report's days) with no event at all; the admin page's bubble counts them live."""
+    now = _sweep_time(as_of)
+    runtime = get_runtime()
+    crossed = await retention.notice_crossings(runtime.new_uow(), now, runtime.settings.depleted_report_days)
+    log.info("retention_crossings", as_of=now.isoformat(), crossed=len(crossed), customers=crossed[:50])
+
+
+PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {
+    actor.actor_name: actor
+    for actor in (expire_credits, lapse_holds, collect_payments, pay_referrals, send_notifications, warn_expiring_credits, notice_retention_crossings)
+}
 
 __all__ = [
     "PERIODIC_ACTORS",
@@ -174,4 +212,7 @@ __all__ = [
     "expire_credits",
     "lapse_holds",
     "pay_referrals",
+    "send_notifications",
+    "warn_expiring_credits",
+    "notice_retention_crossings",
 ]

@@ -16,7 +16,15 @@ import argparse
 import os
 import sys
 
-PERIODIC_JOB_NAMES = ("expire_credits", "lapse_holds", "collect_payments", "pay_referrals")
+PERIODIC_JOB_NAMES = (
+    "expire_credits",
+    "lapse_holds",
+    "collect_payments",
+    "pay_referrals",
+    "send_notifications",
+    "warn_expiring_credits",
+    "notice_retention_crossings",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

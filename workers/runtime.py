@@ -21,6 +21,7 @@ class Runtime:
     _db: Database | None = None
     _provider: object | None = None
     _payout_gateways: dict | None = None
+    _mailer: object | None = None
 
     @property
     def db(self) -> Database:
@@ -44,6 +45,15 @@ class Runtime:
 
             self._payout_gateways = payout_gateways(self.settings)
         return self._payout_gateways
+
+    @property
+    def mailer(self):
+        """The SMTP mailer, or None when SMTP_HOST is not set."""
+        if self._mailer is None and self.settings.smtp_host:
+            from infra.mail import SmtpMailer
+
+            self._mailer = SmtpMailer(self.settings)
+        return self._mailer
 
     def new_uow(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.db)

@@ -34,13 +34,24 @@ class PeriodicJob:
 
 
 def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
-    from workers.actors import collect_payments, expire_credits, lapse_holds, pay_referrals
+    from workers.actors import (
+        collect_payments,
+        expire_credits,
+        lapse_holds,
+        notice_retention_crossings,
+        pay_referrals,
+        send_notifications,
+        warn_expiring_credits,
+    )
 
     return [
         PeriodicJob(expire_credits, timedelta(minutes=settings.expire_credits_every_minutes)),
         PeriodicJob(lapse_holds, timedelta(minutes=settings.lapse_holds_every_minutes)),
         PeriodicJob(collect_payments, timedelta(minutes=settings.collect_payments_every_minutes)),
         PeriodicJob(pay_referrals, timedelta(minutes=settings.pay_referrals_every_minutes)),
+        PeriodicJob(send_notifications, timedelta(minutes=settings.send_notifications_every_minutes)),
+        PeriodicJob(warn_expiring_credits, timedelta(minutes=settings.warn_expiring_credits_every_minutes)),
+        PeriodicJob(notice_retention_crossings, timedelta(minutes=settings.notice_retention_every_minutes)),
     ]
 
 

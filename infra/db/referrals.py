@@ -236,10 +236,16 @@ class SqlReferralRepository:
         return (await self.connection.execute(query.limit(1))).first() is not None
 
     async def first_payment_since(self, customer_id: str, since: datetime):
-        """The customer's earliest payment lot issued at or after ``since`` (payment_id, issued_at), if any."""
+        """The customer's earliest paid payment lot issued at or after ``since`` (payment_id, issued_at, paid_cents)."""
         query = (
-            select(credit_lots.c.payment_id, credit_lots.c.issued_at)
-            .where(credit_lots.c.customer_id == customer_id, credit_lots.c.payment_id.is_not(None), credit_lots.c.issued_at >= since)
+            select(credit_lots.c.payment_id, credit_lots.c.issued_at, credit_lots.c.paid_cents)
+            .where(
+                credit_lots.c.customer_id == customer_id,
+                credit_lots.c.payment_id.is_not(None),
+                credit_lots.c.issued_at >= since,
+                # A free payment (a trial, a 100 % coupon) qualifies no referral.
+                or_(credit_lots.c.paid_cents.is_(None), credit_lots.c.paid_cents > 0),
+            )
             .order_by(credit_lots.c.issued_at, credit_lots.c.id)
             .limit(1)
         )
@@ -324,9 +330,11 @@ class SqlReferralRepository:
             await self.connection.execute(update(referral_clawbacks).where(referral_clawbacks.c.id.in_(payable.clawback_ids)).values(payout_id=payout_id))
         return payout_id
 
-    async def payouts_in_period(self, payee_id: str, period_prefix: str) -> int:
-        query = select(func.count()).where(payouts.c.payee_id == payee_id, payouts.c.period.like(f"{period_prefix}%"))
-        return (await self.connection.execute(query)).scalar_one()
+    async def last_period_number(self, payee_id: str, period_prefix: str) -> int:
+        """The highest n of the payee's ``<prefix>-<n>`` periods (0 if none): numbers are never reused."""
+        query = select(payouts.c.period).where(payouts.c.payee_id == payee_id, payouts.c.period.like(f"{period_prefix}-%"))
+        numbers = [int(p.rsplit("-", 1)[1]) for p in (await self.connection.execute(query)).scalars() if p.rsplit("-", 1)[1].isdigit()]
+        return max(numbers, default=0)
 
     async def lock_payouts_to_send(self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime) -> list:
         """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked."""

@@ -42,7 +42,7 @@ class SqlAccountRepository:
         upsert = upsert_into(self.connection, customers).values(customer_id=customer_id)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
-        ).returning(customers.c.overdraft, customers.c.credits_depleted_at)
+        ).returning(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since)
         row = (await self.connection.execute(upsert)).one()
         return await self._load(customer_id, for_update=False, job_ids=job_ids, payment_ids=payment_ids, customer_row=row)
 
@@ -68,8 +68,11 @@ class SqlAccountRepository:
         return await self._customers_due(holds, HOLD_IS_ACTIVE, now, limit, exclude)
 
     async def _customers_due(self, table, is_open, now: datetime, limit: int, exclude: Iterable[str]) -> list[str]:
-        """Customers owning the ``limit`` earliest open rows of ``table`` due by ``now`` (index-ordered)."""
-        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now)
+        """Customers owning the ``limit`` earliest open rows of ``table`` due by ``now`` (index-ordered).
+
+        Frozen customers are left out: nothing of theirs expires until they are unfrozen."""
+        frozen = select(customers.c.customer_id).where(customers.c.frozen_since.is_not(None))
+        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now, table.c.customer_id.not_in(frozen))
         exclude = list(exclude)
         if exclude:
             query = query.where(table.c.customer_id.not_in(exclude))
@@ -80,7 +83,7 @@ class SqlAccountRepository:
         self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = (), customer_row=None
     ) -> Account | None:
         if customer_row is None:
-            query = select(customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id == customer_id)
+            query = select(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since).where(customers.c.customer_id == customer_id)
             if for_update:
                 query = query.with_for_update()
             customer_row = (await self.connection.execute(query)).first()
@@ -117,7 +120,9 @@ class SqlAccountRepository:
             return []
         if customer_rows is None:
             rows = await self.connection.execute(
-                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at).where(customers.c.customer_id.in_(customer_ids))
+                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since).where(
+                    customers.c.customer_id.in_(customer_ids)
+                )
             )
             customer_rows = {row.customer_id: row for row in rows}
         lots_of: dict[str, list[Lot]] = {customer_id: [] for customer_id in customer_ids}
@@ -138,6 +143,7 @@ class SqlAccountRepository:
                 holds=holds_of[customer_id],
                 overdraft=customer_rows[customer_id].overdraft,
                 depleted_at=customer_rows[customer_id].credits_depleted_at,
+                frozen_since=customer_rows[customer_id].frozen_since,
             )
             for customer_id in customer_ids
             if customer_id in customer_rows
@@ -164,6 +170,7 @@ class SqlAccountRepository:
                 "issued_at": lot.issued_at,
                 "expires_at": lot.expires_at,
                 "payment_id": lot.payment_id,
+                "paid_cents": lot.paid_cents,
                 "reversed": lot.reversed,
                 "expired": lot.expired,
             },
@@ -172,8 +179,16 @@ class SqlAccountRepository:
             await conn.execute(
                 update(credit_lots)
                 .where(credit_lots.c.id == bindparam("lot_id"))
-                .values(remaining=bindparam("new_remaining"), reversed=bindparam("new_reversed"), expired=bindparam("new_expired")),
-                [{"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed, "new_expired": lot.expired} for lot in stored_lots],
+                .values(
+                    remaining=bindparam("new_remaining"),
+                    reversed=bindparam("new_reversed"),
+                    expired=bindparam("new_expired"),
+                    expires_at=bindparam("new_expires_at"),
+                ),
+                [
+                    {"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed, "new_expired": lot.expired, "new_expires_at": lot.expires_at}
+                    for lot in stored_lots
+                ],
             )
 
         changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
@@ -233,10 +248,17 @@ class SqlAccountRepository:
                     balance=bindparam("new_balance"),
                     overdraft=bindparam("new_overdraft"),
                     credits_depleted_at=bindparam("new_depleted_at"),
+                    frozen_since=bindparam("new_frozen_since"),
                     updated_at=func.now(),
                 ),
                 [
-                    {"account_id": a.customer_id, "new_balance": a.book_balance, "new_overdraft": a.overdraft, "new_depleted_at": a.depleted_at}
+                    {
+                        "account_id": a.customer_id,
+                        "new_balance": a.book_balance,
+                        "new_overdraft": a.overdraft,
+                        "new_depleted_at": a.depleted_at,
+                        "new_frozen_since": a.frozen_since,
+                    }
                     for a in accounts
                 ],
             )
@@ -263,7 +285,7 @@ class SqlAccountRepository:
 
 
 def _lot(row) -> Lot:
-    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, reversed=row.reversed, expired=row.expired)
+    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, paid_cents=row.paid_cents, reversed=row.reversed, expired=row.expired)
 
 
 def _unique(items: list) -> list:

@@ -72,6 +72,8 @@ customers = Table(
     Column("balance", Integer, nullable=False, server_default="0"),
     Column("overdraft", Integer, nullable=False, server_default="0"),
     Column("credits_depleted_at", UtcDateTime, nullable=True),
+    #: Set while the membership is frozen: nothing expires, nothing can be booked.
+    Column("frozen_since", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
     Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
     CheckConstraint("overdraft >= 0", name="overdraft_not_negative"),
@@ -90,12 +92,14 @@ credit_lots = Table(
     Column("issued_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
     Column("payment_id", String(255), nullable=True),
+    # What the payment was for, in cents, when the producer said (a referral needs a paid one).
+    Column("paid_cents", BigInteger, nullable=True),
     Column("reversed", Integer, nullable=False, server_default="0"),
     Column("expired", Integer, nullable=False, server_default="0"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
     CheckConstraint("remaining <= amount", name="remaining_within_amount"),
-    CheckConstraint("source IN ('payment', 'adjustment')", name="known_source"),
+    CheckConstraint("source IN ('payment', 'adjustment', 'gift')", name="known_source"),
 )
 # Consumption order for one customer, open lots only.
 LOT_IS_OPEN = credit_lots.c.remaining > _sql_literal(0)
@@ -125,10 +129,12 @@ ledger_entries = Table(
     Column("note", Text, nullable=True),
     Column("recorded_at", UtcDateTime, nullable=False, server_default=func.now()),
     CheckConstraint(
-        "kind IN ('issued', 'debited', 'captured', 'expired', 'adjusted', 'held', 'released', 'lapsed', 'reversed')",
+        "kind IN ('issued', 'debited', 'captured', 'expired', 'adjusted', 'held', 'released', 'lapsed', 'reversed', 'gifted')",
         name="known_kind",
     ),
     Index("ix_ledger_entries_customer", "customer_id", "id"),
+    # Analytics: credits by kind and month over millions of entries, from the index alone.
+    Index("ix_ledger_entries_kind_time", "kind", "occurred_at", postgresql_include=["credits"]),
 )
 # A job is charged once, whatever the event ids say.
 ENTRY_IS_CHARGE = ledger_entries.c.kind.in_([_sql_literal("debited"), _sql_literal("captured")])
@@ -437,3 +443,49 @@ ITEM_HAS_REFERRAL = payout_items.c.referral_id.is_not(None)
 ITEM_HAS_CLAWBACK = payout_items.c.clawback_id.is_not(None)
 Index("uq_payout_items_referral", payout_items.c.referral_id, unique=True, postgresql_where=ITEM_HAS_REFERRAL, sqlite_where=ITEM_HAS_REFERRAL)
 Index("uq_payout_items_clawback", payout_items.c.clawback_id, unique=True, postgresql_where=ITEM_HAS_CLAWBACK, sqlite_where=ITEM_HAS_CLAWBACK)
+
+
+# ---------------------------------------------------------------- notifications and retention
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # At most one message per key (credits_expiring:<lot>, payment_failed:<invoice>, ...).
+    Column("key", String(255), nullable=False, unique=True),
+    Column("customer_id", String(255), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("to_address", String(320), nullable=True),
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    # pending → sending → sent; failed (refused for good); uncertain (a crash or a broken
+    # connection mid-send: never sent again, at most once); no_address.
+    Column("status", String(16), nullable=False),
+    Column("send_after", UtcDateTime, nullable=False),
+    Column("leased_until", UtcDateTime, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("sent_at", UtcDateTime, nullable=True),
+    CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'uncertain', 'no_address')", name="known_status"),
+)
+NOTIFICATION_IS_PENDING = notifications.c.status == _sql_literal("pending")
+Index("ix_notifications_due", notifications.c.send_after, postgresql_where=NOTIFICATION_IS_PENDING, sqlite_where=NOTIFICATION_IS_PENDING)
+
+customer_notes = Table(
+    "customer_notes",
+    metadata,
+    Column("customer_id", String(255), primary_key=True),
+    Column("note", Text, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# Each time a customer's depletion crosses the report's line (14 days by default), once.
+retention_crossings = Table(
+    "retention_crossings",
+    metadata,
+    Column("customer_id", String(255), primary_key=True),
+    Column("depleted_at", UtcDateTime, primary_key=True),
+    # When the periodic job saw it (the crossing itself is depleted_at + the report's days).
+    Column("noticed_at", UtcDateTime, nullable=False),
+)

@@ -325,8 +325,8 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
         with log.open("wb") as output:
             processes.append(subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env=service_env, stdout=output, stderr=subprocess.STDOUT))
     try:
-        # Each scheduler fires its four jobs once at start: eight decisions in all.
-        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 8, timeout=60, message="both schedulers to fire every job")
+        # Each scheduler fires its seven jobs once at start: fourteen decisions in all.
+        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 14, timeout=60, message="both schedulers to fire every job")
     finally:
         for process in processes:
             process.terminate()
@@ -337,7 +337,8 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
                 process.kill()
                 process.wait(5)
     decisions = [record for log in logs for record in _scheduler_lines(log.read_text())]
-    assert sorted(r["job"] for r in decisions) == ["collect_payments"] * 2 + ["expire_credits"] * 2 + ["lapse_holds"] * 2 + ["pay_referrals"] * 2
+    jobs = ["collect_payments", "expire_credits", "lapse_holds", "notice_retention_crossings", "pay_referrals", "send_notifications", "warn_expiring_credits"]
+    assert sorted(r["job"] for r in decisions) == sorted(jobs * 2)
     by_tick: dict[tuple[str, int], list[str]] = {}
     for record in decisions:
         by_tick.setdefault((record["job"], record["tick"]), []).append(record["event"])
@@ -346,4 +347,4 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
     for (job_name, tick), events in by_tick.items():
         assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (job_name, tick, events)
         assert redis_client.exists(f"{LOCK_PREFIX}:{job_name}:{tick}")
-    assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments"))) == sorted(job_name for job_name, _ in by_tick)
+    assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments", "credit_notifications"))) == sorted(job_name for job_name, _ in by_tick)

@@ -14,11 +14,14 @@ from messages.events import (
     EVENT_TYPES,
     MAX_CREDITS,
     CreditsAdjusted,
+    CreditsGifted,
     CustomerSignedUp,
     Event,
     InvoiceVoided,
     JobCancelled,
     JobCompleted,
+    MembershipFrozen,
+    MembershipUnfrozen,
     PaymentActionRequired,
     PaymentFailed,
     PaymentMethodUpdated,
@@ -58,6 +61,9 @@ VALID = {
     "invoice.voided": {**BASE, "type": "invoice.voided", "invoice_id": "in_1", "reason": "uncollectible"},
     "customer.signed_up": {**BASE, "type": "customer.signed_up", "email": "jane@example.com", "phone": "+1 555 0100", "referral_code": "JANE-7K3PQ", "payment_fingerprint": "fp_1"},
     "referral.submitted": {**BASE, "type": "referral.submitted", "referral_code": "JANE-7K3PQ", "referred_customer_id": "cust-1"},
+    "membership.frozen": {**BASE, "type": "membership.frozen"},
+    "membership.unfrozen": {**BASE, "type": "membership.unfrozen"},
+    "credits.gifted": {**BASE, "type": "credits.gifted", "to_customer_id": "cust-2", "credits": 3},
 }
 MODELS = {
     "job.completed": JobCompleted,
@@ -71,9 +77,17 @@ MODELS = {
     "invoice.voided": InvoiceVoided,
     "customer.signed_up": CustomerSignedUp,
     "referral.submitted": ReferralSubmitted,
+    "membership.frozen": MembershipFrozen,
+    "membership.unfrozen": MembershipUnfrozen,
+    "credits.gifted": CreditsGifted,
 }
 ALL_TYPES = sorted(VALID)
-WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted"]
+WITH_CREDITS = ["job.completed", "payment.succeeded", "credits.adjusted", "credits.gifted"]
+
+
+def test_a_gift_to_oneself_is_refused():
+    with pytest.raises(ValidationError):
+        parse_event(json.dumps({**VALID["credits.gifted"], "to_customer_id": "cust-1"}))
 
 
 def test_payment_failed_refuses_a_link_that_is_not_https():

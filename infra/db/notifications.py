@@ -1,0 +1,98 @@
+"""The notifications outbox: written in the transaction of what caused it, sent later."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from domain.notifications import Notice
+from infra.db.repository import upsert_into
+from infra.db.tables import NOTIFICATION_IS_PENDING, credit_lots, customer_profiles, customers, notifications
+
+
+class SqlNotificationOutbox:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+
+    async def enqueue(self, notice: Notice, now: datetime) -> bool:
+        """Queue a notice once per key (False if its key was queued before)."""
+        email = (
+            await self.connection.execute(select(customer_profiles.c.email).where(customer_profiles.c.customer_id == notice.customer_id))
+        ).scalar_one_or_none()
+        statement = (
+            upsert_into(self.connection, notifications)
+            .values(
+                key=notice.key,
+                customer_id=notice.customer_id,
+                kind=notice.kind.value,
+                to_address=email,
+                subject=notice.subject,
+                body=notice.body,
+                created_at=now,
+                status="pending" if email else "no_address",
+                send_after=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(notifications.c.id)
+        )
+        return (await self.connection.execute(statement)).first() is not None
+
+    async def claim(self, now: datetime, lease: timedelta, limit: int) -> list:
+        """Take due pending notifications for sending: marked `sending` (committed by the caller)
+        before any is sent, so a crash mid-send is never followed by a second send."""
+        query = (
+            select(notifications)
+            .where(NOTIFICATION_IS_PENDING, notifications.c.send_after <= now)
+            .order_by(notifications.c.send_after, notifications.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = list(await self.connection.execute(query))
+        if rows:
+            await self.connection.execute(
+                update(notifications)
+                .where(notifications.c.id.in_([r.id for r in rows]))
+                .values(status="sending", leased_until=now + lease, attempts=notifications.c.attempts + 1)
+            )
+        return rows
+
+    async def finish(self, notification_id: int, status: str, now: datetime, error: str | None = None, retry_at: datetime | None = None) -> None:
+        values: dict = {"status": status, "leased_until": None, "last_error": error}
+        if status == "sent":
+            values["sent_at"] = now
+        if retry_at is not None:
+            values["send_after"] = retry_at
+        await self.connection.execute(update(notifications).where(notifications.c.id == notification_id, notifications.c.status == "sending").values(**values))
+
+    async def abandon_stale(self, now: datetime) -> int:
+        """Sends whose worker died mid-way: whether the server got them is unknown, so they are
+        marked uncertain and never sent again (at most once per key)."""
+        result = await self.connection.execute(
+            update(notifications)
+            .where(notifications.c.status == "sending", notifications.c.leased_until < now)
+            .values(status="uncertain", last_error="the sender stopped mid-send; not sent again")
+        )
+        return result.rowcount
+
+    async def lots_expiring(self, now: datetime, until: datetime, limit: int) -> list:
+        """Open lots expiring in (now, until] with no warning queued yet, of customers not frozen."""
+        warned = select(notifications.c.id).where(
+            notifications.c.key == ("credits_expiring:" + credit_lots.c.id.cast(notifications.c.key.type))
+        )
+        query = (
+            select(credit_lots.c.id, credit_lots.c.customer_id, credit_lots.c.remaining, credit_lots.c.expires_at)
+            .join(customers, customers.c.customer_id == credit_lots.c.customer_id)
+            .where(
+                credit_lots.c.remaining > 0,
+                credit_lots.c.expires_at > now,
+                credit_lots.c.expires_at <= until,
+                customers.c.frozen_since.is_(None),
+                ~warned.exists(),
+            )
+            .order_by(credit_lots.c.expires_at)
+            .limit(limit)
+        )
+        return list(await self.connection.execute(query))
+

@@ -1,0 +1,89 @@
+"""Delivering the notifications outbox: each message at most once, retried while surely unsent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from domain import notifications as notices
+from service_layer.unit_of_work import UnitOfWork
+
+log = structlog.get_logger("credits.notifications")
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+#: A sender holds a claimed batch this long; one that dies mid-send leaves it `uncertain`.
+SEND_LEASE = timedelta(minutes=10)
+RETRY_BACKOFF = timedelta(minutes=1)
+RETRY_BACKOFF_MAX = timedelta(hours=6)
+#: Tries of a message that keeps failing for sure before it is given up as failed.
+MAX_ATTEMPTS = 12
+
+
+class Undelivered(Exception):
+    def __init__(self, reason: str, *, retry: bool, maybe_sent: bool) -> None:
+        super().__init__(reason)
+        self.retry = retry
+        self.maybe_sent = maybe_sent
+
+
+class Mailer(Protocol):
+    async def send(self, to_address: str, subject: str, body: str, message_id: str) -> None: ...
+
+
+@dataclass
+class Delivery:
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    uncertain: int = 0
+
+
+async def deliver(new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], datetime], batch: int = 50, max_batches: int = 20) -> Delivery:
+    """Send due notifications. Each is marked `sending` and committed before it is sent."""
+    result = Delivery()
+    async with new_uow() as uow:
+        result.uncertain += await uow.notifications.abandon_stale(now())
+        await uow.commit()
+    for _ in range(max_batches):
+        async with new_uow() as uow:
+            claimed = await uow.notifications.claim(now(), SEND_LEASE, batch)
+            await uow.commit()
+        if not claimed:
+            break
+        for row in claimed:
+            status, error, retry_at = "sent", None, None
+            try:
+                await mailer.send(row.to_address, row.subject, row.body, f"<{row.key.replace(':', '.')}@credits>")
+            except Undelivered as failure:
+                error = str(failure)[:2000]
+                if failure.maybe_sent:
+                    status = "uncertain"
+                elif failure.retry and row.attempts + 1 < MAX_ATTEMPTS:
+                    status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** row.attempts, RETRY_BACKOFF_MAX)
+                else:
+                    status = "failed"
+            async with new_uow() as uow:
+                await uow.notifications.finish(row.id, status, now(), error, retry_at)
+                await uow.commit()
+            counter = "retrying" if status == "pending" else status
+            setattr(result, counter, getattr(result, counter) + 1)
+            log.info("notification_" + ("retrying" if status == "pending" else status), key=row.key, kind=row.kind, error=error)
+    return result
+
+
+async def warn_expiring_credits(new_uow: UnitOfWorkFactory, now: datetime, days_before: int, batch: int = 1_000) -> int:
+    """Queue one warning per lot expiring within ``days_before`` days (the key makes it once)."""
+    queued = 0
+    while True:
+        async with new_uow() as uow:
+            lots = await uow.notifications.lots_expiring(now, now + timedelta(days=days_before), batch)
+            for lot in lots:
+                if await uow.notifications.enqueue(notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now):
+                    queued += 1
+            await uow.commit()
+        if len(lots) < batch:
+            return queued
