@@ -11,9 +11,10 @@ import asyncio
 import structlog
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
+from api import admin_page
 from api import referrals as referral_routes
 from api.auth import admin, frontend
 from infra.broker import enqueue_charges, redis_broker
@@ -23,7 +24,7 @@ from infra.settings import Settings, SettingsError, get_settings
 from infra.stripe.webhooks import WebhookRejected, verify
 from messages import Event, Publisher
 from messages.events import MAX_CREDITS
-from service_layer import handlers, payments, views, webhooks
+from service_layer import analytics, handlers, payments, views, webhooks
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.unit_of_work import SqlUnitOfWork
 
@@ -109,6 +110,42 @@ class DunningReportOut(BaseModel):
     offset: int
     next_offset: int | None
     invoices: list[UnpaidInvoiceOut]
+
+
+class AdjustmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    credits: int = Field(ge=-MAX_CREDITS, le=MAX_CREDITS)
+    reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)
+    admin: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+
+
+class AdjustmentOut(BaseModel):
+    customer_id: str
+    credits: int
+    outcome: str
+
+
+class MonthOut(BaseModel):
+    month: str
+    issued: int
+    used: int
+    expired: int
+    reversed: int
+    adjusted_down: int
+    outstanding: int
+    breakage_rate: float | None
+
+
+class UpcomingOut(BaseModel):
+    month: str
+    credits: int
+
+
+class AnalyticsOut(BaseModel):
+    months: list[MonthOut]
+    upcoming_expirations: list[UpcomingOut]
+    totals: dict[str, int]
+    breakage_rate: float | None
 
 
 class NoticeAction(BaseModel):
@@ -208,6 +245,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         return request.app.state.clock.now()
 
     app.include_router(referral_routes.router)
+    app.include_router(admin_page.router)
+    admin_page.install_session(app, settings)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
@@ -404,6 +443,34 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             offset=offset,
             next_offset=offset + limit if offset + limit < total else None,
             invoices=[UnpaidInvoiceOut(**vars(row)) for row in page],
+        )
+
+    @app.post(
+        "/api/admin/customers/{customer_id}/adjustments",
+        response_model=AdjustmentOut,
+        status_code=status.HTTP_201_CREATED,
+        dependencies=[admin],
+        responses={404: {"description": "No such customer"}},
+    )
+    async def adjust_credits(customer_id: Identifier, body: AdjustmentIn, request: Request) -> AdjustmentOut:
+        """An admin's correction, with a reason; it shows in the customer's ledger."""
+        if body.credits == 0:
+            raise HTTPException(422, "an adjustment must change the balance")
+        try:
+            outcome = await handlers.admin_adjustment(uow(request), settings.policy, customer_id, body.credits, body.reason, body.admin, now(request))
+        except CustomerNotFound as error:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+        return AdjustmentOut(customer_id=customer_id, credits=body.credits, outcome=outcome.value)
+
+    @app.get("/api/admin/credits/analytics", response_model=AnalyticsOut, dependencies=[admin])
+    async def credits_analytics(request: Request, since: AwareDatetime | None = None, until: AwareDatetime | None = None) -> AnalyticsOut:
+        """Issued, used, expired and outstanding credits per month (UTC), upcoming expirations, breakage."""
+        found = await analytics.credits_analytics(request.app.state.db, now(request), since, until)
+        return AnalyticsOut(
+            months=[MonthOut(**vars(m)) for m in found.months],
+            upcoming_expirations=[UpcomingOut(month=m, credits=c) for m, c in found.upcoming_expirations],
+            totals=found.totals,
+            breakage_rate=found.breakage_rate,
         )
 
     @app.get("/api/admin/at-risk-count", response_model=CountOut, dependencies=[admin])

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+import uuid
+
 import structlog
 
 from domain import Account, CreditPolicy, Hold
@@ -352,3 +354,15 @@ async def _locked(uow: UnitOfWork, customer_id: str, job_ids: tuple[str, ...] = 
     if account is None:
         raise CustomerNotFound(customer_id)
     return account
+
+
+async def admin_adjustment(uow: UnitOfWork, policy: CreditPolicy, customer_id: str, credits: int, reason: str, admin: str, now: datetime) -> Outcome:
+    """An admin's correction with a reason, applied like any event and shown in the ledger.
+
+    Raises CustomerNotFound for an unknown customer (an adjustment never creates one).
+    """
+    async with uow:
+        if await uow.accounts.get(customer_id) is None:
+            raise CustomerNotFound(customer_id)
+    event = CreditsAdjusted(event_id=f"admin-adjustment:{uuid.uuid4()}", occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
+    return await apply_event(event, uow, policy)

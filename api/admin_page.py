@@ -1,0 +1,156 @@
+"""The retention admin page: sign in with the admin token, see who has run dry, follow them up.
+
+The token is posted once from a form and never travels again: the session is a signed,
+HttpOnly, SameSite=Strict cookie. The bubble updates live by server-sent events (one
+long-lived GET the server answers with the count whenever it changes; the browser's
+EventSource reconnects by itself). Data calls take JSON only, which a cross-site form
+cannot send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+from datetime import datetime
+from pathlib import Path as FilePath
+from typing import Annotated
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.sessions import SessionMiddleware
+
+from service_layer import handlers, retention, views
+from service_layer.errors import CustomerNotFound
+from service_layer.unit_of_work import SqlUnitOfWork
+
+PAGE = (FilePath(__file__).parent / "static" / "admin.html").read_text()
+LOGIN = (FilePath(__file__).parent / "static" / "login.html").read_text()
+NO_NUL = r"^[^\x00]*$"
+
+router = APIRouter(include_in_schema=False)
+
+
+def install_session(app, settings) -> None:
+    # Derived from the admin token: rotating the token signs every session out.
+    key = hmac.new(settings.admin_api_token.get_secret_value().encode(), b"credits admin session", hashlib.sha256).hexdigest()
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=key,
+        session_cookie="credits_admin",
+        max_age=8 * 3600,
+        same_site="strict",
+        https_only=settings.admin_cookie_secure,
+    )
+
+
+def signed_in(request: Request) -> None:
+    if not request.session.get("admin"):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in at /admin/login")
+
+
+def json_only(request: Request) -> None:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send JSON")
+
+
+Session = Depends(signed_in)
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str = Field(max_length=2000, pattern=NO_NUL)
+
+
+class AdjustmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    credits: int = Field(ge=-1_000_000, le=1_000_000)
+    reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)
+
+
+@router.get("/admin/login", response_class=HTMLResponse)
+async def login_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(LOGIN.replace("{{error}}", ""))
+
+
+@router.post("/admin/login")
+async def login(request: Request):
+    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    given = (form.get("token") or [""])[0]
+    expected = request.app.state.settings.admin_api_token.get_secret_value()
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        return HTMLResponse(LOGIN.replace("{{error}}", "That token is not right."), status_code=status.HTTP_401_UNAUTHORIZED)
+    request.session.clear()
+    request.session["admin"] = True
+    return RedirectResponse("/admin", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/admin/logout")
+async def logout(request: Request):
+    request.session.clear()
+    return RedirectResponse("/admin/login", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def page(request: Request):
+    if not request.session.get("admin"):
+        return RedirectResponse("/admin/login", status_code=status.HTTP_303_SEE_OTHER)
+    return HTMLResponse(PAGE.replace("{{days}}", str(request.app.state.settings.depleted_report_days)))
+
+
+@router.get("/admin/data/at-risk", dependencies=[Session])
+async def at_risk(request: Request) -> dict:
+    days = request.app.state.settings.depleted_report_days
+    total, rows = await retention.at_risk_customers(request.app.state.db, request.app.state.clock.now(), days)
+    return {"days": days, "count": total, "customers": [{k: _plain(v) for k, v in vars(r).items()} for r in rows]}
+
+
+@router.get("/admin/live", dependencies=[Session])
+async def live(request: Request) -> StreamingResponse:
+    """Server-sent events: `count` whenever the number of customers past the line changes."""
+    state = request.app.state
+    days, interval = state.settings.depleted_report_days, state.settings.admin_live_interval_seconds
+
+    async def stream():
+        last = None
+        yield "retry: 2000\n\n"
+        while not await request.is_disconnected():
+            count = await views.at_risk_count(state.db, state.clock.now(), days)
+            if count != last:
+                last = count
+                yield f"event: count\ndata: {json.dumps({'count': count})}\n\n"
+            else:
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(interval)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@router.post("/admin/data/customers/{customer_id}/note", dependencies=[Session, Depends(json_only)])
+async def note(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: NoteIn, request: Request) -> dict:
+    saved = await retention.save_note(SqlUnitOfWork(request.app.state.db), customer_id, body.note, request.app.state.clock.now())
+    if not saved:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no customer {customer_id!r}")
+    return {"customer_id": customer_id, "note": body.note}
+
+
+@router.post("/admin/data/customers/{customer_id}/adjustments", dependencies=[Session, Depends(json_only)])
+async def adjust(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: AdjustmentIn, request: Request) -> dict:
+    if body.credits == 0:
+        raise HTTPException(422, "an adjustment must change the balance")
+    settings = request.app.state.settings
+    try:
+        outcome = await handlers.admin_adjustment(
+            SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now()
+        )
+    except CustomerNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return {"customer_id": customer_id, "credits": body.credits, "outcome": outcome.value}
+
+
+def _plain(value):
+    return value.isoformat() if isinstance(value, datetime) else value
