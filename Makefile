@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test services
+.PHONY: demo test services browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,5 +19,8 @@ demo: $(STAMP)
 services:
 	bash scripts/ensure-services.sh
 
-test: $(STAMP) services
+browser:
+	bash scripts/ensure-browser.sh
+
+test: $(STAMP) services browser
 	$(VENV)/bin/python -m pytest
