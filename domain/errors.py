@@ -45,3 +45,4 @@ class PaymentNotApplied(Exception):
 
 class MembershipFrozen(DomainError):
     """The membership is paused: no booking, no gifts, until it is unfrozen."""
+

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from domain.errors import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen, PaymentAlreadyApplied, PaymentNotApplied
+from domain.errors import (
+    HoldConflict,
+    InsufficientCredits,
+    JobAlreadyCharged,
+    MembershipFrozen,
+    PaymentAlreadyApplied,
+    PaymentNotApplied,
+)
 from domain.policy import CreditPolicy
 
 
@@ -154,6 +161,8 @@ class Account:
     depleted_at: datetime | None = None
     #: While frozen, nothing expires; unfreezing moves every open lot's expiry by the pause.
     frozen_since: datetime | None = None
+    #: When the last pause ended: an older freeze or unfreeze reported late is recognised.
+    unfrozen_at: datetime | None = None
     charged_jobs: set[str] = field(default_factory=set)
     new_entries: list[Entry] = field(default_factory=list)
     changed_lots: list[Lot] = field(default_factory=list)
@@ -313,6 +322,10 @@ class Account:
         """Pause the membership: nothing expires, nothing can be booked. Returns whether it changed."""
         if self.frozen_since is not None:
             return False
+        if self.unfrozen_at is not None and at < self.unfrozen_at:
+            # A pause that already ended, reported late (its unfreeze came first): applying it
+            # now would freeze the membership for good. Ignored; what expired meanwhile stays.
+            return False
         self.catch_up(at, event_id)
         self.frozen_since = at
         return True
@@ -321,13 +334,19 @@ class Account:
         """End the pause: every open lot that had not expired when it began expires that much later.
         Returns the pause's length, or None if the membership was not frozen."""
         if self.frozen_since is None:
+            # Not frozen: a repeated unfreeze, or one that overtook its freeze. Remember it, so
+            # that freeze, arriving late, does not freeze the membership for good.
+            if self.unfrozen_at is None or at > self.unfrozen_at:
+                self.unfrozen_at = at
             return None
-        pause = max(at - self.frozen_since, timedelta(0))
         for lot in self.lots:
             if lot.remaining > 0 and lot.expires_at > self.frozen_since:
-                lot.expires_at += pause
+                # A lot issued during the pause moves only by the part of it that it lived through.
+                lot.expires_at += max(at - max(self.frozen_since, lot.issued_at), timedelta(0))
                 self.changed_lots.append(lot)
+        pause = max(at - self.frozen_since, timedelta(0))
         self.frozen_since = None
+        self.unfrozen_at = at
         self.catch_up(at, event_id)
         return pause
 

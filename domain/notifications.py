@@ -28,11 +28,11 @@ def _day(moment: datetime) -> str:
 
 
 def credits_expiring(customer_id: str, lot_id: int, credits: int, expires_at: datetime) -> Notice:
-    """Once per lot: its credits are about to expire."""
+    """Once per lot and expiry date (a freeze moves the date: then it is warned again)."""
     plural = "credit" if credits == 1 else "credits"
     return Notice(
         NotificationKind.CREDITS_EXPIRING,
-        f"credits_expiring:{lot_id}",
+        f"credits_expiring:{lot_id}:{expires_at.isoformat()}",
         customer_id,
         f"{credits} {plural} expire on {_day(expires_at)}",
         f"You have {credits} {plural} that will expire on {_day(expires_at)} (UTC). Book a session before then to use them.",

@@ -41,7 +41,12 @@ class SmtpMailer:
             sending = True
             await client.sendmail(s.smtp_from, [to_address], message.as_bytes())
         except aiosmtplib.SMTPRecipientsRefused as error:
-            raise Undelivered(f"recipient refused: {error}", retry=False, maybe_sent=False) from None
+            # 4xx (greylisting, a full mailbox) is worth another try; 5xx is final.
+            temporary = all(400 <= refused.code < 500 for refused in error.recipients)
+            raise Undelivered(f"recipient refused: {error}", retry=temporary, maybe_sent=False) from None
+        except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPSenderRefused) as error:
+            # Our configuration (login, SMTP_FROM), not this message: keep it for when it is fixed.
+            raise Undelivered(f"{error.code} {error.message} (check the SMTP settings)", retry=True, maybe_sent=False) from None
         except aiosmtplib.SMTPResponseException as error:
             # The server answered: nothing was accepted. 4xx is worth another try, 5xx is not.
             raise Undelivered(f"{error.code} {error.message}", retry=400 <= error.code < 500, maybe_sent=False) from None

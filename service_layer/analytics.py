@@ -7,7 +7,7 @@ never row by row in Python: it stays fast on millions of ledger entries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -83,7 +83,8 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
             )
         ).all()
     months, outstanding = [], 0
-    since_month = f"{since:%Y-%m}" if since else None
+    # Months are UTC calendar months, whole: `since` picks the month it falls in, read in UTC.
+    since_month = f"{since.astimezone(timezone.utc):%Y-%m}" if since else None
     for r in rows:
         outstanding += int(r.net)  # cumulative from the first entry: the balance at the month's end
         if since_month and r.month < since_month:

@@ -152,6 +152,7 @@ async def _membership_frozen(ctx: Context, event: MembershipFrozen) -> bool:
 
 
 async def _membership_unfrozen(ctx: Context, event: MembershipUnfrozen) -> bool:
+    # The account changes either way (a pause ends, or an early unfreeze is remembered).
     return ctx.account.unfreeze(event.occurred_at, event.event_id) is not None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,17 +49,22 @@ async def deliver(new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], 
     async with new_uow() as uow:
         result.uncertain += await uow.notifications.abandon_stale(now())
         await uow.commit()
-    for _ in range(max_batches):
+    for _ in range(batch * max_batches):
+        # One at a time: the lease covers one send, so a slow server never outlives it.
         async with new_uow() as uow:
-            claimed = await uow.notifications.claim(now(), SEND_LEASE, batch)
+            claimed = await uow.notifications.claim(now(), SEND_LEASE, 1)
             await uow.commit()
         if not claimed:
             break
         for row in claimed:
             status, error, retry_at = "sent", None, None
             try:
-                await mailer.send(row.to_address, row.subject, row.body, f"<{row.key.replace(':', '.')}@credits>")
-            except Undelivered as failure:
+                await mailer.send(row.to_address, row.subject, row.body, message_id(row.key))
+            except Exception as failure:
+                if not isinstance(failure, Undelivered):
+                    # Unknown: it may have gone out. At most once, so it is not sent again.
+                    log.exception("notification_send_error", key=row.key)
+                    failure = Undelivered(f"{type(failure).__name__}: {failure}", retry=False, maybe_sent=True)
                 error = str(failure)[:2000]
                 if failure.maybe_sent:
                     status = "uncertain"
@@ -75,6 +81,11 @@ async def deliver(new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], 
     return result
 
 
+def message_id(key: str) -> str:
+    """A well-formed Message-ID of its own for each notification, whatever its customer id holds."""
+    return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}@credits>"
+
+
 async def warn_expiring_credits(new_uow: UnitOfWorkFactory, now: datetime, days_before: int, batch: int = 1_000) -> int:
     """Queue one warning per lot expiring within ``days_before`` days (the key makes it once)."""
     queued = 0
@@ -84,6 +95,7 @@ async def warn_expiring_credits(new_uow: UnitOfWorkFactory, now: datetime, days_
             for lot in lots:
                 if await uow.notifications.enqueue(notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now):
                     queued += 1
+                await uow.notifications.mark_warned(lot.id, lot.expires_at, now)
             await uow.commit()
         if len(lots) < batch:
             return queued

@@ -27,7 +27,7 @@ async def customer_signed_up(uow: UnitOfWork, event: CustomerSignedUp, rules: Re
     """Remember who the customer is, make them a referrer with a code, attribute their referral."""
     repo = uow.referrals
     email, phone = normalize_email(event.email), normalize_phone(event.phone)
-    await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at)
+    await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at, contact_email=event.email.strip())
     if await repo.add_referrer(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone):
         # No name in the code: a customer's code is shared publicly and must not reveal them.
         await repo.add_code(event.customer_id, name_hint=None)

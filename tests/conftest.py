@@ -26,7 +26,8 @@ REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 LEDGER_TABLES = (
     "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, "
     "stripe_customers, stripe_events, stripe_payments, dunning_cases, payment_attempts, "
-    "customer_profiles, referrers, referral_codes, referrals, referral_history, referral_clawbacks, payouts, payout_items"
+    "customer_profiles, referrers, referral_codes, referrals, referral_history, referral_clawbacks, payouts, payout_items, "
+    "notifications, customer_notes, retention_crossings"
 )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.notifications import Notice
 from infra.db.repository import upsert_into
-from infra.db.tables import NOTIFICATION_IS_PENDING, credit_lots, customer_profiles, customers, notifications
+from infra.db.tables import NOTIFICATION_IS_PENDING, credit_lots, customer_profiles, customers, expiry_warnings, notifications
 
 
 class SqlNotificationOutbox:
@@ -19,7 +19,9 @@ class SqlNotificationOutbox:
     async def enqueue(self, notice: Notice, now: datetime) -> bool:
         """Queue a notice once per key (False if its key was queued before)."""
         email = (
-            await self.connection.execute(select(customer_profiles.c.email).where(customer_profiles.c.customer_id == notice.customer_id))
+            await self.connection.execute(
+                select(func.coalesce(customer_profiles.c.contact_email, customer_profiles.c.email)).where(customer_profiles.c.customer_id == notice.customer_id)
+            )
         ).scalar_one_or_none()
         statement = (
             upsert_into(self.connection, notifications)
@@ -77,9 +79,9 @@ class SqlNotificationOutbox:
         return result.rowcount
 
     async def lots_expiring(self, now: datetime, until: datetime, limit: int) -> list:
-        """Open lots expiring in (now, until] with no warning queued yet, of customers not frozen."""
-        warned = select(notifications.c.id).where(
-            notifications.c.key == ("credits_expiring:" + credit_lots.c.id.cast(notifications.c.key.type))
+        """Open lots expiring in (now, until] not yet warned about for that date, of customers not frozen."""
+        warned = select(expiry_warnings.c.lot_id).where(
+            expiry_warnings.c.lot_id == credit_lots.c.id, expiry_warnings.c.expires_at == credit_lots.c.expires_at
         )
         query = (
             select(credit_lots.c.id, credit_lots.c.customer_id, credit_lots.c.remaining, credit_lots.c.expires_at)
@@ -96,3 +98,7 @@ class SqlNotificationOutbox:
         )
         return list(await self.connection.execute(query))
 
+    async def mark_warned(self, lot_id: int, expires_at: datetime, now: datetime) -> None:
+        await self.connection.execute(
+            upsert_into(self.connection, expiry_warnings).values(lot_id=lot_id, expires_at=expires_at, warned_at=now).on_conflict_do_nothing()
+        )

@@ -57,10 +57,12 @@ class SqlReferralRepository:
 
     # ------------------------------------------------------------ profiles
 
-    async def record_profile(self, customer_id: str, email: str | None, phone: str | None, fingerprint: str | None, at: datetime) -> None:
+    async def record_profile(
+        self, customer_id: str, email: str | None, phone: str | None, fingerprint: str | None, at: datetime, contact_email: str | None = None
+    ) -> None:
         """The first sign-up stands; a card fingerprint learnt later fills in."""
         statement = upsert_into(self.connection, customer_profiles).values(
-            customer_id=customer_id, email=email, phone=phone, payment_fingerprint=fingerprint, signed_up_at=at
+            customer_id=customer_id, email=email, contact_email=contact_email, phone=phone, payment_fingerprint=fingerprint, signed_up_at=at
         )
         if fingerprint:
             statement = statement.on_conflict_do_update(

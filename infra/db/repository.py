@@ -42,7 +42,7 @@ class SqlAccountRepository:
         upsert = upsert_into(self.connection, customers).values(customer_id=customer_id)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
-        ).returning(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since)
+        ).returning(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at)
         row = (await self.connection.execute(upsert)).one()
         return await self._load(customer_id, for_update=False, job_ids=job_ids, payment_ids=payment_ids, customer_row=row)
 
@@ -83,7 +83,9 @@ class SqlAccountRepository:
         self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = (), customer_row=None
     ) -> Account | None:
         if customer_row is None:
-            query = select(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since).where(customers.c.customer_id == customer_id)
+            query = select(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at).where(
+                customers.c.customer_id == customer_id
+            )
             if for_update:
                 query = query.with_for_update()
             customer_row = (await self.connection.execute(query)).first()
@@ -120,7 +122,7 @@ class SqlAccountRepository:
             return []
         if customer_rows is None:
             rows = await self.connection.execute(
-                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since).where(
+                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at).where(
                     customers.c.customer_id.in_(customer_ids)
                 )
             )
@@ -144,6 +146,7 @@ class SqlAccountRepository:
                 overdraft=customer_rows[customer_id].overdraft,
                 depleted_at=customer_rows[customer_id].credits_depleted_at,
                 frozen_since=customer_rows[customer_id].frozen_since,
+                unfrozen_at=customer_rows[customer_id].unfrozen_at,
             )
             for customer_id in customer_ids
             if customer_id in customer_rows
@@ -249,6 +252,7 @@ class SqlAccountRepository:
                     overdraft=bindparam("new_overdraft"),
                     credits_depleted_at=bindparam("new_depleted_at"),
                     frozen_since=bindparam("new_frozen_since"),
+                    unfrozen_at=bindparam("new_unfrozen_at"),
                     updated_at=func.now(),
                 ),
                 [
@@ -258,6 +262,7 @@ class SqlAccountRepository:
                         "new_overdraft": a.overdraft,
                         "new_depleted_at": a.depleted_at,
                         "new_frozen_since": a.frozen_since,
+                        "new_unfrozen_at": a.unfrozen_at,
                     }
                     for a in accounts
                 ],

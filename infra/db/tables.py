@@ -74,6 +74,7 @@ customers = Table(
     Column("credits_depleted_at", UtcDateTime, nullable=True),
     #: Set while the membership is frozen: nothing expires, nothing can be booked.
     Column("frozen_since", UtcDateTime, nullable=True),
+    Column("unfrozen_at", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False, server_default=func.now()),
     Column("updated_at", UtcDateTime, nullable=False, server_default=func.now()),
     CheckConstraint("overdraft >= 0", name="overdraft_not_negative"),
@@ -310,6 +311,8 @@ customer_profiles = Table(
     Column("customer_id", String(255), primary_key=True),
     # Normalised (domain/referrals.py): the self-referral and fraud rules compare these.
     Column("email", String(320), nullable=True, index=True),
+    # The address exactly as the customer gave it: where their mail goes.
+    Column("contact_email", String(320), nullable=True),
     Column("phone", String(40), nullable=True, index=True),
     Column("payment_fingerprint", String(255), nullable=True, index=True),
     Column("signed_up_at", UtcDateTime, nullable=False),
@@ -488,4 +491,14 @@ retention_crossings = Table(
     Column("depleted_at", UtcDateTime, primary_key=True),
     # When the periodic job saw it (the crossing itself is depleted_at + the report's days).
     Column("noticed_at", UtcDateTime, nullable=False),
+)
+
+
+# One expiry warning per lot and expiry date: a lot whose expiry moved (a freeze) is warned again.
+expiry_warnings = Table(
+    "expiry_warnings",
+    metadata,
+    Column("lot_id", Id, ForeignKey("credit_lots.id"), primary_key=True),
+    Column("expires_at", UtcDateTime, primary_key=True),
+    Column("warned_at", UtcDateTime, nullable=False),
 )

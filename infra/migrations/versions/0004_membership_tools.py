@@ -28,6 +28,13 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table('expiry_warnings',
+    sa.Column('lot_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('warned_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['lot_id'], ['credit_lots.id'], name=op.f('fk_expiry_warnings_lot_id_credit_lots')),
+    sa.PrimaryKeyConstraint('lot_id', 'expires_at', name=op.f('pk_expiry_warnings'))
+    )
     op.create_table('customer_notes',
     sa.Column('customer_id', sa.String(length=255), nullable=False),
     sa.Column('note', sa.Text(), nullable=False),
@@ -62,12 +69,15 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('customer_id', 'depleted_at', name=op.f('pk_retention_crossings'))
     )
     op.add_column('customers', sa.Column('frozen_since', sa.DateTime(timezone=True), nullable=True))
+    op.add_column('customers', sa.Column('unfrozen_at', sa.DateTime(timezone=True), nullable=True))
     op.add_column('credit_lots', sa.Column('paid_cents', sa.BigInteger(), nullable=True))
+    op.add_column('customer_profiles', sa.Column('contact_email', sa.String(length=320), nullable=True))
     op.create_index('ix_ledger_entries_kind_time', 'ledger_entries', ['kind', 'occurred_at'], unique=False, postgresql_include=['credits'])
 
     _checks(_KINDS + ", 'gifted'", _SOURCES + ", 'gift'")
 
 def downgrade() -> None:
+    op.drop_table('expiry_warnings')
     op.execute("DELETE FROM lot_movements WHERE entry_id IN (SELECT id FROM ledger_entries WHERE kind = 'gifted')")
     op.execute("DELETE FROM ledger_entries WHERE kind = 'gifted'")
     op.execute("DELETE FROM lot_movements WHERE lot_id IN (SELECT id FROM credit_lots WHERE source = 'gift')")
@@ -76,7 +86,9 @@ def downgrade() -> None:
     _checks(_KINDS, _SOURCES)
     op.drop_index('ix_ledger_entries_kind_time', table_name='ledger_entries', postgresql_include=['credits'])
     op.drop_column('customers', 'frozen_since')
+    op.drop_column('customers', 'unfrozen_at')
     op.drop_column('credit_lots', 'paid_cents')
+    op.drop_column('customer_profiles', 'contact_email')
     op.drop_table('retention_crossings')
     op.drop_index('ix_notifications_due', table_name='notifications', postgresql_where=sa.text("status = 'pending'"), sqlite_where=sa.text("status = 'pending'"))
     op.drop_index(op.f('ix_notifications_customer_id'), table_name='notifications')
