@@ -33,6 +33,7 @@ LOGIN = (FilePath(__file__).parent / "static" / "login.html").read_text()
 NO_NUL = r"^[^\x00]*$"
 
 router = APIRouter(include_in_schema=False)
+STREAM_SECONDS = 300
 
 
 def install_session(app, settings) -> None:
@@ -70,6 +71,7 @@ class AdjustmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     credits: int = Field(ge=-1_000_000, le=1_000_000)
     reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)
+    idempotency_key: str = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
 
 
 @router.get("/admin/login", response_class=HTMLResponse)
@@ -79,7 +81,15 @@ async def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/admin/login")
 async def login(request: Request):
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > 4_096:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > 4_096:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
+    form = parse_qs(body.decode("utf-8", "replace"))
     given = (form.get("token") or [""])[0]
     expected = request.app.state.settings.admin_api_token.get_secret_value()
     if not secrets.compare_digest(given.encode(), expected.encode()):
@@ -118,7 +128,9 @@ async def live(request: Request) -> StreamingResponse:
     async def stream():
         last = None
         yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
+        # The stream ends after a while and the browser reconnects: its session is checked again.
+        ends = asyncio.get_running_loop().time() + STREAM_SECONDS
+        while not await request.is_disconnected() and asyncio.get_running_loop().time() < ends:
             count = await views.at_risk_count(state.db, state.clock.now(), days)
             if count != last:
                 last = count
@@ -145,7 +157,8 @@ async def adjust(customer_id: Annotated[str, Path(min_length=1, max_length=255, 
     settings = request.app.state.settings
     try:
         outcome = await handlers.admin_adjustment(
-            SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now()
+            SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now(),
+            body.idempotency_key,
         )
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 import asyncio
@@ -11,6 +11,7 @@ import asyncio
 import structlog
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import StatementError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
@@ -117,6 +118,8 @@ class AdjustmentIn(BaseModel):
     credits: int = Field(ge=-MAX_CREDITS, le=MAX_CREDITS)
     reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)
     admin: str = Field(min_length=1, max_length=255, pattern=NO_NUL)
+    #: The same key on a retry applies the adjustment once (a timeout, a double click).
+    idempotency_key: str | None = Field(None, min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
 
 
 class AdjustmentOut(BaseModel):
@@ -243,6 +246,17 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
 
     def now(request: Request) -> datetime:
         return request.app.state.clock.now()
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_utf8(request: Request, error: UnicodeEncodeError) -> JSONResponse:
+        # A lone surrogate ("\ud800") is valid JSON text but not storable text.
+        return JSONResponse(status_code=422, content={"detail": "text must be valid Unicode (no lone surrogates)"})
+
+    @app.exception_handler(StatementError)
+    async def _statement_error(request: Request, error: StatementError) -> JSONResponse:
+        if isinstance(error.orig, UnicodeEncodeError):
+            return await _not_utf8(request, error.orig)
+        raise error
 
     app.include_router(referral_routes.router)
     app.include_router(admin_page.router)
@@ -457,7 +471,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         if body.credits == 0:
             raise HTTPException(422, "an adjustment must change the balance")
         try:
-            outcome = await handlers.admin_adjustment(uow(request), settings.policy, customer_id, body.credits, body.reason, body.admin, now(request))
+            outcome = await handlers.admin_adjustment(
+                uow(request), settings.policy, customer_id, body.credits, body.reason, body.admin, now(request), body.idempotency_key
+            )
         except CustomerNotFound as error:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
         return AdjustmentOut(customer_id=customer_id, credits=body.credits, outcome=outcome.value)
@@ -465,6 +481,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     @app.get("/api/admin/credits/analytics", response_model=AnalyticsOut, dependencies=[admin])
     async def credits_analytics(request: Request, since: AwareDatetime | None = None, until: AwareDatetime | None = None) -> AnalyticsOut:
         """Issued, used, expired and outstanding credits per month (UTC), upcoming expirations, breakage."""
+        for moment in (since, until):
+            if moment is not None and not (2000 <= moment.year <= 2999 and 2000 <= moment.astimezone(timezone.utc).year <= 2999):
+                raise HTTPException(422, "since and until must fall in the years 2000-2999")
+        if since and until and since > until:
+            raise HTTPException(422, "since must not be after until")
         found = await analytics.credits_analytics(request.app.state.db, now(request), since, until)
         return AnalyticsOut(
             months=[MonthOut(**vars(m)) for m in found.months],

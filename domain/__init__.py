@@ -8,6 +8,7 @@ from domain.errors import (
     JobAlreadyCharged,
     MembershipFrozen,
     NoActiveHold,
+    UnknownCustomer,
 )
 from domain.model import Account, Entry, EntryKind, Hold, HoldStatus, Lot, LotSource, Movement
 from domain.policy import CreditPolicy, add_months
@@ -29,5 +30,6 @@ __all__ = [
     "LotSource",
     "Movement",
     "NoActiveHold",
+    "UnknownCustomer",
     "add_months",
 ]

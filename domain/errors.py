@@ -46,3 +46,7 @@ class PaymentNotApplied(Exception):
 class MembershipFrozen(DomainError):
     """The membership is paused: no booking, no gifts, until it is unfrozen."""
 
+
+
+class UnknownCustomer(DomainError):
+    """The event names a customer the ledger does not know, where it must (a gift's receiver)."""

@@ -1,7 +1,8 @@
 """Credits analytics: issued, used, expired and outstanding per month, upcoming expirations, breakage.
 
-Aggregated in SQL (one grouped scan of `ix_ledger_entries_kind_time`, one of the open lots),
-never row by row in Python: it stays fast on millions of ledger entries.
+Aggregated in SQL over the requested window only (a range of `ix_ledger_entries_kind_time`),
+plus the stored customer balances and one grouped scan of the open lots: never row by row
+in Python, and the cost follows the window, not the size of the history.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db import Database
-from infra.db.tables import LOT_IS_OPEN, credit_lots, ledger_entries
+from domain import add_months
+from infra.db.tables import LOT_IS_OPEN, credit_lots, customers, ledger_entries
 
 BALANCE_KINDS = ("issued", "adjusted", "debited", "captured", "expired", "reversed", "gifted")
 
@@ -27,7 +29,7 @@ class Month:
     reversed: int  # refunds and disputes
     adjusted_down: int  # negative adjustments
     outstanding: int  # the book balance of all customers at the month's end
-    breakage_rate: float | None  # expired ÷ issued in the month
+    breakage_rate: float | None  # expired ÷ (expired + used) in the month
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Analytics:
     months: list[Month]
     upcoming_expirations: list[tuple[str, int]]  # (YYYY-MM, credits still open that expire then)
     totals: dict[str, int]
-    breakage_rate: float | None  # expired ÷ issued over the period shown
+    breakage_rate: float | None  # expired ÷ (expired + used) over the period shown
 
 
 def _month(connection: AsyncConnection, column):
@@ -45,6 +47,14 @@ def _month(connection: AsyncConnection, column):
 
 
 async def credits_analytics(db: Database, now: datetime, since: datetime | None = None, until: datetime | None = None) -> Analytics:
+    """The months from ``since`` (default: the last twelve) to ``until`` (default: now).
+
+    Only that window's entries are scanned (a range of the kind/time index); the balance at
+    each month's end is worked back from today's total (the stored customer balances, which
+    the entries sum to) minus what happened after it — so the cost follows the window, not
+    the whole history.
+    """
+    since = _month_start(since.astimezone(timezone.utc) if since else _months_back(now, 11))
     async with db.connect() as connection:
         month = _month(connection, ledger_entries.c.occurred_at).label("month")
         credits = ledger_entries.c.credits
@@ -53,9 +63,9 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
         def total(condition):
             return func.coalesce(func.sum(case((condition, credits), else_=0)), 0)
 
-        where = [kind.in_(BALANCE_KINDS)]
+        window = [kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= since]
         if until is not None:
-            where.append(ledger_entries.c.occurred_at < until)
+            window.append(ledger_entries.c.occurred_at < until)
         rows = (
             await connection.execute(
                 select(
@@ -68,11 +78,19 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
                     total(kind == "reversed").label("reversed"),
                     func.sum(credits).label("net"),
                 )
-                .where(*where)
+                .where(*window)
                 .group_by(month)
                 .order_by(month)
             )
         ).all()
+        balance_now = (await connection.execute(select(func.coalesce(func.sum(customers.c.balance), 0)))).scalar_one()
+        after_window = 0
+        if until is not None:
+            after_window = (
+                await connection.execute(
+                    select(func.coalesce(func.sum(credits), 0)).where(kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= until)
+                )
+            ).scalar_one()
         lot_month = _month(connection, credit_lots.c.expires_at).label("month")
         upcoming = (
             await connection.execute(
@@ -82,19 +100,26 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
                 .order_by(lot_month)
             )
         ).all()
-    months, outstanding = [], 0
-    # Months are UTC calendar months, whole: `since` picks the month it falls in, read in UTC.
-    since_month = f"{since.astimezone(timezone.utc):%Y-%m}" if since else None
-    for r in rows:
-        outstanding += int(r.net)  # cumulative from the first entry: the balance at the month's end
-        if since_month and r.month < since_month:
-            continue
-        issued = int(r.issued) + int(r.adjusted_up)
-        expired = -int(r.expired)
-        months.append(Month(r.month, issued, -int(r.used), expired, -int(r.reversed), -int(r.adjusted_down), outstanding, _rate(expired, issued)))
+    # Walk back from the window's end: the balance at each month's end.
+    outstanding = int(balance_now) - int(after_window)
+    months = []
+    for r in reversed(rows):
+        issued, used, expired = int(r.issued) + int(r.adjusted_up), -int(r.used), -int(r.expired)
+        months.append(Month(r.month, issued, used, expired, -int(r.reversed), -int(r.adjusted_down), outstanding, _rate(expired, used)))
+        outstanding -= int(r.net)
+    months.reverse()
     totals = {name: sum(getattr(m, name) for m in months) for name in ("issued", "used", "expired", "reversed", "adjusted_down")}
-    return Analytics(months, [(m, int(c)) for m, c in upcoming], totals, _rate(totals["expired"], totals["issued"]))
+    return Analytics(months, [(m, int(c)) for m, c in upcoming], totals, _rate(totals["expired"], totals["used"]))
 
 
-def _rate(expired: int, issued: int) -> float | None:
-    return round(expired / issued, 4) if issued else None
+def _rate(expired: int, used: int) -> float | None:
+    """Breakage: the share of credits that ended unused — expired ÷ (expired + used)."""
+    return round(expired / (expired + used), 4) if expired + used else None
+
+
+def _month_start(moment: datetime) -> datetime:
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def _months_back(moment: datetime, months: int) -> datetime:
+    return add_months(_month_start(moment.astimezone(timezone.utc)), -months)

@@ -15,7 +15,7 @@ import uuid
 
 import structlog
 
-from domain import Account, CreditPolicy, Hold
+from domain import Account, CreditPolicy, Hold, UnknownCustomer
 from domain import notifications as notices
 from domain.dunning import AttemptKind, DunningCase, DunningRules
 from domain.referrals import ReferralRules
@@ -113,7 +113,7 @@ async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequ
     else:
         case.payment_failed(event.occurred_at, event.decline_code, event.failure_message, ctx.dunning.schedule)
     await (ctx.uow.dunning.add(case) if is_new else ctx.uow.dunning.save(case))
-    if is_new and isinstance(event, PaymentFailed):
+    if case.owes:  # once per invoice (the key), whichever report came first
         reason = case.last_failure_message or case.last_decline_code
         await ctx.uow.notifications.enqueue(notices.payment_failed(event.customer_id, event.invoice_id, reason, case.next_retry_at), event.occurred_at)
     return True
@@ -219,9 +219,13 @@ async def apply_event_in(
     accounts: dict[str, Account] = {}
     for customer_id in sorted({event.customer_id, *others}):
         mine = customer_id == event.customer_id
-        accounts[customer_id] = await uow.accounts.lock(
-            customer_id, create=True, job_ids=job_ids if mine else (), payment_ids=_payment_ids(event) if mine else ()
+        locked = await uow.accounts.lock(
+            customer_id, create=mine, job_ids=job_ids if mine else (), payment_ids=_payment_ids(event) if mine else ()
         )
+        if locked is None:
+            # A gift to a customer we do not know (a typo) must not create an account holding it.
+            raise UnknownCustomer(f"customer {customer_id!r} does not exist: credits go only to known customers")
+        accounts[customer_id] = locked
     account = accounts[event.customer_id]
     if not await uow.events.claim(event):
         return Outcome.DUPLICATE
@@ -274,8 +278,10 @@ async def place_hold(
     """
     async with uow:
         account = await _locked(uow, customer_id, job_ids=(job_id,))
+        depleted_before = account.depleted_at
         hold = account.place_hold(job_id, credits, now, f"hold:{customer_id}:{job_id}", policy)
         created = hold.id is None
+        await notify_depletion_change(uow, account, depleted_before, now)
         await uow.accounts.save(account)
         await uow.commit()
     return hold, created
@@ -285,7 +291,9 @@ async def release_hold(uow: UnitOfWork, customer_id: str, job_id: str, now: date
     """Release a booked job's hold. Returns whether an active hold was released."""
     async with uow:
         account = await _locked(uow, customer_id)
+        depleted_before = account.depleted_at
         released = account.release_hold(job_id, now, f"release:{customer_id}:{job_id}")
+        await notify_depletion_change(uow, account, depleted_before, now)
         await uow.accounts.save(account)
         await uow.commit()
     return released
@@ -357,13 +365,20 @@ async def _locked(uow: UnitOfWork, customer_id: str, job_ids: tuple[str, ...] = 
     return account
 
 
-async def admin_adjustment(uow: UnitOfWork, policy: CreditPolicy, customer_id: str, credits: int, reason: str, admin: str, now: datetime) -> Outcome:
+async def admin_adjustment(
+    uow: UnitOfWork, policy: CreditPolicy, customer_id: str, credits: int, reason: str, admin: str, now: datetime, idempotency_key: str | None = None
+) -> Outcome:
     """An admin's correction with a reason, applied like any event and shown in the ledger.
 
-    Raises CustomerNotFound for an unknown customer (an adjustment never creates one).
+    ``idempotency_key`` (one per form or API call, kept across retries) makes a double click
+    or a retried request apply once. Raises CustomerNotFound for an unknown customer (an
+    adjustment never creates one), EventConflict for a key reused with other content.
     """
+    event_id = f"admin-adjustment:{idempotency_key or uuid.uuid4()}"
     async with uow:
         if await uow.accounts.get(customer_id) is None:
             raise CustomerNotFound(customer_id)
-    event = CreditsAdjusted(event_id=f"admin-adjustment:{uuid.uuid4()}", occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
+        if await uow.events.seen(event_id):
+            return Outcome.DUPLICATE  # the same request again (its moment differs; its key does not)
+    event = CreditsAdjusted(event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
     return await apply_event(event, uow, policy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,10 +26,15 @@ MAX_ATTEMPTS = 12
 
 
 class Undelivered(Exception):
-    def __init__(self, reason: str, *, retry: bool, maybe_sent: bool) -> None:
+    """``retry``: worth another try. ``maybe_sent``: the server may have it (never send again).
+    ``ours``: the fault is ours or the server's, not the message's (unreachable, bad login):
+    such tries do not count toward giving up, so an outage of any length loses nothing."""
+
+    def __init__(self, reason: str, *, retry: bool, maybe_sent: bool, ours: bool = False) -> None:
         super().__init__(reason)
         self.retry = retry
         self.maybe_sent = maybe_sent
+        self.ours = ours
 
 
 class Mailer(Protocol):
@@ -43,13 +49,22 @@ class Delivery:
     uncertain: int = 0
 
 
-async def deliver(new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], datetime], batch: int = 50, max_batches: int = 20) -> Delivery:
-    """Send due notifications. Each is marked `sending` and committed before it is sent."""
+async def deliver(
+    new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], datetime], batch: int = 50, max_batches: int = 20, budget: timedelta = timedelta(minutes=4)
+) -> Delivery:
+    """Send due notifications. Each is marked `sending` and committed before it is sent.
+
+    Stops taking new ones after ``budget`` (well inside the worker's time limit, so a send is
+    never cut off mid-way by it); the next run goes on.
+    """
     result = Delivery()
+    started = time.monotonic()
     async with new_uow() as uow:
         result.uncertain += await uow.notifications.abandon_stale(now())
         await uow.commit()
     for _ in range(batch * max_batches):
+        if time.monotonic() - started > budget.total_seconds():
+            break
         # One at a time: the lease covers one send, so a slow server never outlives it.
         async with new_uow() as uow:
             claimed = await uow.notifications.claim(now(), SEND_LEASE, 1)
@@ -68,8 +83,8 @@ async def deliver(new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], 
                 error = str(failure)[:2000]
                 if failure.maybe_sent:
                     status = "uncertain"
-                elif failure.retry and row.attempts + 1 < MAX_ATTEMPTS:
-                    status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** row.attempts, RETRY_BACKOFF_MAX)
+                elif failure.retry and (failure.ours or row.attempts + 1 < MAX_ATTEMPTS):
+                    status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX)
                 else:
                     status = "failed"
             async with new_uow() as uow:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.notifications import Notice
@@ -20,7 +20,8 @@ class SqlNotificationOutbox:
         """Queue a notice once per key (False if its key was queued before)."""
         email = (
             await self.connection.execute(
-                select(func.coalesce(customer_profiles.c.contact_email, customer_profiles.c.email)).where(customer_profiles.c.customer_id == notice.customer_id)
+                # As the customer gave it: the normalised form (referral rules) may be another mailbox.
+                select(customer_profiles.c.contact_email).where(customer_profiles.c.customer_id == notice.customer_id)
             )
         ).scalar_one_or_none()
         statement = (

@@ -304,6 +304,10 @@ class SqlEventLog:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
 
+    async def seen(self, event_id: str) -> bool:
+        query = select(processed_events.c.event_id).where(processed_events.c.event_id == event_id)
+        return (await self.connection.execute(query)).first() is not None
+
     async def claim(self, event: Event) -> bool:
         """True if the event is new (now recorded); False if this exact event was applied before.
 
