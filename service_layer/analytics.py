@@ -56,6 +56,9 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
     """
     since = _month_start(since.astimezone(timezone.utc) if since else _months_back(now, 11))
     async with db.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # One snapshot for every statement: today's balances and the window must agree.
+            await connection.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         month = _month(connection, ledger_entries.c.occurred_at).label("month")
         credits = ledger_entries.c.credits
         kind = ledger_entries.c.kind

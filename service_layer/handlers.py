@@ -371,14 +371,18 @@ async def admin_adjustment(
     """An admin's correction with a reason, applied like any event and shown in the ledger.
 
     ``idempotency_key`` (one per form or API call, kept across retries) makes a double click
-    or a retried request apply once. Raises CustomerNotFound for an unknown customer (an
-    adjustment never creates one), EventConflict for a key reused with other content.
+    or a retried request apply once (the repeat answers ``duplicate``, whatever it carried).
+    Raises CustomerNotFound for an unknown customer (an adjustment never creates one).
     """
     event_id = f"admin-adjustment:{idempotency_key or uuid.uuid4()}"
+    event = CreditsAdjusted(event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
     async with uow:
-        if await uow.accounts.get(customer_id) is None:
+        # Under the customer's lock: a second request with the same key waits for the first,
+        # then sees it (its moment differs, so it is recognised by key, not by content).
+        if await uow.accounts.lock(customer_id, create=False) is None:
             raise CustomerNotFound(customer_id)
         if await uow.events.seen(event_id):
-            return Outcome.DUPLICATE  # the same request again (its moment differs; its key does not)
-    event = CreditsAdjusted(event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
-    return await apply_event(event, uow, policy)
+            return Outcome.DUPLICATE
+        outcome = await apply_event_in(uow, event, policy, DunningRules())
+        await uow.commit()
+    return outcome

@@ -21,7 +21,7 @@ UnitOfWorkFactory = Callable[[], UnitOfWork]
 SEND_LEASE = timedelta(minutes=10)
 RETRY_BACKOFF = timedelta(minutes=1)
 RETRY_BACKOFF_MAX = timedelta(hours=6)
-#: Tries of a message that keeps failing for sure before it is given up as failed.
+#: Refusals of a message (4xx for it, not outages) before it is given up as failed.
 MAX_ATTEMPTS = 12
 
 
@@ -72,7 +72,7 @@ async def deliver(
         if not claimed:
             break
         for row in claimed:
-            status, error, retry_at = "sent", None, None
+            status, error, retry_at, refused = "sent", None, None, False
             try:
                 await mailer.send(row.to_address, row.subject, row.body, message_id(row.key))
             except Exception as failure:
@@ -83,12 +83,15 @@ async def deliver(
                 error = str(failure)[:2000]
                 if failure.maybe_sent:
                     status = "uncertain"
-                elif failure.retry and (failure.ours or row.attempts + 1 < MAX_ATTEMPTS):
-                    status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX)
                 else:
-                    status = "failed"
+                    # Outages and our own settings never use up the tries a refused message gets.
+                    refused = not failure.ours
+                    if failure.retry and (failure.ours or row.refusals + 1 < MAX_ATTEMPTS):
+                        status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX)
+                    else:
+                        status = "failed"
             async with new_uow() as uow:
-                await uow.notifications.finish(row.id, status, now(), error, retry_at)
+                await uow.notifications.finish(row.id, status, now(), error, retry_at, refused)
                 await uow.commit()
             counter = "retrying" if status == "pending" else status
             setattr(result, counter, getattr(result, counter) + 1)

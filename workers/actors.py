@@ -197,9 +197,29 @@ async def notice_retention_crossings(as_of: str | None = None) -> None:
     log.info("retention_crossings", as_of=now.isoformat(), crossed=len(crossed), customers=crossed[:50])
 
 
+@dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
+async def archive_dead_letters() -> None:
+    """Periodic: copy into PostgreSQL any dead letter Redis holds that the table lacks (one
+    refused while the database was down)."""
+    from workers.dead_letters import archive_from_redis
+
+    archived = await archive_from_redis(get_runtime().db, broker)
+    if archived:
+        log.warning("dead_letters_archived_late", archived=archived)
+
+
 PERIODIC_ACTORS: dict[str, dramatiq.Actor] = {
     actor.actor_name: actor
-    for actor in (expire_credits, lapse_holds, collect_payments, pay_referrals, send_notifications, warn_expiring_credits, notice_retention_crossings)
+    for actor in (
+        expire_credits,
+        lapse_holds,
+        collect_payments,
+        pay_referrals,
+        send_notifications,
+        warn_expiring_credits,
+        notice_retention_crossings,
+        archive_dead_letters,
+    )
 }
 
 __all__ = [
@@ -215,4 +235,5 @@ __all__ = [
     "send_notifications",
     "warn_expiring_credits",
     "notice_retention_crossings",
+    "archive_dead_letters",
 ]

@@ -24,6 +24,7 @@ PERIODIC_JOB_NAMES = (
     "send_notifications",
     "warn_expiring_credits",
     "notice_retention_crossings",
+    "archive_dead_letters",
 )
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import dramatiq
 from dramatiq.common import q_name
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from infra.db import Database
 from infra.db.tables import dead_letters
@@ -69,3 +69,38 @@ async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now:
             await connection.execute(update(dead_letters).where(dead_letters.c.id == dead_letter_id).values(replayed_at=now))
         outcomes.append(f"{dead_letter_id}: re-enqueued message {message.message_id} to {message.queue_name}")
     return outcomes
+
+
+async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequence[str] | None = None) -> int:
+    """Copy into the table every dead letter Redis holds that the table lacks.
+
+    A message refused while the database was unreachable is dead-lettered in Redis only (its
+    archive insert failed); Redis keeps it a week and loses it on a restart. This catches up.
+    """
+    from dramatiq import Message
+    from dramatiq.common import xq_name
+    from dramatiq.errors import DecodeError
+
+    found: dict[str, dict] = {}
+    for queue in sorted(queues if queues is not None else broker.get_declared_queues()):
+        raw = broker.client.hgetall(f"{broker.namespace}:{xq_name(queue)}.msgs")
+        for data in raw.values():
+            try:
+                message = Message.decode(data)
+            except DecodeError:
+                continue  # undecodable envelopes are logged when they are dead-lettered
+            found[message.message_id] = {
+                "message_id": message.message_id,
+                "queue_name": q_name(message.queue_name),
+                "actor_name": message.actor_name,
+                "message": message.encode().decode("utf-8", "replace"),
+                "error": "archived later from Redis: the database was unreachable when it was dead-lettered",
+            }
+    if not found:
+        return 0
+    async with db.begin() as connection:
+        known = set((await connection.execute(select(dead_letters.c.message_id).where(dead_letters.c.message_id.in_(list(found))))).scalars())
+        missing = [row for message_id, row in found.items() if message_id not in known]
+        if missing:
+            await connection.execute(insert(dead_letters), missing)
+    return len(missing)

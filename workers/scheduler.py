@@ -35,6 +35,7 @@ class PeriodicJob:
 
 def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
     from workers.actors import (
+        archive_dead_letters,
         collect_payments,
         expire_credits,
         lapse_holds,
@@ -52,6 +53,7 @@ def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
         PeriodicJob(send_notifications, timedelta(minutes=settings.send_notifications_every_minutes)),
         PeriodicJob(warn_expiring_credits, timedelta(minutes=settings.warn_expiring_credits_every_minutes)),
         PeriodicJob(notice_retention_crossings, timedelta(minutes=settings.notice_retention_every_minutes)),
+        PeriodicJob(archive_dead_letters, timedelta(minutes=15)),
     ]
 
 

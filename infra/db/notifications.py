@@ -61,8 +61,12 @@ class SqlNotificationOutbox:
             )
         return rows
 
-    async def finish(self, notification_id: int, status: str, now: datetime, error: str | None = None, retry_at: datetime | None = None) -> None:
+    async def finish(
+        self, notification_id: int, status: str, now: datetime, error: str | None = None, retry_at: datetime | None = None, refused: bool = False
+    ) -> None:
         values: dict = {"status": status, "leased_until": None, "last_error": error}
+        if refused:
+            values["refusals"] = notifications.c.refusals + 1
         if status == "sent":
             values["sent_at"] = now
         if retry_at is not None:

@@ -468,6 +468,8 @@ notifications = Table(
     Column("send_after", UtcDateTime, nullable=False),
     Column("leased_until", UtcDateTime, nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    # Tries the server refused for this message itself (not outages, not our settings): these give up.
+    Column("refusals", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
     Column("sent_at", UtcDateTime, nullable=True),
     CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'uncertain', 'no_address')", name="known_status"),

@@ -1,8 +1,10 @@
 """Membership tools against real PostgreSQL (and, for gifts end to end, real worker processes on Redis).
 
 Freezing is stored and pauses the expiry sweep; a frozen customer cannot book over HTTP; gifts
-cross between customers atomically and never deadlock; admins adjust credits with a reason; the
-credits analytics add up per month and read the kind/time index.
+cross between customers atomically, never deadlock, and go only to customers the ledger knows;
+admins adjust credits with a reason, once per idempotency key; the credits analytics add up per
+month over the requested window only (outstanding worked back from the stored balances,
+breakage = expired ÷ (expired + used)) and read a range of the kind/time index.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from collections import Counter
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -37,6 +40,7 @@ from infra.settings import load_settings
 from messages import (
     CreditsAdjusted,
     CreditsGifted,
+    CustomerSignedUp,
     JobCompleted,
     MembershipFrozen,
     MembershipUnfrozen,
@@ -223,6 +227,10 @@ async def test_a_frozen_customer_cannot_book_over_http(db, pg_url):
 async def test_a_gift_is_stored_atomically_with_its_expiry_dates(db):
     await apply(db, paid("pay-g1", "giver", 3, t(2025, 1, 1)), CreditPolicy(credit_expiration_months=3))  # expires 2025-04-01
     await apply(db, paid("pay-g2", "giver", 10, t(2025, 2, 1)))  # expires 2026-02-01
+    # Gifts go only to customers the ledger knows: the receiver signed up first (no credits yet).
+    await apply(db, CustomerSignedUp(event_id="signup-receiver", customer_id="new-receiver", occurred_at=t(2025, 2, 15), email="receiver@example.com"))
+    assert (await customer(db, "new-receiver"))["balance"] == 0
+    assert await lots_of(db, "new-receiver") == []
     gift = CreditsGifted(event_id="gift-1", customer_id="giver", to_customer_id="new-receiver", occurred_at=t(2025, 3, 1), credits=5)
     assert await apply(db, gift) is Outcome.APPLIED
     # A replay of the same event changes nothing.
@@ -255,17 +263,52 @@ async def test_a_gift_is_stored_atomically_with_its_expiry_dates(db):
 async def test_gifts_refused_by_the_rules_change_nothing(db):
     await apply(db, paid("pay-a", "cust-a", 6, t(2025, 1, 1)))
     await apply(db, paid("pay-b", "cust-b", 2, t(2025, 1, 1)))
+    await apply(db, CustomerSignedUp(event_id="signup-c", customer_id="cust-c", occurred_at=t(2025, 1, 1), email="c@example.com"))
     await apply(db, MembershipFrozen(event_id="freeze-b", customer_id="cust-b", occurred_at=t(2025, 1, 5)))
     before = await ledger_snapshot(db)
 
+    # A known receiver, but more than the giver has.
     with pytest.raises(InsufficientCredits):
         await apply(db, CreditsGifted(event_id="gift-big", customer_id="cust-a", to_customer_id="cust-c", occurred_at=t(2025, 1, 6), credits=7))
+    # A receiver the ledger does not know (a typo): refused even though the giver can afford it.
+    with pytest.raises(domain_errors.UnknownCustomer):
+        await apply(db, CreditsGifted(event_id="gift-unknown", customer_id="cust-a", to_customer_id="cust-nobody", occurred_at=t(2025, 1, 6), credits=1))
     with pytest.raises(domain_errors.MembershipFrozen):
         await apply(db, CreditsGifted(event_id="gift-frozen", customer_id="cust-a", to_customer_id="cust-b", occurred_at=t(2025, 1, 6), credits=1))
     with pytest.raises(domain_errors.MembershipFrozen):
         await apply(db, CreditsGifted(event_id="gift-from-frozen", customer_id="cust-b", to_customer_id="cust-a", occurred_at=t(2025, 1, 6), credits=1))
     assert await ledger_snapshot(db) == before
-    assert await customer(db, "cust-c") is None  # not even the receiver's row
+    assert await customer(db, "cust-nobody") is None  # not even the receiver's row
+    assert (await customer(db, "cust-c"))["balance"] == 0
+
+
+@pytest.mark.parametrize("receiver", ["aaa-unknown", "zzz-unknown"])  # locked before the giver, and after it
+async def test_a_gift_to_a_customer_the_ledger_does_not_know_is_refused_and_can_be_replayed_once_they_exist(db, receiver):
+    await apply(db, paid("pay-giver", "m-giver", 10, t(2025, 1, 1)))
+    before = await ledger_snapshot(db)
+    gift = CreditsGifted(event_id="gift-typo", customer_id="m-giver", to_customer_id=receiver, occurred_at=t(2025, 2, 1), credits=4)
+
+    with pytest.raises(domain_errors.UnknownCustomer) as refused:
+        await apply(db, gift)
+    # A DomainError: the worker dead-letters it rather than retrying it.
+    assert isinstance(refused.value, domain_errors.DomainError)
+    assert receiver in str(refused.value)
+    assert await ledger_snapshot(db) == before  # no account, no lot, no entry, not recorded as processed
+    assert await customer(db, receiver) is None
+    assert await rows(db, select(processed_events.c.event_id).where(processed_events.c.event_id == "gift-typo")) == []
+    # Refused again, the same way, however often it is redelivered.
+    with pytest.raises(domain_errors.UnknownCustomer):
+        await apply(db, gift)
+    assert await ledger_snapshot(db) == before
+
+    # Once the receiver exists (their first payment), the same event (replayed) applies, once.
+    await apply(db, paid("pay-receiver", receiver, 1, t(2025, 1, 20)))
+    assert await apply(db, gift) is Outcome.APPLIED
+    assert await apply(db, gift) is Outcome.DUPLICATE
+    assert (await customer(db, "m-giver"))["balance"] == 6
+    assert (await customer(db, receiver))["balance"] == 5
+    assert [(lot["amount"], lot["source"]) for lot in await lots_of(db, receiver)] == [(1, "payment"), (4, "gift")]
+    assert await reconciliation(db) == []
 
 
 async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db, redis_client, redis_url, start_workers):
@@ -317,6 +360,19 @@ async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db,
     assert await ledger_snapshot(db) == before
     assert await rows(db, select(processed_events.c.event_id).where(processed_events.c.event_id == "gift-too-much")) == []
     assert await count(db, dead_letters) == 1
+
+    # A gift to a customer the ledger does not know (a typo) is dead-lettered too, not retried,
+    # and creates no account holding the credits.
+    typo = CreditsGifted(event_id="gift-typo", customer_id="gift-a", to_customer_id="gift-c", occurred_at=base + timedelta(hours=6), credits=1)
+    message_id = publisher.publish(typo)
+    assert wait_for_outcomes(workers, [message_id], timeout=30) == {message_id: "event_rejected"}
+    archived = await wait_for_dead_letter_rows(db, [message_id])
+    assert "'gift-c' does not exist" in archived[message_id]["error"]
+    assert message_id in dead_lettered(redis_client)
+    assert await ledger_snapshot(db) == before
+    assert await customer(db, "gift-c") is None
+    assert await count(db, dead_letters) == 2
+    assert "retrying message" not in workers.log().lower()
     publisher.close()
 
 
@@ -359,11 +415,110 @@ async def test_admin_adjustments_over_the_api(db, pg_url):
         ):
             response = await http.post(url, json=body, headers=ADMIN)
             assert response.status_code == 422, (body, response.text)
+        for body in (
+            {"credits": 5, "reason": "short key", "admin": "alice", "idempotency_key": "short"},
+            {"credits": 5, "reason": "bad key", "admin": "alice", "idempotency_key": "not a key with spaces"},
+            {"credits": 5, "reason": "long key", "admin": "alice", "idempotency_key": "k" * 101},
+        ):
+            response = await http.post(url, json=body, headers=ADMIN)
+            assert response.status_code == 422, (body, response.text)
         for headers in (FRONT, {}, {"Authorization": "Bearer wrong-token-0123456789"}):
             response = await http.post(url, json={"credits": 5, "reason": "sneaky", "admin": "mallory"}, headers=headers)
             assert response.status_code == 401, (headers, response.text)
         assert await ledger_snapshot(db) == before
     assert await reconciliation(db) == []
+
+
+async def test_an_admin_adjustment_with_the_same_idempotency_key_applies_once(db, pg_url):
+    now = datetime.now(UTC)
+    await apply(db, paid("pay-idem", "cust-idem", 10, now - timedelta(days=1)))
+    url = "/api/admin/customers/cust-idem/adjustments"
+
+    async with serving(db, pg_url) as http:
+        body = {"credits": 4, "reason": "goodwill", "admin": "alice@ops", "idempotency_key": "form-7f3a9c21"}
+        first = await http.post(url, json=body, headers=ADMIN)
+        assert first.status_code == 201, first.text
+        assert first.json() == {"customer_id": "cust-idem", "credits": 4, "outcome": "applied"}
+        # A retry after a timeout, a double click: the same key, a later moment. Applied once.
+        after_first = await ledger_snapshot(db)
+        again = await http.post(url, json=body, headers=ADMIN)
+        assert again.status_code == 201, again.text
+        assert again.json() == {"customer_id": "cust-idem", "credits": 4, "outcome": "duplicate"}
+        assert await ledger_snapshot(db) == after_first
+        # The key is per request: reused with other content, it applies nothing either.
+        reused = await http.post(url, json={**body, "credits": 40}, headers=ADMIN)
+        assert reused.json().get("outcome") != "applied", reused.text
+        assert await ledger_snapshot(db) == after_first
+        # The key is per customer's request, not per customer: another key applies.
+        other = await http.post(url, json={**body, "idempotency_key": "form-7f3a9c22"}, headers=ADMIN)
+        assert other.json()["outcome"] == "applied", other.text
+
+        # Without a key, each call is a new adjustment, even with the same body.
+        plain = {"credits": -1, "reason": "no-show fee", "admin": "bob@ops"}
+        for _ in range(2):
+            response = await http.post(url, json=plain, headers=ADMIN)
+            assert (response.status_code, response.json()["outcome"]) == (201, "applied"), response.text
+
+    adjusted = [e for e in await entries_of(db, "cust-idem") if e["kind"] == "adjusted"]
+    assert [(e["credits"], e["balance_after"]) for e in adjusted] == [(4, 14), (4, 18), (-1, 17), (-1, 16)]
+    assert [e["event_id"] for e in adjusted[:2]] == ["admin-adjustment:form-7f3a9c21", "admin-adjustment:form-7f3a9c22"]
+    assert adjusted[2]["event_id"] != adjusted[3]["event_id"]
+    assert (await customer(db, "cust-idem"))["balance"] == 16
+    assert await reconciliation(db) == []
+
+
+async def test_an_api_adjustment_with_a_lone_surrogate_is_refused_with_422_and_changes_nothing(db, pg_url):
+    await apply(db, paid("pay-sur", "cust-sur", 10, datetime.now(UTC) - timedelta(days=1)))
+    before = await ledger_snapshot(db)
+    async with serving(db, pg_url) as http:
+        for raw in (
+            b'{"credits": 5, "reason": "goodwill \\ud800", "admin": "alice@ops"}',
+            b'{"credits": 5, "reason": "goodwill", "admin": "\\udfff"}',
+            b'{"credits": 5, "reason": "goodwill", "admin": "alice@ops", "idempotency_key": "surrogate-\\ud800"}',
+        ):
+            response = await http.post("/api/admin/customers/cust-sur/adjustments", content=raw, headers={**ADMIN, "Content-Type": "application/json"})
+            assert response.status_code == 422, (raw, response.text)
+    assert await ledger_snapshot(db) == before
+
+
+async def _waiting_for_locks(db: Database) -> int:
+    async with db.connect() as connection:
+        return (
+            await connection.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE '%customers%'")
+            )
+        ).scalar_one()
+
+
+async def test_a_double_click_sent_at_once_applies_the_adjustment_once_and_answers_both(db, pg_url):
+    """The docstring's case: "a double click or a retried request apply once". Two requests
+    with the same key that arrive together both pass the "seen before?" check, then queue on
+    the customer's lock; the second must come back `duplicate`, not as a server error.
+
+    The clock is the real one, as in production: each request has its own moment."""
+    now = datetime.now(UTC)
+    await apply(db, paid("pay-dbl", "cust-dbl", 10, now - timedelta(days=1)))
+    body = {"credits": 3, "reason": "double click", "admin": "alice@ops", "idempotency_key": "click-0123456789"}
+    settings = load_settings(database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None)
+    app = create_app(settings, db=db)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://credits.test") as http:
+        # Another transaction holds the customer for a moment (any event being applied).
+        async with db.connect() as blocker:
+            await blocker.begin()
+            await blocker.execute(text("SELECT 1 FROM customers WHERE customer_id = 'cust-dbl' FOR UPDATE"))
+            clicks = [asyncio.create_task(http.post("/api/admin/customers/cust-dbl/adjustments", json=body, headers=ADMIN)) for _ in range(2)]
+            deadline = asyncio.get_running_loop().time() + 10
+            while await _waiting_for_locks(db) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "both requests should be waiting on the customer's lock"
+                await asyncio.sleep(0.05)
+            await blocker.rollback()
+        answers = await asyncio.gather(*clicks)
+    assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    assert sorted(a.json()["outcome"] for a in answers) == ["applied", "duplicate"]
+    adjusted = [e for e in await entries_of(db, "cust-dbl") if e["kind"] == "adjusted"]
+    assert [e["credits"] for e in adjusted] == [3]
+    assert (await customer(db, "cust-dbl"))["balance"] == 13
 
 
 # --------------------------------------------------------------------------- analytics
@@ -397,20 +552,26 @@ def months(payload) -> dict[str, tuple]:
     }
 
 
+def breakage(expired: int, used: int) -> float | None:
+    """The share of credits that ended unused: expired ÷ (expired + used)."""
+    return round(expired / (expired + used), 4) if expired + used else None
+
+
 async def test_credits_analytics_per_month(db, pg_url):
     await analytics_history(db)
     async with serving(db, pg_url, clock=FixedClock(t(2025, 4, 1))) as http:
+        # The default window is the last twelve UTC months before now: all of this history.
         response = await http.get("/api/admin/credits/analytics", headers=ADMIN)
         assert response.status_code == 200, response.text
         found = response.json()
         #                  issued used expired reversed adj_down outstanding breakage
         assert months(found) == {
-            "2025-01": (150, 0, 0, 0, 0, 150, 0.0),
-            "2025-02": (10, 30, 0, 0, 5, 125, 0.0),
-            "2025-03": (60, 0, 115, 15, 0, 55, round(115 / 60, 4)),
+            "2025-01": (150, 0, 0, 0, 0, 150, None),  # nothing ended: no rate
+            "2025-02": (10, 30, 0, 0, 5, 125, 0.0),  # 30 used, none expired
+            "2025-03": (60, 0, 115, 15, 0, 55, 1.0),  # 115 expired, none used
         }
         assert found["totals"] == {"issued": 220, "used": 30, "expired": 115, "reversed": 15, "adjusted_down": 5}
-        assert found["breakage_rate"] == round(115 / 220, 4)
+        assert found["breakage_rate"] == breakage(115, 30) == round(115 / 145, 4)
         # Open credits by the month they expire: an-b's adjustment lot in April; an-c's 20 and
         # an-d's 20 + 5 gifted (keeping an-c's date) in May.
         assert found["upcoming_expirations"] == [{"month": "2025-04", "credits": 10}, {"month": "2025-05", "credits": 45}]
@@ -419,27 +580,84 @@ async def test_credits_analytics_per_month(db, pg_url):
         assert balances == [0, 10, 20, 25]
         assert found["months"][-1]["outstanding"] == sum(balances)
 
-        # since: months from February on, outstanding still cumulative from the start.
+        # since: months from February on (January is not read at all), outstanding still the
+        # book balance at each month's end, worked back from the customers' balances.
         since = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-01T00:00:00Z"}, headers=ADMIN)).json()
-        assert months(since) == {"2025-02": (10, 30, 0, 0, 5, 125, 0.0), "2025-03": (60, 0, 115, 15, 0, 55, round(115 / 60, 4))}
+        assert months(since) == {"2025-02": (10, 30, 0, 0, 5, 125, 0.0), "2025-03": (60, 0, 115, 15, 0, 55, 1.0)}
         assert since["totals"] == {"issued": 70, "used": 30, "expired": 115, "reversed": 15, "adjusted_down": 5}
-        assert since["breakage_rate"] == round(115 / 70, 4)
+        assert since["breakage_rate"] == breakage(115, 30)
         assert since["upcoming_expirations"] == found["upcoming_expirations"]
+        # since picks whole months: the middle of February is all of February.
+        mid_february = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-20T13:45:00Z"}, headers=ADMIN)).json()
+        assert months(mid_february) == months(since)
 
         # until: entries before that instant only.
         until = (await http.get("/api/admin/credits/analytics", params={"until": "2025-03-01T00:00:00Z"}, headers=ADMIN)).json()
-        assert months(until) == {"2025-01": (150, 0, 0, 0, 0, 150, 0.0), "2025-02": (10, 30, 0, 0, 5, 125, 0.0)}
+        assert months(until) == {"2025-01": (150, 0, 0, 0, 0, 150, None), "2025-02": (10, 30, 0, 0, 5, 125, 0.0)}
         assert until["breakage_rate"] == 0.0
         mid_march = (await http.get("/api/admin/credits/analytics", params={"until": "2025-03-20T00:00:00Z"}, headers=ADMIN)).json()
-        assert months(mid_march)["2025-03"] == (40, 0, 70, 0, 0, 95, round(70 / 40, 4))
+        # By Mar 20: an-c paid 40, an-a's 70 expired (an-b's 45 expires at 10:00 that day): 125 + 40 - 70.
+        assert months(mid_march)["2025-03"] == (40, 0, 70, 0, 0, 95, 1.0)
 
         both = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-01T00:00:00Z", "until": "2025-03-01T00:00:00Z"}, headers=ADMIN)).json()
         assert months(both) == {"2025-02": (10, 30, 0, 0, 5, 125, 0.0)}
         assert both["breakage_rate"] == 0.0
+        # A window with nothing in it.
+        quiet = (await http.get("/api/admin/credits/analytics", params={"since": "2024-06-01T00:00:00Z", "until": "2024-12-01T00:00:00Z"}, headers=ADMIN)).json()
+        assert (quiet["months"], quiet["breakage_rate"]) == ([], None)
+        assert quiet["totals"] == {"issued": 0, "used": 0, "expired": 0, "reversed": 0, "adjusted_down": 0}
 
         for params in ({"since": "2025-02-01T00:00:00"}, {"until": "not-a-date"}):  # naive or garbage
             assert (await http.get("/api/admin/credits/analytics", params=params, headers=ADMIN)).status_code == 422
         assert (await http.get("/api/admin/credits/analytics", headers=FRONT)).status_code == 401
+
+
+async def test_analytics_default_window_is_the_last_twelve_months_before_now(db, pg_url):
+    """Months older than the window are neither listed nor read; the outstanding balance of
+    the months shown is still the whole book's (worked back from the stored balances)."""
+    await analytics_history(db)
+    # 2026-02-15: the twelve months are 2025-03 … 2026-02; January and February 2025 fall out.
+    async with serving(db, pg_url, clock=FixedClock(t(2026, 2, 15))) as http:
+        found = (await http.get("/api/admin/credits/analytics", headers=ADMIN)).json()
+    assert months(found) == {"2025-03": (60, 0, 115, 15, 0, 55, 1.0)}
+    assert found["totals"] == {"issued": 60, "used": 0, "expired": 115, "reversed": 15, "adjusted_down": 0}
+    assert found["breakage_rate"] == 1.0
+
+    # Exactly twelve months: at 2026-03-01 the window starts at 2025-04-01, after all of it.
+    later = await analytics.credits_analytics(db, t(2026, 3, 1))
+    assert later.months == [] and later.breakage_rate is None
+    # And the one-month-earlier edge: at 2026-02-28 23:59 March 2025 is still in.
+    edge = await analytics.credits_analytics(db, t(2026, 2, 28, 23, 59))
+    assert [m.month for m in edge.months] == ["2025-03"]
+
+
+async def test_analytics_refuses_dates_outside_the_years_2000_to_2999_and_a_since_after_until(db, pg_url):
+    await analytics_history(db)
+    url = "/api/admin/credits/analytics"
+    async with serving(db, pg_url, clock=FixedClock(t(2025, 4, 1))) as http:
+        for params in (
+            {"since": "1999-12-31T23:59:59Z"},
+            {"until": "3000-01-01T00:00:00Z"},
+            {"since": "0001-01-01T00:00:00Z"},
+            {"until": "9999-12-31T23:59:59Z"},
+            # 2000 where given, 1999 in UTC; 2999 where given, 3000 in UTC.
+            {"since": "2000-01-01T00:30:00+01:00"},
+            {"until": "2999-12-31T23:30:00-01:00"},
+            {"since": "2025-03-01T00:00:00Z", "until": "2025-02-01T00:00:00Z"},
+            {"since": "2025-03-01T00:00:01Z", "until": "2025-03-01T00:00:00Z"},
+        ):
+            response = await http.get(url, params=params, headers=ADMIN)
+            assert response.status_code == 422, (params, response.text)
+        # The bounds themselves are fine, and since == until is an (empty) window, not an error.
+        for params in (
+            {"since": "2000-01-01T00:00:00Z"},
+            {"until": "2999-12-31T23:59:59Z"},
+            {"since": "2025-03-01T00:00:00Z", "until": "2025-03-01T00:00:00Z"},
+        ):
+            response = await http.get(url, params=params, headers=ADMIN)
+            assert response.status_code == 200, (params, response.text)
+        wide = (await http.get(url, params={"since": "2000-01-01T00:00:00Z", "until": "2999-12-31T23:59:59Z"}, headers=ADMIN)).json()
+        assert list(months(wide)) == ["2025-01", "2025-02", "2025-03"]
 
 
 async def test_analytics_since_is_read_in_utc_like_the_months(db):
@@ -456,6 +674,48 @@ async def test_empty_ledger_analytics(db, pg_url):
     async with serving(db, pg_url, clock=FixedClock(t(2025, 4, 1))) as http:
         found = (await http.get("/api/admin/credits/analytics", headers=ADMIN)).json()
     assert found == {"months": [], "upcoming_expirations": [], "totals": {"issued": 0, "used": 0, "expired": 0, "reversed": 0, "adjusted_down": 0}, "breakage_rate": None}
+
+
+async def test_analytics_figures_are_of_one_moment_while_payments_come_in(db, pg_url):
+    """The window's entries, the stored balances and what happened after the window are read
+    by separate statements; a payment committed between them must not shift every month's
+    outstanding balance. Here one lands (dated in March) just before the balances are read:
+    January's outstanding must still be what had been issued by then (150), whichever side
+    of the payment the report is taken on."""
+    await analytics_history(db)
+    injected = []
+
+    def pay_meanwhile() -> None:
+        async def write() -> None:
+            other = Database(pg_url)
+            try:
+                await handlers.apply_event(paid("an-pay-meanwhile", "an-e", 1000, t(2025, 3, 31, 12)), SqlUnitOfWork(other), TWO_MONTHS)
+            finally:
+                await other.dispose()
+
+        asyncio.run(write())
+
+    def before_balances(conn, cursor, statement, parameters, context, executemany):
+        if "FROM customers" in statement and not injected:
+            injected.append(statement)
+            # Another worker commits a payment now (its own thread, loop and connection).
+            thread = threading.Thread(target=pay_meanwhile)
+            thread.start()
+            thread.join(timeout=30)
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", before_balances)
+    try:
+        found = await analytics.credits_analytics(db, t(2025, 4, 1))
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", before_balances)
+    assert injected and (await customer(db, "an-e"))["balance"] == 1000  # the payment did land in between
+    by_month = {m.month: m for m in found.months}
+    march_issued = by_month["2025-03"].issued
+    assert march_issued in (60, 1060)
+    # The book at each month's end, of the same moment as the months' figures.
+    assert [m.outstanding for m in found.months] == ([150, 125, 55] if march_issued == 60 else [150, 125, 1055]), [
+        (m.month, m.issued, m.outstanding) for m in found.months
+    ]
 
 
 def plan_nodes(plan: dict):
@@ -481,42 +741,86 @@ async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time
                 """
             )
         )
+        # The stored balances are what the balance-moving entries sum to (as the ledger keeps them).
+        await connection.execute(
+            text(
+                "UPDATE customers SET balance = s.net FROM (SELECT customer_id, sum(credits) AS net FROM ledger_entries "
+                "WHERE kind NOT IN ('held', 'released', 'lapsed') GROUP BY customer_id) s WHERE s.customer_id = customers.customer_id"
+            )
+        )
     # What autovacuum does after a bulk load: statistics, and the visibility map an index-only scan needs.
     async with db.connect() as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
         await autocommit.execute(text("VACUUM ANALYZE ledger_entries"))
 
-    statements: list[tuple[str, object]] = []
+    async def run(**window) -> tuple[analytics.Analytics, list[tuple[str, object]]]:
+        statements: list[tuple[str, object]] = []
 
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        statements.append((statement, parameters))
+        def capture(conn, cursor, statement, parameters, context, executemany):
+            statements.append((statement, parameters))
 
-    event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
-    try:
-        found = await analytics.credits_analytics(db, t(2026, 1, 1))
-    finally:
-        event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
-    [(statement, parameters)] = [(s, p) for s, p in statements if "FROM ledger_entries" in s]
-    async with db.connect() as connection:
-        plan = (await connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)).scalar()
-        expected = (
-            await connection.execute(
-                text(
-                    "SELECT sum(credits) FILTER (WHERE kind = 'issued' OR (kind = 'adjusted' AND credits > 0)) AS issued, "
-                    "-sum(credits) FILTER (WHERE kind = 'expired') AS expired, "
-                    "-sum(credits) FILTER (WHERE kind IN ('debited', 'captured')) AS used, "
-                    "sum(credits) FILTER (WHERE kind NOT IN ('held', 'released', 'lapsed')) AS net FROM ledger_entries"
+        event.listen(db.engine.sync_engine, "before_cursor_execute", capture)
+        try:
+            found = await analytics.credits_analytics(db, t(2026, 1, 1), **window)
+        finally:
+            event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
+        return found, [(s, p) for s, p in statements if "FROM ledger_entries" in s]
+
+    async def assert_reads_a_range_of_the_index(statement: str, parameters) -> None:
+        async with db.connect() as connection:
+            plan = (await connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)).scalar()
+        plan = plan if isinstance(plan, list) else json.loads(plan)
+        nodes = list(plan_nodes(plan[0]["Plan"]))
+        on_index = [node for node in nodes if node.get("Index Name") == "ix_ledger_entries_kind_time"]
+        assert on_index, json.dumps(plan, indent=1)
+        # A range of it: the time bound is in the index condition, not a filter after a full read.
+        assert all("occurred_at" in node.get("Index Cond", "") for node in on_index), json.dumps(plan, indent=1)
+        assert not any(node.get("Node Type") == "Seq Scan" and node.get("Relation Name") == "ledger_entries" for node in nodes)
+
+    async def expected(since: datetime, until: datetime | None):
+        bound = "occurred_at >= :since" + (" AND occurred_at < :until" if until else "")
+        async with db.connect() as connection:
+            totals = (
+                await connection.execute(
+                    text(
+                        "SELECT sum(credits) FILTER (WHERE kind = 'issued' OR (kind = 'adjusted' AND credits > 0)) AS issued, "
+                        "-sum(credits) FILTER (WHERE kind = 'expired') AS expired, "
+                        "-sum(credits) FILTER (WHERE kind IN ('debited', 'captured')) AS used "
+                        f"FROM ledger_entries WHERE {bound}"
+                    ),
+                    {"since": since, "until": until},
                 )
-            )
-        ).one()
-    plan = plan if isinstance(plan, list) else json.loads(plan)
-    nodes = list(plan_nodes(plan[0]["Plan"]))
-    assert any(node.get("Index Name") == "ix_ledger_entries_kind_time" for node in nodes), json.dumps(plan, indent=1)
-    assert not any(node.get("Node Type") == "Seq Scan" and node.get("Relation Name") == "ledger_entries" for node in nodes)
+            ).one()
+            # The book balance at each month's end (or at `until`), summed from the very first entry.
+            ends = (
+                await connection.execute(
+                    text(
+                        "SELECT to_char(m, 'YYYY-MM') AS month, (SELECT sum(credits) FROM ledger_entries "
+                        "WHERE kind NOT IN ('held', 'released', 'lapsed') AND occurred_at < least(m + interval '1 month', coalesce(:until, 'infinity'))) AS outstanding "
+                        "FROM generate_series(CAST(:since AS timestamptz), coalesce(:until, '2025-12-01'::timestamptz), interval '1 month') AS m "
+                        "WHERE m < coalesce(:until, 'infinity') AND m < '2025-11-09' ORDER BY m"
+                    ),
+                    {"since": since, "until": until},
+                )
+            ).all()
+        return totals, {r.month: r.outstanding for r in ends}
 
-    # And the figures are the ledger's.
-    assert [found.months[0].month, found.months[-1].month, len(found.months)] == ["2023-01", "2025-11", 35]  # 300,000 × 5 minutes ≈ 1,042 days
-    assert found.totals["issued"] == expected.issued
-    assert found.totals["expired"] == expected.expired
-    assert found.totals["used"] == expected.used
-    assert found.months[-1].outstanding == expected.net
+    # The default window: twelve UTC months up to now (2026-01-01): 2025-02 … 2026-01. The
+    # entries (300,000 × 5 minutes ≈ 1,042 days from 2023-01-01) end in 2025-11.
+    found, [(statement, parameters)] = await run()
+    await assert_reads_a_range_of_the_index(statement, parameters)
+    totals, outstanding = await expected(t(2025, 2, 1), None)
+    assert [found.months[0].month, found.months[-1].month, len(found.months)] == ["2025-02", "2025-11", 10]
+    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (totals.issued, totals.expired, totals.used)
+    assert {m.month: m.outstanding for m in found.months} == outstanding
+    assert found.breakage_rate == round(totals.expired / (totals.expired + totals.used), 4)
+
+    # A window in the past: both the window and "what happened after it" read a range of the index.
+    found, statements = await run(since=t(2024, 3, 10), until=t(2024, 9, 20, 12))
+    assert len(statements) == 2
+    for statement, parameters in statements:
+        await assert_reads_a_range_of_the_index(statement, parameters)
+    totals, outstanding = await expected(t(2024, 3, 1), t(2024, 9, 20, 12))
+    assert [m.month for m in found.months] == [f"2024-{n:02}" for n in range(3, 10)]
+    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (totals.issued, totals.expired, totals.used)
+    assert {m.month: m.outstanding for m in found.months} == outstanding

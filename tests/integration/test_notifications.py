@@ -19,15 +19,20 @@ import subprocess
 import sys
 import threading
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from sqlalchemy import select, text
 
+from api.app import create_app
 from domain import CreditPolicy
+from infra.clock import FixedClock
 from infra.db.tables import (
     credit_lots,
     customer_profiles,
@@ -42,6 +47,7 @@ from messages import (
     CustomerSignedUp,
     JobCompleted,
     MembershipFrozen,
+    PaymentActionRequired,
     PaymentFailed,
     PaymentSucceeded,
     Publisher,
@@ -106,11 +112,20 @@ class RecordingHandler:
     rcpt_reply: dict[str, str] = field(default_factory=dict)
     data_reply: dict[str, str] = field(default_factory=dict)
     drop_after_data: bool = False
+    #: The reply to MAIL FROM when set (a sender address the server refuses).
+    mail_reply: str | None = None
     stall: dict[str, threading.Event] = field(default_factory=dict)
     stalled: threading.Event = field(default_factory=threading.Event)
 
     def _reply(self, replies: dict[str, str], address: str) -> str | None:
         return replies.get(address) or replies.get("*")
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         refusal = self._reply(self.rcpt_reply, address)
@@ -135,10 +150,10 @@ class RecordingHandler:
 
 
 class SmtpServer:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, **smtp_options) -> None:
         self.port = port or free_port()
         self.handler = RecordingHandler()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **smtp_options)
 
     @property
     def received(self) -> list[Received]:
@@ -159,9 +174,9 @@ def smtp():
     server.stop()
 
 
-def mailer_for(port: int, timeout: float = 5) -> SmtpMailer:
+def mailer_for(port: int, timeout: float = 5, **settings) -> SmtpMailer:
     return SmtpMailer(
-        load_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_from=FROM_HEADER, smtp_timeout_seconds=timeout)
+        load_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_from=FROM_HEADER, smtp_timeout_seconds=timeout, **settings)
     )
 
 
@@ -336,6 +351,132 @@ async def test_a_failed_payment_opening_a_dunning_case_is_notified_once_per_invo
     assert [r.key for r in await rows(db)] == [key, "payment_failed:in_pat_2"]
 
 
+async def test_an_authentication_request_for_a_new_invoice_is_notified_once_per_invoice(outbox_db, smtp):
+    """The bank asking the customer to authenticate (PaymentActionRequired) is a payment that
+    did not go through: its invoice gets the `payment_failed` notice too, once, whichever of
+    the invoice's reports comes first."""
+    db = outbox_db
+    customer, address = "cust-sca", "sca@example.com"
+    await signed_up(db, customer, address, T0 - timedelta(days=1))
+    needs_auth = PaymentActionRequired(
+        event_id="auth-1", occurred_at=T0, customer_id=customer, invoice_id="in_sca_1", hosted_invoice_url="https://pay.example.com/in_sca_1"
+    )
+    await apply(db, needs_auth)
+    key = "payment_failed:in_sca_1"
+    (queued,) = await rows(db)
+    assert (queued.key, queued.kind, queued.status, queued.to_address, queued.created_at) == (key, "payment_failed", "pending", address, T0)
+    assert "could not collect your membership payment" in queued.body
+    assert "confirm this payment" in queued.body
+    assert "We will try again" not in queued.body  # nothing is retried without the customer
+
+    # Replayed, asked again, then declined outright: still the one notice for that invoice.
+    await apply(db, needs_auth)
+    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=2), customer_id=customer, invoice_id="in_sca_1"))
+    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(days=1), customer_id=customer, invoice_id="in_sca_1", decline_code="card_declined"))
+    assert [r.key for r in await rows(db)] == [key]
+
+    # A failure first, the authentication request after: one notice as well.
+    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0, customer_id=customer, invoice_id="in_sca_2", decline_code="insufficient_funds"))
+    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=1), customer_id=customer, invoice_id="in_sca_2"))
+    assert [r.key for r in await rows(db)] == [key, "payment_failed:in_sca_2"]
+
+    # An invoice already paid: a late authentication request is no news.
+    await pays(db, customer, 5, T0, payment_id="in_sca_paid")
+    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=3), customer_id=customer, invoice_id="in_sca_paid"))
+    assert [r.key for r in await rows(db)] == [key, "payment_failed:in_sca_2"]
+
+    assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=2))).sent == 2
+    assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=3))).sent == 0
+    assert sorted(m.message_id for m in smtp.received) == sorted([message_id_of(key), message_id_of("payment_failed:in_sca_2")])
+    assert all(m.subject == "Your payment did not go through" and m.rcpt_tos == [address] for m in smtp.received)
+
+
+# ---------------------------------------------------------------- 2b. booking: holds placed and released over HTTP
+
+ADMIN_TOKEN = "admin-token-notifications-0123456789"
+FRONTEND_TOKEN = "frontend-token-notifications-0123456789"
+FRONT = {"Authorization": f"Bearer {FRONTEND_TOKEN}"}
+
+
+@asynccontextmanager
+async def serving(db, pg_url: str, clock: FixedClock):
+    settings = load_settings(database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None)
+    app = create_app(settings, db=db, clock=clock)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http:
+        yield http
+
+
+async def test_releasing_a_hold_after_the_last_lot_expired_queues_the_depleted_notice(outbox_db, pg_url, smtp):
+    """Booking reads the ledger at its own moment: a release after the customer's only lot
+    expired writes that expiry, which depletes them, and the customer is told (once)."""
+    db = outbox_db
+    customer, address = "cust-release", "release@example.com"
+    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=timezone.utc))
+    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=timezone.utc))  # expires 2025-03-10
+    expired_at = datetime(2025, 3, 10, tzinfo=timezone.utc)
+    clock = FixedClock(datetime(2025, 3, 1, tzinfo=timezone.utc))
+    async with serving(db, pg_url, clock) as http:
+        placed = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-r1", "credits": 2}, headers=FRONT)
+        assert placed.status_code == 201, placed.text
+        assert await rows(db) == []  # a hold moves no balance: no news
+
+        clock.move_to(datetime(2025, 3, 12, 9, tzinfo=timezone.utc))
+        released = await http.delete(f"/api/customers/{customer}/holds/job-r1", headers=FRONT)
+        assert released.status_code == 204, released.text
+        key = f"credits_depleted:{customer}:{expired_at.isoformat()}"
+        (queued,) = await rows(db)
+        assert (queued.key, queued.kind, queued.status, queued.to_address) == (key, "credits_depleted", "pending", address)
+        assert queued.created_at == clock.now()
+        async with db.connect() as connection:
+            depleted_at = (await connection.execute(select(customers.c.credits_depleted_at).where(customers.c.customer_id == customer))).scalar_one()
+        assert depleted_at == expired_at
+
+        # Releasing it again (nothing to release) queues nothing more.
+        again = await http.delete(f"/api/customers/{customer}/holds/job-r1", headers=FRONT)
+        assert again.status_code == 404
+        assert [r.key for r in await rows(db)] == [key]
+
+    assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: clock.now())).sent == 1
+    (message,) = smtp.received
+    assert message.subject == "You are out of credits" and "ran out on March 10, 2025" in message.body
+
+
+async def test_placing_a_hold_queues_the_depleted_notice_when_it_finds_the_credits_expired(outbox_db, pg_url, smtp):
+    db = outbox_db
+    customer, address = "cust-book", "book@example.com"
+    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=timezone.utc))
+    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=timezone.utc))  # expires 2025-03-10
+    expired_at = datetime(2025, 3, 10, tzinfo=timezone.utc)
+    key = f"credits_depleted:{customer}:{expired_at.isoformat()}"
+    clock = FixedClock(datetime(2025, 3, 1, tzinfo=timezone.utc))
+    async with serving(db, pg_url, clock) as http:
+        # A hold that leaves credits available changes no depletion: nothing queued.
+        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT)).status_code == 201
+        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)).status_code == 201
+        assert await rows(db) == []
+
+        clock.move_to(datetime(2025, 3, 11, tzinfo=timezone.utc))
+        # A new booking after the lot expired is refused, and a refusal writes nothing at all.
+        refused = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b3", "credits": 1}, headers=FRONT)
+        assert (refused.status_code, refused.json()["reason"]) == (409, "insufficient_credits")
+        assert await rows(db) == []
+        # The same booking placed again (the front end retrying): it stands, and reading the
+        # ledger at this moment expires the lot, which depletes the customer: a notice.
+        same = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT)
+        assert same.status_code == 200, same.text
+        (queued,) = await rows(db)
+        assert (queued.key, queued.status, queued.to_address, queued.created_at) == (key, "pending", address, clock.now())
+        # Once depleted, further bookings and releases are no news.
+        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)).status_code == 200
+        assert (await http.delete(f"/api/customers/{customer}/holds/job-b2", headers=FRONT)).status_code == 204
+        assert [r.key for r in await rows(db)] == [key]
+
+    # The credits come back with a payment: the restored notice names the same depletion.
+    await pays(db, customer, 4, datetime(2025, 3, 12, tzinfo=timezone.utc))
+    assert [r.kind for r in await rows(db)] == ["credits_depleted", "credits_restored"]
+    assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: datetime(2025, 3, 12, 1, tzinfo=timezone.utc))).sent == 2
+
+
 # ---------------------------------------------------------------- 3. expiring credits
 
 
@@ -435,24 +576,170 @@ async def test_smtp_down_backs_off_then_sends_once_when_the_server_is_up(outbox_
         server.stop()
 
 
-async def test_a_message_that_keeps_failing_backs_off_exponentially_then_is_given_up(outbox_db):
+async def test_a_message_that_keeps_failing_backs_off_exponentially_then_is_given_up(outbox_db, smtp):
+    """A refusal of this message (a 4xx the receiving side keeps giving it) is retried with
+    back-off, and given up after MAX_ATTEMPTS tries: it is about the message, not about us."""
     db = outbox_db
     key = await depleted_customer(db, "cust-never", "never@example.com")
-    mailer = mailer_for(free_port())  # never up
+    smtp.handler.rcpt_reply["never@example.com"] = "452 4.2.2 <never@example.com>: Mailbox full"
+    mailer = mailer_for(smtp.port)
     now = T0
     waits = []
     for attempt in range(1, MAX_ATTEMPTS + 1):
         await deliver(uow_factory(db), mailer, lambda at=now: at)
         r = await row(db, key)
         assert r.attempts == attempt
+        assert "452" in r.last_error
         if attempt < MAX_ATTEMPTS:
             assert r.status == "pending"
             waits.append(r.send_after - now)
             now = r.send_after
     assert waits == [timedelta(minutes=m) for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 360, 360)]
     assert (r.status, r.sent_at) == ("failed", None)
+    # Given up means given up: not tried again once the mailbox has room.
+    smtp.handler.rcpt_reply.clear()
     await deliver(uow_factory(db), mailer, lambda: now + timedelta(days=30))
     assert (await row(db, key)).attempts == MAX_ATTEMPTS
+    assert smtp.received == []
+
+
+async def test_an_smtp_outage_of_any_length_never_gives_a_notice_up(outbox_db):
+    """The server unreachable is our problem, not the message's: however many tries it takes
+    (many more than MAX_ATTEMPTS), the notice stays pending, and goes out once it is back."""
+    db = outbox_db
+    key = await depleted_customer(db, "cust-outage", "outage@example.com")
+    port = free_port()  # nothing listens here for a long while
+    mailer = mailer_for(port)
+    now = T0
+    waits = []
+    tries = MAX_ATTEMPTS + 6
+    for attempt in range(1, tries + 1):
+        result = await deliver(uow_factory(db), mailer, lambda at=now: at)
+        assert (result.sent, result.retrying, result.failed, result.uncertain) == (0, 1, 0, 0)
+        r = await row(db, key)
+        assert (r.status, r.attempts, r.sent_at) == ("pending", attempt, None)
+        assert "cannot reach the SMTP server" in r.last_error
+        waits.append(r.send_after - now)
+        now = r.send_after
+    # The same back-off as any sure failure, capped at six hours, then six hours for ever.
+    assert waits == [timedelta(minutes=m) for m in (1, 2, 4, 8, 16, 32, 64, 128, 256)] + [timedelta(hours=6)] * (tries - 9)
+
+    server = SmtpServer(port).start()
+    try:
+        assert (await deliver(uow_factory(db), mailer, lambda: now)).sent == 1
+        assert (await deliver(uow_factory(db), mailer, lambda: now + timedelta(days=1))).sent == 0
+        (message,) = server.received
+        assert message.rcpt_tos == ["outage@example.com"] and message.message_id == message_id_of(key)
+        r = await row(db, key)
+        assert (r.status, r.attempts, r.sent_at, r.last_error) == ("sent", tries + 1, now, None)
+    finally:
+        server.stop()
+
+
+def _refuse_login(server, session, envelope, mechanism, auth_data):
+    """An aiosmtpd authenticator (called synchronously) that takes no credentials at all."""
+    return AuthResult(success=False, handled=False)
+
+
+@pytest.mark.parametrize("fault", ["login refused", "sender refused"])
+async def test_our_smtp_settings_refused_keep_the_notice_until_they_are_fixed(outbox_db, fault):
+    """A wrong SMTP password or a SMTP_FROM the server will not take is a configuration
+    problem: every notice would fail the same way. They wait (pending, however many tries)
+    and go out once it is fixed, instead of being given up after MAX_ATTEMPTS."""
+    db = outbox_db
+    key = await depleted_customer(db, "cust-config", "config@example.com")
+    if fault == "login refused":
+        server = SmtpServer(auth_require_tls=False, authenticator=_refuse_login).start()
+        broken = mailer_for(server.port, smtp_username="credits", smtp_password="wrong-password")
+        expected_code = "535"
+    else:
+        server = SmtpServer().start()
+        server.handler.mail_reply = "553 5.7.1 <no-reply@credits.test>: Sender address rejected: not owned by user"
+        broken = mailer_for(server.port)
+        expected_code = "553"
+    try:
+        now = T0
+        for attempt in range(1, MAX_ATTEMPTS + 3):
+            result = await deliver(uow_factory(db), broken, lambda at=now: at)
+            assert (result.sent, result.retrying, result.failed) == (0, 1, 0)
+            r = await row(db, key)
+            assert (r.status, r.attempts) == ("pending", attempt), r.last_error
+            assert expected_code in r.last_error and "check the SMTP settings" in r.last_error
+            now = r.send_after
+        assert server.received == []
+
+        # Fixed (the right settings deployed): sent, once.
+        if fault == "login refused":
+            server.stop()
+            server = SmtpServer(server.port).start()
+            fixed = mailer_for(server.port)
+        else:
+            server.handler.mail_reply = None
+            fixed = broken
+        assert (await deliver(uow_factory(db), fixed, lambda: now)).sent == 1
+        assert (await deliver(uow_factory(db), fixed, lambda: now + timedelta(hours=7))).sent == 0
+        (message,) = server.received
+        assert message.message_id == message_id_of(key)
+        assert (await row(db, key)).status == "sent"
+    finally:
+        server.stop()
+
+
+async def test_tries_during_an_outage_do_not_use_up_the_tries_a_refused_message_gets(outbox_db):
+    """"Such tries do not count toward giving up" (service_layer/notifications.py): after a
+    long outage, the server is back and the recipient's side greylists the first try (450),
+    the most common temporary refusal there is. The notice has had no message-specific
+    failure before, so it must be retried, not given up on its first refusal."""
+    db = outbox_db
+    key = await depleted_customer(db, "cust-greylisted", "greylisted@example.com")
+    port = free_port()
+    mailer = mailer_for(port)
+    now = T0
+    for _ in range(MAX_ATTEMPTS):  # about 20 hours of outage
+        await deliver(uow_factory(db), mailer, lambda at=now: at)
+        now = (await row(db, key)).send_after
+    assert (await row(db, key)).status == "pending"
+
+    server = SmtpServer(port).start()
+    try:
+        server.handler.rcpt_reply["*"] = "450 4.2.0 <greylisted@example.com>: Recipient address rejected: Greylisted, try again later"
+        await deliver(uow_factory(db), mailer, lambda: now)
+        r = await row(db, key)
+        assert r.status == "pending", f"given up on its first greylisting after an outage: {r.status} after {r.attempts} tries ({r.last_error})"
+        server.handler.rcpt_reply.clear()
+        assert (await deliver(uow_factory(db), mailer, lambda: r.send_after)).sent == 1
+        assert [m.message_id for m in server.received] == [message_id_of(key)]
+    finally:
+        server.stop()
+
+
+async def test_a_run_stops_taking_notices_after_its_budget_and_the_next_run_goes_on(outbox_db, smtp):
+    """A run takes no new notice once its budget is spent (so the worker's time limit never
+    cuts a send off mid-way); the send in flight is finished and recorded; the rest wait, untouched."""
+    db = outbox_db
+    keys = [await depleted_customer(db, f"cust-budget-{n}", f"budget{n}@example.com", T0 + timedelta(seconds=n)) for n in range(4)]
+    gate = threading.Event()
+    smtp.handler.stall["budget0@example.com"] = gate  # the first send takes longer than the budget
+    timer = threading.Timer(0.6, gate.set)
+    timer.start()
+    try:
+        first = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=1), budget=timedelta(seconds=0.3))
+    finally:
+        timer.cancel()
+        gate.set()
+    assert (first.sent, first.retrying, first.failed, first.uncertain) == (1, 0, 0, 0)
+    assert [(r.key, r.status, r.attempts) for r in await rows(db)] == [(keys[0], "sent", 1)] + [(k, "pending", 0) for k in keys[1:]]
+
+    # A spent budget takes nothing at all.
+    nothing = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=2), budget=timedelta(0))
+    assert nothing.sent == 0
+    assert [r.attempts for r in await rows(db)] == [1, 0, 0, 0]
+
+    # The next run (the default budget) sends the rest, each once.
+    rest = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=3))
+    assert rest.sent == 3
+    assert sorted(m.message_id for m in smtp.received) == sorted(message_id_of(k) for k in keys)
+    assert {r.status for r in await rows(db)} == {"sent"}
 
 
 @pytest.mark.parametrize(
@@ -616,7 +903,7 @@ async def test_a_customer_without_an_email_gets_no_address_and_nothing_is_sent(o
 
 async def test_mail_goes_to_the_address_the_customer_gave_not_its_normalised_form(outbox_db, smtp):
     """Profiles keep emails normalised for the referral fraud rules (lower case, +tag and
-    Gmail dots dropped); the outbox copies that normalised form as the recipient."""
+    Gmail dots dropped): that form may be another mailbox. Mail goes to the address as given."""
     db = outbox_db
     given = "Dana.Scully+credits@Example.org"
     key = await depleted_customer(db, "cust-tagged", given)
@@ -628,6 +915,29 @@ async def test_mail_goes_to_the_address_the_customer_gave_not_its_normalised_for
     (message,) = smtp.received
     assert message.rcpt_tos == [given], f"sent to {message.rcpt_tos}, but the customer signed up as {given!r}"
     assert (await row(db, key)).to_address == given
+
+
+async def test_a_profile_without_the_address_as_given_is_no_address_never_its_normalised_form(outbox_db, smtp):
+    """A profile holding only the normalised email (recorded before the address as given was
+    kept): mail goes only to `contact_email`, so the notice is `no_address`, not sent to a
+    normalised form that may be someone else's mailbox."""
+    db = outbox_db
+    async with db.begin() as connection:
+        await connection.execute(
+            customer_profiles.insert().values(customer_id="cust-old", email="dana.scully@example.org", contact_email=None, signed_up_at=T0 - timedelta(days=400))
+        )
+    key = await depleted_customer(db, "cust-old", None)
+    r = await row(db, key)
+    assert (r.status, r.to_address) == ("no_address", None)
+
+    # Beside it, a customer who gave an address is mailed at it.
+    given = await depleted_customer(db, "cust-new", "Fox.Mulder+x@Example.org")
+    assert ((await row(db, given)).status, (await row(db, given)).to_address) == ("pending", "Fox.Mulder+x@Example.org")
+
+    result = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(hours=1))
+    assert (result.sent, result.failed) == (1, 0)
+    assert [m.rcpt_tos for m in smtp.received] == [["Fox.Mulder+x@Example.org"]]
+    assert ((await row(db, key)).status, (await row(db, key)).attempts) == ("no_address", 0)
 
 
 async def test_each_message_has_a_well_formed_message_id_of_its_own_whatever_the_customer_id(outbox_db, smtp):

@@ -325,8 +325,8 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
         with log.open("wb") as output:
             processes.append(subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env=service_env, stdout=output, stderr=subprocess.STDOUT))
     try:
-        # Each scheduler fires its seven jobs once at start: fourteen decisions in all.
-        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 14, timeout=60, message="both schedulers to fire every job")
+        # Each scheduler fires its eight jobs once at start: sixteen decisions in all.
+        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 16, timeout=60, message="both schedulers to fire every job")
     finally:
         for process in processes:
             process.terminate()
@@ -337,7 +337,16 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
                 process.kill()
                 process.wait(5)
     decisions = [record for log in logs for record in _scheduler_lines(log.read_text())]
-    jobs = ["collect_payments", "expire_credits", "lapse_holds", "notice_retention_crossings", "pay_referrals", "send_notifications", "warn_expiring_credits"]
+    jobs = [
+        "archive_dead_letters",
+        "collect_payments",
+        "expire_credits",
+        "lapse_holds",
+        "notice_retention_crossings",
+        "pay_referrals",
+        "send_notifications",
+        "warn_expiring_credits",
+    ]
     assert sorted(r["job"] for r in decisions) == sorted(jobs * 2)
     by_tick: dict[tuple[str, int], list[str]] = {}
     for record in decisions:

@@ -11,14 +11,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import domain
 from domain import (
     Account,
     CreditPolicy,
+    DomainError,
     EntryKind,
     InsufficientCredits,
     LotSource,
     MembershipFrozen,
+    UnknownCustomer,
 )
+from domain import errors as domain_errors
 from messages import CreditsGifted
 
 UTC = timezone.utc
@@ -326,6 +330,63 @@ def test_no_gift_to_oneself():
         account.give(0, Account("other"), t(2025, 1, 2), "gift")
     with pytest.raises(ValueError):
         CreditsGifted(event_id="g", occurred_at=t(2025, 1, 2), customer_id="cust", to_customer_id="cust", credits=1)
+
+
+def test_an_unknown_receiver_is_a_domain_error_so_the_worker_dead_letters_it():
+    """A gift to a customer the ledger does not know is refused (service_layer) with
+    UnknownCustomer: a DomainError, which the worker dead-letters instead of retrying."""
+    assert issubclass(UnknownCustomer, DomainError)
+    assert UnknownCustomer is domain_errors.UnknownCustomer
+    assert "UnknownCustomer" in domain.__all__
+
+
+# --------------------------------------------------------------------- booking and depletion
+
+
+def test_releasing_a_hold_after_the_last_lot_expired_depletes_at_the_lots_expiry():
+    """The release reads the ledger at its own moment: the lot that expired meanwhile is
+    written off first, which is a depletion (the API then queues its notice)."""
+    account = Account("cust-h")
+    lot = account.issue(5, t(2024, 3, 10), "pay", POLICY)  # expires 2025-03-10
+    account.place_hold("job-1", 2, t(2025, 3, 1), "hold-1", POLICY)
+    assert account.depleted_at is None
+
+    assert account.release_hold("job-1", t(2025, 3, 12), "release-1") is True
+    assert account.depleted_at == lot.expires_at == t(2025, 3, 10)
+    [expired] = of_kind(account, EntryKind.EXPIRED)
+    assert (expired.credits, expired.occurred_at) == (-5, t(2025, 3, 10))
+    [released] = of_kind(account, EntryKind.RELEASED)
+    assert released.occurred_at == t(2025, 3, 12)
+    assert_reconciles(account)
+
+    # Releasing nothing later moves nothing: still depleted since the expiry.
+    assert account.release_hold("job-1", t(2025, 3, 20), "release-2") is False
+    assert account.depleted_at == t(2025, 3, 10)
+
+
+def test_placing_the_same_hold_again_after_the_lot_expired_returns_it_and_depletes():
+    account = Account("cust-h")
+    account.issue(5, t(2024, 3, 10), "pay", POLICY)  # expires 2025-03-10
+    first = account.place_hold("job-1", 2, t(2025, 3, 1), "hold-1", POLICY)
+    assert account.depleted_at is None
+
+    again = account.place_hold("job-1", 2, t(2025, 3, 11), "hold-1-again", POLICY)
+    assert again is first  # the credits were reserved before: the booking stands
+    assert account.depleted_at == t(2025, 3, 10)
+    assert account.balance(t(2025, 3, 11)) == 0 and account.available(t(2025, 3, 11)) == -2
+    # A new booking now is refused: nothing is available.
+    with pytest.raises(InsufficientCredits):
+        account.place_hold("job-2", 1, t(2025, 3, 11), "hold-2", POLICY)
+
+
+def test_a_hold_that_leaves_credits_changes_no_depletion():
+    account = Account("cust-h")
+    account.issue(3, t(2025, 1, 1), "pay", POLICY)
+    account.place_hold("job-1", 3, t(2025, 1, 2), "hold-1", POLICY)  # all of it reserved
+    # Holds move no balance: reserving everything is not running out.
+    assert (account.balance(t(2025, 1, 2)), account.available(t(2025, 1, 2)), account.depleted_at) == (3, 0, None)
+    account.release_hold("job-1", t(2025, 1, 3), "release-1")
+    assert account.depleted_at is None
 
 
 # --------------------------------------------------------------------- property: freezing never loses or creates credits
