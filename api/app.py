@@ -7,9 +7,12 @@ from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 import asyncio
+import math
 
 import structlog
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import StatementError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -247,6 +250,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     def now(request: Request) -> datetime:
         return request.app.state.clock.now()
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back, and cannot serialise NaN or Infinity.
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder={float: _finite})})
+
+    @app.exception_handler(OverflowError)
+    async def _overflow(request: Request, error: OverflowError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": "a date or number is out of range"})
+
     @app.exception_handler(UnicodeEncodeError)
     async def _not_utf8(request: Request, error: UnicodeEncodeError) -> JSONResponse:
         # A lone surrogate ("\ud800") is valid JSON text but not storable text.
@@ -256,6 +268,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     async def _statement_error(request: Request, error: StatementError) -> JSONResponse:
         if isinstance(error.orig, UnicodeEncodeError):
             return await _not_utf8(request, error.orig)
+        if isinstance(error.orig, OverflowError):
+            return await _overflow(request, error.orig)
         raise error
 
     app.include_router(referral_routes.router)
@@ -499,6 +513,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         return CountOut(count=await views.at_risk_count(request.app.state.db, now(request), settings.depleted_report_days))
 
     return app
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def app_factory() -> FastAPI:

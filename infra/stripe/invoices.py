@@ -83,8 +83,13 @@ def paid_invoice(invoice: Obj, customer_id: str, plan_credits: Mapping[str, int]
     paid_at = moment((invoice.get("status_transitions") or {}).get("paid_at")) or fallback_time
     currency = invoice.get("currency")
     amount = invoice.get("amount_paid")
+    invoice_id = object_id(invoice.get("id"))
+    if invoice_id is None:
+        raise ValueError("the invoice has no usable id")
+    if isinstance(amount, int) and not 0 <= amount < 2**63:
+        raise ValueError(f"amount_paid {amount} is out of range")
     return PaidInvoice(
-        invoice_id=invoice["id"],
+        invoice_id=invoice_id,
         customer_id=customer_id,
         paid_at=paid_at,
         credits=invoice_credits(invoice, plan_credits),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ def verify(payload: bytes, signature_header: str | None, secrets: Sequence[str],
     """
     if not signature_header:
         raise WebhookRejected("missing Stripe-Signature header")
+    if not signature_header.isascii() or len(signature_header) > 4_096:
+        raise WebhookRejected("malformed Stripe-Signature header")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -51,6 +54,10 @@ def verify(payload: bytes, signature_header: str | None, secrets: Sequence[str],
     else:
         # The most telling reason: a stale timestamp says more than "no match" would.
         raise WebhookRejected(next((r for r in reasons if "timestamp" in r), reasons[0] if reasons else "no secret configured"))
+    # The SDK refuses old timestamps only; one far ahead is as suspect as one long past.
+    stamps = [part[2:] for part in signature_header.split(",") if part.startswith("t=")]
+    if stamps and stamps[0].isdigit() and int(stamps[0]) > time.time() + tolerance_seconds:
+        raise WebhookRejected("timestamp outside the tolerance (dated in the future)")
     try:
         return StripeEvent.model_validate_json(text)
     except ValidationError as error:
