@@ -196,6 +196,13 @@ class SqlAccountRepository:
 
         changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
         stored_holds = [hold for _, hold in changed_holds if hold.id is not None]
+        # Closed holds first: a job booked again after its hold lapsed (in memory, before the
+        # sweep) would otherwise meet its old row still active in the one-active-hold index.
+        if stored_holds:
+            await conn.execute(
+                update(holds).where(holds.c.id == bindparam("hold_id")).values(status=bindparam("new_status"), closed_at=bindparam("new_closed_at")),
+                [{"hold_id": h.id, "new_status": h.status.value, "new_closed_at": h.closed_at} for h in stored_holds],
+            )
         await self._insert_new(
             holds,
             changed_holds,
@@ -209,11 +216,6 @@ class SqlAccountRepository:
                 "closed_at": hold.closed_at,
             },
         )
-        if stored_holds:
-            await conn.execute(
-                update(holds).where(holds.c.id == bindparam("hold_id")).values(status=bindparam("new_status"), closed_at=bindparam("new_closed_at")),
-                [{"hold_id": h.id, "new_status": h.status.value, "new_closed_at": h.closed_at} for h in stored_holds],
-            )
 
         entries = [(account, entry) for account in accounts for entry in account.new_entries]
         if entries:
