@@ -112,9 +112,14 @@ def start_worker_processes(env: dict[str, str], log_path: Path, processes: int =
     return workers
 
 
-async def reconciliation(db: Database) -> list[str]:
-    """Every customer whose entries do not sum to (credit in lots − overdraft). Empty means it reconciles."""
+async def reconciliation(db: Database, snapshot: bool = False) -> list[str]:
+    """Every customer whose entries do not sum to (credit in lots − overdraft). Empty means it reconciles.
+
+    ``snapshot``: read everything in one REPEATABLE READ snapshot (while writers are running).
+    """
     async with db.connect() as connection:
+        if snapshot:
+            await connection.execution_options(isolation_level="REPEATABLE READ")
         entries = dict(
             (
                 await connection.execute(
@@ -166,3 +171,22 @@ class InProcessServer:
     async def __aexit__(self, *exc: object) -> None:
         self.server.should_exit = True
         await asyncio.to_thread(self.thread.join, 15)
+
+
+async def entries_by_customer(db: Database) -> dict[str, list]:
+    """Every ledger entry, in id order, by customer."""
+    async with db.connect() as connection:
+        rows = (await connection.execute(select(ledger_entries).order_by(ledger_entries.c.id))).mappings().all()
+    grouped: dict[str, list] = {}
+    for row in rows:
+        grouped.setdefault(row["customer_id"], []).append(row)
+    return grouped
+
+
+def assert_serial_chain(customer_id: str, entries: list) -> None:
+    """Each entry's balance_after is the previous one plus its credits (hold entries move no
+    balance): no two writers saw the same state."""
+    balance = 0
+    for entry in entries:
+        balance += entry["credits"] if entry["kind"] not in HOLD_KINDS else 0
+        assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"

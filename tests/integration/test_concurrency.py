@@ -8,7 +8,7 @@ that serialises them. Any lost update shows up as a wrong final balance, a broke
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import timedelta
 
 import redis
@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from infra.db.tables import credit_lots, customers, dead_letters, ledger_entries, processed_events
 from messages import CreditsAdjusted, Publisher
 from tests.integration.test_delivery import T0, dead_lettered, job, payment, scalar, wait_for_outcomes
-from tests.support import reconciliation, wait_until
+from tests.support import assert_serial_chain, entries_by_customer, reconciliation, wait_until
 
 CHARGE_KINDS = ("debited", "captured")
 
@@ -29,23 +29,6 @@ def consumers_holding_messages(redis_client: redis.Redis) -> set[str]:
         for key in redis_client.scan_iter("dramatiq:__acks__.*.credit_events")
         if redis_client.scard(key) > 0
     }
-
-
-async def entries_by_customer(db) -> dict[str, list]:
-    async with db.connect() as connection:
-        rows = (await connection.execute(select(ledger_entries).order_by(ledger_entries.c.id))).mappings().all()
-    grouped: dict[str, list] = defaultdict(list)
-    for row in rows:
-        grouped[row["customer_id"]].append(row)
-    return grouped
-
-
-def assert_serial_chain(customer_id: str, entries: list) -> None:
-    """Each entry's balance_after is the previous one plus its credits: no two writers saw the same state."""
-    balance = 0
-    for entry in entries:
-        balance += entry["credits"]
-        assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"
 
 
 async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, redis_client, redis_url, start_workers):

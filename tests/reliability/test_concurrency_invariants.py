@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import redis
@@ -37,7 +37,7 @@ from service_layer import handlers
 from service_layer.errors import CustomerNotFound
 from service_layer.handlers import Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support import HOLD_KINDS, WorkerProcesses, eventually, reconciliation
+from tests.support import assert_serial_chain, entries_by_customer, HOLD_KINDS, WorkerProcesses, eventually, reconciliation
 
 CHARGE_KINDS = ("debited", "captured")
 OUTCOMES = ("event_applied", "event_duplicate", "event_rejected")
@@ -73,22 +73,6 @@ def final_outcomes(workers: WorkerProcesses) -> Counter:
         if record.get("event") in OUTCOMES and "message_id" in record:
             last[record["message_id"]] = record["event"]
     return Counter(last.values())
-
-
-async def entries_by_customer(db: Database) -> dict[str, list]:
-    async with db.connect() as connection:
-        rows = (await connection.execute(select(ledger_entries).order_by(ledger_entries.c.id))).mappings().all()
-    grouped: dict[str, list] = defaultdict(list)
-    for row in rows:
-        grouped[row["customer_id"]].append(row)
-    return grouped
-
-
-def assert_serial_chain(customer_id: str, entries: list) -> None:
-    balance = 0
-    for entry in entries:
-        balance += entry["credits"] if entry["kind"] not in HOLD_KINDS else 0
-        assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"
 
 
 # --------------------------------------------------------------------------- double spend
@@ -300,22 +284,7 @@ async def check_credit_view(db: Database, customer_id: str, at: datetime) -> Non
 
 async def snapshot_reconciles(db: Database) -> None:
     """The whole ledger, read in one REPEATABLE READ snapshot, reconciles."""
-    async with db.connect() as connection:
-        await connection.execution_options(isolation_level="REPEATABLE READ")
-        async with connection.begin():
-            entries = dict(
-                (
-                    await connection.execute(
-                        select(ledger_entries.c.customer_id, func.sum(ledger_entries.c.credits))
-                        .where(ledger_entries.c.kind.not_in(HOLD_KINDS))
-                        .group_by(ledger_entries.c.customer_id)
-                    )
-                ).all()
-            )
-            lots = dict((await connection.execute(select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(credit_lots.c.customer_id))).all())
-            rows = (await connection.execute(select(customers.c.customer_id, customers.c.balance, customers.c.overdraft))).all()
-    for customer_id, balance, overdraft in rows:
-        assert (entries.get(customer_id) or 0) == (lots.get(customer_id) or 0) - overdraft == balance, customer_id
+    assert await reconciliation(db, snapshot=True) == []
 
 
 async def test_every_snapshot_is_consistent_while_workers_apply_events(
