@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import admin, frontend
@@ -131,6 +132,21 @@ class SummaryOut(BaseModel):
     next_payout_date: date
 
 
+@dataclass
+class ListQuery:
+    """The query parameters the admin lists share (their status is each list's own)."""
+
+    payee: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    format: Literal["json", "csv"] = "json"
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 500
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0
+
+    def wanted(self, status_name: str | None) -> referral_views.ListFilter:
+        return referral_views.ListFilter(status_name, self.payee, self.since, self.until, self.limit, self.offset)
+
+
 def _uow(request: Request) -> SqlUnitOfWork:
     return SqlUnitOfWork(request.app.state.db)
 
@@ -205,16 +221,11 @@ async def set_code_active(code: Identifier, action: Literal["activate", "deactiv
 @router.get("/api/admin/referrals", response_model=ReferralsOut, dependencies=[admin], responses={200: {"content": {"text/csv": {}}}})
 async def admin_referrals(
     request: Request,
+    filters: Annotated[ListQuery, Depends()],
     status_: Annotated[ReferralStatusName | None, Query(alias="status")] = None,
-    payee: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
-    format: Literal["json", "csv"] = "json",
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
-    page = await referral_views.list_referrals(request.app.state.db, status=status_, payee=payee, since=since, until=until, limit=limit, offset=offset)
-    if format == "csv":
+    page = await referral_views.list_referrals(request.app.state.db, filters.wanted(status_))
+    if filters.format == "csv":
         columns = ["id", "referred_customer_id", "referrer_id", "code", "status", "reason", "flags", "reward_cents", "qualifying_payment_id", "submitted_at", "approve_after", "payout_id"]
         return _csv(page.rows, columns, "referrals.csv")
     return ReferralsOut(total=page.total, total_reward_cents=page.total_cents, referrals=[ReferralOut(**row) for row in page.rows])
@@ -228,7 +239,7 @@ async def decide(referral_id: Annotated[int, Path(ge=1, le=MAX_ID)], decision: L
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no referral {referral_id}") from None
     except ReferralRuleError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    page = await referral_views.list_referrals(request.app.state.db, status=None, payee=None, since=None, until=None, limit=1, offset=0, referral_id=referral_id)
+    page = await referral_views.list_referrals(request.app.state.db, referral_views.ListFilter(limit=1), referral_id=referral_id)
     return ReferralOut(**page.rows[0])
 
 
@@ -238,16 +249,11 @@ async def decide(referral_id: Annotated[int, Path(ge=1, le=MAX_ID)], decision: L
 @router.get("/api/admin/payouts", response_model=PayoutsOut, dependencies=[admin], responses={200: {"content": {"text/csv": {}}}})
 async def admin_payouts(
     request: Request,
+    filters: Annotated[ListQuery, Depends()],
     status_: Annotated[PayoutStatusName | None, Query(alias="status")] = None,
-    payee: Annotated[str | None, Query(max_length=255, pattern=NO_NUL)] = None,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
-    format: Literal["json", "csv"] = "json",
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
-    page = await referral_views.list_payouts(request.app.state.db, status=status_, payee=payee, since=since, until=until, limit=limit, offset=offset)
-    if format == "csv":
+    page = await referral_views.list_payouts(request.app.state.db, filters.wanted(status_))
+    if filters.format == "csv":
         columns = ["id", "payee_id", "payee_name", "payout_address", "method", "period", "amount_cents", "currency", "status", "external_reference", "created_at", "paid_at"]
         return _csv(page.rows, columns, "payouts.csv")
     return PayoutsOut(total=page.total, total_cents=page.total_cents, payouts=[PayoutOut(**row) for row in page.rows])

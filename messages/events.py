@@ -21,6 +21,8 @@ EventId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 CustomerId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 PositiveCredits = Annotated[int, Field(gt=0, le=MAX_CREDITS)]
+#: As typed: case, spaces and hyphens do not matter when it is matched.
+ReferralCode = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")]
 
 
 def _as_utc(moment: datetime) -> datetime:
@@ -138,7 +140,7 @@ class CustomerSignedUp(Event):
     type: Literal["customer.signed_up"] = "customer.signed_up"
     email: Annotated[str, Field(min_length=3, max_length=320, pattern=r"^[^@\s\x00]+@[^@\s\x00]+$")]
     phone: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9+() .\-]+$")] | None = None
-    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")] | None = None
+    referral_code: ReferralCode | None = None
     #: The card's fingerprint (Stripe's `card.fingerprint`): the same card, whoever holds it.
     payment_fingerprint: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)] | None = None
 
@@ -148,7 +150,7 @@ class ReferralSubmitted(Event):
     customer; producers may send ``referred_customer_id`` instead (the same thing)."""
 
     type: Literal["referral.submitted"] = "referral.submitted"
-    referral_code: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")]
+    referral_code: ReferralCode
     referred_customer_id: CustomerId
     customer_id: CustomerId | None = None  # type: ignore[assignment]  # filled from referred_customer_id
 
@@ -187,25 +189,24 @@ class CreditsGifted(Event):
         return self
 
 
-AnyEvent = Annotated[
-    Union[
-        JobCompleted,
-        JobCancelled,
-        PaymentSucceeded,
-        CreditsAdjusted,
-        PaymentFailed,
-        PaymentActionRequired,
-        PaymentMethodUpdated,
-        PaymentReversed,
-        InvoiceVoided,
-        CustomerSignedUp,
-        ReferralSubmitted,
-        MembershipFrozen,
-        MembershipUnfrozen,
-        CreditsGifted,
-    ],
-    Field(discriminator="type"),
-]
+#: Every event type, once: the wire union and the registry are both made from it.
+EVENT_MODELS: tuple[type[Event], ...] = (
+    JobCompleted,
+    JobCancelled,
+    PaymentSucceeded,
+    CreditsAdjusted,
+    PaymentFailed,
+    PaymentActionRequired,
+    PaymentMethodUpdated,
+    PaymentReversed,
+    InvoiceVoided,
+    CustomerSignedUp,
+    ReferralSubmitted,
+    MembershipFrozen,
+    MembershipUnfrozen,
+    CreditsGifted,
+)
+AnyEvent = Annotated[Union[EVENT_MODELS], Field(discriminator="type")]
 
 _EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 
@@ -215,22 +216,4 @@ def parse_event(raw: str | bytes) -> Event:
     return _EVENT_ADAPTER.validate_json(raw)
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    model.model_fields["type"].default: model
-    for model in (
-        JobCompleted,
-        JobCancelled,
-        PaymentSucceeded,
-        CreditsAdjusted,
-        PaymentFailed,
-        PaymentActionRequired,
-        PaymentMethodUpdated,
-        PaymentReversed,
-        InvoiceVoided,
-        CustomerSignedUp,
-        ReferralSubmitted,
-        MembershipFrozen,
-        MembershipUnfrozen,
-        CreditsGifted,
-    )
-}
+EVENT_TYPES: dict[str, type[Event]] = {model.model_fields["type"].default: model for model in EVENT_MODELS}

@@ -19,19 +19,35 @@ class Page:
     rows: list[dict]
 
 
-async def list_referrals(
-    db: Database, *, status: str | None, payee: str | None, since: datetime | None, until: datetime | None, limit: int, offset: int,
-    referral_id: int | None = None,
-) -> Page:
-    where = [referrals.c.id == referral_id] if referral_id is not None else []
-    if status:
-        where.append(referrals.c.status == status)
-    if payee:
-        where.append(referrals.c.referrer_id == payee)
-    if since:
-        where.append(referrals.c.submitted_at >= since)
-    if until:
-        where.append(referrals.c.submitted_at < until)
+@dataclass(frozen=True)
+class ListFilter:
+    """What an admin list is narrowed to: a status, a payee, a time range [since, until); a page."""
+
+    status: str | None = None
+    payee: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 500
+    offset: int = 0
+
+    def where(self, status_column, payee_column, time_column) -> list:
+        conditions = []
+        if self.status:
+            conditions.append(status_column == self.status)
+        if self.payee:
+            conditions.append(payee_column == self.payee)
+        if self.since:
+            conditions.append(time_column >= self.since)
+        if self.until:
+            conditions.append(time_column < self.until)
+        return conditions
+
+
+async def list_referrals(db: Database, wanted: ListFilter, referral_id: int | None = None) -> Page:
+    where = wanted.where(referrals.c.status, referrals.c.referrer_id, referrals.c.submitted_at)
+    if referral_id is not None:
+        where.append(referrals.c.id == referral_id)
+    limit, offset = wanted.limit, wanted.offset
     async with db.connect() as connection:
         # The reward total counts rewards that stand: not rejected or voided ones.
         standing = case((referrals.c.status.in_([ReferralStatus.REJECTED.value, ReferralStatus.VOIDED.value]), 0), else_=func.coalesce(referrals.c.reward_cents, 0))
@@ -50,18 +66,9 @@ async def list_referrals(
     return Page(total, int(cents), rows)
 
 
-async def list_payouts(
-    db: Database, *, status: str | None, payee: str | None, since: datetime | None, until: datetime | None, limit: int, offset: int
-) -> Page:
-    where = []
-    if status:
-        where.append(payouts.c.status == status)
-    if payee:
-        where.append(payouts.c.payee_id == payee)
-    if since:
-        where.append(payouts.c.created_at >= since)
-    if until:
-        where.append(payouts.c.created_at < until)
+async def list_payouts(db: Database, wanted: ListFilter) -> Page:
+    where = wanted.where(payouts.c.status, payouts.c.payee_id, payouts.c.created_at)
+    limit, offset = wanted.limit, wanted.offset
     async with db.connect() as connection:
         total, cents = (
             await connection.execute(select(func.count(), func.coalesce(func.sum(payouts.c.amount_cents), 0)).select_from(payouts).where(*where))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import func, literal, select
 
@@ -11,6 +11,7 @@ from infra.db import Database
 from infra.db.repository import upsert_into
 from infra.db.tables import customer_notes, customers, dunning_cases, ledger_entries, retention_crossings
 from service_layer.unit_of_work import UnitOfWork
+from service_layer.views import depleted_longer_than, latest_case_id
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,7 @@ class AtRiskCustomer:
 
 async def at_risk_customers(db: Database, now: datetime, days: int, limit: int = 500) -> tuple[int, list[AtRiskCustomer]]:
     """Customers depleted for more than ``days`` days, longest first, with what the page shows."""
-    cutoff = now - timedelta(days=days)
-    at_risk = (customers.c.credits_depleted_at.is_not(None), customers.c.credits_depleted_at < cutoff)
-    newest_case = dunning_cases.alias("newest_case")
-    latest_case_id = (
-        select(newest_case.c.id)
-        .where(newest_case.c.customer_id == customers.c.customer_id)
-        .order_by(newest_case.c.first_failed_at.desc(), newest_case.c.id.desc())
-        .limit(1)
-        .correlate(customers)
-        .scalar_subquery()
-    )
+    at_risk = depleted_longer_than(now, days)
     last_job = (
         select(func.max(ledger_entries.c.occurred_at))
         .where(ledger_entries.c.customer_id == customers.c.customer_id, ledger_entries.c.kind.in_(["debited", "captured"]))
@@ -59,7 +50,7 @@ async def at_risk_customers(db: Database, now: datetime, days: int, limit: int =
                 customer_notes.c.updated_at.label("note_updated_at"),
             )
             .select_from(
-                customers.outerjoin(dunning_cases, dunning_cases.c.id == latest_case_id).outerjoin(
+                customers.outerjoin(dunning_cases, dunning_cases.c.id == latest_case_id()).outerjoin(
                     customer_notes, customer_notes.c.customer_id == customers.c.customer_id
                 )
             )
@@ -96,12 +87,11 @@ async def notice_crossings(uow: UnitOfWork, now: datetime, days: int) -> list[st
     even though no event happened."""
     async with uow:
         connection = uow.connection
-        cutoff = now - timedelta(days=days)
         crossed = select(
             customers.c.customer_id,
             customers.c.credits_depleted_at,
             literal(now, type_=retention_crossings.c.noticed_at.type),
-        ).where(customers.c.credits_depleted_at.is_not(None), customers.c.credits_depleted_at < cutoff)
+        ).where(*depleted_longer_than(now, days))
         statement = (
             upsert_into(connection, retention_crossings)
             .from_select(["customer_id", "depleted_at", "noticed_at"], crossed)

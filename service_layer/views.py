@@ -36,21 +36,30 @@ def _membership_column():
     ).label("membership_status")
 
 
+def depleted_longer_than(now: datetime, days: int) -> tuple:
+    """Conditions on `customers`: out of credits for more than ``days`` days at ``now``."""
+    return (customers.c.credits_depleted_at.is_not(None), customers.c.credits_depleted_at < now - timedelta(days=days))
+
+
+def latest_case_id():
+    """The id of the customer's newest dunning case (correlated to the enclosing `customers` row)."""
+    newer = dunning_cases.alias("newer")
+    return (
+        select(newer.c.id)
+        .where(newer.c.customer_id == customers.c.customer_id)
+        .order_by(newer.c.first_failed_at.desc(), newer.c.id.desc())
+        .limit(1)
+        .correlate(customers)
+        .scalar_subquery()
+    )
+
+
 async def depleted_customers(db: Database, now: datetime, days: int, limit: int, offset: int) -> tuple[int, list[DepletedCustomer]]:
     """Customers out of credits for more than ``days`` days, longest first, and how many in all."""
-    cutoff = now - timedelta(days=days)
-    depleted_before_cutoff = (customers.c.credits_depleted_at.is_not(None), customers.c.credits_depleted_at < cutoff)
+    depleted_before_cutoff = depleted_longer_than(now, days)
+    latest_case = latest_case_id()
     async with db.connect() as connection:
         total = (await connection.execute(select(func.count()).select_from(customers).where(*depleted_before_cutoff))).scalar_one()
-        newer = dunning_cases.alias("newer")
-        latest_case = (
-            select(newer.c.id)
-            .where(newer.c.customer_id == customers.c.customer_id)
-            .order_by(newer.c.first_failed_at.desc(), newer.c.id.desc())
-            .limit(1)
-            .correlate(customers)
-            .scalar_subquery()
-        )
         rows = await connection.execute(
             select(
                 customers.c.customer_id,
