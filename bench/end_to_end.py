@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.end_to_end --events 5000
 
 A scratch PostgreSQL database (created, migrated, dropped) and a private Redis db (flushed
-before and after). Three disjoint groups of customers are seeded with credits through the
+before and after). Five disjoint groups of customers are seeded with credits through the
 service layer (PaymentSucceeded); each measurement below works on its own group, so all
 start from the same state. Every event is a JobCompleted debiting one credit.
 
@@ -11,6 +11,11 @@ start from the same state. Every event is a JobCompleted debiting one credit.
   can to real ``dramatiq workers.actors`` processes (``--processes`` x ``--threads``);
   throughput is events / (first publish -> all events seen in ``processed_events``).
 * end to end, half load: the same, publishing paced at half the measured full-load rate.
+* both twice, with fresh worker processes: one event per transaction (``EVENT_BATCH_SIZE=1``)
+  and group commit (``EVENT_BATCH_SIZE=--batch-size``). ``ev/tx`` is events per transaction
+  (events of one transaction share its ``processed_at``).
+* worker memory: the resident set (VmRSS) of each worker process right after boot and after
+  both runs of its mode.
 * ceiling (a), the debit's own SQL without the queue: ``handlers.apply_event`` called
   directly with ``SqlUnitOfWork``, ``processes x threads`` tasks at once (asyncio.gather over
   a semaphore), same number of events.
@@ -42,22 +47,20 @@ from pathlib import Path
 import asyncpg
 import dramatiq
 import redis
-from alembic import command
 from dramatiq.brokers.redis import RedisBroker
 
 from domain import CreditPolicy
+from bench.scratch import scratch_database
 from infra.db import Database
-from infra.db.engine import alembic_config
 from messages import JobCompleted, PaymentSucceeded
 from messages.publisher import Publisher
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import start_worker_processes
 
-ADMIN_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 POLICY = CreditPolicy()
-GROUPS = ("ceil", "full", "half")
+GROUPS = ("ceil", "full", "half", "batchfull", "batchhalf")
 
 
 def _job(group: str, i: int, customers: int) -> JobCompleted:
@@ -167,10 +170,30 @@ async def _end_to_end(pg: asyncpg.Connection, publisher: Publisher, group: str, 
     }
 
 
-async def run(events: int, customers: int, processes: int, threads: int, redis_db: int) -> None:
+#: The worker set-ups measured end to end: one transaction per event, and group commit.
+MODES = {"one event per transaction": 1, "group commit": None}
+
+
+def _rss_mib(workers) -> list[float]:
+    """Resident memory of each worker process (the children of the dramatiq main process)."""
+    pid = workers.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    sizes = []
+    for child in children:
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                sizes.append(int(line.split()[1]) / 1024)
+    return sizes
+
+
+async def _transactions(pg: asyncpg.Connection, group: str) -> int:
+    """Transactions that applied the group's events (events of one transaction share its now())."""
+    return await pg.fetchval("SELECT count(DISTINCT processed_at) FROM processed_events WHERE event_id LIKE $1", f"{group}-job-%")
+
+
+async def run(events: int, customers: int, processes: int, threads: int, redis_db: int, batch_size: int) -> None:
     concurrency = processes * threads
     credits = events // customers + 10
-    name = f"credits_bench_{uuid.uuid4().hex[:8]}"
     redis_url = f"{REDIS_SERVER}/{redis_db}"
     # Claim the Redis db the way the test suite does (tests/conftest.py), so a test run cannot share it.
     admin_redis = redis.Redis.from_url(f"{REDIS_SERVER}/0")
@@ -178,57 +201,69 @@ async def run(events: int, customers: int, processes: int, threads: int, redis_d
     if not admin_redis.set(f"credits-tests:db:{redis_db}", owner, nx=True, ex=3600):
         raise SystemExit(f"Redis db {redis_db} is claimed by a test run; pass --redis-db")
     redis.Redis.from_url(redis_url).flushdb()
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + f"/{name}"
     workers = None
+    results: dict[str, dict] = {}
     try:
-        await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
-        db = Database(url, pool_size=concurrency)
-        await _seed(db, customers, credits, concurrency)
+        async with scratch_database() as scratch:
+            url = scratch.url
+            db = Database(url, pool_size=concurrency)
+            await _seed(db, customers, credits, concurrency)
 
-        # Ceiling (a): the handler's SQL, no queue.
-        ceiling_sql = events / await _apply_all(db, [_job("ceil", i, customers) for i in range(events)], concurrency)
-        await db.dispose()
+            # Ceiling (a): the handler's SQL, no queue.
+            ceiling_sql = events / await _apply_all(db, [_job("ceil", i, customers) for i in range(events)], concurrency)
+            await db.dispose()
 
-        # Ceiling (b): Dramatiq draining no-op messages.
-        ceiling_queue = events / await asyncio.to_thread(_noop_ceiling, redis_url, events, concurrency)
-        redis.Redis.from_url(redis_url).flushdb()
+            # Ceiling (b): Dramatiq draining no-op messages.
+            ceiling_queue = events / await asyncio.to_thread(_noop_ceiling, redis_url, events, concurrency)
+            redis.Redis.from_url(redis_url).flushdb()
 
-        # End to end, through real worker processes.
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-        env.update(DATABASE_URL=url, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
-        with tempfile.TemporaryDirectory() as tmp:
-            workers = await asyncio.to_thread(start_worker_processes, env, Path(tmp) / "workers.log", processes, threads)
-            pg = await asyncpg.connect(ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}")
+            # End to end, through real worker processes, once per mode.
+            pg = await asyncpg.connect(scratch.dsn)
             publisher = Publisher.from_url(redis_url)
             offset = await _clock_offset(pg)
-            full = await _end_to_end(pg, publisher, "full", events, customers, None, offset)
-            half = await _end_to_end(pg, publisher, "half", events, customers, full["rate"] / 2, offset)
+            for index, (mode, mode_batch) in enumerate(MODES.items()):
+                env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "EVENT_BATCH_SIZE")}
+                env.update(DATABASE_URL=url, REDIS_URL=redis_url, PYTHONUNBUFFERED="1", EVENT_BATCH_SIZE=str(mode_batch or batch_size))
+                with tempfile.TemporaryDirectory() as tmp:
+                    workers = await asyncio.to_thread(start_worker_processes, env, Path(tmp) / "workers.log", processes, threads)
+                    rss_at_boot = _rss_mib(workers)
+                    full_group, half_group = GROUPS[1 + 2 * index], GROUPS[2 + 2 * index]
+                    full = await _end_to_end(pg, publisher, full_group, events, customers, None, offset)
+                    full["transactions"] = await _transactions(pg, full_group)
+                    half = await _end_to_end(pg, publisher, half_group, events, customers, full["rate"] / 2, offset)
+                    half["transactions"] = await _transactions(pg, half_group)
+                    results[mode] = {"full": full, "half": half, "rss_at_boot": rss_at_boot, "rss_after": _rss_mib(workers)}
+                    workers.stop()
+                    workers = None
             failed = await pg.fetchval("SELECT count(*) FROM dead_letters")
             publisher.close()
             await pg.close()
-            workers.stop()
-            workers = None
     finally:
         if workers is not None:
             workers.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
         redis.Redis.from_url(redis_url).flushdb()
         if admin_redis.get(f"credits-tests:db:{redis_db}") == owner.encode():
             admin_redis.delete(f"credits-tests:db:{redis_db}")
 
     lower = min(ceiling_sql, ceiling_queue)
     print(f"events {events}, customers {customers} per group, workers {processes} processes x {threads} threads, {os.cpu_count()} CPUs")
-    print(f"  {'':44} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    print(f"  {'ceiling (a) apply_event, no queue':44} {ceiling_sql:>9,.0f}")
-    print(f"  {'ceiling (b) Dramatiq no-op drain':44} {ceiling_queue:>9,.0f}")
-    for label, row in (("end to end, full load", full), (f"end to end, half load (paced {full['rate'] / 2:,.0f}/s)", half)):
-        print(f"  {label:44} {row['rate']:>9,.0f} {row['p50']:>8,.1f} {row['p99']:>8,.1f} {row['max']:>8,.1f}")
-    print(f"  publish rate (full load)                     {full['publish_rate']:>9,.0f}")
-    print(f"  dead letters                                 {failed:>9}")
-    print(f"  end to end (full) / lower ceiling            {full['rate'] / lower:>9.2f}")
+    print(f"  {'':52} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'ev/tx':>6}")
+    print(f"  {'ceiling (a) apply_event, no queue':52} {ceiling_sql:>9,.0f}")
+    print(f"  {'ceiling (b) Dramatiq no-op drain':52} {ceiling_queue:>9,.0f}")
+    for mode, result in results.items():
+        full, half = result["full"], result["half"]
+        for label, row in ((f"{mode}, full load", full), (f"{mode}, half load (paced {full['rate'] / 2:,.0f}/s)", half)):
+            per_tx = events / row["transactions"]
+            print(f"  {label:52} {row['rate']:>9,.0f} {row['p50']:>8,.1f} {row['p99']:>8,.1f} {row['max']:>8,.1f} {per_tx:>6.1f}")
+    print(f"  dead letters {failed}")
+    for mode, result in results.items():
+        boot, after = result["rss_at_boot"], result["rss_after"]
+        print(
+            f"  {mode}: worker RSS MiB at boot {', '.join(f'{m:.0f}' for m in boot)}; after {2 * events:,} events "
+            f"{', '.join(f'{m:.0f}' for m in after)} (x{max(after) / max(boot):.2f})"
+        )
+    for mode, result in results.items():
+        print(f"  {mode}: end to end (full) / lower ceiling {result['full']['rate'] / lower:.2f}")
 
 
 def main() -> None:
@@ -238,8 +273,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--batch-size", type=int, default=32, help="EVENT_BATCH_SIZE of the group-commit workers")
     args = parser.parse_args()
-    asyncio.run(run(args.events, args.customers, args.processes, args.threads, args.redis_db))
+    asyncio.run(run(args.events, args.customers, args.processes, args.threads, args.redis_db, args.batch_size))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.sweep --lots 20000
 
 Both runs start from the same data in a scratch PostgreSQL database (created and dropped):
-N customers with one due lot each. The baseline is one set-based statement doing the raw
-work (zero the lots, write one expiry entry each); the sweep is `expire_due_credits`, which
-also writes lot movements, balances and depletion times through the domain rules. Reported:
+N customers with one due lot each. The baseline is one set-based statement making the same
+writes (zero the lots, one expiry entry and lot movement each, balances, depletion times,
+a depletion notice per customer left with nothing); the sweep is `expire_due_credits`, which
+makes them through the domain rules, a batch of customers per transaction. Reported:
 lots per second for each and the sweep as a fraction of the baseline.
 """
 
@@ -13,31 +14,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
-import uuid
 from datetime import datetime, timezone
 
-import asyncpg
-from alembic import command
 from sqlalchemy import text
 
+from bench.scratch import scratch_database
 from infra.db import Database
-from infra.db.engine import alembic_config
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
 
-ADMIN_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters"
+TABLES = "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, notifications"
 
+# The same writes as the sweep, in one statement: each due lot zeroed (its expired part
+# recorded), one expiry entry and one lot movement per lot, each customer's balance and
+# depletion time, and a depletion notice for each customer left with nothing.
 SET_BASED = """
 WITH due AS (
-    UPDATE credit_lots SET remaining = 0
-    WHERE remaining > 0 AND expires_at <= :now
-    RETURNING customer_id, id, remaining AS before, expires_at
+    SELECT l.id, l.customer_id, l.remaining, l.expires_at FROM credit_lots l
+    WHERE l.remaining > 0 AND l.expires_at <= :now
+    FOR UPDATE
+), zeroed AS (
+    UPDATE credit_lots l SET remaining = 0, expired = l.expired + due.remaining FROM due WHERE l.id = due.id
+), entries AS (
+    INSERT INTO ledger_entries (customer_id, kind, credits, balance_after, overdraft_change, occurred_at, event_id, lot_id, note)
+    SELECT due.customer_id, 'expired', -due.remaining, c.balance - due.remaining, 0, due.expires_at, 'sweep', due.id, 'expired'
+    FROM due JOIN customers c USING (customer_id)
+    RETURNING id, lot_id, -credits AS credits
+), movements AS (
+    INSERT INTO lot_movements (entry_id, lot_id, credits) SELECT id, lot_id, credits FROM entries
+), balances AS (
+    UPDATE customers c SET balance = c.balance - d.credits,
+        credits_depleted_at = CASE WHEN c.balance = d.credits THEN d.last_expiry ELSE c.credits_depleted_at END, updated_at = now()
+    FROM (SELECT customer_id, sum(remaining) AS credits, max(expires_at) AS last_expiry FROM due GROUP BY customer_id) d
+    WHERE c.customer_id = d.customer_id
+    RETURNING c.customer_id, c.balance, c.credits_depleted_at
 )
-INSERT INTO ledger_entries (customer_id, kind, credits, balance_after, overdraft_change, occurred_at, event_id, note)
-SELECT customer_id, 'expired', -5, 0, 0, expires_at, 'bench', 'expired' FROM due
+INSERT INTO notifications (key, customer_id, kind, subject, body, created_at, status, send_after)
+SELECT 'credits_depleted:' || customer_id || ':' || credits_depleted_at, customer_id, 'credits_depleted',
+       'You are out of credits', 'You have no credits left.', now(), 'no_address', now()
+FROM balances WHERE balance = 0
+ON CONFLICT DO NOTHING
 """
 
 
@@ -55,14 +72,27 @@ async def _seed(db: Database, lots: int) -> None:
         )
 
 
+async def _check_writes(db: Database, lots: int, who: str) -> None:
+    """Both runs must have made the same writes: every lot zeroed with its entry, movement,
+    balance and depletion notice."""
+    async with db.connect() as connection:
+        counts = (
+            await connection.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM credit_lots WHERE remaining = 0 AND expired = amount),"
+                    " (SELECT count(*) FROM ledger_entries WHERE kind = 'expired'), (SELECT count(*) FROM lot_movements),"
+                    " (SELECT count(*) FROM customers WHERE balance = 0 AND credits_depleted_at IS NOT NULL),"
+                    " (SELECT count(*) FROM notifications WHERE kind = 'credits_depleted')"
+                )
+            )
+        ).one()
+    if tuple(counts) != (lots,) * 5:
+        raise AssertionError(f"{who} wrote (lots, entries, movements, depleted customers, notices) = {tuple(counts)}, expected {lots} each")
+
+
 async def run(lots: int, batch_size: int) -> None:
-    name = f"credits_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + f"/{name}"
-    try:
-        await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
-        db = Database(url)
+    async with scratch_database() as scratch:
+        db = Database(scratch.url)
         now = datetime.now(timezone.utc)
 
         await _seed(db, lots)
@@ -70,16 +100,15 @@ async def run(lots: int, batch_size: int) -> None:
         async with db.begin() as connection:
             await connection.execute(text(SET_BASED), {"now": now})
         baseline = lots / (time.perf_counter() - started)
+        await _check_writes(db, lots, "set-based statement")
 
         await _seed(db, lots)
         started = time.perf_counter()
         result = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), now, batch_size)
         sweep = lots / (time.perf_counter() - started)
         assert result.entries == lots, result
+        await _check_writes(db, lots, "expire_due_credits")
         await db.dispose()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
     print(f"lots {lots}, batch {batch_size}")
     print(f"  set-based statement (ceiling)  {baseline:>10,.0f} lots/s")
     print(f"  expire_due_credits             {sweep:>10,.0f} lots/s")

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     event_max_outage_retries: int = Field(10_000, ge=0)
     event_min_backoff_ms: int = Field(1_000, ge=1)
     event_max_backoff_ms: int = Field(600_000, ge=1)
+    #: Group commit: up to this many job and adjustment events that reach a worker process
+    #: together share one transaction (1 turns it off), in at most EVENT_BATCH_IN_FLIGHT
+    #: transactions at once per process.
+    event_batch_size: int = Field(32, ge=1, le=1_000)
+    event_batch_in_flight: int = Field(2, ge=1, le=100)
 
     # ------------------------------------------------------------ Stripe and dunning
     #: Unset: no payment provider; retries wait (nothing is lost) and webhooks answer 503.

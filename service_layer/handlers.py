@@ -6,7 +6,8 @@ an event's effect and its idempotency record commit together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -238,13 +239,62 @@ async def apply_event_in(
     return Outcome.APPLIED if changed else Outcome.IGNORED
 
 
+#: Events whose effect stays on their own account: several can share one transaction.
+BATCHABLE_EVENTS = (JobCompleted, JobCancelled, CreditsAdjusted)
+
+
+class BatchNotApplicable(Exception):
+    """A batched event was seen before (a duplicate or a reused id): apply them one at a time."""
+
+
+async def apply_events(
+    events: Sequence[Event], uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules(), referral_rules: ReferralRules | None = None
+) -> list[Outcome]:
+    """Apply new events of the batchable kinds in one transaction, in order: all of them or none.
+
+    A group commit: the same effects, entries and idempotency records as ``apply_event`` on
+    each in turn, for a constant number of statements. Raises BatchNotApplicable if one was
+    seen before, and whatever one of them raises; either way nothing is written, and the
+    caller applies them one by one, which settles each on its own.
+    """
+    if not all(isinstance(event, BATCHABLE_EVENTS) for event in events):
+        raise ValueError(f"only {[kind.__name__ for kind in BATCHABLE_EVENTS]} share a transaction")
+    job_ids: dict[str, list[str]] = defaultdict(list)
+    for event in events:
+        if isinstance(event, JobCompleted):
+            job_ids[event.customer_id].append(event.job_id)
+    async with uow:
+        accounts = {a.customer_id: a for a in await uow.accounts.lock_many([event.customer_id for event in events], job_ids)}
+        if len(await uow.events.claim_new(events)) != len(events):
+            raise BatchNotApplicable("an event of the batch was seen before")
+        referral_rules = referral_rules or ReferralRules()
+        outcomes, owed = [], []
+        for event in events:
+            account = accounts[event.customer_id]
+            depleted_before = account.depleted_at
+            changed = await EVENT_HANDLERS[type(event)](Context(uow, account, policy, dunning, referral_rules), event)
+            owed.append((depletion_notice(account, depleted_before, event.occurred_at), event.occurred_at))
+            outcomes.append(Outcome.APPLIED if changed else Outcome.IGNORED)
+        await uow.notifications.enqueue_many([(notice, at) for notice, at in owed if notice is not None])
+        await uow.accounts.save_many(list(accounts.values()))
+        await uow.commit()
+    return outcomes
+
+
 async def notify_depletion_change(uow: UnitOfWork, account: Account, depleted_before: datetime | None, at: datetime) -> None:
     """Tell the customer when their credits ran out, and when they came back."""
-    if depleted_before is None and account.depleted_at is not None:
-        await uow.notifications.enqueue(notices.credits_depleted(account.customer_id, account.depleted_at), at)
-    elif depleted_before is not None and account.depleted_at is None:
-        notice = notices.credits_restored(account.customer_id, depleted_before, at, account.balance(at))
+    notice = depletion_notice(account, depleted_before, at)
+    if notice is not None:
         await uow.notifications.enqueue(notice, at)
+
+
+def depletion_notice(account: Account, depleted_before: datetime | None, at: datetime) -> notices.Notice | None:
+    """The notice owed when the account ran out of credits, or got them back, since ``depleted_before``."""
+    if depleted_before is None and account.depleted_at is not None:
+        return notices.credits_depleted(account.customer_id, account.depleted_at)
+    if depleted_before is not None and account.depleted_at is None:
+        return notices.credits_restored(account.customer_id, depleted_before, at, account.balance(at))
+    return None
 
 
 async def request_immediate_charges(
@@ -346,11 +396,13 @@ async def _sweep(
                 return SweepResult(customers, entries)
             accounts = await uow.accounts.lock_available(due)
             busy.update(set(due) - {account.customer_id for account in accounts})
+            owed = []
             for account in accounts:
                 depleted_before = account.depleted_at
                 account.catch_up(now, event_id)
                 entries += len(account.new_entries)
-                await notify_depletion_change(uow, account, depleted_before, now)
+                owed.append((depletion_notice(account, depleted_before, now), now))
+            await uow.notifications.enqueue_many([(notice, at) for notice, at in owed if notice is not None])
             await uow.accounts.save_many(accounts)
             await uow.commit()
             customers += len(accounts)

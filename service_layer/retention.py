@@ -11,7 +11,7 @@ from infra.db import Database
 from infra.db.repository import upsert_into
 from infra.db.tables import customer_notes, customers, dunning_cases, ledger_entries, retention_crossings
 from service_layer.unit_of_work import UnitOfWork
-from service_layer.views import depleted_longer_than, latest_case_id
+from service_layer.views import depleted_longer_than, depleted_page, latest_case_id
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class AtRiskCustomer:
 async def at_risk_customers(db: Database, now: datetime, days: int, limit: int = 500) -> tuple[int, list[AtRiskCustomer]]:
     """Customers depleted for more than ``days`` days, longest first, with what the page shows."""
     at_risk = depleted_longer_than(now, days)
+    page = depleted_page(now, days, limit)
     last_job = (
         select(func.max(ledger_entries.c.occurred_at))
         .where(ledger_entries.c.customer_id == customers.c.customer_id, ledger_entries.c.kind.in_(["debited", "captured"]))
@@ -50,13 +51,11 @@ async def at_risk_customers(db: Database, now: datetime, days: int, limit: int =
                 customer_notes.c.updated_at.label("note_updated_at"),
             )
             .select_from(
-                customers.outerjoin(dunning_cases, dunning_cases.c.id == latest_case_id()).outerjoin(
-                    customer_notes, customer_notes.c.customer_id == customers.c.customer_id
-                )
+                page.join(customers, customers.c.customer_id == page.c.customer_id)
+                .outerjoin(dunning_cases, dunning_cases.c.id == latest_case_id())
+                .outerjoin(customer_notes, customer_notes.c.customer_id == customers.c.customer_id)
             )
-            .where(*at_risk)
             .order_by(customers.c.credits_depleted_at, customers.c.customer_id)
-            .limit(limit)
         )
         page = [
             AtRiskCustomer(

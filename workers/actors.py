@@ -67,15 +67,20 @@ async def apply_event(*args: object, **kwargs: object) -> None:
     if problem:
         log.error("event_rejected", reason="EventOutsideWindow", detail=problem)
         raise Rejected(problem)
-    uow = runtime.new_uow()
+    new_attempt_ids: list[int] = []
     try:
-        outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
+        if isinstance(event, handlers.BATCHABLE_EVENTS):
+            outcome = await runtime.event_batcher.apply(event)
+        else:
+            uow = runtime.new_uow()
+            outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
+            new_attempt_ids = uow.dunning.new_attempt_ids
     except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
         detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
         log.error("event_rejected", reason=type(error).__name__, detail=detail)
         raise Rejected(detail) from None
     log.info("event_" + outcome.value)
-    enqueue_charges(broker, uow.dunning.new_attempt_ids)
+    enqueue_charges(broker, new_attempt_ids)
 
 
 @dramatiq.actor(actor_name=CHARGE_ATTEMPTS_ACTOR, queue_name=PAYMENTS_QUEUE, **_retry_options())

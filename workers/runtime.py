@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from infra.clock import Clock, SystemClock
 from infra.db import Database
 from infra.settings import Settings, get_settings
+from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
+from workers.batching import EventBatcher
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Runtime:
     _provider: object | None = None
     _payout_gateways: dict | None = None
     _mailer: object | None = None
+    _event_batcher: EventBatcher | None = None
 
     @property
     def db(self) -> Database:
@@ -54,6 +57,20 @@ class Runtime:
 
             self._mailer = SmtpMailer(self.settings)
         return self._mailer
+
+    @property
+    def event_batcher(self) -> EventBatcher:
+        """Group commit for this process's batchable events (created on the actors' event loop)."""
+        if self._event_batcher is None:
+            settings = self.settings
+            rules = (settings.policy, settings.dunning, settings.referrals)
+            self._event_batcher = EventBatcher(
+                lambda events: handlers.apply_events(events, self.new_uow(), *rules),
+                lambda event: handlers.apply_event(event, self.new_uow(), *rules),
+                max_batch=settings.event_batch_size,
+                in_flight=settings.event_batch_in_flight,
+            )
+        return self._event_batcher
 
     def new_uow(self) -> SqlUnitOfWork:
         return SqlUnitOfWork(self.db)

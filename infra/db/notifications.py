@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -18,29 +19,38 @@ class SqlNotificationOutbox:
 
     async def enqueue(self, notice: Notice, now: datetime) -> bool:
         """Queue a notice once per key (False if its key was queued before)."""
-        email = (
-            await self.connection.execute(
-                # As the customer gave it: the normalised form (referral rules) may be another mailbox.
-                select(customer_profiles.c.contact_email).where(customer_profiles.c.customer_id == notice.customer_id)
-            )
-        ).scalar_one_or_none()
-        statement = (
-            upsert_into(self.connection, notifications)
-            .values(
-                key=notice.key,
-                customer_id=notice.customer_id,
-                kind=notice.kind.value,
-                to_address=email,
-                subject=notice.subject,
-                body=notice.body,
-                created_at=now,
-                status="pending" if email else "no_address",
-                send_after=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(notifications.c.id)
+        return notice.key in await self.enqueue_many([(notice, now)])
+
+    async def enqueue_many(self, queued: Sequence[tuple[Notice, datetime]]) -> set[str]:
+        """Queue each (notice, moment) once per key, in two statements however many; the keys that were new."""
+        if not queued:
+            return set()
+        # As the customer gave it: the normalised form (referral rules) may be another mailbox.
+        emails = dict(
+            (
+                await self.connection.execute(
+                    select(customer_profiles.c.customer_id, customer_profiles.c.contact_email).where(
+                        customer_profiles.c.customer_id.in_({notice.customer_id for notice, _ in queued})
+                    )
+                )
+            ).all()
         )
-        return (await self.connection.execute(statement)).first() is not None
+        rows = [
+            {
+                "key": notice.key,
+                "customer_id": notice.customer_id,
+                "kind": notice.kind.value,
+                "to_address": emails.get(notice.customer_id),
+                "subject": notice.subject,
+                "body": notice.body,
+                "created_at": now,
+                "status": "pending" if emails.get(notice.customer_id) else "no_address",
+                "send_after": now,
+            }
+            for notice, now in queued
+        ]
+        statement = upsert_into(self.connection, notifications).on_conflict_do_nothing().returning(notifications.c.key)
+        return set((await self.connection.execute(statement, rows)).scalars())
 
     async def claim(self, now: datetime, lease: timedelta, limit: int) -> list:
         """Take due pending notifications for sending: marked `sending` (committed by the caller)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,6 +30,10 @@ def upsert_into(connection: AsyncConnection, table):
     return dialect.insert(table)
 
 
+#: The customer row's part of the aggregate (the rest are its lots and holds).
+CUSTOMER_STATE = (customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at)
+
+
 class SqlAccountRepository:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
@@ -38,13 +42,32 @@ class SqlAccountRepository:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
         if not create:
             return await self._load(customer_id, for_update=True, job_ids=job_ids, payment_ids=payment_ids)
-        # Create-or-lock in one statement: ON CONFLICT DO UPDATE locks the existing row.
-        upsert = upsert_into(self.connection, customers).values(customer_id=customer_id)
+        [account] = await self.lock_many([customer_id], {customer_id: job_ids}, payment_ids)
+        return account
+
+    async def lock_many(
+        self, customer_ids: Sequence[str], job_ids: Mapping[str, Iterable[str]], payment_ids: Iterable[str] = ()
+    ) -> list[Account]:
+        """Create-or-lock the accounts, in id order (two batches never deadlock), and load them.
+
+        ``job_ids`` are the jobs whose earlier charges each account must know; ``payment_ids``
+        apply to a single account (spent payment lots are loaded too)."""
+        customer_ids = sorted(set(customer_ids))
+        # One statement whatever the number: ON CONFLICT DO UPDATE locks each existing row,
+        # in the order of the VALUES list.
+        upsert = upsert_into(self.connection, customers)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
-        ).returning(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at)
-        row = (await self.connection.execute(upsert)).one()
-        return await self._load(customer_id, for_update=False, job_ids=job_ids, payment_ids=payment_ids, customer_row=row)
+        ).returning(customers.c.customer_id, *CUSTOMER_STATE, sort_by_parameter_order=True)
+        result = await self.connection.execute(upsert, [{"customer_id": customer_id} for customer_id in customer_ids])
+        rows = {row.customer_id: row for row in result}
+        accounts = await self._load_many(customer_ids, rows)
+        await self._load_charged_jobs(accounts, job_ids)
+        payment_ids = list(payment_ids)
+        if payment_ids:
+            [account] = accounts
+            await self._load_spent_payment_lots(account, payment_ids)
+        return accounts
 
     async def get(self, customer_id: str) -> Account | None:
         """Load an account for reading, without a lock."""
@@ -83,7 +106,7 @@ class SqlAccountRepository:
         self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = (), customer_row=None
     ) -> Account | None:
         if customer_row is None:
-            query = select(customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at).where(
+            query = select(*CUSTOMER_STATE).where(
                 customers.c.customer_id == customer_id
             )
             if for_update:
@@ -92,29 +115,34 @@ class SqlAccountRepository:
             if customer_row is None:
                 return None
         [account] = await self._load_many([customer_id], {customer_id: customer_row})
-        job_ids = list(job_ids)
-        if job_ids:
-            account.charged_jobs = set(
-                (
-                    await self.connection.execute(
-                        select(ledger_entries.c.job_id).where(
-                            ledger_entries.c.customer_id == customer_id,
-                            ledger_entries.c.job_id.in_(job_ids),
-                            ENTRY_IS_CHARGE,
-                        )
-                    )
-                ).scalars()
-            )
+        await self._load_charged_jobs([account], {customer_id: job_ids})
         payment_ids = list(payment_ids)
         if payment_ids:
-            # Spent payment lots too: whether a payment issued credits, and what, is decided on them.
-            rows = await self.connection.execute(
-                select(credit_lots).where(
-                    credit_lots.c.customer_id == customer_id, credit_lots.c.payment_id.in_(payment_ids), credit_lots.c.remaining == 0
-                )
-            )
-            account.lots += [_lot(row) for row in rows]
+            await self._load_spent_payment_lots(account, payment_ids)
         return account
+
+    async def _load_charged_jobs(self, accounts: Sequence[Account], job_ids: Mapping[str, Iterable[str]]) -> None:
+        """Which of the given jobs each account has already been charged for (one statement)."""
+        pairs = [(account.customer_id, job_id) for account in accounts for job_id in job_ids.get(account.customer_id, ())]
+        if not pairs:
+            return
+        rows = await self.connection.execute(
+            select(ledger_entries.c.customer_id, ledger_entries.c.job_id).where(
+                tuple_(ledger_entries.c.customer_id, ledger_entries.c.job_id).in_(pairs), ENTRY_IS_CHARGE
+            )
+        )
+        by_id = {account.customer_id: account for account in accounts}
+        for row in rows:
+            by_id[row.customer_id].charged_jobs.add(row.job_id)
+
+    async def _load_spent_payment_lots(self, account: Account, payment_ids: list[str]) -> None:
+        # Spent payment lots too: whether a payment issued credits, and what, is decided on them.
+        rows = await self.connection.execute(
+            select(credit_lots).where(
+                credit_lots.c.customer_id == account.customer_id, credit_lots.c.payment_id.in_(payment_ids), credit_lots.c.remaining == 0
+            )
+        )
+        account.lots += [_lot(row) for row in rows]
 
     async def _load_many(self, customer_ids: Sequence[str], customer_rows: dict | None = None) -> list[Account]:
         """Accounts for ``customer_ids`` in three statements, whatever their number (sweeps load batches)."""
@@ -122,7 +150,7 @@ class SqlAccountRepository:
             return []
         if customer_rows is None:
             rows = await self.connection.execute(
-                select(customers.c.customer_id, customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at).where(
+                select(customers.c.customer_id, *CUSTOMER_STATE).where(
                     customers.c.customer_id.in_(customer_ids)
                 )
             )
@@ -315,28 +343,32 @@ class SqlEventLog:
 
         Raises EventConflict when the id was used for a different payload.
         """
-        fingerprint = event.fingerprint()
-        inserted = await self.connection.execute(
-            upsert_into(self.connection, processed_events)
-            .values(
-                event_id=event.event_id,
-                event_type=event.type,
-                customer_id=event.customer_id,
-                fingerprint=fingerprint,
-                payload=event.model_dump(mode="json"),
-            )
-            .on_conflict_do_nothing()
-            .returning(processed_events.c.event_id)
-        )
-        if inserted.first() is not None:
+        if event.event_id in await self.claim_new([event]):
             return True
         existing = (
             await self.connection.execute(
                 select(processed_events.c.fingerprint).where(processed_events.c.event_id == event.event_id)
             )
         ).scalar_one()
-        if existing != fingerprint:
+        if existing != event.fingerprint():
             raise EventConflict(
                 f"event_id {event.event_id!r} was already applied with a different payload; refusing to apply this one"
             )
         return False
+
+    async def claim_new(self, events: Sequence[Event]) -> set[str]:
+        """Record the events in one statement; the ids that were new (the others were seen before)."""
+        inserted = await self.connection.execute(
+            upsert_into(self.connection, processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id),
+            [
+                {
+                    "event_id": event.event_id,
+                    "event_type": event.type,
+                    "customer_id": event.customer_id,
+                    "fingerprint": event.fingerprint(),
+                    "payload": event.model_dump(mode="json"),
+                }
+                for event in events
+            ],
+        )
+        return set(inserted.scalars())
