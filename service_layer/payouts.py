@@ -98,35 +98,56 @@ async def release_rewards(new_uow: UnitOfWorkFactory, now: datetime, batch: int 
     while True:
         async with new_uow() as uow:
             due = await uow.referrals.lock_due_for_release(now, batch)
+            changed = []
             for referral in due:
                 before = len(referral.history)
                 if referral.release(now):
                     released += 1
-                await uow.referrals.save(referral, referral.history[before:])
+                changed.append((referral, referral.history[before:]))
+            await uow.referrals.save_many(changed)
             await uow.commit()
         if len(due) < batch:
             return released
 
 
+#: Payees whose payouts are made in one transaction; a chunk that fails is made again one
+#: payee at a time, so one payee's trouble never holds up the others.
+PAYEES_PER_TRANSACTION = 200
+
+
 async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, run: PayoutRun) -> None:
-    calendar = rules.calendar
-    friday = calendar.is_payout_day(now)
+    friday = rules.calendar.is_payout_day(now)
     async with new_uow() as uow:
         payables = await uow.referrals.payable()
         await uow.commit()
-    for payable in payables:
+    payee_ids = [payable.payee_id for payable in payables]
+    for start in range(0, len(payee_ids), PAYEES_PER_TRANSACTION):
+        chunk = payee_ids[start : start + PAYEES_PER_TRANSACTION]
+        made = PayoutRun()
         try:
-            await _make_payout(new_uow, method_gateways, now, rules, payable.payee_id, friday, run)
+            await _make_payouts(new_uow, method_gateways, now, rules, chunk, friday, made)
         except Exception:
-            # One payee's trouble never holds up the others' payouts; it shows in the log and
-            # its rewards stay approved for the next run.
-            log.exception("payout_not_made", payee_id=payable.payee_id)
+            log.warning("payout_chunk_retried_per_payee", payees=len(chunk), exc_info=True)
+            for payee_id in chunk:
+                try:
+                    await _make_payouts(new_uow, method_gateways, now, rules, [payee_id], friday, run)
+                except Exception:
+                    # It shows in the log and its rewards stay approved for the next run.
+                    log.exception("payout_not_made", payee_id=payee_id)
+        else:
+            run.created += made.created
+            run.held_back += made.held_back
 
 
-async def _make_payout(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, payee_id: str, friday: bool, run: PayoutRun) -> None:
+async def _make_payouts(
+    new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, payee_ids: list[str], friday: bool, run: PayoutRun
+) -> None:
+    """The payouts of ``payee_ids`` for ``now``, in one transaction (``run`` hears of them once committed)."""
     calendar = rules.calendar
+    created, held_back = [], []
     async with new_uow() as uow:
-        for payable in await uow.referrals.payable([payee_id]):
+        changed = []
+        for payable in await uow.referrals.payable(payee_ids):
             payee = await uow.referrals.referrer_row(payable.payee_id)
             if payee is None:
                 continue
@@ -139,7 +160,7 @@ async def _make_payout(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
             else:
                 continue
             if payable.total_cents < minimum:
-                run.held_back.append(payable.payee_id)
+                held_back.append(payable.payee_id)
                 log.info("payout_held_back", payee_id=payable.payee_id, total_cents=payable.total_cents, minimum_cents=minimum, period=period)
                 continue
             gateway = method_gateways.get(payee.payout_method, "manual")
@@ -149,10 +170,13 @@ async def _make_payout(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
             for referral in await uow.referrals.referrals_in_payout(payout_id):
                 before = len(referral.history)
                 referral.into_payout(payout_id, now)
-                await uow.referrals.save(referral, referral.history[before:])
-            run.created.append(payout_id)
+                changed.append((referral, referral.history[before:]))
+            created.append(payout_id)
             log.info("payout_created", payout_id=payout_id, payee_id=payable.payee_id, period=period, amount_cents=payable.total_cents, gateway=gateway)
+        await uow.referrals.save_many(changed)
         await uow.commit()
+    run.created += created
+    run.held_back += held_back
 
 
 #: A run sending a payout holds it this long; another run takes it only after (a crash frees it).
@@ -160,10 +184,11 @@ SEND_LEASE = timedelta(minutes=10)
 
 
 async def send_payouts(
-    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun, limit: int = 1_000, payout_ids: list[int] | None = None
+    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun, payout_ids: list[int] | None = None
 ) -> None:
+    """Send every payout waiting (new or failed), each once per run, one at a time under its lease."""
     started = wall_clock()
-    for _ in range(limit):
+    while True:
         now = wall_clock()
         async with new_uow() as uow:
             # Each payout once per run, and not while another run holds its lease.
@@ -174,10 +199,8 @@ async def send_payouts(
             # Marked tried in its own transaction first: a crash while sending is seen by the
             # next run, whose gateway then checks with the provider before paying again.
             await uow.referrals.set_payout(row.id, attempts=row.attempts + 1, last_tried_at=now, leased_until=now + SEND_LEASE)
-            await uow.commit()
-        payee = None
-        async with new_uow() as uow:
             payee = await uow.referrals.referrer_row(row.payee_id)
+            await uow.commit()
         key = row.idempotency_key if row.failures == 0 else f"{row.idempotency_key}:retry-{row.failures}"
         order = PayoutOrder(
             row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, key, row.attempts,
@@ -214,9 +237,11 @@ async def record_paid(new_uow: UnitOfWorkFactory, payout_id: int, reference: str
         if row is None or row.status == "paid":
             return False
         await uow.referrals.set_payout(payout_id, status="paid", paid_at=at, external_reference=reference, last_error=None, leased_until=None)
+        changed = []
         for referral in await uow.referrals.referrals_in_payout(payout_id):
             before = len(referral.history)
             referral.paid(at)
-            await uow.referrals.save(referral, referral.history[before:])
+            changed.append((referral, referral.history[before:]))
+        await uow.referrals.save_many(changed)
         await uow.commit()
     return True

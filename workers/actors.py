@@ -156,7 +156,13 @@ def _sweep_time(as_of: str | None) -> datetime:
     return moment
 
 
-@dramatiq.actor(queue_name=PAYMENTS_QUEUE, **_retry_options())
+#: A Friday of 100,000 payees takes minutes here and hours at a provider's pace: Dramatiq's
+#: default ten minutes would cancel it midway, again and again. Every payout commits on its
+#: own and overlapping runs skip each other's, so a long run is safe.
+PAYOUT_RUN_TIME_LIMIT_MS = 12 * 60 * 60 * 1000
+
+
+@dramatiq.actor(queue_name=PAYMENTS_QUEUE, time_limit=PAYOUT_RUN_TIME_LIMIT_MS, **_retry_options())
 async def pay_referrals(as_of: str | None = None) -> None:
     """Periodic: release rewards whose hold is over, make today's payouts (same-day payees
     daily, everyone on Fridays in the business's time zone), send every unpaid payout."""

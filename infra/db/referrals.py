@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerKind, code_lookup_key, new_code
 from infra.db.repository import upsert_into
 from infra.db.tables import (
+    PAYOUT_IS_TO_SEND,
     REFERRAL_IS_ATTRIBUTED,
     credit_lots,
     customer_profiles,
@@ -185,11 +186,29 @@ class SqlReferralRepository:
         values = _values(referral)
         values["attributed"] = referral.status is not ReferralStatus.REJECTED
         referral.id = (await self.connection.execute(insert(referrals).values(**values).returning(referrals.c.id))).scalar_one()
-        await self._write_history(referral, referral.history)
+        await self._insert_history([(referral, referral.history)])
 
     async def save(self, referral: Referral, new_changes: Iterable[Change]) -> None:
-        await self.connection.execute(update(referrals).where(referrals.c.id == referral.id).values(**_values(referral), updated_at=func.now()))
-        await self._write_history(referral, list(new_changes))
+        await self.save_many([(referral, list(new_changes))])
+
+    async def save_many(self, changed: Sequence[tuple[Referral, Sequence[Change]]]) -> None:
+        """Write referrals and their new history: two statements however many (payout runs save thousands)."""
+        if not changed:
+            return
+        await self.connection.execute(
+            update(referrals)
+            .where(referrals.c.id == bindparam("referral_id"))
+            .values(**{name: bindparam(f"new_{name}") for name in _REFERRAL_FIELDS}, updated_at=func.now()),
+            [{"referral_id": referral.id, **{f"new_{name}": value for name, value in _values(referral).items()}} for referral, _ in changed],
+        )
+        await self._insert_history(changed)
+
+    async def _insert_history(self, changed: Sequence[tuple[Referral, Sequence[Change]]]) -> None:
+        history = [
+            {"referral_id": referral.id, "status": c.status.value, "at": c.at, "reason": c.reason} for referral, changes in changed for c in changes
+        ]
+        if history:
+            await self.connection.execute(insert(referral_history), history)
 
     async def history(self, referral_ids: list[int]) -> dict[int, list]:
         rows = await self.connection.execute(
@@ -274,13 +293,6 @@ class SqlReferralRepository:
             .on_conflict_do_nothing()
         )
 
-    async def _write_history(self, referral: Referral, changes: list[Change]) -> None:
-        if changes:
-            await self.connection.execute(
-                insert(referral_history),
-                [{"referral_id": referral.id, "status": c.status.value, "at": c.at, "reason": c.reason} for c in changes],
-            )
-
     # ------------------------------------------------------------ payouts
 
     async def payable(self, payee_ids: list[str] | None = None) -> list[Payable]:
@@ -341,7 +353,7 @@ class SqlReferralRepository:
     async def lock_payouts_to_send(self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime) -> list:
         """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked."""
         query = select(payouts).where(
-            payouts.c.status.in_(["pending", "failed"]),
+            PAYOUT_IS_TO_SEND,
             or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
             or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
         )

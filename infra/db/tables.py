@@ -430,6 +430,9 @@ payouts = Table(
     Index("uq_payouts_payee_period", "payee_id", "period", unique=True),
     Index("ix_payouts_status", "status", "created_at"),
 )
+# The send queue, oldest first: without it each payout sent sorts every waiting one.
+PAYOUT_IS_TO_SEND = payouts.c.status.in_([_sql_literal("pending"), _sql_literal("failed")])
+Index("ix_payouts_to_send", payouts.c.created_at, payouts.c.id, postgresql_where=PAYOUT_IS_TO_SEND, sqlite_where=PAYOUT_IS_TO_SEND)
 
 payout_items = Table(
     "payout_items",

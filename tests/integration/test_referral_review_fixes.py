@@ -167,19 +167,20 @@ async def test_one_payee_whose_payout_cannot_be_made_does_not_hold_up_the_others
     await referred_and_paid(api, bad_code, ["bad-1"], at(10, 1, 13))
     await referred_and_paid(api, good_code, ["good-1"], at(10, 1, 13))
 
-    real = payouts._make_payout
-    tried: list[str] = []
+    real = payouts._make_payouts
+    tried: list[list[str]] = []
 
-    async def failing_for_one(new_uow, method_gateways, now, rules, payee_id, friday, run):
-        tried.append(payee_id)
-        if payee_id == "partner-a-bad":
+    async def failing_for_one(new_uow, method_gateways, now, rules, payee_ids, friday, run):
+        tried.append(list(payee_ids))
+        if "partner-a-bad" in payee_ids:
             raise RuntimeError("snapshot failed")
-        await real(new_uow, method_gateways, now, rules, payee_id, friday, run)
+        await real(new_uow, method_gateways, now, rules, payee_ids, friday, run)
 
-    monkeypatch.setattr(payouts, "_make_payout", failing_for_one)
+    monkeypatch.setattr(payouts, "_make_payouts", failing_for_one)
     connect = StubConnect()
     run = await run_payouts(api, FRIDAY, connect)
-    assert tried == ["partner-a-bad", "partner-b-good"]
+    # The chunk fails as a whole (nothing of it written), then each payee is made alone.
+    assert tried == [["partner-a-bad", "partner-b-good"], ["partner-a-bad"], ["partner-b-good"]]
     assert (run.released, len(run.created), run.sent) == (2, 1, {"paid": 1})
     assert await payout_rows(api.db, "partner-a-bad") == []
     [good] = await payout_rows(api.db, "partner-b-good")
@@ -189,7 +190,7 @@ async def test_one_payee_whose_payout_cannot_be_made_does_not_hold_up_the_others
     assert (bad.status, bad.payout_id) == ("approved", None)  # left for the next run
 
     # The trouble over, the next run pays the rest of the batch, and nobody twice.
-    monkeypatch.setattr(payouts, "_make_payout", real)
+    monkeypatch.setattr(payouts, "_make_payouts", real)
     run = await run_payouts(api, at(10, 16, 15), connect)
     assert (len(run.created), run.sent) == (1, {"paid": 1})
     [bad_payout] = await payout_rows(api.db, "partner-a-bad")
