@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, exists, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -94,8 +94,10 @@ class SqlAccountRepository:
         """Customers owning the ``limit`` earliest open rows of ``table`` due by ``now`` (index-ordered).
 
         Frozen customers are left out: nothing of theirs expires until they are unfrozen."""
-        frozen = select(customers.c.customer_id).where(customers.c.frozen_since.is_not(None))
-        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now, table.c.customer_id.not_in(frozen))
+        # NOT EXISTS probes each due row's customer by primary key; a NOT IN over the frozen
+        # customers scanned the whole customers table per batch (45 s a batch at 1,000,000).
+        frozen = exists().where(customers.c.customer_id == table.c.customer_id, customers.c.frozen_since.is_not(None))
+        query = select(table.c.customer_id).where(is_open, table.c.expires_at <= now, ~frozen)
         exclude = list(exclude)
         if exclude:
             query = query.where(table.c.customer_id.not_in(exclude))
