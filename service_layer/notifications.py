@@ -110,10 +110,9 @@ async def warn_expiring_credits(new_uow: UnitOfWorkFactory, now: datetime, days_
     while True:
         async with new_uow() as uow:
             lots = await uow.notifications.lots_expiring(now, now + timedelta(days=days_before), batch)
-            for lot in lots:
-                if await uow.notifications.enqueue(notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now):
-                    queued += 1
-                await uow.notifications.mark_warned(lot.id, lot.expires_at, now)
+            warnings = [(notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now) for lot in lots]
+            queued += len(await uow.notifications.enqueue_many(warnings))
+            await uow.notifications.mark_warned([(lot.id, lot.expires_at) for lot in lots], now)
             await uow.commit()
         if len(lots) < batch:
             return queued

@@ -113,7 +113,10 @@ class SqlNotificationOutbox:
         )
         return list(await self.connection.execute(query))
 
-    async def mark_warned(self, lot_id: int, expires_at: datetime, now: datetime) -> None:
-        await self.connection.execute(
-            upsert_into(self.connection, expiry_warnings).values(lot_id=lot_id, expires_at=expires_at, warned_at=now).on_conflict_do_nothing()
-        )
+    async def mark_warned(self, lots: Sequence[tuple[int, datetime]], now: datetime) -> None:
+        """Remember each (lot, expiry date) as warned about, in one statement."""
+        if lots:
+            await self.connection.execute(
+                upsert_into(self.connection, expiry_warnings).on_conflict_do_nothing(),
+                [{"lot_id": lot_id, "expires_at": expires_at, "warned_at": now} for lot_id, expires_at in lots],
+            )
