@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 import uuid
@@ -243,6 +243,10 @@ async def apply_event_in(
 BATCHABLE_EVENTS = (JobCompleted, JobCancelled, CreditsAdjusted)
 
 
+#: How long a batch waits for a lock before it splits into single events.
+BATCH_LOCK_WAIT = timedelta(seconds=1)
+
+
 class BatchNotApplicable(Exception):
     """A batched event was seen before (a duplicate or a reused id): apply them one at a time."""
 
@@ -264,7 +268,10 @@ async def apply_events(
         if isinstance(event, JobCompleted):
             job_ids[event.customer_id].append(event.job_id)
     async with uow:
-        accounts = {a.customer_id: a for a in await uow.accounts.lock_many([event.customer_id for event in events], job_ids)}
+        # A batch waits only briefly for a customer another transaction holds: meanwhile it
+        # holds the others' locks. Past that it fails, and its events go one at a time.
+        locked = await uow.accounts.lock_many([event.customer_id for event in events], job_ids, wait_at_most=BATCH_LOCK_WAIT)
+        accounts = {a.customer_id: a for a in locked}
         if len(await uow.events.claim_new(events)) != len(events):
             raise BatchNotApplicable("an event of the batch was seen before")
         referral_rules = referral_rules or ReferralRules()

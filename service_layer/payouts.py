@@ -160,8 +160,7 @@ async def _make_payouts(
             else:
                 continue
             if payable.total_cents < minimum:
-                held_back.append(payable.payee_id)
-                log.info("payout_held_back", payee_id=payable.payee_id, total_cents=payable.total_cents, minimum_cents=minimum, period=period)
+                held_back.append({"payee_id": payable.payee_id, "total_cents": payable.total_cents, "minimum_cents": minimum, "period": period})
                 continue
             gateway = method_gateways.get(payee.payout_method, "manual")
             payout_id = await uow.referrals.create_payout(payable, period, payee.payout_method, gateway, rules.currency, now)
@@ -171,12 +170,16 @@ async def _make_payouts(
                 before = len(referral.history)
                 referral.into_payout(payout_id, now)
                 changed.append((referral, referral.history[before:]))
-            created.append(payout_id)
-            log.info("payout_created", payout_id=payout_id, payee_id=payable.payee_id, period=period, amount_cents=payable.total_cents, gateway=gateway)
+            created.append({"payout_id": payout_id, "payee_id": payable.payee_id, "period": period, "amount_cents": payable.total_cents, "gateway": gateway})
         await uow.referrals.save_many(changed)
         await uow.commit()
-    run.created += created
-    run.held_back += held_back
+    # Told only once committed: a chunk rolled back made nothing.
+    for payout in created:
+        log.info("payout_created", **payout)
+        run.created.append(payout["payout_id"])
+    for held in held_back:
+        log.info("payout_held_back", **held)
+        run.held_back.append(held["payee_id"])
 
 
 #: A run sending a payout holds it this long; another run takes it only after (a crash frees it).
@@ -188,14 +191,16 @@ async def send_payouts(
 ) -> None:
     """Send every payout waiting (new or failed), each once per run, one at a time under its lease."""
     started = wall_clock()
+    after = None
     while True:
         now = wall_clock()
         async with new_uow() as uow:
             # Each payout once per run, and not while another run holds its lease.
-            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, now=now, run_started=started)
+            rows = await uow.referrals.lock_payouts_to_send(1, payout_ids, now=now, run_started=started, after=after)
             if not rows:
                 return
             [row] = rows
+            after = (row.created_at, row.id)
             # Marked tried in its own transaction first: a crash while sending is seen by the
             # next run, whose gateway then checks with the provider before paying again.
             await uow.referrals.set_payout(row.id, attempts=row.attempts + 1, last_tried_at=now, leased_until=now + SEND_LEASE)

@@ -30,7 +30,7 @@ class AtRiskCustomer:
 async def at_risk_customers(db: Database, now: datetime, days: int, limit: int = 500) -> tuple[int, list[AtRiskCustomer]]:
     """Customers depleted for more than ``days`` days, longest first, with what the page shows."""
     at_risk = depleted_longer_than(now, days)
-    page = depleted_page(now, days, limit)
+    on_page = depleted_page(now, days, limit)
     last_job = (
         select(func.max(ledger_entries.c.occurred_at))
         .where(ledger_entries.c.customer_id == customers.c.customer_id, ledger_entries.c.kind.in_(["debited", "captured"]))
@@ -51,7 +51,7 @@ async def at_risk_customers(db: Database, now: datetime, days: int, limit: int =
                 customer_notes.c.updated_at.label("note_updated_at"),
             )
             .select_from(
-                page.join(customers, customers.c.customer_id == page.c.customer_id)
+                on_page.join(customers, customers.c.customer_id == on_page.c.customer_id)
                 .outerjoin(dunning_cases, dunning_cases.c.id == latest_case_id())
                 .outerjoin(customer_notes, customer_notes.c.customer_id == customers.c.customer_id)
             )

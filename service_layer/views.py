@@ -78,7 +78,7 @@ async def depleted_customers(db: Database, now: datetime, days: int, limit: int,
         total = (await connection.execute(select(func.count()).select_from(customers).where(*depleted_longer_than(now, days)))).scalar_one()
         if limit == 0:
             return total, []
-        page = depleted_page(now, days, limit, offset)
+        on_page = depleted_page(now, days, limit, offset)
         rows = await connection.execute(
             select(
                 customers.c.customer_id,
@@ -88,7 +88,7 @@ async def depleted_customers(db: Database, now: datetime, days: int, limit: int,
                 dunning_cases.c.next_retry_at,
                 _membership_column(),
             )
-            .select_from(page.join(customers, customers.c.customer_id == page.c.customer_id).outerjoin(dunning_cases, dunning_cases.c.id == latest_case))
+            .select_from(on_page.join(customers, customers.c.customer_id == on_page.c.customer_id).outerjoin(dunning_cases, dunning_cases.c.id == latest_case))
             .order_by(customers.c.credits_depleted_at, customers.c.customer_id)
         )
         page = [

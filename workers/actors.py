@@ -69,7 +69,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         raise Rejected(problem)
     new_attempt_ids: list[int] = []
     try:
-        if isinstance(event, handlers.BATCHABLE_EVENTS):
+        if isinstance(event, handlers.BATCHABLE_EVENTS) and runtime.settings.event_batch_size > 1:
             outcome = await runtime.event_batcher.apply(event)
         else:
             uow = runtime.new_uow()
@@ -169,7 +169,13 @@ async def pay_referrals(as_of: str | None = None) -> None:
     now = _sweep_time(as_of)
     runtime = get_runtime()
     settings = runtime.settings
-    run = await payouts.pay_referrals(runtime.new_uow, runtime.payout_gateways, settings.payout_gateways, now, settings.referrals)
+    # One run at a time: the scheduler enqueues every hour whether or not the last run ended,
+    # and a long Friday must not fill every worker thread with runs doing the same work.
+    async with runtime.db.alone("pay_referrals") as alone:
+        if not alone:
+            log.info("referrals_not_paid", reason="another pay_referrals run is in progress")
+            return
+        run = await payouts.pay_referrals(runtime.new_uow, runtime.payout_gateways, settings.payout_gateways, now, settings.referrals)
     log.info("referrals_paid", as_of=now.isoformat(), released=run.released, payouts_created=len(run.created), held_back=len(run.held_back), sent=run.sent, failed=run.failed)
 
 

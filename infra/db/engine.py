@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -57,6 +60,25 @@ class Database:
 
     def connect(self):
         return self.engine.connect()
+
+    @asynccontextmanager
+    async def alone(self, name: str) -> AsyncIterator[bool]:
+        """``async with db.alone("pay_referrals") as alone``: False while another process holds ``name``.
+
+        A PostgreSQL session advisory lock on a connection of its own, released when the block
+        ends, or by the server when that connection dies (a crashed holder frees it). On
+        SQLite there is one process: always True."""
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        async with self.engine.connect() as connection:
+            alone = (await connection.execute(select(func.pg_try_advisory_lock(key)))).scalar_one()
+            try:
+                yield alone
+            finally:
+                if alone:  # a session lock outlives transactions: give it back before the pool reuses the connection
+                    await connection.execute(select(func.pg_advisory_unlock(key)))
 
     async def dispose(self) -> None:
         await self.engine.dispose()

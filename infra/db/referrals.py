@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -350,8 +350,13 @@ class SqlReferralRepository:
         numbers = [int(p.rsplit("-", 1)[1]) for p in (await self.connection.execute(query)).scalars() if p.rsplit("-", 1)[1].isdigit()]
         return max(numbers, default=0)
 
-    async def lock_payouts_to_send(self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime) -> list:
-        """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked."""
+    async def lock_payouts_to_send(
+        self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
+    ) -> list:
+        """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked.
+
+        ``after``: the (created_at, id) of the run's last payout, so a run walks the queue once
+        instead of stepping again over every payout it already tried."""
         query = select(payouts).where(
             PAYOUT_IS_TO_SEND,
             or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
@@ -359,6 +364,8 @@ class SqlReferralRepository:
         )
         if payout_ids is not None:
             query = query.where(payouts.c.id.in_(payout_ids))
+        if after is not None:
+            query = query.where(tuple_(payouts.c.created_at, payouts.c.id) > after)
         return list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True)))
 
     async def payout(self, payout_id: int, *, for_update: bool = True):

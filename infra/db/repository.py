@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, exists, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -46,19 +46,26 @@ class SqlAccountRepository:
         return account
 
     async def lock_many(
-        self, customer_ids: Sequence[str], job_ids: Mapping[str, Iterable[str]], payment_ids: Iterable[str] = ()
+        self,
+        customer_ids: Sequence[str],
+        job_ids: Mapping[str, Iterable[str]],
+        payment_ids: Iterable[str] = (),
+        wait_at_most: timedelta | None = None,
     ) -> list[Account]:
         """Create-or-lock the accounts, in id order (two batches never deadlock), and load them.
 
         ``job_ids`` are the jobs whose earlier charges each account must know; ``payment_ids``
-        apply to a single account (spent payment lots are loaded too)."""
+        apply to a single account (spent payment lots are loaded too). ``wait_at_most`` bounds
+        the wait for a lock another transaction holds (PostgreSQL raises LockNotAvailable)."""
         customer_ids = sorted(set(customer_ids))
-        # One statement whatever the number: ON CONFLICT DO UPDATE locks each existing row,
-        # in the order of the VALUES list.
+        if wait_at_most is not None and self.connection.dialect.name == "postgresql":
+            await self.connection.execute(text(f"SET LOCAL lock_timeout = {int(wait_at_most.total_seconds() * 1000)}"))
+        # One statement whatever the number (a multi-row VALUES list, which PostgreSQL takes in
+        # order): ON CONFLICT DO UPDATE locks each existing row, in id order.
         upsert = upsert_into(self.connection, customers)
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
-        ).returning(customers.c.customer_id, *CUSTOMER_STATE, sort_by_parameter_order=True)
+        ).returning(customers.c.customer_id, *CUSTOMER_STATE)
         result = await self.connection.execute(upsert, [{"customer_id": customer_id} for customer_id in customer_ids])
         rows = {row.customer_id: row for row in result}
         accounts = await self._load_many(customer_ids, rows)
@@ -105,17 +112,14 @@ class SqlAccountRepository:
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
     async def _load(
-        self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = (), customer_row=None
+        self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = ()
     ) -> Account | None:
+        query = select(*CUSTOMER_STATE).where(customers.c.customer_id == customer_id)
+        if for_update:
+            query = query.with_for_update()
+        customer_row = (await self.connection.execute(query)).first()
         if customer_row is None:
-            query = select(*CUSTOMER_STATE).where(
-                customers.c.customer_id == customer_id
-            )
-            if for_update:
-                query = query.with_for_update()
-            customer_row = (await self.connection.execute(query)).first()
-            if customer_row is None:
-                return None
+            return None
         [account] = await self._load_many([customer_id], {customer_id: customer_row})
         await self._load_charged_jobs([account], {customer_id: job_ids})
         payment_ids = list(payment_ids)

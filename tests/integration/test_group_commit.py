@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
 from domain import CreditPolicy, InsufficientCredits, JobAlreadyCharged
 from infra.db import Database
@@ -597,3 +598,30 @@ async def test_real_workers_settle_duplicates_and_a_bad_event_one_by_one(db, red
     splits = Counter(r["reason"] for r in batch_splits(workers))
     print(f"\nbatches split: {dict(splits)}")
     assert splits and set(splits) <= {"BatchNotApplicable", "JobAlreadyCharged"}
+
+
+async def test_a_batch_waits_only_briefly_for_a_customer_another_transaction_holds(db):
+    """Meanwhile the batch holds its other customers' locks: it gives up after BATCH_LOCK_WAIT
+    (and its events then go one at a time), writing nothing."""
+    await seeded(db)
+    batch = [completed("done-2", "an-a", "job-2"), completed("done-3", "an-b", "job-3")]
+    async with db.connect() as holder:
+        await holder.execute(select(customers.c.customer_id).where(customers.c.customer_id == "an-b").with_for_update())
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(DBAPIError, match="lock timeout"):
+            await handlers.apply_events(batch, SqlUnitOfWork(db), POLICY)
+        waited = asyncio.get_running_loop().time() - started
+        await holder.rollback()
+    assert handlers.BATCH_LOCK_WAIT.total_seconds() <= waited < handlers.BATCH_LOCK_WAIT.total_seconds() + 5
+    # Nothing was written: once the other transaction ends, the same batch applies.
+    assert await handlers.apply_events(batch, SqlUnitOfWork(db), POLICY) == [Outcome.APPLIED] * 2
+    assert await reconciliation(db) == []
+
+
+async def test_only_one_holder_of_a_named_run_at_a_time(db):
+    async with db.alone("pay_referrals") as first:
+        assert first is True
+        async with db.alone("pay_referrals") as second, db.alone("another job") as other:
+            assert (second, other) == (False, True)
+    async with db.alone("pay_referrals") as again:
+        assert again is True  # given back when the block ended
