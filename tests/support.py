@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import threading
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -22,6 +23,11 @@ from infra.db.tables import credit_lots, customers, ledger_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD_KINDS = ("held", "released", "lapsed")
+
+
+def t(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    """A moment in UTC, briefly (the tests' clock)."""
+    return datetime(year, month, day, hour, minute, tzinfo=timezone.utc)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> None:

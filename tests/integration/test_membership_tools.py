@@ -57,7 +57,7 @@ from tests.integration.test_delivery import (
     wait_for_dead_letter_rows,
     wait_for_outcomes,
 )
-from tests.support import reconciliation
+from tests.support import reconciliation, t
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
@@ -66,10 +66,6 @@ ADMIN_TOKEN = "admin-token-membership-0123456789"
 FRONTEND_TOKEN = "frontend-token-membership-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FRONT = {"Authorization": f"Bearer {FRONTEND_TOKEN}"}
-
-
-def t(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
-    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 async def apply(db: Database, event_, policy: CreditPolicy = POLICY) -> Outcome:

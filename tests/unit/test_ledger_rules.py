@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import timezone
 
 import pytest
 
@@ -19,14 +19,11 @@ from domain import (
     LotSource,
     add_months,
 )
+from tests.support import t
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
 ONE_MONTH = CreditPolicy(credit_expiration_months=1)
-
-
-def t(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
-    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 def new_account() -> Account:

@@ -24,14 +24,11 @@ from domain import (
 )
 from domain import errors as domain_errors
 from messages import CreditsGifted
+from tests.support import t
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
 ONE_MONTH = CreditPolicy(credit_expiration_months=1)
-
-
-def t(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
-    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 def assert_reconciles(account: Account) -> None:
