@@ -113,6 +113,21 @@ class Settings(BaseSettings):
     #: How often the admin page's live bubble re-reads the count (server-sent events).
     admin_live_interval_seconds: float = Field(2.0, ge=0.2, le=300)
 
+    # ------------------------------------------------------------ metrics (Prometheus)
+    #: Worker processes serve their metrics on this port (Dramatiq's exposition server); 0: none.
+    metrics_port: int = Field(9191, ge=0, le=65535)
+    metrics_host: str = Field("0.0.0.0", min_length=1)
+    #: Where worker processes keep prometheus-client's multiprocess files. Unset: a directory
+    #: per metrics port under the system's temporary directory. Emptied when a worker run starts.
+    metrics_dir: str | None = None
+    #: The web's /metrics reads the business figures from the database at most this often.
+    metrics_cache_seconds: float = Field(5.0, ge=0, le=3600)
+    #: ... and gives those queries at most this long (PostgreSQL statement timeout).
+    metrics_query_timeout_ms: int = Field(2_000, ge=100, le=60_000)
+    #: Set: the web's /metrics asks for `Authorization: Bearer <token>` (business figures are
+    #: not for the public). Unset: /metrics is open; keep it off the public network.
+    metrics_token: SecretStr | None = None
+
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)
 
@@ -142,7 +157,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
-    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", mode="before")
+    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", "metrics_dir", "metrics_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and .env files spell "not set" as an empty value.

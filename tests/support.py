@@ -98,6 +98,8 @@ class WorkerProcesses:
 
 
 def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0) -> WorkerProcesses:
+    # A metrics port and directory of their own: test runs share this host (the default is 9191).
+    env = {"METRICS_PORT": str(free_port()), "METRICS_DIR": str(log_path.with_suffix(".metrics")), **env}
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)],

@@ -19,6 +19,7 @@ from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG,
 from service_layer import handlers, notifications, payments, payouts, retention
 from service_layer.errors import EventConflict
 from workers.broker import broker
+from workers.metrics import record_outcome
 from workers.runtime import get_runtime
 
 log = structlog.get_logger("credits.workers")
@@ -80,6 +81,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         log.error("event_rejected", reason=type(error).__name__, detail=detail)
         raise Rejected(detail) from None
     log.info("event_" + outcome.value)
+    record_outcome(outcome.value)
     enqueue_charges(broker, new_attempt_ids)
 
 

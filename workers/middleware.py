@@ -11,6 +11,7 @@ from sqlalchemy import insert
 from infra.db import require_current_schema_now
 from infra.db.tables import dead_letters
 from infra.logging import scrub
+from workers.metrics import WorkerMetrics
 from workers.runtime import get_runtime
 
 log = structlog.get_logger("credits.workers")
@@ -79,13 +80,15 @@ def worker_middleware() -> list[Middleware]:
     """
     from dramatiq.middleware.asyncio import AsyncIO
 
-    return [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters()]
+    settings = get_runtime().settings
+    metrics = [WorkerMetrics(settings)] if settings.metrics_port else []
+    return [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters(), *metrics]
 
 
 #: Dramatiq runs ``after_*`` hooks in *reverse* list order, so these go *before* Retries:
-#: ArchiveDeadLetters must run after Retries has decided (``message.failed``), and LogContext
-#: must clear the log context last, after Retries and ArchiveDeadLetters have logged.
-_BEFORE_RETRIES = (LogContext, ArchiveDeadLetters)
+#: ArchiveDeadLetters and WorkerMetrics must run after Retries has decided (``message.failed``),
+#: and LogContext must clear the log context last, after Retries and ArchiveDeadLetters have logged.
+_BEFORE_RETRIES = (LogContext, ArchiveDeadLetters, WorkerMetrics)
 
 
 def install(broker: dramatiq.Broker) -> dramatiq.Broker:
