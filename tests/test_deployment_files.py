@@ -104,6 +104,13 @@ def test_web_binds_its_published_port(compose, parsed):
     assert args.host == "0.0.0.0"  # reachable from outside the container
 
 
+def test_worker_publishes_its_metrics_port(compose):
+    worker = compose["services"]["worker"]
+    port = worker["environment"].get("METRICS_PORT", Settings.model_fields["metrics_port"].default)
+    assert int(port) > 0, "the worker's metrics are on"
+    assert str(port) in [str(published).split(":")[-1] for published in worker.get("ports", [])]
+
+
 def test_app_services_wait_for_their_dependencies(compose):
     services = compose["services"]
     for name in ("web", "worker", "scheduler"):
