@@ -81,14 +81,7 @@ async def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/admin/login")
 async def login(request: Request):
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > 4_096:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > 4_096:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
+    body = await request.body()  # at most ADMIN_LOGIN_MAX_BODY_BYTES (api.body_limits)
     form = parse_qs(body.decode("utf-8", "replace"))
     given = (form.get("token") or [""])[0]
     expected = request.app.state.settings.admin_api_token.get_secret_value()

@@ -20,6 +20,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from api import admin_page
 from api import metrics as metrics_routes
+from api.body_limits import BodyLimits
+from api.body_limits import limit_for as body_limit_for
 from api import referrals as referral_routes
 from api.auth import admin, frontend
 from infra.broker import enqueue_charges, redis_broker
@@ -36,20 +38,6 @@ from service_layer.unit_of_work import SqlUnitOfWork
 log = structlog.get_logger("credits.api")
 
 NO_NUL = r"^[^\x00]*$"
-#: Stripe's events are a few kilobytes; an unauthenticated body is read no further than this.
-MAX_WEBHOOK_BYTES = 1_000_000
-
-
-async def _body_up_to(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
-    return bytes(body)
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 
 
@@ -375,7 +363,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         if not secrets_:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STRIPE_WEBHOOK_SECRETS is not set")
         publish = publisher(request)
-        payload = await _body_up_to(request, MAX_WEBHOOK_BYTES)
+        payload = await request.body()  # at most STRIPE_WEBHOOK_MAX_BODY_BYTES (api.body_limits)
         try:
             event = verify(payload, stripe_signature, secrets_, settings.stripe_webhook_tolerance_seconds)
         except WebhookRejected as error:
@@ -514,6 +502,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     async def at_risk_count(request: Request) -> CountOut:
         return CountOut(count=await views.at_risk_count(request.app.state.db, now(request), settings.depleted_report_days))
 
+    # Added last, so it runs first: before sessions, routing and every token check.
+    app.add_middleware(BodyLimits, limit_for=body_limit_for(settings))
     return app
 
 

@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     #: Set: the web's /metrics asks for `Authorization: Bearer <token>` (business figures are
     #: not for the public). Unset: /metrics is open; keep it off the public network.
     metrics_token: SecretStr | None = None
+    # ------------------------------------------------------------ HTTP request limits
+    #: `credits web` answers 414 to a longer request line (method, URL, version), before parsing it.
+    http_max_request_line_bytes: int = Field(8_192, ge=256, le=1_048_576)
+    #: ... and 431 to header lines longer than this together.
+    http_max_header_bytes: int = Field(16_384, ge=1_024, le=1_048_576)
+    #: Request bodies of every route not named below (the JSON API): larger is refused with 413.
+    http_max_body_bytes: int = Field(65_536, ge=1_024, le=104_857_600)
+    #: Stripe's events are a few kilobytes; an unauthenticated body is read no further than this.
+    stripe_webhook_max_body_bytes: int = Field(1_000_000, ge=65_536, le=104_857_600)
+    #: The admin page's sign-in form holds one token.
+    admin_login_max_body_bytes: int = Field(4_096, ge=256, le=1_048_576)
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     db_pool_size: int = Field(5, ge=1, le=100)

@@ -88,12 +88,15 @@ def _web(args) -> int:
     import uvicorn
 
     from api.app import app_factory
+    from api.head_limits import HeadLimits, head_limited_protocol
     from infra.db import require_current_schema_now
     from infra.settings import get_settings
 
+    settings = get_settings()
     # Refuse here, in one readable line, rather than from inside uvicorn's lifespan.
-    require_current_schema_now(get_settings().effective_database_url)
-    uvicorn.run(app_factory(), host=args.host, port=args.port, log_config=None, proxy_headers=True)
+    require_current_schema_now(settings.effective_database_url)
+    limits = HeadLimits(settings.http_max_request_line_bytes, settings.http_max_header_bytes)
+    uvicorn.run(app_factory(), host=args.host, port=args.port, log_config=None, proxy_headers=True, http=head_limited_protocol(limits))
     return 0
 
 
