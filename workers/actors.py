@@ -18,6 +18,7 @@ from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
 from service_layer import handlers, notifications, payments, payouts, retention
 from service_layer.errors import EventConflict
+from workers.as_of import parse_as_of
 from workers.broker import broker
 from workers.runtime import get_runtime
 
@@ -145,15 +146,9 @@ def _sweep_time(as_of: str | None) -> datetime:
     if as_of is None:
         return now
     try:
-        moment = datetime.fromisoformat(as_of)
-    except (TypeError, ValueError):
-        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {as_of!r}") from None
-    if moment.tzinfo is None:
-        raise Rejected(f"as_of must carry a timezone, got {as_of!r}")
-    if moment > now:
-        # Sweeping "as of" the future would expire credits customers still own.
-        raise Rejected(f"as_of {as_of} is in the future")
-    return moment
+        return parse_as_of(as_of, now)
+    except ValueError as problem:
+        raise Rejected(str(problem)) from None
 
 
 #: A Friday of 100,000 payees takes minutes here and hours at a provider's pace: Dramatiq's
