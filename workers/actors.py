@@ -5,6 +5,12 @@ Run them with ``dramatiq workers.actors`` (or ``credits worker``).
 
 from __future__ import annotations
 
+from infra.logging import quiet_libraries
+
+# First: Dramatiq's worker processes log at INFO (its basicConfig) until workers.broker sets up
+# ours, and importing alembic (infra.db) logs each of its plugins at INFO.
+quiet_libraries()
+
 from datetime import datetime
 
 import dramatiq
@@ -107,7 +113,8 @@ async def collect_payments(as_of: str | None = None) -> None:
     runtime = get_runtime()
     settings = runtime.settings
     if runtime.provider is None:
-        log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
+        # Said once when the workers start (workers/startup.py), not every run.
+        log.debug("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
@@ -182,7 +189,8 @@ async def send_notifications() -> None:
     """Periodic: send due notifications from the outbox (each at most once)."""
     runtime = get_runtime()
     if runtime.mailer is None:
-        log.warning("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
+        # Said once when the workers start (workers/startup.py), not every minute.
+        log.debug("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
         return
     result = await notifications.deliver(runtime.new_uow, runtime.mailer, runtime.clock.now)
     log.info("notifications_sent", sent=result.sent, retrying=result.retrying, failed=result.failed, uncertain=result.uncertain)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("scheduler", help="enqueue periodic jobs on schedule")
 
     run = commands.add_parser("run", help="enqueue a periodic job now")
-    run.add_argument("job", choices=PERIODIC_JOB_NAMES, help="the periodic job: %(choices)s")
+    run.add_argument("job", choices=PERIODIC_JOB_NAMES, metavar="JOB", help="the periodic job: %(choices)s")
     run.add_argument(
         "--as-of", type=_as_of, metavar="TIME",
         help="run as of this ISO 8601 time with a timezone, not in the future, e.g. 2026-01-31T00:00:00Z, to catch up (default: now)",
@@ -92,14 +92,19 @@ def _demo(args) -> int:
 
 
 def _migrate(args) -> int:
+    import structlog
     from alembic import command
 
     from infra.db.engine import alembic_config
     from infra.settings import get_settings
 
+    from infra.db.engine import head_revision
+    from infra.logging import configure_logging
+
     settings = get_settings()
+    configure_logging(settings.log_level)  # alembic's own lines too: JSON, warnings and above
     command.upgrade(alembic_config(settings.effective_database_url), "head")
-    print("database migrated to head", file=sys.stderr)
+    structlog.get_logger("credits.migrate").info("database_migrated", head=head_revision(), message="database migrated to head")
     return 0
 
 
@@ -117,11 +122,15 @@ def _web(args) -> int:
 
 
 def _worker(args) -> int:
+    from infra.logging import configure_logging
     from infra.settings import get_settings
+    from workers.startup import warn_unset_optional_settings
 
     if not get_settings().redis_url:
         print("credits worker needs REDIS_URL: the embedded default runs in one process (`credits demo`)", file=sys.stderr)
         return 2
+    configure_logging(get_settings().log_level)
+    warn_unset_optional_settings(get_settings())  # once here, not once per worker process or per run
     os.execv(
         sys.executable,
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)],
