@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="simulate months of customers through the real actors")
-    demo.add_argument("--customers", type=int, default=200, help="how many simulated customers (default: %(default)s)")
+    demo.add_argument("--customers", type=int, default=30, help="how many simulated customers (default: %(default)s)")
     demo.add_argument("--months", type=int, default=14, help="how many months of business, ending last month (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=7, help="random seed: the same seed tells the same story (default: %(default)s)")
     demo.add_argument("--keep", action="store_true", help="keep the database, the payouts CSV and the mail file, and print where (default: all removed)")
