@@ -14,11 +14,12 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import StatementError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
-from api import admin_page
+from api import admin_page, health
 from api import metrics as metrics_routes
 from api.body_limits import BodyLimits
 from api.body_limits import limit_for as body_limit_for
@@ -225,7 +226,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             if app.state.broker is not None:
                 app.state.broker.close()
 
-    app = FastAPI(title="credits", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc load Swagger UI and ReDoc from our own origin (fastapi-offline), never a CDN.
+    app = FastAPIOffline(title="credits", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock or SystemClock()
     app.state.db = db
@@ -261,14 +263,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             return await _overflow(request, error.orig)
         raise error
 
+    app.include_router(health.router)
     app.include_router(referral_routes.router)
     app.include_router(admin_page.router)
     app.include_router(metrics_routes.router)
     admin_page.install_session(app, settings)
-
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict:
-        return {"status": "ok"}
 
     @app.get("/api/customers/{customer_id}/credits", response_model=CreditsOut, dependencies=[frontend])
     async def get_credits(customer_id: Identifier, request: Request) -> CreditsOut:

@@ -69,3 +69,14 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_libraries(root.getEffectiveLevel())
+
+
+#: Libraries whose info lines are bookkeeping (APScheduler: every job it runs; alembic: its
+#: plugins, each revision): only their warnings and errors make a line.
+QUIET_LIBRARIES = ("apscheduler", "alembic")
+
+
+def quiet_libraries(level: int = logging.WARNING) -> None:
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, level))

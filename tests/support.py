@@ -198,3 +198,14 @@ def assert_serial_chain(customer_id: str, entries: list) -> None:
     for entry in entries:
         balance += entry["credits"] if entry["kind"] not in HOLD_KINDS else 0
         assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False) -> None:
+    """Signal a process started with its own session (or its whole group), then kill the group if it lingers."""
+    if process.poll() is None:
+        (os.killpg if group else os.kill)(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)

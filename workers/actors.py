@@ -5,6 +5,12 @@ Run them with ``dramatiq workers.actors`` (or ``credits worker``).
 
 from __future__ import annotations
 
+from infra.logging import quiet_libraries
+
+# First: Dramatiq's worker processes log at INFO (its basicConfig) until workers.broker sets up
+# ours, and importing alembic (infra.db) logs each of its plugins at INFO.
+quiet_libraries()
+
 from datetime import datetime
 
 import dramatiq
@@ -18,6 +24,7 @@ from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
 from service_layer import handlers, notifications, payments, payouts, retention
 from service_layer.errors import EventConflict
+from workers.as_of import parse_as_of
 from workers.broker import broker
 from workers.metrics import record_outcome
 from workers.runtime import get_runtime
@@ -108,7 +115,8 @@ async def collect_payments(as_of: str | None = None) -> None:
     runtime = get_runtime()
     settings = runtime.settings
     if runtime.provider is None:
-        log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
+        # Said once when the workers start (workers/startup.py), not every run.
+        log.debug("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
@@ -147,15 +155,9 @@ def _sweep_time(as_of: str | None) -> datetime:
     if as_of is None:
         return now
     try:
-        moment = datetime.fromisoformat(as_of)
-    except (TypeError, ValueError):
-        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {as_of!r}") from None
-    if moment.tzinfo is None:
-        raise Rejected(f"as_of must carry a timezone, got {as_of!r}")
-    if moment > now:
-        # Sweeping "as of" the future would expire credits customers still own.
-        raise Rejected(f"as_of {as_of} is in the future")
-    return moment
+        return parse_as_of(as_of, now)
+    except ValueError as problem:
+        raise Rejected(str(problem)) from None
 
 
 #: A Friday of 100,000 payees takes minutes here and hours at a provider's pace: Dramatiq's
@@ -189,7 +191,8 @@ async def send_notifications() -> None:
     """Periodic: send due notifications from the outbox (each at most once)."""
     runtime = get_runtime()
     if runtime.mailer is None:
-        log.warning("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
+        # Said once when the workers start (workers/startup.py), not every minute.
+        log.debug("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
         return
     result = await notifications.deliver(runtime.new_uow, runtime.mailer, runtime.clock.now)
     log.info("notifications_sent", sent=result.sent, retrying=result.retrying, failed=result.failed, uncertain=result.uncertain)

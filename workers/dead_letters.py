@@ -7,6 +7,7 @@ idempotent by event_id, and the periodic jobs are idempotent.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,14 @@ from sqlalchemy import insert, select, update
 
 from infra.db import Database
 from infra.db.tables import dead_letters
+from infra.logging import redact, scrub
 
 #: Options Dramatiq adds while delivering; dropped so a replay starts with a fresh retry budget.
 DELIVERY_OPTIONS = ("retries", "eta", "redis_message_id", "traceback", "requeue_timestamp", "dead_message_ttl")
+
+
+#: `credits dead-letters list` shows this much of each error; `show` prints it whole.
+LISTED_ERROR_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,13 @@ class DeadLetter:
     error: str | None
     failed_at: datetime
     replayed_at: datetime | None
+    queue_name: str = ""
+    #: The Dramatiq message as it was dead-lettered (JSON text).
+    message: str = ""
+
+
+def _dead_letter(row) -> DeadLetter:
+    return DeadLetter(row.id, row.message_id, row.actor_name, row.error, row.failed_at, row.replayed_at, row.queue_name, row.message)
 
 
 async def list_dead_letters(db: Database, include_replayed: bool = False, limit: int = 100) -> list[DeadLetter]:
@@ -38,7 +51,73 @@ async def list_dead_letters(db: Database, include_replayed: bool = False, limit:
         query = query.where(dead_letters.c.replayed_at.is_(None))
     async with db.connect() as connection:
         rows = (await connection.execute(query)).all()
-    return [DeadLetter(r.id, r.message_id, r.actor_name, r.error, r.failed_at, r.replayed_at) for r in rows]
+    return [_dead_letter(r) for r in rows]
+
+
+async def get_dead_letter(db: Database, dead_letter_id: int) -> DeadLetter | None:
+    async with db.connect() as connection:
+        row = (await connection.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id))).first()
+    return _dead_letter(row) if row is not None else None
+
+
+def summary_line(row: DeadLetter) -> str:
+    """One line of `credits dead-letters list`: the error cut at a word, personal data masked."""
+    replayed = f" replayed {row.replayed_at:%Y-%m-%d %H:%M}" if row.replayed_at else ""
+    error = clip(scrub(row.error or ""), LISTED_ERROR_CHARS)
+    return f"{row.id:>6}  {row.failed_at:%Y-%m-%d %H:%M:%S}  {row.actor_name:<16} {error}{replayed}"
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, cut at a word boundary with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if space > width // 2:  # a word boundary not too far back; else one very long word is cut
+        cut = cut[:space]
+    return cut.rstrip(" ,;:.") + "…"
+
+
+def full_text(row: DeadLetter) -> str:
+    """Everything about one dead letter, for `credits dead-letters show`: the whole error and the
+    message, its event decoded, with personal data masked by the log's own redaction."""
+    lines = [
+        f"dead letter {row.id}",
+        f"  message id   {row.message_id}",
+        f"  actor        {row.actor_name} (queue {row.queue_name})",
+        f"  failed at    {row.failed_at.isoformat()}",
+        f"  replayed at  {row.replayed_at.isoformat() if row.replayed_at else 'never'}",
+        "error:",
+        _indent(scrub(row.error or "(none recorded)")),
+        "message:",
+        _indent(json.dumps(_masked_message(row.message), indent=2, ensure_ascii=False, default=str)),
+    ]
+    return "\n".join(lines)
+
+
+def _masked_message(text: str) -> object:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return scrub(text)  # not JSON (an undecodable envelope): masked as text
+    if isinstance(message, dict) and isinstance(message.get("kwargs"), dict):
+        # An event travels as JSON text inside the message: decode it so its fields are masked by name.
+        message["kwargs"] = {k: _json_or_text(v) for k, v in message["kwargs"].items()}
+    return redact(None, None, {"message": message})["message"]
+
+
+def _json_or_text(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines() or [""])
 
 
 async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now: datetime, force: bool = False) -> list[str]:
