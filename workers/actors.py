@@ -58,9 +58,11 @@ async def apply_event(*args: object, **kwargs: object) -> None:
     try:
         event = parse_event(kwargs[EVENT_KWARG])
     except ValidationError as error:
-        problems = error.errors(include_url=False, include_input=False, include_context=False)
+        # Where and what kind, never the input: a message may quote it (an email, a card number).
+        problems = [{"loc": e["loc"], "type": e["type"]} for e in error.errors(include_url=False, include_input=False, include_context=False)]
         log.error("event_rejected", reason="invalid event", errors=problems)
-        raise Rejected(f"invalid event: {problems}") from None
+        # "type at field", not "field: type": a field named like a secret would mask its type.
+        raise Rejected("invalid event: " + "; ".join(f"{p['type']} at {'.'.join(map(str, p['loc'])) or 'the event'}" for p in problems)) from None
     structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
     runtime = get_runtime()
     problem = runtime.settings.event_window.problem(event.occurred_at, runtime.clock.now())
@@ -87,7 +89,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
 async def charge_payment_attempts(attempt_ids: list[int]) -> None:
     """Charge requested payment attempts now ("retry now", a new payment method)."""
     if not isinstance(attempt_ids, list) or not all(type(i) is int for i in attempt_ids):
-        raise Rejected(f"attempt_ids must be a list of integers, got {attempt_ids!r}")
+        raise Rejected(f"attempt_ids must be a list of integers, got {_shape(attempt_ids)}")
     runtime = get_runtime()
     if runtime.provider is None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
@@ -147,13 +149,19 @@ def _sweep_time(as_of: str | None) -> datetime:
     try:
         moment = datetime.fromisoformat(as_of)
     except (TypeError, ValueError):
-        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {as_of!r}") from None
+        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {_shape(as_of)}") from None
     if moment.tzinfo is None:
-        raise Rejected(f"as_of must carry a timezone, got {as_of!r}")
+        raise Rejected(f"as_of must carry a timezone, got {as_of}")
     if moment > now:
         # Sweeping "as of" the future would expire credits customers still own.
         raise Rejected(f"as_of {as_of} is in the future")
     return moment
+
+
+def _shape(value: object) -> str:
+    """What a bad argument is, without its content (a refusal is logged; the message is in the dead letters)."""
+    size = f" of length {len(value)}" if isinstance(value, (str, bytes, list, dict)) else ""
+    return f"a {type(value).__name__}{size}"
 
 
 #: A Friday of 100,000 payees takes minutes here and hours at a provider's pace: Dramatiq's
