@@ -19,6 +19,9 @@ from infra.masking import DEFAULT_MAX_CHARS, is_secret_field, scrub
 
 __all__ = ["configure_logging", "redactor", "scrub"]
 
+#: A traceback (the ``exception`` field) may be this many times LOG_MAX_VALUE_CHARS: its frames
+#: are what an operator needs, and it is code's text more than the input's.
+TRACEBACK_FACTOR = 4
 #: A logged list or mapping keeps at most this many items.
 MAX_ITEMS = 50
 _PLAIN = (str, int, float, bool, type(None))
@@ -54,7 +57,7 @@ def redactor(max_chars: int = DEFAULT_MAX_CHARS):
     def redact(_logger, _method, event_dict: dict) -> dict:
         for key, value in list(event_dict.items()):
             if key not in _OWN_FIELDS:
-                event_dict[key] = _clean(key, value, max_chars)
+                event_dict[key] = _clean(key, value, max_chars * TRACEBACK_FACTOR if key == "exception" else max_chars)
         return event_dict
 
     return redact

@@ -137,3 +137,11 @@ def test_the_encoder_refuses_an_oversized_message_unread_and_never_quotes_one():
             encoder.decode(bad)
         assert "bob" not in str(error.value)
     assert encoder.decode(b'{"a": 1}') == {"a": 1}
+
+
+def test_a_traceback_keeps_more_but_is_bounded_too():
+    redact = redactor(max_chars=500)
+    frames = "".join(f'  File "x.py", line {n}, in f\n' for n in range(400))
+    line = redact(None, "error", {"event": "crashed", "exception": f"Traceback:\n{frames}ValueError: bob@example.com", "detail": frames})
+    assert 1_500 < len(line["exception"]) < 2_100 and line["exception"].endswith("ValueError: [email]")
+    assert len(line["detail"]) < 600
