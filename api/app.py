@@ -515,5 +515,5 @@ def app_factory() -> FastAPI:
     from infra.logging import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_max_value_chars)
     return create_app(settings)

@@ -8,9 +8,9 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import DecodeError
 
-from infra.logging import scrub
-from messages.wire import CHARGE_ATTEMPTS_ACTOR, PAYMENTS_QUEUE
 from infra.settings import Settings
+from infra.wire_encoder import MessageTooLarge
+from messages.wire import CHARGE_ATTEMPTS_ACTOR, PAYMENTS_QUEUE
 
 log = structlog.get_logger("credits.broker")
 
@@ -23,38 +23,50 @@ class DeadLetteringRedisBroker(RedisBroker):
 
     Dramatiq's Redis consumer raises on such an envelope and stalls every message it had
     prefetched; a producer in another language can write one. Here it goes to the dead-letter
-    queue (`<queue>.XQ`) with an error log, and the rest of the batch is delivered.
+    queue (`<queue>.XQ`) with an error log, and the rest of the batch is delivered. So does an
+    envelope larger than MAX_MESSAGE_BYTES: the encoder (``infra.wire_encoder``) refuses it
+    before reading it. The log line says why and how big, never what it holds.
     """
 
     def do_fetch(self, queue_name: str, prefetch: int) -> list:
         batch = self._dispatch("fetch")(queue_name, prefetch)
-        undecodable = []
+        refused: dict[bytes, DecodeError] = {}
         for data in batch:
             if data is None:
                 continue
             try:
                 Message.decode(data)
-            except DecodeError:
-                undecodable.append(data)
-        if undecodable:
-            self._dead_letter(queue_name, undecodable)
-            batch = [data for data in batch if data not in undecodable]
+            except DecodeError as error:
+                refused[data] = error
+        if refused:
+            self._dead_letter(queue_name, refused)
+            batch = [data for data in batch if data not in refused]
         return batch
 
-    def _dead_letter(self, queue_name: str, undecodable: list[bytes]) -> None:
+    def _dead_letter(self, queue_name: str, refused: dict[bytes, DecodeError]) -> None:
         # Fetching moved the ids into this broker's ack set; find theirs and nack them (to the XQ).
         acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
         messages = f"{self.namespace}:{queue_name}.msgs"
+        reasons = {data: error.error or error for data, error in refused.items()}
+        # Any envelope over the limit is refused, so one is known by its length: never read twice.
+        limit = min((r.limit for r in reasons.values() if isinstance(r, MessageTooLarge)), default=None)
+        sizes = {len(data) for data, reason in reasons.items() if not isinstance(reason, MessageTooLarge)}
         for redis_message_id in self.client.smembers(acks):
-            data = self.client.hget(messages, redis_message_id)
-            if data in undecodable:
-                self.do_nack(queue_name, redis_message_id.decode())
-                log.error(
-                    "message_undecodable",
-                    queue=queue_name,
-                    redis_message_id=redis_message_id.decode(),
-                    raw=scrub(data.decode("utf-8", "replace")[:500]),
-                )
+            size = self.client.hstrlen(messages, redis_message_id)
+            if limit is not None and size > limit:
+                reason = MessageTooLarge(size, limit)
+            elif size in sizes and (data := self.client.hget(messages, redis_message_id)) in reasons:
+                reason = reasons[data]
+            else:
+                continue
+            self.do_nack(queue_name, redis_message_id.decode())
+            log.error(
+                "message_too_large" if isinstance(reason, MessageTooLarge) else "message_undecodable",
+                queue=queue_name,
+                redis_message_id=redis_message_id.decode(),
+                bytes=size,
+                reason=f"{type(reason).__name__}: {reason}",
+            )
 
 
 def redis_broker(settings: Settings, middleware: list | None = None) -> RedisBroker:

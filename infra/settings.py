@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     admin_login_max_body_bytes: int = Field(4_096, ge=256, le=1_048_576)
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    #: Every logged string is cut to this many characters (start and end kept) before masking.
+    log_max_value_chars: int = Field(2_000, ge=200, le=100_000)
+    #: A message larger than this (bytes, as stored in the broker) is dead-lettered unread.
+    max_message_bytes: int = Field(65_536, ge=4_096, le=16_777_216)
     db_pool_size: int = Field(5, ge=1, le=100)
 
     @field_validator("database_url")

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from domain import DomainError
 from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
+from infra.masking import shape_of
 from messages import parse_event
 from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
@@ -66,9 +67,11 @@ async def apply_event(*args: object, **kwargs: object) -> None:
     try:
         event = parse_event(kwargs[EVENT_KWARG])
     except ValidationError as error:
-        problems = error.errors(include_url=False, include_input=False, include_context=False)
+        # Where and what kind, never the input: a message may quote it (an email, a card number).
+        problems = [{"loc": e["loc"], "type": e["type"]} for e in error.errors(include_url=False, include_input=False, include_context=False)]
         log.error("event_rejected", reason="invalid event", errors=problems)
-        raise Rejected(f"invalid event: {problems}") from None
+        # "type at field", not "field: type": a field named like a secret would mask its type.
+        raise Rejected("invalid event: " + "; ".join(f"{p['type']} at {'.'.join(map(str, p['loc'])) or 'the event'}" for p in problems)) from None
     structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
     runtime = get_runtime()
     problem = runtime.settings.event_window.problem(event.occurred_at, runtime.clock.now())
@@ -96,7 +99,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
 async def charge_payment_attempts(attempt_ids: list[int]) -> None:
     """Charge requested payment attempts now ("retry now", a new payment method)."""
     if not isinstance(attempt_ids, list) or not all(type(i) is int for i in attempt_ids):
-        raise Rejected(f"attempt_ids must be a list of integers, got {attempt_ids!r}")
+        raise Rejected(f"attempt_ids must be a list of integers, got {shape_of(attempt_ids)}")
     runtime = get_runtime()
     if runtime.provider is None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")

@@ -109,13 +109,14 @@ async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db,
             assert "expected kwargs {'event': <JSON string>}" in line["detail"], name
         else:
             assert line["reason"] == "invalid event", name
-            assert line["errors"] and all({"type", "loc", "msg"} <= set(error) for error in line["errors"]), name
+            # By location and type only: pydantic's message may quote the input.
+            assert line["errors"] and all(set(error) == {"type", "loc"} for error in line["errors"]), name
             if expected != "invalid event":
                 assert expected in {error["type"] for error in line["errors"]}, (name, line["errors"])
         assert retry_lines(workers, message_id) == [], f"{name} was retried"
         assert sum(r.get("event") == f"Aborting message '{message_id}'." for r in records) == 1, name
     missing = next(r for r in records if r.get("message_id") == bad["missing field"] and r.get("event") == "event_rejected")
-    assert {"type": "missing", "loc": ["job.completed", "job_id"], "msg": "Field required"} in missing["errors"]
+    assert {"type": "missing", "loc": ["job.completed", "job_id"]} in missing["errors"]
 
     # Redis dead-letter queue: exactly the bad messages, with their original content.
     xq = dead_lettered(redis_client)
