@@ -18,7 +18,11 @@ from sqlalchemy import insert, select, update
 
 from infra.db import Database
 from infra.db.tables import dead_letters
-from infra.logging import redact, scrub
+from infra.logging import redactor, scrub
+
+#: `show` prints a dead letter whole (masked): a message is at most MAX_MESSAGE_BYTES, this is well above.
+_WHOLE = 1_000_000
+_redact_whole = redactor(_WHOLE)
 
 #: Options Dramatiq adds while delivering; dropped so a replay starts with a fresh retry budget.
 DELIVERY_OPTIONS = ("retries", "eta", "redis_message_id", "traceback", "requeue_timestamp", "dead_message_ttl")
@@ -89,7 +93,7 @@ def full_text(row: DeadLetter) -> str:
         f"  failed at    {row.failed_at.isoformat()}",
         f"  replayed at  {row.replayed_at.isoformat() if row.replayed_at else 'never'}",
         "error:",
-        _indent(scrub(row.error or "(none recorded)")),
+        _indent(scrub(row.error or "(none recorded)", _WHOLE)),
         "message:",
         _indent(json.dumps(_masked_message(row.message), indent=2, ensure_ascii=False, default=str)),
     ]
@@ -100,11 +104,11 @@ def _masked_message(text: str) -> object:
     try:
         message = json.loads(text)
     except ValueError:
-        return scrub(text)  # not JSON (an undecodable envelope): masked as text
+        return scrub(text, _WHOLE)  # not JSON (an undecodable envelope): masked as text
     if isinstance(message, dict) and isinstance(message.get("kwargs"), dict):
         # An event travels as JSON text inside the message: decode it so its fields are masked by name.
         message["kwargs"] = {k: _json_or_text(v) for k, v in message["kwargs"].items()}
-    return redact(None, None, {"message": message})["message"]
+    return _redact_whole(None, None, {"message": message})["message"]
 
 
 def _json_or_text(value: object) -> object:
