@@ -236,7 +236,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             if app.state.broker is not None:
                 app.state.broker.close()
 
-    app = FastAPI(title="credits", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: those pages load Swagger UI from a CDN with inline script, which the
+    # Content-Security-Policy on every response forbids. The schema stays at /openapi.json.
+    app = FastAPI(title="credits", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.clock = clock or SystemClock()
     app.state.db = db

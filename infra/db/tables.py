@@ -509,3 +509,30 @@ expiry_warnings = Table(
     Column("expires_at", UtcDateTime, primary_key=True),
     Column("warned_at", UtcDateTime, nullable=False),
 )
+
+
+# ---------------------------------------------------------------- admin page sessions
+
+# A signed-in admin page. The cookie carries a random id; only its SHA-256 is stored, so the
+# table cannot be replayed as cookies. The admin token's fingerprint (an HMAC keyed by the
+# token) is kept with it: once the token is rotated no stored session matches any more.
+admin_sessions = Table(
+    "admin_sessions",
+    metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("token_fingerprint", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False),
+    # created_at + ADMIN_SESSION_MAX_HOURS: the session ends then, however active.
+    Column("expires_at", UtcDateTime, nullable=False),
+)
+
+# Sign-in attempts per client address (and one "all" bucket) in fixed windows: every web
+# process counts in the same rows.
+admin_sign_in_attempts = Table(
+    "admin_sign_in_attempts",
+    metadata,
+    Column("bucket", String(64), primary_key=True),
+    Column("window_ends", UtcDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
