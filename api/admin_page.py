@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 from datetime import datetime
 from pathlib import Path as FilePath
@@ -79,7 +80,10 @@ async def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/admin/login")
 async def login(request: Request):
-    await count_sign_in_attempt(request)  # before anything is read or compared
+    wait = await count_sign_in_attempt(request)  # before anything is read or compared
+    if wait is not None:
+        refusal = f"Too many sign-in attempts: try again in {math.ceil(wait / 60)} minute(s)."
+        return HTMLResponse(LOGIN.replace("{{error}}", refusal), status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers={"Retry-After": str(wait)})
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > 4_096:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")

@@ -12,7 +12,7 @@ import ipaddress
 import math
 from datetime import timedelta
 
-from fastapi import HTTPException, Request, status
+from fastapi import Request
 
 from infra.db.admin_sessions import SqlSignInAttempts
 from service_layer.unit_of_work import SqlUnitOfWork
@@ -33,8 +33,8 @@ def client_bucket(request: Request) -> str:
     return f"addr:{address}"
 
 
-async def count_sign_in_attempt(request: Request) -> None:
-    """Count this attempt; raise 429 (with Retry-After) if it is one too many."""
+async def count_sign_in_attempt(request: Request) -> int | None:
+    """Count this attempt: None if it is allowed, else how many seconds until it would be."""
     settings = request.app.state.settings
     now = request.app.state.session_clock.now()
     window = timedelta(minutes=settings.admin_sign_in_window_minutes)
@@ -48,6 +48,4 @@ async def count_sign_in_attempt(request: Request) -> None:
                 refused_until = window_ends
                 break
         await uow.commit()
-    if refused_until is not None:
-        seconds = max(1, math.ceil((refused_until - now).total_seconds()))
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many sign-in attempts: wait and try again", headers={"Retry-After": str(seconds)})
+    return None if refused_until is None else max(1, math.ceil((refused_until - now).total_seconds()))

@@ -147,6 +147,7 @@ async def test_sign_in_is_limited_per_address_and_in_all_with_429_and_retry_afte
             refused = await first.post("/admin/login", data={"token": ADMIN_TOKEN})  # even the right token
             assert refused.status_code == 429, refused.text
             assert refused.headers["retry-after"] == str(10 * 60)  # the window's 15 minutes, 5 of them gone
+            assert "Too many sign-in attempts: try again in 10 minute(s)." in refused.text  # on the sign-in page
             assert COOKIE not in first.cookies
 
             # Another address has its own allowance, until everyone's together is used up
