@@ -18,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import StatementError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
+from domain import CreditLimitExceeded, DomainError, HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from api import admin_page, health
 from api import metrics as metrics_routes
 from api.body_limits import BodyLimits
@@ -245,6 +245,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the input back, and cannot serialise NaN or Infinity.
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder={float: _finite})})
+
+    @app.exception_handler(DomainError)
+    async def _refused(request: Request, error: DomainError) -> JSONResponse:
+        # A rule the ledger refuses (a balance past its bound, say) is the caller's conflict, never a 500.
+        reason = "credit_limit" if isinstance(error, CreditLimitExceeded) else "refused"
+        return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(error), "reason": reason})
 
     @app.exception_handler(OverflowError)
     async def _overflow(request: Request, error: OverflowError) -> JSONResponse:

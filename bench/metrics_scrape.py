@@ -8,7 +8,7 @@ a dunning case per 100 events, a payout per 1,000, a pending notification per 1,
 customer per 10 (a tenth of them out of credits for weeks), then ``VACUUM ANALYZE``d.
 
 Timed, ``--repetitions`` times each after one warm-up: ``read_figures`` (every query of a
-scrape) with the 0006 indexes, then the same with them dropped (what a scrape would cost
+scrape) with the 0008 indexes, then the same with them dropped (what a scrape would cost
 without them). Printed: p50 and max in ms. A scrape is served from the cache between reads
 (METRICS_CACHE_SECONDS), so this is the database's cost per cache period, not per scrape.
 """
@@ -77,7 +77,7 @@ async def main(events: int, repetitions: int) -> None:
         await seed(scratch.dsn, events)
         db = Database(scratch.url)
         try:
-            rows = [("with the 0006 indexes", await timed(db, repetitions))]
+            rows = [("with the 0008 indexes", await timed(db, repetitions))]
             async with db.begin() as connection:
                 await connection.exec_driver_sql("DROP INDEX ix_processed_events_type")
                 await connection.exec_driver_sql("DROP INDEX ix_dunning_cases_status")

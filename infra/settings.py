@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -112,6 +113,16 @@ class Settings(BaseSettings):
     admin_cookie_secure: bool = True
     #: How often the admin page's live bubble re-reads the count (server-sent events).
     admin_live_interval_seconds: float = Field(2.0, ge=0.2, le=300)
+    #: An admin page session ends after this long without a request, and in any case this long after sign-in.
+    admin_session_idle_minutes: int = Field(30, ge=1, le=1440)
+    admin_session_max_hours: int = Field(8, ge=1, le=168)
+    #: Sign-in attempts allowed per client address, and from everyone together, per window; more answer 429.
+    admin_sign_in_limit_per_address: int = Field(10, ge=1, le=10_000)
+    admin_sign_in_limit_total: int = Field(100, ge=1, le=1_000_000)
+    admin_sign_in_window_minutes: int = Field(15, ge=1, le=1440)
+    #: Where the admin page is served from (scheme://host[:port], comma-separated): a state-changing
+    #: admin request must come from one of them. Unset: from the host the request was sent to.
+    admin_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
     # ------------------------------------------------------------ metrics (Prometheus)
     #: Worker processes serve their metrics on this port (Dramatiq's exposition server); 0: none.
@@ -187,6 +198,16 @@ class Settings(BaseSettings):
             text = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
             if not text.startswith("whsec_"):
                 raise ValueError("each secret must be a Stripe webhook signing secret (whsec_...)")
+        return value
+
+    @field_validator("admin_allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip().rstrip("/").lower() for part in value.split(",") if part.strip())
+        for origin in value or ():
+            if not re.fullmatch(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?", str(origin)):
+                raise ValueError(f"{origin!r} is not an origin such as https://admin.example.com (scheme, host, optional port; no path)")
         return value
 
     @field_validator("stripe_plan_credits", mode="before")

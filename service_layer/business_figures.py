@@ -1,6 +1,6 @@
 """The business at a glance, read from the ledger for the web's /metrics.
 
-A few counts, each from an index (processed_events and dunning_cases by their 0006 indexes,
+A few counts, each from an index (processed_events and dunning_cases by their 0008 indexes,
 the outbox and at-risk customers by partial indexes), in one read under a statement timeout:
 a slow database makes a scrape fail, never pile up.
 """

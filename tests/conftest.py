@@ -27,7 +27,7 @@ LEDGER_TABLES = (
     "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, "
     "stripe_customers, stripe_events, stripe_payments, dunning_cases, payment_attempts, "
     "customer_profiles, referrers, referral_codes, referrals, referral_history, referral_clawbacks, payouts, payout_items, "
-    "notifications, customer_notes, retention_crossings"
+    "notifications, customer_notes, retention_crossings, admin_sessions, admin_sign_in_attempts"
 )
 
 

@@ -1,13 +1,13 @@
 """Indexes the web's /metrics counts from: events by type, dunning cases by state
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-05 05:50:00
 """
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = '0008'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
