@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from workers import legacy_cli
+
 PERIODIC_JOB_NAMES = (
     "expire_credits",
     "lapse_holds",
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     dead_replay = dead_commands.add_parser("replay", help="re-enqueue dead letters by id")
     dead_replay.add_argument("ids", type=int, nargs="+")
     dead_replay.add_argument("--force", action="store_true", help="replay even if replayed before")
+
+    legacy_cli.register(commands)
 
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args) or 0
@@ -208,6 +212,7 @@ COMMANDS = {
     "scheduler": _scheduler,
     "run": _run,
     "dead-letters": _dead_letters,
+    legacy_cli.COMMAND: legacy_cli.run,
 }
 
 if __name__ == "__main__":
