@@ -30,9 +30,13 @@ PRINTED = 20
 
 
 class Progress(Protocol):
+    """Where the import shows how far it is, and prints its report lines."""
+
     def start(self, phase: str, total: int | None) -> None: ...
 
     def advance(self, amount: int) -> None: ...
+
+    def say(self, line: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class _Pending:
     rows: int = 0
 
 
-async def import_legacy(request: ImportRequest, db: Database, policy: CreditPolicy, now: datetime, progress: Progress, say: Callable[[str], None]) -> ImportSummary:
+async def import_legacy(
+    request: ImportRequest, db: Database, policy: CreditPolicy, now: datetime, progress: Progress, writer: LegacyLedgerWriter | None = None
+) -> ImportSummary:
     """Raises UnusableInput (nothing imported) when a file cannot be read or lacks a column."""
     summary = ImportSummary(dry_run=request.dry_run)
     with Staging() as staging:
@@ -92,23 +98,33 @@ async def import_legacy(request: ImportRequest, db: Database, policy: CreditPoli
             staging.load_map(request.customer_map)
         if request.balances:
             staging.load_balances(request.balances)
-        with _Reports(request, say, summary) as reports:
+        with _Reports(request, progress.say, summary) as reports:
             for file, line, problem in staging.file_problems():
                 reports.problem(file, line, "", "", "", problem)
-            await _import_members(staging, LegacyLedgerWriter(db), request, policy, now, progress, reports)
+            await _import_members(staging, writer or LegacyLedgerWriter(db), _Rules(policy, now), request.dry_run, progress, reports)
             for member, balance, customer in staging.balances_without_history():
                 reports.no_history(member, customer or member, balance)
-    say(summary.describe())
+    progress.say(summary.describe())
     return summary
 
 
-async def _import_members(staging: Staging, writer: LegacyLedgerWriter, request: ImportRequest, policy: CreditPolicy, now: datetime, progress: Progress, reports: _Reports) -> None:
+@dataclass(frozen=True)
+class _Rules:
+    policy: CreditPolicy
+    now: datetime
+
+    @property
+    def sweep_event_id(self) -> str:
+        # What is due at import time expires as the sweep would, under the sweep's kind of id.
+        return f"sweep:{self.now.isoformat()}"
+
+
+async def _import_members(staging: Staging, writer: LegacyLedgerWriter, rules: _Rules, dry_run: bool, progress: Progress, reports: _Reports) -> None:
     progress.start("importing members", staging.member_count())
-    sweep_event_id = f"sweep:{now.isoformat()}"
     pending, writing = _Pending(), None
     for staged in staging.members():
         reports.summary.members += 1
-        replayed = _replayed(staged, policy, now, sweep_event_id, reports)
+        replayed = _replayed(staged, rules, reports)
         if replayed is None:
             progress.advance(1)
             continue
@@ -120,14 +136,14 @@ async def _import_members(staging: Staging, writer: LegacyLedgerWriter, request:
             # One group is written while the next is replayed: the database works alongside.
             if writing is not None:
                 await writing
-            writing = asyncio.ensure_future(_flush(pending, writer, request.dry_run, progress, reports))
+            writing = asyncio.ensure_future(_flush(pending, writer, dry_run, progress, reports))
             pending = _Pending()
     if writing is not None:
         await writing
-    await _flush(pending, writer, request.dry_run, progress, reports)
+    await _flush(pending, writer, dry_run, progress, reports)
 
 
-def _replayed(staged: StagedMember, policy: CreditPolicy, now: datetime, sweep_event_id: str, reports: _Reports) -> tuple | None:
+def _replayed(staged: StagedMember, rules: _Rules, reports: _Reports) -> tuple | None:
     """The member's checked rows replayed, with its mismatches; None (reported) when it is left out."""
     customer_id = staged.customer_id or staged.membership_id
     problems = [(file, line, "", problem) for file, line, problem in staged.problems]
@@ -142,7 +158,7 @@ def _replayed(staged: StagedMember, policy: CreditPolicy, now: datetime, sweep_e
     expected = _expected_balance(staged, problems)
     if not problems:
         try:
-            result = replay(customer_id, rows, policy, now, sweep_event_id)
+            result = replay(customer_id, rows, rules.policy, rules.now, rules.sweep_event_id)
         except (DomainError, ValueError) as refused:
             problems.append(("transactions", None, "", f"refused by the ledger rules: {refused}"))
     if problems:

@@ -63,7 +63,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         await require_current_schema(db)
         with _RichProgress() as progress:
-            summary = await import_legacy(request, db, settings.policy, datetime.now(timezone.utc), progress, progress.say)
+            summary = await import_legacy(request, db, settings.policy, datetime.now(timezone.utc), progress)
     finally:
         await db.dispose()
     return summary.exit_status
