@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import asyncpg
-from sqlalchemy import insert, select, text
+from sqlalchemy import String, bindparam, func, insert, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -109,19 +110,25 @@ class LegacyLedgerWriter:
 
 async def _classify(connection: AsyncConnection, members: Sequence[ReplayedMember]) -> dict[str, Settled]:
     """Which members an earlier run imported, which cannot be imported, and which are new."""
-    event_ids = [row.event_id for member in members for row in member.rows]
-    seen: dict[str, str] = {}
-    for chunk in _chunked(event_ids):
-        query = select(processed_events.c.event_id, processed_events.c.fingerprint).where(processed_events.c.event_id.in_(chunk))
-        seen.update({row.event_id: row.fingerprint for row in await connection.execute(query)})
-    existing: set[str] = set()
-    for chunk in _chunked([member.customer_id for member in members]):
-        existing.update((await connection.execute(select(customers.c.customer_id).where(customers.c.customer_id.in_(chunk)))).scalars())
+    seen = dict(await _present(connection, processed_events.c.event_id, [row.event_id for m in members for row in m.rows], processed_events.c.fingerprint))
+    existing = {customer for customer, _ in await _present(connection, customers.c.customer_id, [m.customer_id for m in members])}
     settled: dict[str, Settled] = {}
     for member in members:
         settled[member.membership_id] = _settled(member, seen, existing)
         existing.add(member.customer_id)  # a later membership of the group mapped to it is refused too
     return settled
+
+
+async def _present(connection: AsyncConnection, key, values: list[str], *columns) -> list[tuple]:
+    """(key, *columns) of the rows whose key is among ``values``."""
+    found: list[tuple] = []
+    if connection.dialect.name == "postgresql":
+        # One array parameter, however many values (an IN list would bind each one).
+        query = select(key, *columns).where(key == func.any(bindparam("values", type_=ARRAY(String))))
+        return [tuple(row) for row in await connection.execute(query, {"values": values})]
+    for chunk in _chunked(values):
+        found += [tuple(row) for row in await connection.execute(select(key, *columns).where(key.in_(chunk)))]
+    return found
 
 
 def _settled(member: ReplayedMember, seen: dict[str, str], existing: set[str]) -> Settled:
