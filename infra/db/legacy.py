@@ -111,7 +111,7 @@ class LegacyLedgerWriter:
 async def _classify(connection: AsyncConnection, members: Sequence[ReplayedMember]) -> dict[str, Settled]:
     """Which members an earlier run imported, which cannot be imported, and which are new."""
     seen = dict(await _present(connection, processed_events.c.event_id, [row.event_id for m in members for row in m.rows], processed_events.c.fingerprint))
-    existing = {customer for customer, _ in await _present(connection, customers.c.customer_id, [m.customer_id for m in members])}
+    existing = {row[0] for row in await _present(connection, customers.c.customer_id, [m.customer_id for m in members])}
     settled: dict[str, Settled] = {}
     for member in members:
         settled[member.membership_id] = _settled(member, seen, existing)
