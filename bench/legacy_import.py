@@ -6,7 +6,8 @@ Generates an unsorted export (members split across the file, `Expired` rows, ove
 DST offsets) with tests/legacy/history.py, whose oracle also writes the balances file, then
 runs the real `credits import-legacy` command (a process of its own, progress bar and all)
 against a scratch PostgreSQL database (created, migrated, dropped). Reported: rows, wall
-time, rows per second, the command's peak memory, and whether every balance matched.
+time, rows per second, the command's CPU seconds and peak memory, the machine's load, and the
+command's summary (whether every balance matched).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CREDITS_SCRIPT = str(Path(sys.executable).with_name("credits"))
 
 def timed_import(url: str, directory: Path, export, label: str) -> None:
     env = {**os.environ, "DATABASE_URL": url}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     result = subprocess.run(
         [CREDITS_SCRIPT, "import-legacy", str(export.transactions), "--balances", str(export.balances), "--report", str(directory / "report.csv")],
@@ -39,9 +41,14 @@ def timed_import(url: str, directory: Path, export, label: str) -> None:
         text=True,
     )
     elapsed = time.monotonic() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the command itself: on a shared machine the wall time says more about the neighbours.
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
     print(result.stdout.strip().splitlines()[-1])
-    print(f"{label}: {export.rows} rows in {elapsed:.1f} s ({export.rows / elapsed:,.0f} rows/s), exit {result.returncode}, peak RSS so far {peak_mb:.0f} MB")
+    print(
+        f"{label}: {export.rows} rows in {elapsed:.1f} s ({export.rows / elapsed:,.0f} rows/s), exit {result.returncode}; "
+        f"the command used {cpu:.0f} CPU s; peak RSS so far {usage.ru_maxrss / 1024:.0f} MB; load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 async def main(members: int, rows_per_member: int, seed: int, rerun: bool) -> None:

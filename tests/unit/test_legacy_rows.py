@@ -159,3 +159,20 @@ def test_replay_agrees_with_the_independent_oracle_of_the_old_system(seed):
     result = replayed(*rows)
     assert result.account.book_balance == expected
     assert result.mismatches == []
+
+
+def test_the_worked_example_of_docs_migration():
+    lines = [
+        "4,m-17,Debit,-12,2025-03-10T09:00:00-04:00,",
+        "1,m-17,Credit,10,2024-01-15T10:00:00-05:00,2025-01-15T10:00:00-05:00",
+        "2,m-17,Debit,-4,2024-06-01T12:00:00-04:00,",
+        "3,m-17,Credit,8,2025-02-01T10:00:00-05:00,2026-02-01T10:00:00-05:00",
+        "5,m-17,Expired,-6,2025-01-20T08:00:00-05:00,",
+        "6,m-17,Adjusted,5,2025-04-01T12:00:00-04:00,",
+    ]
+    rows = [parse_row(number, *line.split(",")) for number, line in enumerate(lines, start=2)]
+    result = replay("m-17", rows, POLICY, t(2025, 5, 1), "sweep:test")
+    assert result.mismatches == [] and result.account.book_balance == 1 and result.account.overdraft == 0
+    expired = [e for e in result.account.new_entries if e.kind is EntryKind.EXPIRED]
+    assert [(e.credits, e.occurred_at) for e in expired] == [(-6, t(2025, 1, 15, 15))]
+    assert result.account.lots[-1].expires_at == t(2026, 4, 1, 16)
