@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -97,8 +97,9 @@ class LegacyRow:
         return hashlib.sha256(self.payload_json.encode()).hexdigest()
 
 
-def parse_row(line: int, row_id: str, membership_id: str, kind: str, amount: str, created_at: str, expires_at: str) -> LegacyRow:
-    """One transactions row, checked. Raises BadRow saying what is wrong with it."""
+def parse_row(line: int, fields: Sequence[str]) -> LegacyRow:
+    """One transactions row (its TRANSACTION_COLUMNS, in order), checked. Raises BadRow saying what is wrong."""
+    row_id, membership_id, kind, amount, created_at, expires_at = fields
     row_id, membership_id = row_id.strip(), membership_id.strip()
     if not row_id:
         raise BadRow("missing Id")

@@ -152,7 +152,7 @@ def _replayed(staged: StagedMember, rules: _Rules, reports: _Reports) -> tuple |
         try:
             if raw.problem is not None:
                 raise BadRow(raw.problem)
-            rows.append(parse_row(raw.line, *raw.fields))
+            rows.append(parse_row(raw.line, raw.fields))
         except BadRow as bad:
             problems.append(("transactions", raw.line, raw.fields[0], str(bad)))
     expected = _expected_balance(staged, problems)

@@ -26,6 +26,8 @@ HEADER = ("Id", "MembershipId", "Type", "Amount", "CreatedAt", "ExpiresAt")
 #: Local times with their offsets: history crosses daylight-saving changes.
 LOCAL = ZoneInfo("America/New_York")
 EXPIRATION_MONTHS = 12
+#: How far back the generated histories go.
+YEARS = 3
 
 
 @dataclass
@@ -140,11 +142,11 @@ class Export:
     rows: int
 
 
-def generate(directory: Path, members: int, rows_per_member: int, now: datetime, seed: int = 1, years: int = 3, keep_expected: bool = True) -> Export:
+def generate(directory: Path, members: int, rows_per_member: int, now: datetime, seed: int = 1, keep_expected: bool = True) -> Export:
     """Write transactions.csv (rows shuffled, members split across the file) and balances.csv."""
     rng = random.Random(seed)
     ids, expected, count = Ids(), {}, 0
-    start = now - timedelta(days=365 * years)
+    start = now - timedelta(days=365 * YEARS)
     transactions, balances = directory / "transactions.csv", directory / "balances.csv"
     with open(transactions, "w", newline="") as out, open(balances, "w", newline="") as owed:
         rows_out, balances_out = csv.writer(out), csv.writer(owed)

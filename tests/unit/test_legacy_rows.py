@@ -18,7 +18,7 @@ POLICY = CreditPolicy(credit_expiration_months=12)
 
 
 def row(line: int, row_id: str, kind: str, amount: str, created: str, expires: str = "") -> LegacyRow:
-    return parse_row(line, row_id, "m1", kind, amount, created, expires)
+    return parse_row(line, (row_id, "m1", kind, amount, created, expires))
 
 
 def replayed(*rows: LegacyRow, now: datetime = NOW):
@@ -50,7 +50,7 @@ def replayed(*rows: LegacyRow, now: datetime = NOW):
 )
 def test_each_kind_of_bad_row_says_what_is_wrong(fields, problem):
     with pytest.raises(BadRow, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        parse_row(7, *fields)
+        parse_row(7, fields)
 
 
 def test_a_good_row_is_read_in_utc_whatever_its_offset():
@@ -155,7 +155,7 @@ def test_every_lot_is_kept_for_writing_spent_ones_too():
 def test_replay_agrees_with_the_independent_oracle_of_the_old_system(seed):
     rng = random.Random(seed)
     history, expected = member_history(rng, "m1", Ids(), NOW - timedelta(days=3 * 365), NOW, rng.randint(1, 80))
-    rows = [parse_row(line, *old.fields()) for line, old in enumerate(reversed(history), start=2)]
+    rows = [parse_row(line, old.fields()) for line, old in enumerate(reversed(history), start=2)]
     result = replayed(*rows)
     assert result.account.book_balance == expected
     assert result.mismatches == []
@@ -170,7 +170,7 @@ def test_the_worked_example_of_docs_migration():
         "5,m-17,Expired,-6,2025-01-20T08:00:00-05:00,",
         "6,m-17,Adjusted,5,2025-04-01T12:00:00-04:00,",
     ]
-    rows = [parse_row(number, *line.split(",")) for number, line in enumerate(lines, start=2)]
+    rows = [parse_row(number, line.split(",")) for number, line in enumerate(lines, start=2)]
     result = replay("m-17", rows, POLICY, t(2025, 5, 1), "sweep:test")
     assert result.mismatches == [] and result.account.book_balance == 1 and result.account.overdraft == 0
     expired = [e for e in result.account.new_entries if e.kind is EntryKind.EXPIRED]
