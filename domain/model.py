@@ -237,8 +237,12 @@ class Account:
         note: str | None = None,
         payment_id: str | None = None,
         paid_cents: int | None = None,
+        expires_at: datetime | None = None,
     ) -> Lot:
-        """Create a lot. Outstanding overdraft is repaid from it first."""
+        """Create a lot. Outstanding overdraft is repaid from it first.
+
+        ``expires_at`` is for a lot that brings its own expiry (imported history); by default
+        the policy dates it."""
         _require_positive(credits)
         if payment_id is not None and self.payment_lot(payment_id) is not None:
             raise PaymentAlreadyApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has already issued its credits")
@@ -247,7 +251,8 @@ class Account:
             self._expire_over_cap(policy.carry_limit, at, event_id)
         self._require_room_for(credits)
         before = self.book_balance
-        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id, payment_id=payment_id, paid_cents=paid_cents)
+        expiry = expires_at if expires_at is not None else policy.expiry_for(at)
+        lot = Lot(credits, credits, at, expiry, source, event_id, payment_id=payment_id, paid_cents=paid_cents)
         repaid = min(self.overdraft, credits)
         lot.remaining -= repaid
         self.overdraft -= repaid

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from workers import legacy_cli
+
 PERIODIC_JOB_NAMES = (
     "expire_credits",
     "lapse_holds",
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     dead_replay = dead_commands.add_parser("replay", help="re-enqueue dead letters by id")
     dead_replay.add_argument("ids", type=int, nargs="+", metavar="ID", help="dead letter ids, from `credits dead-letters list`")
     dead_replay.add_argument("--force", action="store_true", help="replay even those replayed before (default: skip them)")
+
+    legacy_cli.register(commands)
 
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args) or 0
@@ -252,6 +256,7 @@ COMMANDS = {
     "scheduler": _scheduler,
     "run": _run,
     "dead-letters": _dead_letters,
+    legacy_cli.COMMAND: legacy_cli.run,
 }
 
 if __name__ == "__main__":
