@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     event_batch_size: int = Field(32, ge=1, le=1_000)
     event_batch_in_flight: int = Field(2, ge=1, le=100)
 
+    #: Redis broker: a worker process silent this long is dead, and the messages it had fetched
+    #: go back on their queue. Every worker process heartbeats and runs that check (Dramatiq's own
+    #: maintenance) every REDIS_MAINTENANCE_INTERVAL_SECONDS, so a dead process's messages are back
+    #: within timeout + interval (docs/OPERATIONS.md, "Supervision").
+    redis_heartbeat_timeout_seconds: int = Field(30, ge=5, le=3600)
+    redis_maintenance_interval_seconds: float = Field(5.0, ge=0.5, le=600)
+
     # ------------------------------------------------------------ Stripe and dunning
     #: Unset: no payment provider; retries wait (nothing is lost) and webhooks answer 503.
     stripe_api_key: SecretStr | None = None
@@ -228,6 +235,9 @@ class Settings(BaseSettings):
     def _coherent(self) -> "Settings":
         if not self.allow_unlimited_rollover and self.rollover_cap is None:
             raise ValueError("ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false")
+        if self.redis_maintenance_interval_seconds * 3 > self.redis_heartbeat_timeout_seconds:
+            # A live process must heartbeat several times per timeout, or a busy one is taken for dead.
+            raise ValueError("REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS")
         if self.event_min_backoff_ms > self.event_max_backoff_ms:
             raise ValueError("EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS")
         for name in ("admin_api_token", "frontend_api_token"):

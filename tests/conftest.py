@@ -124,8 +124,9 @@ def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., 
     """Start real `dramatiq workers.actors` processes; all are stopped after the test."""
     started: list[WorkerProcesses] = []
 
-    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None) -> WorkerProcesses:
-        workers = start_worker_processes({**service_env, **(env or {})}, tmp_path / f"workers-{len(started)}.log", processes, threads)
+    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None, supervised: bool = False) -> WorkerProcesses:
+        log_path = tmp_path / f"workers-{len(started)}.log"
+        workers = start_worker_processes({**service_env, **(env or {})}, log_path, processes, threads, supervised=supervised)
         started.append(workers)
         return workers
 

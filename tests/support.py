@@ -97,10 +97,12 @@ class WorkerProcesses:
             self.process.wait(10)
 
 
-def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0) -> WorkerProcesses:
+def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0, supervised: bool = False) -> WorkerProcesses:
+    """``dramatiq workers.actors``; ``supervised``: the operator's ``credits worker`` (which restarts the group)."""
     log_file = log_path.open("wb")
+    command = [str(Path(sys.executable).with_name("credits")), "worker"] if supervised else [sys.executable, "-m", "dramatiq", "workers.actors"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)],
+        [*command, "--processes", str(processes), "--threads", str(threads)],
         cwd=ROOT,
         env=env,
         stdout=log_file,

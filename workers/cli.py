@@ -98,16 +98,20 @@ def _web(args) -> int:
 
 
 def _worker(args) -> int:
+    from infra.db import require_current_schema_now
+    from infra.logging import configure_logging
     from infra.settings import get_settings
+    from workers.supervisor import Supervisor
 
-    if not get_settings().redis_url:
+    settings = get_settings()
+    if not settings.redis_url:
         print("credits worker needs REDIS_URL: the embedded default runs in one process (`credits demo`)", file=sys.stderr)
         return 2
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)],
-    )
-    return 0  # not reached
+    # Refuse here, once and readably: a group refused at boot would only be restarted.
+    require_current_schema_now(settings.effective_database_url)
+    configure_logging(settings.log_level)
+    group = [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
+    return Supervisor(group).run()
 
 
 def _scheduler(args) -> int:

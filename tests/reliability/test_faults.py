@@ -52,6 +52,7 @@ from messages import (
     PaymentFailed,
     PaymentReversed,
     PaymentSucceeded,
+    PublishFailed,
     Publisher,
 )
 from tests.support import ROOT, WorkerProcesses, free_port, reconciliation, wait_until
@@ -255,7 +256,7 @@ def publish_all(publisher: Publisher, events: Iterable[Event]) -> list[str]:
             try:
                 ids.append(publisher.publish(event))
                 break
-            except redis.ConnectionError:
+            except PublishFailed:
                 time.sleep(0.1)
         else:
             raise AssertionError(f"could not publish {event.event_id}")
@@ -438,16 +439,17 @@ async def test_postgres_connections_killed_mid_stream_lose_nothing_and_half_appl
 class PrivateRedis:
     """A redis-server of this test's own, without persistence: killed, it comes back empty."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")) -> None:
         self.port = free_port()
         self.directory = directory
+        self.persistence = persistence
         self.process: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         log = (self.directory / "redis-server.log").open("ab")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence, "--dir", str(self.directory)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url)
