@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dramatiq
 import fakeredis
 import structlog
 from dramatiq import Message
@@ -73,12 +74,54 @@ class DeadLetteringRedisBroker(RedisBroker):
                 )
 
 
-def redis_broker(settings: Settings, middleware: list | None = None) -> RedisBroker:
-    """The worker's broker, over a real or in-process Redis. ``middleware=None`` keeps Dramatiq's defaults."""
+def make_broker(settings: Settings, middleware: list | None = None) -> dramatiq.Broker:
+    """The process's broker (workers, scheduler, web): RabbitMQ for an amqp:// BROKER_URL, else
+    Redis, or the in-process Redis of the embedded default. ``middleware=None`` keeps Dramatiq's
+    defaults. Every process builds its broker here: extend it here."""
+    if settings.uses_rabbitmq:
+        return rabbitmq_broker(settings.broker_url, middleware)
     timeout_ms = settings.redis_heartbeat_timeout_seconds * 1000
-    if settings.redis_url:
-        return DeadLetteringRedisBroker(url=settings.redis_url, middleware=middleware, heartbeat_timeout=timeout_ms)
+    if settings.broker_address:
+        return DeadLetteringRedisBroker(url=settings.broker_address, middleware=middleware, heartbeat_timeout=timeout_ms)
     return DeadLetteringRedisBroker(client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware, heartbeat_timeout=timeout_ms)
+
+
+#: The older name, for callers written before RabbitMQ.
+redis_broker = make_broker
+
+
+def rabbitmq_broker(url: str, middleware: list | None = None) -> dramatiq.Broker:
+    """Dramatiq's RabbitMQ broker: durable queues, persistent messages, and every publish
+    confirmed by RabbitMQ before ``enqueue`` returns. A consumer's unacknowledged messages go
+    back to their queue as soon as its connection closes (a dead process: at once)."""
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
+
+
+def dead_letter_bodies(broker: dramatiq.Broker, queue_name: str) -> list[bytes]:
+    """The raw messages in a queue's dead letters (``<queue>.XQ``), left where they are."""
+    from dramatiq.common import xq_name
+
+    if isinstance(broker, RedisBroker):
+        return list(broker.client.hgetall(f"{broker.namespace}:{xq_name(queue_name)}.msgs").values())
+    import pika
+
+    connection = pika.BlockingConnection(broker.parameters)
+    bodies = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, _properties, body = channel.basic_get(xq_name(queue_name), auto_ack=False)
+            if method is None:
+                return bodies
+            bodies.append(body)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:  # no dead-letter queue declared yet: nothing dead-lettered
+            return bodies
+        raise
+    finally:
+        connection.close()  # never acknowledged: RabbitMQ keeps every one of them queued
 
 
 def enqueue_charges(broker, attempt_ids: list[int]) -> None:
@@ -89,4 +132,4 @@ def enqueue_charges(broker, attempt_ids: list[int]) -> None:
 
 
 def is_embedded(settings: Settings) -> bool:
-    return not settings.redis_url
+    return not settings.broker_address

@@ -6,7 +6,10 @@ publish without installing the back end.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 import dramatiq
+import dramatiq.errors
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
@@ -16,6 +19,15 @@ from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 #: A publish never hangs on a broker that has stopped answering: it fails, and is published again.
 CONNECT_TIMEOUT_SECONDS = 5
 COMMAND_TIMEOUT_SECONDS = 10
+
+
+def _with_timeouts(amqp_url: str) -> str:
+    """The same URL, with pika's connect and blocked-connection timeouts unless it names its own."""
+    parts = urlsplit(amqp_url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("socket_timeout", str(CONNECT_TIMEOUT_SECONDS))
+    query.setdefault("blocked_connection_timeout", str(COMMAND_TIMEOUT_SECONDS))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 class PublishFailed(Exception):
@@ -29,9 +41,15 @@ class Publisher:
         self.broker = broker
 
     @classmethod
-    def from_url(cls, redis_url: str) -> "Publisher":
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=COMMAND_TIMEOUT_SECONDS)
+    def from_url(cls, url: str) -> "Publisher":
+        """redis://… (Redis) or amqp://… (RabbitMQ, needs pika: ``dramatiq[rabbitmq]``)."""
         # No middleware: the producer only enqueues, and must not need worker options.
+        if url.startswith(("amqp://", "amqps://")):
+            from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+            # Every publish waits for RabbitMQ's confirmation: returned means stored (durable queue, persistent message).
+            return cls(RabbitmqBroker(url=_with_timeouts(url), confirm_delivery=True, middleware=[]))
+        client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=COMMAND_TIMEOUT_SECONDS)
         return cls(RedisBroker(client=client, middleware=[]))
 
     def publish(self, event: Event) -> str:
@@ -51,7 +69,7 @@ class Publisher:
         )
         try:
             return self.broker.enqueue(message).message_id
-        except redis.RedisError as error:
+        except (redis.RedisError, dramatiq.errors.BrokerConnectionError) as error:
             raise PublishFailed(f"event {event.event_id!r} was not published ({type(error).__name__}: {error}); publish it again with the same event_id") from error
 
     def close(self) -> None:

@@ -104,8 +104,8 @@ def _worker(args) -> int:
     from workers.supervisor import Supervisor
 
     settings = get_settings()
-    if not settings.redis_url:
-        print("credits worker needs REDIS_URL: the embedded default runs in one process (`credits demo`)", file=sys.stderr)
+    if not settings.broker_address:
+        print("credits worker needs BROKER_URL (or REDIS_URL): the embedded default runs in one process (`credits demo`)", file=sys.stderr)
         return 2
     # Refuse here, once and readably: a group refused at boot would only be restarted.
     require_current_schema_now(settings.effective_database_url)
@@ -118,9 +118,9 @@ def _scheduler(args) -> int:
     from infra.settings import get_settings
     from workers.scheduler import run_scheduler
 
-    if not get_settings().redis_url:
+    if not get_settings().broker_address:
         # On the in-process Redis its messages would reach no worker: refuse instead of idling.
-        print("credits scheduler needs REDIS_URL: on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
+        print("credits scheduler needs BROKER_URL (or REDIS_URL): on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
         return 2
     run_scheduler(get_settings())
     return 0

@@ -133,7 +133,7 @@ def run_demo(customers: int = 200, months: int = 14, seed: int = 7) -> int:
     for _ in range(months):
         first_month = (first_month - timedelta(days=1)).replace(day=1)
 
-    where = "embedded SQLite + in-process Redis" if not settings.redis_url else "PostgreSQL + Redis"
+    where = "embedded SQLite + in-process Redis" if not settings.broker_address else "PostgreSQL + a message broker"
     _say(f"credits demo: {customers} customers over {months} months, {where}")
     _say(f"database: {settings.effective_database_url}")
     _say(f"{'month':<8} {'events':>7} {'issued':>7} {'spent':>7} {'expired':>8} {'depleted':>9} {'overdrawn':>10}")

@@ -119,7 +119,7 @@ def worker_middleware(broker: dramatiq.Broker) -> list[Middleware]:
     from infra.broker import DeadLetteringRedisBroker
 
     middleware = [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters()]
-    if isinstance(broker, DeadLetteringRedisBroker) and get_runtime().settings.redis_url:
+    if isinstance(broker, DeadLetteringRedisBroker) and get_runtime().settings.broker_address:
         # (The embedded default's one process has no other process to die or to watch.)
         middleware.append(RedisHeartbeat(get_runtime().settings.redis_maintenance_interval_seconds))
     return middleware

@@ -79,10 +79,10 @@ BAD_MESSAGES: dict[str, tuple[tuple, dict, str]] = {
 }
 
 
-async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=1, threads=2)
-    publisher = Publisher.from_url(redis_url)
-    raw = raw_broker(redis_url)
+async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db, message_broker, start_workers):
+    workers = start_workers(processes=1, threads=2, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
+    raw = raw_broker(message_broker)
 
     # Good and bad interleaved on the same queue, the way a buggy producer would send them.
     good = [publisher.publish(payment("good-pay", CUSTOMER, 10))]
@@ -117,8 +117,8 @@ async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db,
     missing = next(r for r in records if r.get("message_id") == bad["missing field"] and r.get("event") == "event_rejected")
     assert {"type": "missing", "loc": ["job.completed", "job_id"], "msg": "Field required"} in missing["errors"]
 
-    # Redis dead-letter queue: exactly the bad messages, with their original content.
-    xq = dead_lettered(redis_client)
+    # The broker's dead-letter queue: exactly the bad messages, with their original content.
+    xq = dead_lettered(message_broker)
     assert set(xq) == set(bad.values())
     assert xq[bad["wrong keyword"]]["kwargs"] == BAD_MESSAGES["wrong keyword"][1]
     assert xq[bad["positional argument"]]["args"] == list(BAD_MESSAGES["positional argument"][0])
