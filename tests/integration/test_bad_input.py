@@ -176,3 +176,37 @@ async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_and_t
     assert line["level"] == "error" and line["redis_message_id"] == "garbage-1"
     assert "Consumer encountered an unexpected error" not in workers.log()
     good.close()
+
+
+async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_on_rabbitmq_too(db, rabbitmq_url, start_workers):
+    """The same garbage written straight to RabbitMQ: Dramatiq's RabbitMQ consumer rejects it to
+    `credit_events.XQ`, and the events around it are applied."""
+    import pika
+
+    from tests.conftest import BROKER_QUEUES
+    from tests.support import BrokerUnderTest, rabbitmq_reset
+
+    rabbitmq_reset(rabbitmq_url, BROKER_QUEUES)
+    broker = BrokerUnderTest("rabbitmq", rabbitmq_url)
+    workers = start_workers(processes=1, threads=2, env=broker.env)
+    good = Publisher.from_url(rabbitmq_url)
+    first = good.publish(payment("pay-envelope", "cust-envelope", 3))
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(exchange="", routing_key="credit_events", body=b"{not json at all", properties=pika.BasicProperties(delivery_mode=2), mandatory=True)
+    connection.close()
+    after = [good.publish(job(f"job-envelope-{n}", "cust-envelope", f"j-{n}")) for n in range(2)]
+    assert set(wait_for_outcomes(workers, [first, *after]).values()) == {"event_applied"}
+    assert (await customer_row(db, "cust-envelope"))["balance"] == 1
+
+    from infra.broker import dead_letter_bodies
+
+    raw = broker.raw_broker()
+    try:
+        assert dead_letter_bodies(raw, "credit_events") == [b"{not json at all"]
+    finally:
+        raw.close()
+    assert "Consumer encountered an unexpected error" not in workers.log()
+    assert workers.process.poll() is None
+    good.close()
