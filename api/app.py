@@ -25,7 +25,7 @@ from api.body_limits import BodyLimits
 from api.body_limits import limit_for as body_limit_for
 from api import referrals as referral_routes
 from api.auth import admin, frontend
-from infra.broker import enqueue_charges, redis_broker
+from infra.broker import enqueue_charges, is_embedded, make_broker
 from infra.clock import Clock, SystemClock
 from infra.db import Database, require_current_schema
 from infra.settings import Settings, SettingsError, get_settings
@@ -231,9 +231,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
     app.state.settings = settings
     app.state.clock = clock or SystemClock()
     app.state.db = db
-    # Webhooks and "retry now" hand work to the workers over Redis; without REDIS_URL no
-    # worker could receive it, so those routes answer 503 rather than accept and lose it.
-    app.state.broker = redis_broker(settings, middleware=[]) if settings.redis_url else None
+    # Webhooks and "retry now" hand work to the workers over the broker; without one (the
+    # embedded default) no worker could receive it, so those routes answer 503 rather than lose it.
+    app.state.broker = None if is_embedded(settings) else make_broker(settings, middleware=[])
 
     def uow(request: Request, read_only: bool = False) -> SqlUnitOfWork:
         return SqlUnitOfWork(request.app.state.db, read_only=read_only)

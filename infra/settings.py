@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: Unset: an in-process Redis (fakeredis) behind the real RedisBroker.
     redis_url: str | None = None
+    #: The message broker: amqp:// (RabbitMQ) or redis://. Unset: REDIS_URL is the broker.
+    #: With RabbitMQ, REDIS_URL (optional) only lets several schedulers share ticks.
+    broker_url: str | None = None
 
     admin_api_token: SecretStr | None = None
     frontend_api_token: SecretStr | None = None
@@ -55,6 +58,13 @@ class Settings(BaseSettings):
     #: transactions at once per process.
     event_batch_size: int = Field(32, ge=1, le=1_000)
     event_batch_in_flight: int = Field(2, ge=1, le=100)
+
+    #: Redis broker: a worker process silent this long is dead, and the messages it had fetched
+    #: go back on their queue. Every worker process heartbeats and runs that check (Dramatiq's own
+    #: maintenance) every REDIS_MAINTENANCE_INTERVAL_SECONDS, so a dead process's messages are back
+    #: within timeout + interval (docs/OPERATIONS.md, "Supervision").
+    redis_heartbeat_timeout_seconds: int = Field(30, ge=5, le=3600)
+    redis_maintenance_interval_seconds: float = Field(5.0, ge=0.5, le=600)
 
     # ------------------------------------------------------------ Stripe and dunning
     #: Unset: no payment provider; retries wait (nothing is lost) and webhooks answer 503.
@@ -183,6 +193,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
+            raise ValueError("must be an amqp:// or amqps:// (RabbitMQ) or a redis:// URL (unset it to use REDIS_URL)")
+        return url
+
     @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", "metrics_dir", "metrics_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -279,6 +299,11 @@ class Settings(BaseSettings):
     def _coherent(self) -> "Settings":
         if not self.allow_unlimited_rollover and self.rollover_cap is None:
             raise ValueError("ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false")
+        if self.broker_url and not self.uses_rabbitmq and self.redis_url and self.broker_url != self.redis_url:
+            raise ValueError("BROKER_URL and REDIS_URL name two different Redis servers: set one of them")
+        if self.redis_maintenance_interval_seconds * 3 > self.redis_heartbeat_timeout_seconds:
+            # A live process must heartbeat several times per timeout, or a busy one is taken for dead.
+            raise ValueError("REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS")
         if self.event_min_backoff_ms > self.event_max_backoff_ms:
             raise ValueError("EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS")
         for name in ("admin_api_token", "frontend_api_token"):
@@ -288,6 +313,15 @@ class Settings(BaseSettings):
         if self.admin_api_token is not None and self.admin_api_token == self.frontend_api_token:
             raise ValueError("ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ")
         return self
+
+    @property
+    def broker_address(self) -> str | None:
+        """Where messages travel; None: the embedded in-process Redis."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def uses_rabbitmq(self) -> bool:
+        return bool(self.broker_url and self.broker_url.startswith(("amqp://", "amqps://")))
 
     @property
     def effective_database_url(self) -> str:

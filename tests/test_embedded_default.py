@@ -185,4 +185,4 @@ def test_run_refuses_an_unmigrated_embedded_database(embedded_env, workdir):
 def test_worker_and_scheduler_need_redis(embedded_env, workdir, command):
     result = credits(command, embedded_env, workdir, timeout=30)
     assert result.returncode == 2
-    assert f"credits {command[0]} needs REDIS_URL" in result.stderr
+    assert f"credits {command[0]} needs BROKER_URL (or REDIS_URL)" in result.stderr

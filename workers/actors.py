@@ -224,11 +224,11 @@ async def notice_retention_crossings(as_of: str | None = None) -> None:
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def archive_dead_letters() -> None:
-    """Periodic: copy into PostgreSQL any dead letter Redis holds that the table lacks (one
+    """Periodic: copy into PostgreSQL any dead letter the broker holds that the table lacks (one
     refused while the database was down)."""
-    from workers.dead_letters import archive_from_redis
+    from workers.dead_letters import archive_from_broker
 
-    archived = await archive_from_redis(get_runtime().db, broker)
+    archived = await archive_from_broker(get_runtime().db, broker)
     if archived:
         log.warning("dead_letters_archived_late", archived=archived)
 

@@ -106,7 +106,7 @@ def _migrate(args) -> int:
     from infra.logging import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_level)  # alembic's own lines too: JSON, warnings and above
+    configure_logging(settings.log_level, settings.log_max_value_chars)  # alembic's own lines too: JSON, warnings and above
     command.upgrade(alembic_config(settings.effective_database_url), "head")
     structlog.get_logger("credits.migrate").info("database_migrated", head=head_revision(), message="database migrated to head")
     return 0
@@ -129,29 +129,31 @@ def _web(args) -> int:
 
 
 def _worker(args) -> int:
+    from infra.db import require_current_schema_now
     from infra.logging import configure_logging
     from infra.settings import get_settings
     from workers.startup import warn_unset_optional_settings
+    from workers.supervisor import Supervisor
 
-    if not get_settings().redis_url:
-        print("credits worker needs REDIS_URL: the embedded default runs in one process (`credits demo`)", file=sys.stderr)
+    settings = get_settings()
+    if not settings.broker_address:
+        print("credits worker needs BROKER_URL (or REDIS_URL): the embedded default runs in one process (`credits demo`)", file=sys.stderr)
         return 2
-    configure_logging(get_settings().log_level)
-    warn_unset_optional_settings(get_settings())  # once here, not once per worker process or per run
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)],
-    )
-    return 0  # not reached
+    # Refuse here, once and readably: a group refused at boot would only be restarted.
+    require_current_schema_now(settings.effective_database_url)
+    configure_logging(settings.log_level, settings.log_max_value_chars)
+    warn_unset_optional_settings(settings)  # once here, not once per worker process or per run
+    group = [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
+    return Supervisor(group).run()
 
 
 def _scheduler(args) -> int:
     from infra.settings import get_settings
     from workers.scheduler import run_scheduler
 
-    if not get_settings().redis_url:
+    if not get_settings().broker_address:
         # On the in-process Redis its messages would reach no worker: refuse instead of idling.
-        print("credits scheduler needs REDIS_URL: on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
+        print("credits scheduler needs BROKER_URL (or REDIS_URL): on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
         return 2
     run_scheduler(get_settings())
     return 0

@@ -154,20 +154,21 @@ async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now:
     return outcomes
 
 
-async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequence[str] | None = None) -> int:
-    """Copy into the table every dead letter Redis holds that the table lacks.
+async def archive_from_broker(db: Database, broker: dramatiq.Broker, queues: Sequence[str] | None = None) -> int:
+    """Copy into the table every dead letter the broker holds that the table lacks.
 
-    A message refused while the database was unreachable is dead-lettered in Redis only (its
-    archive insert failed); Redis keeps it a week and loses it on a restart. This catches up.
+    A message refused while the database was unreachable is dead-lettered in the broker only
+    (its archive insert failed); Redis keeps it a week and loses it on a restart, RabbitMQ
+    keeps it a week. This catches up.
     """
     from dramatiq import Message
-    from dramatiq.common import xq_name
     from dramatiq.errors import DecodeError
+
+    from infra.broker import dead_letter_bodies
 
     found: dict[str, dict] = {}
     for queue in sorted(queues if queues is not None else broker.get_declared_queues()):
-        raw = broker.client.hgetall(f"{broker.namespace}:{xq_name(queue)}.msgs")
-        for data in raw.values():
+        for data in dead_letter_bodies(broker, queue):
             try:
                 message = Message.decode(data)
             except DecodeError:
@@ -177,7 +178,7 @@ async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequ
                 "queue_name": q_name(message.queue_name),
                 "actor_name": message.actor_name,
                 "message": message.encode().decode("utf-8", "replace"),
-                "error": "archived later from Redis: the database was unreachable when it was dead-lettered",
+                "error": "archived later from the broker: the database was unreachable when it was dead-lettered",
             }
     if not found:
         return 0
@@ -187,3 +188,7 @@ async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequ
         if missing:
             await connection.execute(insert(dead_letters), missing)
     return len(missing)
+
+
+#: The name before RabbitMQ.
+archive_from_redis = archive_from_broker

@@ -223,7 +223,7 @@ def _run_demo(customers: int, months: int, seed: int, workdir: Path, keep: bool)
     for _ in range(months):
         first_month = (first_month - timedelta(days=1)).replace(day=1)
 
-    where = "embedded SQLite + in-process Redis" if not story.settings.redis_url else "PostgreSQL + Redis"
+    where = "embedded SQLite + in-process Redis" if not story.settings.broker_address else "PostgreSQL + a message broker"
     _say(f"credits demo: {customers} customers over {months} months, {where}")
     _say(f"payments: {SimulatedPaymentProvider.name} (no network, no money); mail: a local mailbox file; payouts: the manual gateway's CSV")
     _say(f"database: {story.url}")

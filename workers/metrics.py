@@ -93,7 +93,7 @@ def serve_worker_metrics() -> int:
     from infra.settings import get_settings
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_max_value_chars)
     point_dramatiq_at(settings)
     try:
         return dramatiq_prometheus._run_exposition_server()

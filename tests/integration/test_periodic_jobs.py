@@ -368,3 +368,22 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
         assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (job_name, tick, events)
         assert redis_client.exists(f"{LOCK_PREFIX}:{job_name}:{tick}")
     assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments", "credit_notifications"))) == sorted(job_name for job_name, _ in by_tick)
+
+
+def test_the_scheduler_enqueues_on_rabbitmq_when_broker_url_says_so(rabbitmq_url, redis_client, service_env, tmp_path):
+    """BROKER_URL=amqp://…: the scheduler's messages go to RabbitMQ (ticks still claimed in REDIS_URL, emptied by redis_client)."""
+    from tests.conftest import BROKER_QUEUES
+    from tests.support import BrokerUnderTest, rabbitmq_reset
+
+    rabbitmq_reset(rabbitmq_url, BROKER_QUEUES)
+    log = tmp_path / "scheduler.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env={**service_env, "BROKER_URL": rabbitmq_url}, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(_scheduler_lines(log.read_text())) == 8, timeout=60, message="the scheduler to fire every job")
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert {r["event"] for r in _scheduler_lines(log.read_text())} == {"periodic_enqueued"}
+    rabbit = BrokerUnderTest("rabbitmq", rabbitmq_url)
+    assert sum(rabbit.waiting(queue) for queue in (SWEEPS_QUEUE, "credit_payments", "credit_notifications")) == 8
