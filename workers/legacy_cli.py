@@ -24,15 +24,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("transactions", type=Path, help="CSV: Id,MembershipId,Type,Amount,CreatedAt,ExpiresAt")
-    parser.add_argument("--balances", type=Path, help="CSV: MembershipId,Balance as the old system showed them; compared, never 'fixed'")
+    parser.add_argument("--balances", type=Path, help="CSV: MembershipId,Balance as the old system showed them; compared, never 'fixed' (default: none, nothing compared)")
     parser.add_argument("--customer-map", type=Path, help="CSV: MembershipId,CustomerId (default: the customer id is the MembershipId)")
     parser.add_argument(
         "--report",
         type=Path,
         default=Path("legacy-import-report.csv"),
-        help="balance differences CSV (with --balances); the bad-row list goes beside it as <name>-problems.csv",
+        help="balance differences CSV (with --balances); the bad-row list goes beside it as <name>-problems.csv (default: %(default)s)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="check and replay everything, write nothing to the database")
+    parser.add_argument("--dry-run", action="store_true", help="check and replay everything, write nothing to the database (default: off, the import is written)")
 
 
 def run(args: argparse.Namespace) -> int:
