@@ -19,6 +19,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from api import admin_page
+from api import ledger as ledger_routes
 from api import referrals as referral_routes
 from api.auth import admin, frontend
 from infra.broker import enqueue_charges, redis_broker
@@ -273,6 +274,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         raise error
 
     app.include_router(referral_routes.router)
+    app.include_router(ledger_routes.router)
     app.include_router(admin_page.router)
     admin_page.install_session(app, settings)
 
