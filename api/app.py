@@ -18,7 +18,7 @@ from sqlalchemy.exc import StatementError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
-from api import admin_page
+from api import admin_page, console
 from api import ledger as ledger_routes
 from api import referrals as referral_routes
 from api.auth import admin, frontend
@@ -275,6 +275,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
 
     app.include_router(referral_routes.router)
     app.include_router(ledger_routes.router)
+    app.include_router(console.router)
     app.include_router(admin_page.router)
     admin_page.install_session(app, settings)
 
