@@ -291,7 +291,7 @@ async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(db, pg_url,
 
 async def test_payments_show_dunning_and_a_parked_event_linked_in_the_page_is_relayed(db, pg_url, redis_url, service_env, start_workers, tmp_path):
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    settings = {"stripe_webhook_secrets": json.dumps([WEBHOOK_SECRET]), "stripe_plan_credits": json.dumps({"price_basic": 10})}
+    settings = {"stripe_webhook_secrets": WEBHOOK_SECRET, "stripe_plan_credits": json.dumps({"price_basic": 10})}
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now, **settings) as admin:
         admin.publisher.publish(PaymentFailed(event_id="failed-cara", occurred_at=now - timedelta(days=2), customer_id="cara", invoice_id="in_cara", decline_code="insufficient_funds", failure_message="Your card has insufficient funds."))
         # Stripe pays an invoice of a Stripe customer we cannot place yet: parked for review.
