@@ -18,7 +18,23 @@ BARS = (("issued", "#2f6fdb"), ("used", "#30a46c"), ("expired", "#e5484d"))
 LINE = "#1d2433"
 
 
+def every_month(months: Sequence[Month]) -> list[Month]:
+    """The months from the first to the last, a month with no entries drawn as nothing moved."""
+    filled: list[Month] = []
+    for month in months:
+        while filled and _next(filled[-1].month) < month.month:
+            filled.append(Month(_next(filled[-1].month), 0, 0, 0, 0, 0, filled[-1].outstanding, None))
+        filled.append(month)
+    return filled
+
+
+def _next(month: str) -> str:
+    year, number = int(month[:4]), int(month[5:7])
+    return f"{year + number // 12}-{number % 12 + 1:02d}"
+
+
 def monthly_chart(months: Sequence[Month]) -> Markup:
+    months = every_month(months)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     top = _nice(max([1] + [max(m.issued, m.used, m.expired, m.outstanding) for m in months]))
 

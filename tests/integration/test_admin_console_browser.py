@@ -350,8 +350,12 @@ async def test_analytics_chart_and_table_agree_with_the_ledger(db, pg_url, redis
         assert expected["totals"]["expired"] == 6 and expected["breakage_rate"] is not None
         assert await admin.page.get_by_test_id("breakage").inner_text() == f"{expected['breakage_rate']:.1%}"
         chart = admin.page.get_by_test_id("chart").locator("svg")
-        assert await chart.locator("rect").count() == 3 * len(expected["months"])
-        assert await chart.locator("circle").count() == len(expected["months"])
+        # Every month from the first to the last is drawn, those with no entries too.
+        first_month, last_month = expected["months"][0]["month"], expected["months"][-1]["month"]
+        span = (int(last_month[:4]) - int(first_month[:4])) * 12 + int(last_month[5:]) - int(first_month[5:]) + 1
+        assert await chart.locator("rect").count() == 3 * span and await chart.locator("circle").count() == span
+        titles = await chart.evaluate("svg => Array.from(svg.querySelectorAll('circle title'), t => t.textContent)")
+        assert {f"{m['month']} outstanding: {m['outstanding']}" for m in expected["months"]} <= set(titles)
         upcoming = await admin.page.get_by_test_id("upcoming").inner_text()
         assert all(month in upcoming for month, _ in [(u["month"], u["credits"]) for u in expected["upcoming_expirations"]])
         await admin.screenshot_and_narrow("analytics")
@@ -371,6 +375,17 @@ async def test_the_retention_page_has_the_navigation_and_fits_768(db, pg_url, re
         await admin.open("/admin")
         await admin.page.get_by_role("link", name="Customers").click()
         await admin.page.wait_for_url(admin.base_url + "/admin/customers")
+        # By keyboard alone: the skip link first, then into the search, Enter to find.
+        await admin.page.keyboard.press("Tab")
+        assert await admin.page.evaluate("document.activeElement.textContent") == "Skip to content"
+        for _ in range(12):
+            await admin.page.keyboard.press("Tab")
+            if await admin.page.evaluate("document.activeElement.id") == "q":
+                break
+        await admin.page.keyboard.type("nobody-here")
+        await admin.page.keyboard.press("Enter")
+        await admin.page.wait_for_url("**/admin/customers?q=nobody-here")
+        assert "No customer has that id" in await admin.page.inner_text("main")
         await admin.page.set_viewport_size({"width": 768, "height": 900})
         for path in ("/admin", "/admin/customers", "/admin/referrals", "/admin/payouts", "/admin/payments", "/admin/analytics"):
             await admin.open(path)
