@@ -54,7 +54,7 @@ def customer_url(customer_id: str) -> str:
 
 
 @router.get("/admin/customers", dependencies=Signed)
-async def find(request: Request, q: Annotated[str, Query(max_length=320)] = ""):
+async def find(request: Request, q: Annotated[str, Query(max_length=320, pattern=r"^[^\x00]*$")] = ""):
     wanted = q.strip()
     found = await customer_views.find_customers(request.app.state.db, wanted) if wanted else []
     if len(found) == 1 and found[0].customer_id == wanted:

@@ -88,3 +88,33 @@ async def test_a_gift_to_nobody_or_beyond_what_is_available_is_refused_with_a_me
         response = await console.http.post("/admin/customers/ann/gift", data={"idempotency_key": "gift-" + data["to_customer_id"] + "-1234", **data}, headers=ORIGIN)
         assert response.status_code == 303
         assert said in (await console.http.get("/admin/customers/ann")).text
+
+
+async def test_hostile_input_is_a_clear_4xx_never_a_500(console):
+    await console.sign_in()
+    for path, params in (
+        ("/admin/customers", {"q": "a\x00b"}),
+        ("/admin/customers", {"q": "x" * 400}),
+        ("/admin/customers/ann", {"cursor": "not-a-cursor"}),
+        ("/admin/customers/%ED%A0%80", {}),
+        ("/admin/referrals", {"status": "nope"}),
+        ("/admin/referrals", {"offset": "-1"}),
+        ("/admin/payouts", {"period": "week'; drop"}),
+        ("/admin/payments", {"status": "nope"}),
+        ("/admin/analytics", {"since": "2025-13"}),
+        ("/admin/assets/../app.py", {}),
+    ):
+        response = await console.http.get(path, params=params)
+        # Refused, or (an undecodable id is no customer) sent back to the search with a message.
+        assert 400 <= response.status_code < 500 or response.headers.get("location", "").startswith("/admin/customers?q="), (path, params, response.status_code)
+    for path, data in (
+        ("/admin/customers/ann/gift", {"idempotency_key": "short", "to_customer_id": "bo", "credits": "1"}),
+        ("/admin/customers/ann/note", {"note": "a\x00b"}),
+        ("/admin/referrals/99/approve", {"status": ""}),
+        ("/admin/payouts/99/reference", {"external_reference": "ref-1"}),
+        ("/admin/payments/link", {"stripe_customer_id": "cus_1", "customer_id": "ann"}),  # no Redis here: said, not done
+    ):
+        response = await console.http.post(path, data=data, headers=ORIGIN)
+        assert response.status_code == 303, (path, response.status_code, response.text[:200])
+        page = await console.http.get(response.headers["location"])
+        assert 'class="flash error"' in page.text, (path, page.text[:500])
