@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from api.auth import admin, frontend
+from api.schemas import Identifier
 from service_layer import ledger_history
 from service_layer.errors import CustomerNotFound
 
 router = APIRouter()
-Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
 Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
 Limit = Annotated[int, Query(ge=1, le=200)]
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from api.console.pages import back, form, parsed, render, require_admin
 from api.ledger import csv_download, page_or_error
+from api.schemas import Identifier
 from domain.errors import DomainError
 from messages import CreditsGifted, Event, MembershipFrozen, MembershipUnfrozen
 from messages.events import MAX_CREDITS
@@ -26,7 +27,6 @@ from service_layer.unit_of_work import SqlUnitOfWork
 
 router = APIRouter(include_in_schema=False)
 Signed = [Depends(require_admin)]
-CustomerId = Annotated[str, Path(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
 KEY = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
 HISTORY_PAGE = 20
 
@@ -63,7 +63,7 @@ async def find(request: Request, q: Annotated[str, Query(max_length=320, pattern
 
 
 @router.get("/admin/customers/{customer_id}", dependencies=Signed)
-async def customer(customer_id: CustomerId, request: Request, cursor: Annotated[str | None, Query(max_length=200)] = None):
+async def customer(customer_id: Identifier, request: Request, cursor: Annotated[str | None, Query(max_length=200)] = None):
     state = request.app.state
     try:
         view = await handlers.credit_view(SqlUnitOfWork(state.db, read_only=True), customer_id, state.clock.now())
@@ -78,12 +78,12 @@ async def customer(customer_id: CustomerId, request: Request, cursor: Annotated[
 
 
 @router.get("/admin/customers/{customer_id}/ledger.csv", dependencies=Signed)
-async def ledger_csv(customer_id: CustomerId, request: Request):
+async def ledger_csv(customer_id: Identifier, request: Request):
     return await csv_download(request, customer_id)
 
 
 @router.post("/admin/customers/{customer_id}/adjust")
-async def adjust(customer_id: CustomerId, request: Request, fields: Annotated[dict, Depends(form)]):
+async def adjust(customer_id: Identifier, request: Request, fields: Annotated[dict, Depends(form)]):
     wanted = parsed(AdjustIn, fields)
     if isinstance(wanted, str) or wanted.credits == 0:
         return back(request, customer_url(customer_id), f"Not adjusted: {wanted if isinstance(wanted, str) else 'credits must not be zero'}", ok=False)
@@ -98,7 +98,7 @@ async def adjust(customer_id: CustomerId, request: Request, fields: Annotated[di
 
 
 @router.post("/admin/customers/{customer_id}/note")
-async def note(customer_id: CustomerId, request: Request, fields: Annotated[dict, Depends(form)]):
+async def note(customer_id: Identifier, request: Request, fields: Annotated[dict, Depends(form)]):
     wanted = parsed(NoteIn, fields)
     if isinstance(wanted, str):
         return back(request, customer_url(customer_id), f"Note not saved: {wanted}", ok=False)
@@ -107,7 +107,7 @@ async def note(customer_id: CustomerId, request: Request, fields: Annotated[dict
 
 
 @router.post("/admin/customers/{customer_id}/{action}")
-async def membership(customer_id: CustomerId, action: Annotated[str, Path(pattern="^(freeze|unfreeze|gift)$")], request: Request, fields: Annotated[dict, Depends(form)]):
+async def membership(customer_id: Identifier, action: Annotated[str, Path(pattern="^(freeze|unfreeze|gift)$")], request: Request, fields: Annotated[dict, Depends(form)]):
     model = GiftIn if action == "gift" else KeyIn
     wanted = parsed(model, fields)
     if isinstance(wanted, str):
