@@ -1,18 +1,19 @@
 """The retention admin page: sign in with the admin token, see who has run dry, follow them up.
 
-The token is posted once from a form and never travels again: the session is a signed,
-HttpOnly, SameSite=Strict cookie. The bubble updates live by server-sent events (one
-long-lived GET the server answers with the count whenever it changes; the browser's
-EventSource reconnects by itself). Data calls take JSON only, which a cross-site form
-cannot send.
+The token is posted once from a form and never travels again: the session is a random id in
+an HttpOnly, SameSite=Strict cookie, kept server-side (api/admin_session.py), so sign-out, an
+idle timeout and a new admin token end it. Sign-in is rate-limited (api/sign_in_limit.py).
+The bubble updates live by server-sent events (one long-lived GET the server answers with the
+count whenever it changes; the browser's EventSource reconnects by itself). State-changing
+calls must come from this origin (api/same_origin.py); data calls take JSON only, which a
+cross-site form cannot send. Every response carries the security headers (api/security_headers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
+import math
 import secrets
 from datetime import datetime
 from pathlib import Path as FilePath
@@ -21,15 +22,22 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.middleware.sessions import SessionMiddleware
 
+from api import admin_session
+from api.admin_session import has_session, signed_in
+from api.same_origin import require_same_origin
+from api.security_headers import SecurityHeaders
+from api.sign_in_limit import count_sign_in_attempt
+from domain import MAX_CREDITS_PER_EVENT
 from service_layer import handlers, retention, views
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
 
-PAGE = (FilePath(__file__).parent / "static" / "admin.html").read_text()
-LOGIN = (FilePath(__file__).parent / "static" / "login.html").read_text()
+STATIC = FilePath(__file__).parent / "static"
+PAGE = (STATIC / "admin.html").read_text()
+LOGIN = (STATIC / "login.html").read_text()
 NO_NUL = r"^[^\x00]*$"
 
 router = APIRouter(include_in_schema=False)
@@ -37,21 +45,11 @@ STREAM_SECONDS = 300
 
 
 def install_session(app, settings) -> None:
-    # Derived from the admin token: rotating the token signs every session out.
-    key = hmac.new(settings.admin_api_token.get_secret_value().encode(), b"credits admin session", hashlib.sha256).hexdigest()
-    app.add_middleware(
-        SessionMiddleware,
-        secret_key=key,
-        session_cookie="credits_admin",
-        max_age=8 * 3600,
-        same_site="strict",
-        https_only=settings.admin_cookie_secure,
-    )
-
-
-def signed_in(request: Request) -> None:
-    if not request.session.get("admin"):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in at /admin/login")
+    """Sessions, the page's own script and styles, and the security headers on every response."""
+    admin_session.install(app)
+    app.mount("/admin/static", StaticFiles(directory=STATIC, html=False), name="admin-static")
+    # HSTS only when the cookie is Secure: a plain-HTTP local setup must stay reachable.
+    app.add_middleware(SecurityHeaders, hsts=settings.admin_cookie_secure)
 
 
 def json_only(request: Request) -> None:
@@ -60,6 +58,7 @@ def json_only(request: Request) -> None:
 
 
 Session = Depends(signed_in)
+SameOrigin = Depends(require_same_origin)
 
 
 class NoteIn(BaseModel):
@@ -69,7 +68,7 @@ class NoteIn(BaseModel):
 
 class AdjustmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    credits: int = Field(ge=-1_000_000, le=1_000_000)
+    credits: int = Field(ge=-MAX_CREDITS_PER_EVENT, le=MAX_CREDITS_PER_EVENT)
     reason: str = Field(min_length=1, max_length=500, pattern=NO_NUL)
     idempotency_key: str = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
 
@@ -81,33 +80,31 @@ async def login_page(request: Request) -> HTMLResponse:
 
 @router.post("/admin/login")
 async def login(request: Request):
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > 4_096:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > 4_096:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "too large")
+    wait = await count_sign_in_attempt(request)  # before anything is read or compared
+    if wait is not None:
+        refusal = f"Too many sign-in attempts: try again in {math.ceil(wait / 60)} minute(s)."
+        return HTMLResponse(LOGIN.replace("{{error}}", refusal), status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers={"Retry-After": str(wait)})
+    body = await request.body()  # at most ADMIN_LOGIN_MAX_BODY_BYTES (api.body_limits)
     form = parse_qs(body.decode("utf-8", "replace"))
     given = (form.get("token") or [""])[0]
     expected = request.app.state.settings.admin_api_token.get_secret_value()
     if not secrets.compare_digest(given.encode(), expected.encode()):
         return HTMLResponse(LOGIN.replace("{{error}}", "That token is not right."), status_code=status.HTTP_401_UNAUTHORIZED)
-    request.session.clear()
-    request.session["admin"] = True
-    return RedirectResponse("/admin", status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse("/admin", status_code=status.HTTP_303_SEE_OTHER)
+    await admin_session.open_session(request, response)
+    return response
 
 
-@router.post("/admin/logout")
+@router.post("/admin/logout", dependencies=[SameOrigin])
 async def logout(request: Request):
-    request.session.clear()
-    return RedirectResponse("/admin/login", status_code=status.HTTP_303_SEE_OTHER)
+    response = RedirectResponse("/admin/login", status_code=status.HTTP_303_SEE_OTHER)
+    await admin_session.close_session(request, response)
+    return response
 
 
 @router.get("/admin", response_class=HTMLResponse)
 async def page(request: Request):
-    if not request.session.get("admin"):
+    if not await has_session(request):
         return RedirectResponse("/admin/login", status_code=status.HTTP_303_SEE_OTHER)
     return HTMLResponse(PAGE.replace("{{days}}", str(request.app.state.settings.depleted_report_days)))
 
@@ -131,6 +128,8 @@ async def live(request: Request) -> StreamingResponse:
         # The stream ends after a while and the browser reconnects: its session is checked again.
         ends = asyncio.get_running_loop().time() + STREAM_SECONDS
         while not await request.is_disconnected() and asyncio.get_running_loop().time() < ends:
+            if not await has_session(request, activity=False):
+                return  # signed out (or timed out) meanwhile: the browser's reconnection gets a 401
             count = await views.at_risk_count(state.db, state.clock.now(), days)
             if count != last:
                 last = count
@@ -142,7 +141,7 @@ async def live(request: Request) -> StreamingResponse:
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-@router.post("/admin/data/customers/{customer_id}/note", dependencies=[Session, Depends(json_only)])
+@router.post("/admin/data/customers/{customer_id}/note", dependencies=[Session, SameOrigin, Depends(json_only)])
 async def note(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: NoteIn, request: Request) -> dict:
     saved = await retention.save_note(SqlUnitOfWork(request.app.state.db), customer_id, body.note, request.app.state.clock.now())
     if not saved:
@@ -150,7 +149,7 @@ async def note(customer_id: Annotated[str, Path(min_length=1, max_length=255, pa
     return {"customer_id": customer_id, "note": body.note}
 
 
-@router.post("/admin/data/customers/{customer_id}/adjustments", dependencies=[Session, Depends(json_only)])
+@router.post("/admin/data/customers/{customer_id}/adjustments", dependencies=[Session, SameOrigin, Depends(json_only)])
 async def adjust(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: AdjustmentIn, request: Request) -> dict:
     if body.credits == 0:
         raise HTTPException(422, "an adjustment must change the balance")

@@ -6,10 +6,11 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
-from api import admin, admin_page, console, customers, errors, health, ledger, referrals, webhooks
-from api.webhooks import MAX_WEBHOOK_BYTES  # noqa: F401  (where the forgery tests read the limit)
-from infra.broker import redis_broker
+from api import admin, admin_page, console, customers, errors, health, ledger, metrics, referrals, webhooks
+from api.body_limits import BodyLimits, limit_for
+from infra.broker import is_embedded, make_broker
 from infra.clock import Clock, SystemClock
 from infra.db import Database, require_current_schema
 from infra.settings import Settings, SettingsError, get_settings
@@ -33,16 +34,20 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             if app.state.broker is not None:
                 app.state.broker.close()
 
-    app = FastAPI(title="credits", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc load Swagger UI and ReDoc from our own origin (fastapi-offline), never a CDN.
+    app = FastAPIOffline(title="credits", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.clock = clock or SystemClock()
     app.state.db = db
-    # Webhooks and "retry now" hand work to the workers over Redis (api/dependencies.py).
-    app.state.broker = redis_broker(settings, middleware=[]) if settings.redis_url else None
+    # Webhooks and "retry now" hand work to the workers over the broker; without one (the
+    # embedded default) no worker could receive it, so those routes answer 503 rather than lose it.
+    app.state.broker = None if is_embedded(settings) else make_broker(settings, middleware=[])
     errors.install(app)
-    for area in (referrals, ledger, console, admin_page, health, customers, admin, webhooks):
+    for area in (health, referrals, ledger, console, admin_page, metrics, customers, admin, webhooks):
         app.include_router(area.router)
     admin_page.install_session(app, settings)
+    # Added last, so it runs first: before sessions, routing and every token check.
+    app.add_middleware(BodyLimits, limit_for=limit_for(settings))
     return app
 
 
@@ -51,5 +56,5 @@ def app_factory() -> FastAPI:
     from infra.logging import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_max_value_chars)
     return create_app(settings)

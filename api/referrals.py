@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Literal
@@ -156,12 +154,8 @@ def _now(request: Request) -> datetime:
 
 
 def _csv(rows: list[dict], columns: list[str], filename: str) -> Response:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in row.items() if k in columns})
-    return Response(out.getvalue(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    text = referral_views.to_csv(rows, columns)
+    return Response(text, media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 # ---------------------------------------------------------------- referrers and codes
@@ -254,8 +248,7 @@ async def admin_payouts(
 ):
     page = await referral_views.list_payouts(request.app.state.db, filters.wanted(status_))
     if filters.format == "csv":
-        columns = ["id", "payee_id", "payee_name", "payout_address", "method", "period", "amount_cents", "currency", "status", "external_reference", "created_at", "paid_at"]
-        return _csv(page.rows, columns, "payouts.csv")
+        return _csv(page.rows, referral_views.PAYOUT_CSV_COLUMNS, "payouts.csv")
     return PayoutsOut(total=page.total, total_cents=page.total_cents, payouts=[PayoutOut(**row) for row in page.rows])
 
 

@@ -14,20 +14,6 @@ from service_layer import webhooks
 
 log = structlog.get_logger("credits.api")
 router = APIRouter()
-#: Stripe's events are a few kilobytes; an unauthenticated body is read no further than this.
-MAX_WEBHOOK_BYTES = 1_000_000
-
-
-async def _body_up_to(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body over {limit} bytes")
-    return bytes(body)
 
 
 @router.post(
@@ -41,7 +27,7 @@ async def stripe_webhook(request: Request, stripe_signature: Annotated[str | Non
     if not secrets_:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STRIPE_WEBHOOK_SECRETS is not set")
     publish = publisher(request)
-    payload = await _body_up_to(request, MAX_WEBHOOK_BYTES)
+    payload = await request.body()  # at most STRIPE_WEBHOOK_MAX_BODY_BYTES (api.body_limits)
     try:
         event = verify(payload, stripe_signature, secrets_, settings.stripe_webhook_tolerance_seconds)
     except WebhookRejected as error:

@@ -2,6 +2,7 @@
 
 from domain.acceptance import EventWindow
 from domain.errors import (
+    CreditLimitExceeded,
     DomainError,
     HoldConflict,
     InsufficientCredits,
@@ -10,11 +11,13 @@ from domain.errors import (
     NoActiveHold,
     UnknownCustomer,
 )
+from domain.limits import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT
 from domain.model import Account, Entry, EntryKind, Hold, HoldStatus, Lot, LotSource, Movement
 from domain.policy import CreditPolicy, add_months
 
 __all__ = [
     "Account",
+    "CreditLimitExceeded",
     "CreditPolicy",
     "DomainError",
     "Entry",
@@ -28,6 +31,9 @@ __all__ = [
     "MembershipFrozen",
     "Lot",
     "LotSource",
+    "MAX_BALANCE",
+    "MAX_CREDITS_PER_EVENT",
+    "MAX_OVERDRAFT",
     "Movement",
     "NoActiveHold",
     "UnknownCustomer",

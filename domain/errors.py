@@ -47,6 +47,10 @@ class MembershipFrozen(DomainError):
     """The membership is paused: no booking, no gifts, until it is unfrozen."""
 
 
+class CreditLimitExceeded(DomainError):
+    """The event would move more credits than one event may, or take a balance or an
+    overdraft past its bound (domain/limits.py): refused, never stored."""
+
 
 class UnknownCustomer(DomainError):
     """The event names a customer the ledger does not know, where it must (a gift's receiver)."""

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from domain.errors import (
+    CreditLimitExceeded,
     HoldConflict,
     InsufficientCredits,
     JobAlreadyCharged,
@@ -20,6 +21,7 @@ from domain.errors import (
     PaymentAlreadyApplied,
     PaymentNotApplied,
 )
+from domain.limits import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT
 from domain.policy import CreditPolicy
 
 
@@ -235,16 +237,22 @@ class Account:
         note: str | None = None,
         payment_id: str | None = None,
         paid_cents: int | None = None,
+        expires_at: datetime | None = None,
     ) -> Lot:
-        """Create a lot. Outstanding overdraft is repaid from it first."""
+        """Create a lot. Outstanding overdraft is repaid from it first.
+
+        ``expires_at`` is for a lot that brings its own expiry (imported history); by default
+        the policy dates it."""
         _require_positive(credits)
         if payment_id is not None and self.payment_lot(payment_id) is not None:
             raise PaymentAlreadyApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has already issued its credits")
         self.catch_up(at, event_id)
         if source is LotSource.PAYMENT and policy.carry_limit is not None:
             self._expire_over_cap(policy.carry_limit, at, event_id)
+        self._require_room_for(credits)
         before = self.book_balance
-        lot = Lot(credits, credits, at, policy.expiry_for(at), source, event_id, payment_id=payment_id, paid_cents=paid_cents)
+        expiry = expires_at if expires_at is not None else policy.expiry_for(at)
+        lot = Lot(credits, credits, at, expiry, source, event_id, payment_id=payment_id, paid_cents=paid_cents)
         repaid = min(self.overdraft, credits)
         lot.remaining -= repaid
         self.overdraft -= repaid
@@ -264,6 +272,7 @@ class Account:
         """An admin correction: positive issues an adjustment lot, negative spends like a debit."""
         if credits == 0:
             raise ValueError("an adjustment must change the balance")
+        _require_positive(abs(credits))
         if credits > 0:
             self.issue(credits, at, event_id, policy, source=LotSource.ADJUSTMENT, note=note)
         else:
@@ -364,12 +373,14 @@ class Account:
         available = self.available(at)
         if credits > available:
             raise InsufficientCredits(self.customer_id, credits, available)
+        to._require_room_for(credits)
         movements, shortfall = self._oldest_first(credits, at)
         assert shortfall == 0
         self._take(EntryKind.GIFTED, at, event_id, movements, note=f"gift to {to.customer_id}")
         return [to._receive(m.credits, m.lot.expires_at, at, event_id, f"gift from {self.customer_id}") for m in movements]
 
     def _receive(self, credits: int, expires_at: datetime, at: datetime, event_id: str, note: str) -> Lot:
+        self._require_room_for(credits)
         before = self.book_balance
         lot = Lot(credits, credits, at, expires_at, LotSource.GIFT, event_id)
         repaid = min(self.overdraft, credits)
@@ -417,6 +428,12 @@ class Account:
         movements, shortfall = self._oldest_first(credits, at)
         return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=shortfall, note=note)
 
+    def _require_room_for(self, credits: int) -> None:
+        if self.book_balance + credits > MAX_BALANCE:
+            raise CreditLimitExceeded(
+                f"customer {self.customer_id!r} holds {self.book_balance} credit(s): {credits} more would pass the largest balance, {MAX_BALANCE}"
+            )
+
     def _expire_over_cap(self, cap: int, at: datetime, event_id: str) -> None:
         excess = sum(lot.remaining for lot in self.lots if self._spendable(lot, at)) - cap
         if excess > 0:
@@ -445,6 +462,10 @@ class Account:
         shortfall: int = 0,
         note: str | None = None,
     ) -> Entry:
+        if self.overdraft + shortfall > MAX_OVERDRAFT:
+            raise CreditLimitExceeded(
+                f"customer {self.customer_id!r} owes {self.overdraft} credit(s): {shortfall} more would pass the largest overdraft, {MAX_OVERDRAFT}"
+            )
         before = self.book_balance
         for movement in movements:
             movement.lot.remaining -= movement.credits
@@ -489,3 +510,5 @@ class Account:
 def _require_positive(credits: int) -> None:
     if credits <= 0:
         raise ValueError(f"credits must be positive, got {credits}")
+    if credits > MAX_CREDITS_PER_EVENT:
+        raise CreditLimitExceeded(f"{credits} credits in one event: at most {MAX_CREDITS_PER_EVENT} may move at once")

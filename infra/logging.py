@@ -1,50 +1,93 @@
 """structlog JSON logging; stdlib loggers (Dramatiq, uvicorn) are rendered the same way.
 
-Each processor does one thing. ``redact`` keeps emails and tokens out of every line.
+Each processor or filter does one thing. What a line may carry (docs/SECURITY.md, "What is logged"):
+- never a message's arguments: Dramatiq formats a message as ``actor(args, kwargs)`` in its lines
+  ("Failed to process message …"); ``HideMessageArguments`` puts the actor and id in its place;
+- never a request's query string: ``HideQueryStrings`` logs uvicorn's access line with the path only;
+- no secret or personal data: ``redact`` masks a field whose name says it is one (by structure),
+  then cuts every string to LOG_MAX_VALUE_CHARS and masks what the patterns know (``infra.masking``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import structlog
 
-SECRET_KEYS = frozenset({"authorization", "token", "password", "secret", "api_key", "email", "admin_api_token", "frontend_api_token"})
-#: Also percent-encoded (``%40``), as uvicorn's access log writes a path holding an email.
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"']+")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+from infra.masking import DEFAULT_MAX_CHARS, is_secret_field, scrub
+
+__all__ = ["configure_logging", "redactor", "scrub"]
+
+#: A traceback (the ``exception`` field) may be this many times LOG_MAX_VALUE_CHARS: its frames
+#: are what an operator needs, and it is code's text more than the input's.
+TRACEBACK_FACTOR = 4
+#: A logged list or mapping keeps at most this many items.
+MAX_ITEMS = 50
+_PLAIN = (str, int, float, bool, type(None))
+#: Fields this module's own processors write: nothing from outside is in them.
+_OWN_FIELDS = frozenset({"timestamp", "level", "logger"})
 
 
-def scrub(text: str) -> str:
-    """Mask email addresses, bearer tokens and URL passwords inside free text."""
-    text = _EMAIL.sub("[email]", text)
-    text = _BEARER.sub(r"\1[redacted]", text)
-    return _URL_PASSWORD.sub(r"\1[redacted]@", text)
-
-
-def _clean(key: object, value: object) -> object:
-    if isinstance(key, str) and key.lower() in SECRET_KEYS:
+def _clean(key: object, value: object, max_chars: int) -> object:
+    if isinstance(key, str) and is_secret_field(key):
         return "[redacted]"
     if isinstance(value, str):
-        return scrub(value)
-    # Nested values too: e.g. validation errors quote the producer's input in `msg` and `loc`.
+        return scrub(value, max_chars)
+    if isinstance(value, _PLAIN):
+        return value
+    # Nested values too: e.g. an error list naming the producer's fields.
     if isinstance(value, dict):
-        return {scrub(k) if isinstance(k, str) else k: _clean(k, v) for k, v in value.items()}
+        items = list(value.items())
+        cleaned = {(scrub(k, max_chars) if isinstance(k, str) else k): _clean(k, v, max_chars) for k, v in items[:MAX_ITEMS]}
+        if len(items) > MAX_ITEMS:
+            cleaned["…"] = f"{len(items) - MAX_ITEMS} more"
+        return cleaned
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_clean(None, item) for item in value]
-    return value
+        items = list(value)
+        cleaned = [_clean(None, item, max_chars) for item in items[:MAX_ITEMS]]
+        return cleaned + ([f"…{len(items) - MAX_ITEMS} more"] if len(items) > MAX_ITEMS else [])
+    # Anything else would be rendered by its repr, which no one has bounded or masked.
+    return scrub(repr(value), max_chars)
 
 
-def redact(_logger, _method, event_dict: dict) -> dict:
-    for key, value in list(event_dict.items()):
-        event_dict[key] = _clean(key, value)
-    return event_dict
+def redactor(max_chars: int = DEFAULT_MAX_CHARS):
+    """The processor that masks and bounds every value of a line (see the module's doc)."""
+
+    def redact(_logger, _method, event_dict: dict) -> dict:
+        for key, value in list(event_dict.items()):
+            if key not in _OWN_FIELDS:
+                event_dict[key] = _clean(key, value, max_chars * TRACEBACK_FACTOR if key == "exception" else max_chars)
+        return event_dict
+
+    return redact
 
 
-def configure_logging(level: str = "INFO") -> None:
+class HideMessageArguments(logging.Filter):
+    """Dramatiq's lines format a message (or its proxy) whole, arguments and all: log its actor and id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(_is_message(arg) for arg in record.args):
+            record.args = tuple(f"{arg.actor_name}(message {arg.message_id})" if _is_message(arg) else arg for arg in record.args)
+        return True
+
+
+def _is_message(value: object) -> bool:
+    return not isinstance(value, _PLAIN) and hasattr(value, "actor_name") and hasattr(value, "message_id")
+
+
+class HideQueryStrings(logging.Filter):
+    """uvicorn's access line holds the request's query string (``?token=…``): keep the path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, target, version, status = record.args
+            if isinstance(target, str):
+                record.args = (client, method, target.split("?", 1)[0], version, status)
+        return True
+
+
+def configure_logging(level: str = "INFO", max_value_chars: int = DEFAULT_MAX_CHARS) -> None:
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -63,9 +106,23 @@ def configure_logging(level: str = "INFO") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-            processors=[redact, structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor(max_value_chars), structlog.processors.JSONRenderer()],
         )
     )
+    # On the handler, not a logger: a logger's filters do not see its children's records.
+    handler.addFilter(HideMessageArguments())
+    handler.addFilter(HideQueryStrings())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_libraries(root.getEffectiveLevel())
+
+
+#: Libraries whose info lines are bookkeeping (APScheduler: every job it runs; alembic: its
+#: plugins, each revision): only their warnings and errors make a line.
+QUIET_LIBRARIES = ("apscheduler", "alembic")
+
+
+def quiet_libraries(level: int = logging.WARNING) -> None:
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, level))

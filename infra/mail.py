@@ -1,13 +1,45 @@
-"""Sending email over SMTP (aiosmtplib), telling a sure failure from an uncertain one."""
+"""Sending email over SMTP (aiosmtplib), telling a sure failure from an uncertain one; or
+writing it to a local mailbox file instead (`credits demo`)."""
 
 from __future__ import annotations
 
+import mailbox
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 
 from infra.settings import Settings
 from service_layer.notifications import Undelivered
+
+
+def email_message(sender: str, to_address: str, subject: str, body: str, message_id: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to_address
+    message["Subject"] = subject
+    message["Message-ID"] = message_id
+    message.set_content(body)
+    return message
+
+
+class MailboxFileMailer:
+    """Writes each notification to a local mbox file instead of sending it (no SMTP server):
+    open it with any mail reader, or `python3 -m mailbox`-style tools."""
+
+    def __init__(self, path: Path, sender: str) -> None:
+        self.path = Path(path)
+        self.sender = sender
+
+    async def send(self, to_address: str, subject: str, body: str, message_id: str) -> None:
+        box = mailbox.mbox(self.path)
+        try:
+            box.lock()
+            box.add(email_message(self.sender, to_address, subject, body, message_id))
+            box.flush()
+        finally:
+            box.unlock()
+            box.close()
 
 
 class SmtpMailer:
@@ -20,12 +52,7 @@ class SmtpMailer:
         """Deliver one message. Raises Undelivered saying whether it may be tried again, and
         whether the server might have got it all the same (then it must not be)."""
         s = self.settings
-        message = EmailMessage()
-        message["From"] = s.smtp_from
-        message["To"] = to_address
-        message["Subject"] = subject
-        message["Message-ID"] = message_id
-        message.set_content(body)
+        message = email_message(s.smtp_from, to_address, subject, body, message_id)
         client = aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: Unset: an in-process Redis (fakeredis) behind the real RedisBroker.
     redis_url: str | None = None
+    #: The message broker: amqp:// (RabbitMQ) or redis://. Unset: REDIS_URL is the broker.
+    #: With RabbitMQ, REDIS_URL (optional) only lets several schedulers share ticks.
+    broker_url: str | None = None
 
     admin_api_token: SecretStr | None = None
     frontend_api_token: SecretStr | None = None
@@ -54,6 +58,13 @@ class Settings(BaseSettings):
     #: transactions at once per process.
     event_batch_size: int = Field(32, ge=1, le=1_000)
     event_batch_in_flight: int = Field(2, ge=1, le=100)
+
+    #: Redis broker: a worker process silent this long is dead, and the messages it had fetched
+    #: go back on their queue. Every worker process heartbeats and runs that check (Dramatiq's own
+    #: maintenance) every REDIS_MAINTENANCE_INTERVAL_SECONDS, so a dead process's messages are back
+    #: within timeout + interval (docs/OPERATIONS.md, "Supervision").
+    redis_heartbeat_timeout_seconds: int = Field(30, ge=5, le=3600)
+    redis_maintenance_interval_seconds: float = Field(5.0, ge=0.5, le=600)
 
     # ------------------------------------------------------------ Stripe and dunning
     #: Unset: no payment provider; retries wait (nothing is lost) and webhooks answer 503.
@@ -112,8 +123,48 @@ class Settings(BaseSettings):
     admin_cookie_secure: bool = True
     #: How often the admin page's live bubble re-reads the count (server-sent events).
     admin_live_interval_seconds: float = Field(2.0, ge=0.2, le=300)
+    #: An admin page session ends after this long without a request, and in any case this long after sign-in.
+    admin_session_idle_minutes: int = Field(30, ge=1, le=1440)
+    admin_session_max_hours: int = Field(8, ge=1, le=168)
+    #: Sign-in attempts allowed per client address, and from everyone together, per window; more answer 429.
+    admin_sign_in_limit_per_address: int = Field(10, ge=1, le=10_000)
+    admin_sign_in_limit_total: int = Field(100, ge=1, le=1_000_000)
+    admin_sign_in_window_minutes: int = Field(15, ge=1, le=1440)
+    #: Where the admin page is served from (scheme://host[:port], comma-separated): a state-changing
+    #: admin request must come from one of them. Unset: from the host the request was sent to.
+    admin_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # ------------------------------------------------------------ metrics (Prometheus)
+    #: Worker processes serve their metrics on this port (Dramatiq's exposition server); 0: none.
+    metrics_port: int = Field(9191, ge=0, le=65535)
+    metrics_host: str = Field("0.0.0.0", min_length=1)
+    #: Where worker processes keep prometheus-client's multiprocess files. Unset: a directory
+    #: per metrics port under the system's temporary directory. Emptied when a worker run starts.
+    metrics_dir: str | None = None
+    #: The web's /metrics reads the business figures from the database at most this often.
+    metrics_cache_seconds: float = Field(5.0, ge=0, le=3600)
+    #: ... and gives those queries at most this long (PostgreSQL statement timeout).
+    metrics_query_timeout_ms: int = Field(2_000, ge=100, le=60_000)
+    #: Set: the web's /metrics asks for `Authorization: Bearer <token>` (business figures are
+    #: not for the public). Unset: /metrics is open; keep it off the public network.
+    metrics_token: SecretStr | None = None
+    # ------------------------------------------------------------ HTTP request limits
+    #: `credits web` answers 414 to a longer request line (method, URL, version), before parsing it.
+    http_max_request_line_bytes: int = Field(8_192, ge=256, le=1_048_576)
+    #: ... and 431 to header lines longer than this together.
+    http_max_header_bytes: int = Field(16_384, ge=1_024, le=1_048_576)
+    #: Request bodies of every route not named below (the JSON API): larger is refused with 413.
+    http_max_body_bytes: int = Field(65_536, ge=1_024, le=104_857_600)
+    #: Stripe's events are a few kilobytes; an unauthenticated body is read no further than this.
+    stripe_webhook_max_body_bytes: int = Field(1_000_000, ge=65_536, le=104_857_600)
+    #: The admin page's sign-in form holds one token.
+    admin_login_max_body_bytes: int = Field(4_096, ge=256, le=1_048_576)
 
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    #: Every logged string is cut to this many characters (start and end kept) before masking.
+    log_max_value_chars: int = Field(2_000, ge=200, le=100_000)
+    #: A message larger than this (bytes, as stored in the broker) is dead-lettered unread.
+    max_message_bytes: int = Field(65_536, ge=4_096, le=16_777_216)
     db_pool_size: int = Field(5, ge=1, le=100)
 
     @field_validator("database_url")
@@ -142,7 +193,17 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL (unset it for the in-process Redis)")
         return url
 
-    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", mode="before")
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
+            raise ValueError("must be an amqp:// or amqps:// (RabbitMQ) or a redis:// URL (unset it to use REDIS_URL)")
+        return url
+
+    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", "metrics_dir", "metrics_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and .env files spell "not set" as an empty value.
@@ -157,6 +218,16 @@ class Settings(BaseSettings):
             text = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
             if not text.startswith("whsec_"):
                 raise ValueError("each secret must be a Stripe webhook signing secret (whsec_...)")
+        return value
+
+    @field_validator("admin_allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip().rstrip("/").lower() for part in value.split(",") if part.strip())
+        for origin in value or ():
+            if not re.fullmatch(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?", str(origin)):
+                raise ValueError(f"{origin!r} is not an origin such as https://admin.example.com (scheme, host, optional port; no path)")
         return value
 
     @field_validator("stripe_plan_credits", mode="before")
@@ -228,6 +299,11 @@ class Settings(BaseSettings):
     def _coherent(self) -> "Settings":
         if not self.allow_unlimited_rollover and self.rollover_cap is None:
             raise ValueError("ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false")
+        if self.broker_url and not self.uses_rabbitmq and self.redis_url and self.broker_url != self.redis_url:
+            raise ValueError("BROKER_URL and REDIS_URL name two different Redis servers: set one of them")
+        if self.redis_maintenance_interval_seconds * 3 > self.redis_heartbeat_timeout_seconds:
+            # A live process must heartbeat several times per timeout, or a busy one is taken for dead.
+            raise ValueError("REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS")
         if self.event_min_backoff_ms > self.event_max_backoff_ms:
             raise ValueError("EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS")
         for name in ("admin_api_token", "frontend_api_token"):
@@ -237,6 +313,15 @@ class Settings(BaseSettings):
         if self.admin_api_token is not None and self.admin_api_token == self.frontend_api_token:
             raise ValueError("ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ")
         return self
+
+    @property
+    def broker_address(self) -> str | None:
+        """Where messages travel; None: the embedded in-process Redis."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def uses_rabbitmq(self) -> bool:
+        return bool(self.broker_url and self.broker_url.startswith(("amqp://", "amqps://")))
 
     @property
     def effective_database_url(self) -> str:

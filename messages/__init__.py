@@ -18,7 +18,7 @@ from messages.events import (
     ReferralSubmitted,
     parse_event,
 )
-from messages.publisher import Publisher
+from messages.publisher import PublishFailed, Publisher
 from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "PaymentMethodUpdated",
     "PaymentReversed",
     "PaymentSucceeded",
+    "PublishFailed",
     "Publisher",
     "ReferralSubmitted",
     "parse_event",

@@ -13,7 +13,12 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+#: The most credits one event may carry (domain.limits.MAX_CREDITS_PER_EVENT: this package
+#: cannot import the domain, a test keeps the two equal).
 MAX_CREDITS = 1_000_000
+#: A payment's amount in the currency's minor unit: 10^12 (ten billion dollars) fits any real
+#: payment and stays far inside the 64-bit column.
+MAX_AMOUNT_CENTS = 1_000_000_000_000
 
 #: No NUL characters: PostgreSQL text cannot hold them, so they would fail on every retry.
 _NO_NUL = r"^[^\x00]*$"
@@ -63,7 +68,7 @@ class PaymentSucceeded(Event):
     type: Literal["payment.succeeded"] = "payment.succeeded"
     payment_id: ExternalId
     credits: PositiveCredits
-    amount_cents: Annotated[int, Field(ge=0)] | None = None
+    amount_cents: Annotated[int, Field(ge=0, le=MAX_AMOUNT_CENTS)] | None = None
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = None
 
 

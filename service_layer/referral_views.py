@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -66,6 +68,19 @@ async def list_referrals(db: Database, wanted: ListFilter, referral_id: int | No
         row["history"] = history.get(row["id"], [])
         row["flags"] = list(row["flags"] or [])
     return Page(total, int(cents), rows)
+
+
+#: The payouts export operations pay from by hand (manual gateway), in this column order.
+PAYOUT_CSV_COLUMNS = ["id", "payee_id", "payee_name", "payout_address", "method", "period", "amount_cents", "currency", "status", "external_reference", "created_at", "paid_at"]
+
+
+def to_csv(rows: list[dict], columns: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in row.items() if k in columns})
+    return out.getvalue()
 
 
 async def list_payouts(db: Database, wanted: ListFilter) -> Page:

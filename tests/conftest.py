@@ -19,15 +19,16 @@ from sqlalchemy import text
 
 from infra.db import Database
 from infra.db.engine import alembic_config
-from tests.support import WorkerProcesses, start_worker_processes
+from tests.support import BrokerUnderTest, WorkerProcesses, rabbitmq_reset, rabbitmq_vhost, start_worker_processes
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+RABBITMQ_SERVER_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
 LEDGER_TABLES = (
     "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, "
     "stripe_customers, stripe_events, stripe_payments, dunning_cases, payment_attempts, "
     "customer_profiles, referrers, referral_codes, referrals, referral_history, referral_clawbacks, payouts, payout_items, "
-    "notifications, customer_notes, retention_crossings"
+    "notifications, customer_notes, retention_crossings, admin_sessions, admin_sign_in_attempts"
 )
 
 
@@ -79,6 +80,30 @@ def redis_url() -> str:
         admin.delete(f"credits-tests:db:{index}")
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """A RabbitMQ vhost of this run's own (127.0.0.1:5672, guest), deleted at the end."""
+    vhost = f"credits-test-{uuid.uuid4().hex[:12]}"
+    rabbitmq_vhost("add", vhost)
+    yield f"{RABBITMQ_SERVER_URL}/{vhost}"
+    rabbitmq_vhost("delete", vhost)
+
+
+#: Every queue the workers declare (workers/actors.py).
+BROKER_QUEUES = ("credit_events", "credit_payments", "credit_sweeps", "credit_notifications", "default")
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def message_broker(request, redis_url: str) -> BrokerUnderTest:
+    """The delivery tests run on both brokers, each emptied before the test."""
+    if request.param == "redis":
+        redis.Redis.from_url(redis_url).flushdb()
+        return BrokerUnderTest("redis", redis_url)
+    url = request.getfixturevalue("rabbitmq_url")
+    rabbitmq_reset(url, BROKER_QUEUES)
+    return BrokerUnderTest("rabbitmq", url)
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> redis.Redis:
     client = redis.Redis.from_url(redis_url)
@@ -124,8 +149,9 @@ def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., 
     """Start real `dramatiq workers.actors` processes; all are stopped after the test."""
     started: list[WorkerProcesses] = []
 
-    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None) -> WorkerProcesses:
-        workers = start_worker_processes({**service_env, **(env or {})}, tmp_path / f"workers-{len(started)}.log", processes, threads)
+    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None, supervised: bool = False) -> WorkerProcesses:
+        log_path = tmp_path / f"workers-{len(started)}.log"
+        workers = start_worker_processes({**service_env, **(env or {})}, log_path, processes, threads, supervised=supervised)
         started.append(workers)
         return workers
 

@@ -97,10 +97,14 @@ class WorkerProcesses:
             self.process.wait(10)
 
 
-def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0) -> WorkerProcesses:
+def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0, supervised: bool = False) -> WorkerProcesses:
+    """``dramatiq workers.actors``; ``supervised``: the operator's ``credits worker`` (which restarts the group)."""
+    # A metrics port and directory of their own: test runs share this host (the default is 9191).
+    env = {"METRICS_PORT": str(free_port()), "METRICS_DIR": str(log_path.with_suffix(".metrics")), **env}
     log_file = log_path.open("wb")
+    command = [str(Path(sys.executable).with_name("credits")), "worker"] if supervised else [sys.executable, "-m", "dramatiq", "workers.actors"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(processes), "--threads", str(threads)],
+        [*command, "--processes", str(processes), "--threads", str(threads)],
         cwd=ROOT,
         env=env,
         stdout=log_file,
@@ -196,3 +200,103 @@ def assert_serial_chain(customer_id: str, entries: list) -> None:
     for entry in entries:
         balance += entry["credits"] if entry["kind"] not in HOLD_KINDS else 0
         assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False) -> None:
+    """Signal a process started with its own session (or its whole group), then kill the group if it lingers."""
+    if process.poll() is None:
+        (os.killpg if group else os.kill)(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+@dataclass
+class BrokerUnderTest:
+    """The broker a delivery test runs on: Redis (this run's logical db) or RabbitMQ (this
+    run's own vhost). Processes get it as BROKER_URL; the test inspects it here."""
+
+    kind: str
+    url: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"BROKER_URL": self.url}
+
+    def raw_broker(self):
+        """A bare producer broker, to enqueue messages the Publisher would never write."""
+        from dramatiq.brokers.redis import RedisBroker
+
+        from infra.broker import rabbitmq_broker
+
+        return rabbitmq_broker(self.url, middleware=[]) if self.kind == "rabbitmq" else RedisBroker(url=self.url, middleware=[])
+
+    def dead_lettered(self, queue: str) -> dict[str, dict]:
+        """The broker's dead-letter queue for ``queue``: message id → decoded message."""
+        from infra.broker import dead_letter_bodies
+
+        broker = self.raw_broker()
+        try:
+            bodies = [json.loads(body) for body in dead_letter_bodies(broker, queue)]
+        finally:
+            broker.close()
+        return {body["message_id"]: body for body in bodies}
+
+    def waiting(self, queue: str) -> int:
+        """Messages queued (not yet fetched) on ``queue`` and its delay queue."""
+        if self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            try:
+                return sum(client.llen(f"dramatiq:{name}") + client.hlen(f"dramatiq:{name}.msgs") for name in (queue, f"{queue}.DQ"))
+            finally:
+                client.close()
+        return sum(count for count, _consumers in self._rabbitmq_queues(queue, f"{queue}.DQ"))
+
+    def consumers(self, queue: str) -> int:
+        """RabbitMQ: the consumers attached to ``queue``."""
+        [(_count, consumers)] = self._rabbitmq_queues(queue)
+        return consumers
+
+    def _rabbitmq_queues(self, *names: str) -> list[tuple[int, int]]:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            found = []
+            for name in names:
+                channel = connection.channel()
+                try:
+                    method = channel.queue_declare(name, passive=True).method
+                    found.append((method.message_count, method.consumer_count))
+                    channel.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    found.append((0, 0))  # not declared yet
+            return found
+        finally:
+            connection.close()
+
+
+def rabbitmq_vhost(action: str, vhost: str) -> None:
+    """Create (and open to guest) or delete a vhost of the local RabbitMQ; a test run's own."""
+    commands = [["rabbitmqctl", "add_vhost", vhost], ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]]
+    for command in commands if action == "add" else [["rabbitmqctl", "delete_vhost", vhost]]:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{' '.join(command)}: {done.stdout}{done.stderr}"
+
+
+def rabbitmq_reset(url: str, queues: tuple[str, ...]) -> None:
+    """Delete these queues (with their delay and dead-letter queues) in the test run's vhost."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(name)
+    finally:
+        connection.close()

@@ -6,6 +6,8 @@ setting stripped from the environment (as on a laptop after `make demo`).
 
 from __future__ import annotations
 
+import csv
+import mailbox
 import os
 import re
 import subprocess
@@ -28,7 +30,7 @@ from service_layer.unit_of_work import SqlUnitOfWork
 
 CREDITS_SCRIPT = str(Path(sys.executable).with_name("credits"))
 SETTINGS_ENV = frozenset(name.upper() for name in Settings.model_fields)
-MONTH_LINE = re.compile(r"^(\d{4})-(\d{2})\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$")
+MONTH_LINE = re.compile(r"^(\d{4})-(\d{2})" + r"\s+(\d+)" * 9 + "$")
 
 
 @pytest.fixture
@@ -51,48 +53,87 @@ def credits(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
     return subprocess.run([CREDITS_SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_runs_on_the_embedded_default(embedded_env, workdir, tmp_path):
+def figure(out: str, label: str) -> int:
+    """A summary figure: ``label`` then a whole number (thousands separated by commas)."""
+    found = re.search(rf"^  {re.escape(label)}\s+([\d,]+)\b", out, re.M)
+    assert found, f"no {label!r} in:\n{out}"
+    return int(found[1].replace(",", ""))
+
+
+def test_demo_shows_the_whole_business_and_keeps_what_it_is_asked_to(embedded_env, workdir, tmp_path):
     started = time.monotonic()
-    result = credits(["demo", "--customers", "25", "--months", "13"], embedded_env, workdir)
+    result = credits(["demo", "--customers", "25", "--months", "14", "--keep"], embedded_env, workdir, timeout=300)
     elapsed = time.monotonic() - started
     out = result.stdout
 
     assert result.returncode == 0, f"stdout:\n{out}\nstderr:\n{result.stderr}"
-    assert elapsed < 30, f"the demo took {elapsed:.1f}s"
-    assert "credits demo: 25 customers over 13 months, embedded SQLite + in-process Redis" in out
+    # A loose guard against a hang; the under-a-minute figure of the default run is measured by hand.
+    assert elapsed < 150, f"the demo took {elapsed:.1f}s"
+    assert "credits demo: 25 customers over 14 months, embedded SQLite + in-process Redis" in out
+    assert "SimulatedPaymentProvider (no network, no money)" in out
 
-    # One progress line per month: 13 consecutive months, ending with last month.
+    # One progress line per month: 14 consecutive months, ending with last month.
     months = [(int(m[1]), int(m[2])) for m in map(MONTH_LINE.match, out.splitlines()) if m]
-    assert len(months) == 13, out
+    assert len(months) == 14, out
     this_month = datetime.now(timezone.utc).replace(day=1)
-    expected = [((this_month - relativedelta(months=n)).year, (this_month - relativedelta(months=n)).month) for n in range(13, 0, -1)]
+    expected = [((this_month - relativedelta(months=n)).year, (this_month - relativedelta(months=n)).month) for n in range(14, 0, -1)]
     assert months == expected
 
-    assert "ledger reconciles       yes" in out
-    assert re.search(r"^  dead letters\s+0$", out, re.M), out
-    published = int(re.search(r"events published\s+(\d+)\s+\((\d+) duplicates ignored\)", out)[1])
-    applied = int(re.search(r"events applied\s+(\d+)", out)[1])
-    duplicates = int(re.search(r"\((\d+) duplicates ignored\)", out)[1])
-    assert applied > 100 and published == applied + duplicates
-    assert re.search(r"^  customers\s+25$", out, re.M)
+    # The ledger: units on every line, the overdraft explained, the books balanced.
+    assert re.search(r"^  ledger reconciles\s+yes\s+\(entries sum -?\d+ = on account \d+ - overdraft \d+\)$", out, re.M), out
+    assert figure(out, "dead letters") == 0
+    assert figure(out, "customers") == 25
+    assert figure(out, "credits sold") > 0 and re.search(r"^  credits sold\s+[\d,]+ credits$", out, re.M)
+    assert figure(out, "credits expired") > 0  # unused for 12 months
+    assert re.search(r"^  overdraft\s+[\d,]+ credits: jobs done on credit after a customer ran out; their next payment pays it back first$", out, re.M)
+    assert re.search(r"^  payments\s+[\d,]+\s+\$[\d,]+\.\d\d collected$", out, re.M)
+    events = re.search(r"^  events\s+([\d,]+)\s+published \((\d+) duplicates ignored\), (\d+) applied", out, re.M)
+    assert int(events[1].replace(",", "")) == int(events[2]) + int(events[3]) and int(events[3]) > 100
 
-    header = re.search(r"^out of credits for more than 14 days: (\d+) customer\(s\)", out, re.M)
+    # Dunning against the simulated provider: failed payments retried, most recovered.
+    dunning = re.search(r"^  failed payments\s+(\d+)\s+retried on the dunning schedule against the SimulatedPaymentProvider: (\d+) recovered, (\d+) still unpaid$", out, re.M)
+    assert dunning and int(dunning[1]) > 0 and int(dunning[2]) > 0 and int(dunning[1]) == int(dunning[2]) + int(dunning[3]), out
+    # Referrals qualified and paid on Fridays through the manual gateway's CSV.
+    rewards = re.search(r"^  referral rewards\s+(\d+)\s+\$([\d,.]+) earned; (\d+) payout\(s\), \$([\d,.]+), exported on Fridays", out, re.M)
+    assert rewards and int(rewards[1]) > 0 and int(rewards[3]) > 0, out
+    # Notifications written to the mail file.
+    emails = re.search(r"^  emails to customers\s+(\d+)\s+in the mail file \((\d+) messages\): (.+)$", out, re.M)
+    assert emails and int(emails[1]) == int(emails[2]) > 0 and "payment failed" in emails[3], out
+
+    # The at-risk list: oldest first, each with its last failed payment's state.
+    header = re.search(r"^at risk: out of credits for more than 14 days: (\d+) customer\(s\)", out, re.M)
     assert header, out
-    rows = re.findall(r"^  (demo-\S+)\s+\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\s+(\d+)$", out[header.end():], re.M)
-    assert len(rows) == min(int(header[1]), 15)
-    days = [int(d) for _, d in rows]
-    assert all(d >= 14 for d in days) and days == sorted(days, reverse=True)  # oldest first
+    rows = re.findall(r"^  (demo-\S+)\s+\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\s+(\d+)  (\S+)$", out[header.end():], re.M)
+    assert len(rows) == min(int(header[1]), 15) > 0
+    days = [int(d) for _, d, _ in rows]
+    assert all(d >= 14 for d in days) and days == sorted(days, reverse=True)
 
-    # A fresh database of its own, not a file in the working directory.
-    db_path = Path(re.search(r"^database: sqlite\+aiosqlite:///(\S+)$", out, re.M)[1])
-    assert db_path.is_file() and tmp_path in db_path.parents
+    # --keep: the database, the payouts CSV and the mail file, where it says, under TMPDIR.
+    kept = dict(re.findall(r"^  (database|payouts CSV|mail file)\s+(?:sqlite\+aiosqlite:///)?(\S+)", out, re.M))
+    paths = {name: Path(path) for name, path in kept.items()}
+    assert set(paths) == {"database", "payouts CSV", "mail file"}
+    assert all(path.is_file() and tmp_path in path.parents for path in paths.values())
+    with paths["payouts CSV"].open() as csv_file:
+        payouts = list(csv.DictReader(csv_file))
+    assert len(payouts) == int(rewards[3]) and {p["status"] for p in payouts} == {"exported"}
+    assert {p["method"] for p in payouts} <= {"cash_app", "manual"}
+    assert sum(int(p["amount_cents"]) for p in payouts) == round(float(rewards[4].replace(",", "")) * 100)
+    box = mailbox.mbox(paths["mail file"])
+    assert len(box) == int(emails[1]) and all(message["To"].endswith("@example.com") for message in box)
     assert list(workdir.iterdir()) == []
+
+
+def test_demo_leaves_nothing_behind_unless_asked(embedded_env, workdir, tmp_path):
+    result = credits(["demo", "--customers", "3", "--months", "2"], embedded_env, workdir, timeout=300)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "nothing left behind (database, payouts CSV and mail file removed; --keep keeps them)" in result.stdout
+    assert list(workdir.iterdir()) == [] and list(tmp_path.glob("credits-demo-*")) == []
 
 
 async def test_run_expire_credits_on_the_embedded_default(embedded_env, workdir):
     migrated = credits(["migrate"], embedded_env, workdir)
     assert migrated.returncode == 0, migrated.stderr
-    assert "database migrated to head" in migrated.stderr
+    assert '"event": "database_migrated"' in migrated.stderr
     database_file = workdir / "credits.sqlite3"
     assert database_file.is_file()
 
@@ -144,4 +185,4 @@ def test_run_refuses_an_unmigrated_embedded_database(embedded_env, workdir):
 def test_worker_and_scheduler_need_redis(embedded_env, workdir, command):
     result = credits(command, embedded_env, workdir, timeout=30)
     assert result.returncode == 2
-    assert f"credits {command[0]} needs REDIS_URL" in result.stderr
+    assert f"credits {command[0]} needs BROKER_URL (or REDIS_URL)" in result.stderr

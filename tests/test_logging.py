@@ -158,8 +158,8 @@ def test_worker_lines_carry_the_message_context_and_mask_the_email(db, redis_cli
 
     [rejected] = [r for r in _records_for(log, refused) if r["event"] == "event_rejected"]
     assert (rejected["actor"], rejected["level"], rejected["reason"]) == ("apply_event", "error", "invalid event")
-    assert rejected["errors"][0]["type"] == "union_tag_invalid"
-    assert "Input tag '[email]' found" in rejected["errors"][0]["msg"]
+    # By location and type: pydantic's message ("Input tag '…' found") would quote the email.
+    assert rejected["errors"] == [{"loc": [], "type": "union_tag_invalid"}]
 
     # Every line written while a message was processed is JSON with its context bound.
     for message_id in (paid, refused):
@@ -195,5 +195,5 @@ async def test_web_log_never_shows_tokens_or_emails(db, service_env, tmp_path):
     access = [r["event"] for r in records if r["logger"] == "uvicorn.access" and "/healthz" not in r["event"]]
     assert '"GET /api/customers/[email]/credits HTTP/1.1" 404' in access[0]
     assert '"GET /api/customers/[email]/credits HTTP/1.1" 404' in access[1]
-    assert '"GET /api/admin/credits-report?email=[email] HTTP/1.1" 200' in access[4]
+    assert '"GET /api/admin/credits-report HTTP/1.1" 200' in access[4]  # the path without its query
     assert_no_leaks(log, ADMIN_TOKEN, FRONTEND_TOKEN)

@@ -95,6 +95,9 @@ INVALID = [
     ({"DEPLETED_REPORT_DAYS": "-1"}, "DEPLETED_REPORT_DAYS"),
     ({"EVENT_MIN_BACKOFF_MS": "5000", "EVENT_MAX_BACKOFF_MS": "100"}, "EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS"),
     ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    ({"BROKER_URL": "http://rabbit:5672"}, "BROKER_URL"),
+    ({"BROKER_URL": "redis://a:6379/0", "REDIS_URL": "redis://b:6379/0"}, "BROKER_URL and REDIS_URL name two different Redis servers"),
+    ({"REDIS_MAINTENANCE_INTERVAL_SECONDS": "20"}, "REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS"),
     ({"ADMIN_API_TOKEN": "too-short-tok"}, "ADMIN_API_TOKEN must be at least 16 characters"),
     ({"ADMIN_API_TOKEN": ADMIN_TOKEN, "FRONTEND_API_TOKEN": ADMIN_TOKEN}, "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ"),
 ]
@@ -111,6 +114,19 @@ def test_invalid_settings_raise_naming_the_setting(bare_env, env, named):
     assert named in message
     assert isinstance(raised.value, SystemExit)  # a process stops with this message
     assert "too-short-tok" not in message and ADMIN_TOKEN not in message  # no secret in the message
+
+
+def test_the_broker_is_broker_url_or_else_redis_url(bare_env):
+    from infra.broker import is_embedded, make_broker
+
+    assert load_settings().broker_address is None and is_embedded(load_settings())
+    bare_env.setenv("REDIS_URL", "redis://redis:6379/0")
+    assert (load_settings().broker_address, load_settings().uses_rabbitmq) == ("redis://redis:6379/0", False)
+    bare_env.setenv("BROKER_URL", "amqp://guest:guest@rabbit:5672/%2F")
+    settings = load_settings()
+    assert (settings.broker_address, settings.uses_rabbitmq) == ("amqp://guest:guest@rabbit:5672/%2F", True)
+    broker = make_broker(settings, middleware=[])  # no connection until first used
+    assert type(broker).__name__ == "RabbitmqBroker" and broker.confirm_delivery is True
 
 
 def test_keyword_overrides_are_validated_too(bare_env):

@@ -5,6 +5,12 @@ Run them with ``dramatiq workers.actors`` (or ``credits worker``).
 
 from __future__ import annotations
 
+from infra.logging import quiet_libraries
+
+# First: Dramatiq's worker processes log at INFO (its basicConfig) until workers.broker sets up
+# ours, and importing alembic (infra.db) logs each of its plugins at INFO.
+quiet_libraries()
+
 from datetime import datetime
 
 import dramatiq
@@ -13,12 +19,15 @@ from pydantic import ValidationError
 
 from domain import DomainError
 from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
+from infra.masking import shape_of
 from messages import parse_event
 from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
 from service_layer import handlers, notifications, payments, payouts, retention
 from service_layer.errors import EventConflict
+from workers.as_of import parse_as_of
 from workers.broker import broker
+from workers.metrics import record_outcome
 from workers.runtime import get_runtime
 
 log = structlog.get_logger("credits.workers")
@@ -58,9 +67,11 @@ async def apply_event(*args: object, **kwargs: object) -> None:
     try:
         event = parse_event(kwargs[EVENT_KWARG])
     except ValidationError as error:
-        problems = error.errors(include_url=False, include_input=False, include_context=False)
+        # Where and what kind, never the input: a message may quote it (an email, a card number).
+        problems = [{"loc": e["loc"], "type": e["type"]} for e in error.errors(include_url=False, include_input=False, include_context=False)]
         log.error("event_rejected", reason="invalid event", errors=problems)
-        raise Rejected(f"invalid event: {problems}") from None
+        # "type at field", not "field: type": a field named like a secret would mask its type.
+        raise Rejected("invalid event: " + "; ".join(f"{p['type']} at {'.'.join(map(str, p['loc'])) or 'the event'}" for p in problems)) from None
     structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
     runtime = get_runtime()
     problem = runtime.settings.event_window.problem(event.occurred_at, runtime.clock.now())
@@ -80,6 +91,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         log.error("event_rejected", reason=type(error).__name__, detail=detail)
         raise Rejected(detail) from None
     log.info("event_" + outcome.value)
+    record_outcome(outcome.value)
     enqueue_charges(broker, new_attempt_ids)
 
 
@@ -87,7 +99,7 @@ async def apply_event(*args: object, **kwargs: object) -> None:
 async def charge_payment_attempts(attempt_ids: list[int]) -> None:
     """Charge requested payment attempts now ("retry now", a new payment method)."""
     if not isinstance(attempt_ids, list) or not all(type(i) is int for i in attempt_ids):
-        raise Rejected(f"attempt_ids must be a list of integers, got {attempt_ids!r}")
+        raise Rejected(f"attempt_ids must be a list of integers, got {shape_of(attempt_ids)}")
     runtime = get_runtime()
     if runtime.provider is None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
@@ -106,7 +118,8 @@ async def collect_payments(as_of: str | None = None) -> None:
     runtime = get_runtime()
     settings = runtime.settings
     if runtime.provider is None:
-        log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
+        # Said once when the workers start (workers/startup.py), not every run.
+        log.debug("payments_not_collected", reason="STRIPE_API_KEY is not set; due retries wait in the database")
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
@@ -145,15 +158,9 @@ def _sweep_time(as_of: str | None) -> datetime:
     if as_of is None:
         return now
     try:
-        moment = datetime.fromisoformat(as_of)
-    except (TypeError, ValueError):
-        raise Rejected(f"as_of must be an ISO 8601 timestamp, got {as_of!r}") from None
-    if moment.tzinfo is None:
-        raise Rejected(f"as_of must carry a timezone, got {as_of!r}")
-    if moment > now:
-        # Sweeping "as of" the future would expire credits customers still own.
-        raise Rejected(f"as_of {as_of} is in the future")
-    return moment
+        return parse_as_of(as_of, now)
+    except ValueError as problem:
+        raise Rejected(str(problem)) from None
 
 
 #: A Friday of 100,000 payees takes minutes here and hours at a provider's pace: Dramatiq's
@@ -187,7 +194,8 @@ async def send_notifications() -> None:
     """Periodic: send due notifications from the outbox (each at most once)."""
     runtime = get_runtime()
     if runtime.mailer is None:
-        log.warning("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
+        # Said once when the workers start (workers/startup.py), not every minute.
+        log.debug("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
         return
     result = await notifications.deliver(runtime.new_uow, runtime.mailer, runtime.clock.now)
     log.info("notifications_sent", sent=result.sent, retrying=result.retrying, failed=result.failed, uncertain=result.uncertain)
@@ -216,11 +224,11 @@ async def notice_retention_crossings(as_of: str | None = None) -> None:
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def archive_dead_letters() -> None:
-    """Periodic: copy into PostgreSQL any dead letter Redis holds that the table lacks (one
+    """Periodic: copy into PostgreSQL any dead letter the broker holds that the table lacks (one
     refused while the database was down)."""
-    from workers.dead_letters import archive_from_redis
+    from workers.dead_letters import archive_from_broker
 
-    archived = await archive_from_redis(get_runtime().db, broker)
+    archived = await archive_from_broker(get_runtime().db, broker)
     if archived:
         log.warning("dead_letters_archived_late", archived=archived)
 

@@ -7,6 +7,7 @@ idempotent by event_id, and the periodic jobs are idempotent.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,18 @@ from sqlalchemy import insert, select, update
 
 from infra.db import Database
 from infra.db.tables import dead_letters
+from infra.logging import redactor, scrub
+
+#: `show` prints a dead letter whole (masked): a message is at most MAX_MESSAGE_BYTES, this is well above.
+_WHOLE = 1_000_000
+_redact_whole = redactor(_WHOLE)
 
 #: Options Dramatiq adds while delivering; dropped so a replay starts with a fresh retry budget.
 DELIVERY_OPTIONS = ("retries", "eta", "redis_message_id", "traceback", "requeue_timestamp", "dead_message_ttl")
+
+
+#: `credits dead-letters list` shows this much of each error; `show` prints it whole.
+LISTED_ERROR_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,13 @@ class DeadLetter:
     error: str | None
     failed_at: datetime
     replayed_at: datetime | None
+    queue_name: str = ""
+    #: The Dramatiq message as it was dead-lettered (JSON text).
+    message: str = ""
+
+
+def _dead_letter(row) -> DeadLetter:
+    return DeadLetter(row.id, row.message_id, row.actor_name, row.error, row.failed_at, row.replayed_at, row.queue_name, row.message)
 
 
 async def list_dead_letters(db: Database, include_replayed: bool = False, limit: int = 100) -> list[DeadLetter]:
@@ -38,7 +55,73 @@ async def list_dead_letters(db: Database, include_replayed: bool = False, limit:
         query = query.where(dead_letters.c.replayed_at.is_(None))
     async with db.connect() as connection:
         rows = (await connection.execute(query)).all()
-    return [DeadLetter(r.id, r.message_id, r.actor_name, r.error, r.failed_at, r.replayed_at) for r in rows]
+    return [_dead_letter(r) for r in rows]
+
+
+async def get_dead_letter(db: Database, dead_letter_id: int) -> DeadLetter | None:
+    async with db.connect() as connection:
+        row = (await connection.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id))).first()
+    return _dead_letter(row) if row is not None else None
+
+
+def summary_line(row: DeadLetter) -> str:
+    """One line of `credits dead-letters list`: the error cut at a word, personal data masked."""
+    replayed = f" replayed {row.replayed_at:%Y-%m-%d %H:%M}" if row.replayed_at else ""
+    error = clip(scrub(row.error or ""), LISTED_ERROR_CHARS)
+    return f"{row.id:>6}  {row.failed_at:%Y-%m-%d %H:%M:%S}  {row.actor_name:<16} {error}{replayed}"
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, cut at a word boundary with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if space > width // 2:  # a word boundary not too far back; else one very long word is cut
+        cut = cut[:space]
+    return cut.rstrip(" ,;:.") + "…"
+
+
+def full_text(row: DeadLetter) -> str:
+    """Everything about one dead letter, for `credits dead-letters show`: the whole error and the
+    message, its event decoded, with personal data masked by the log's own redaction."""
+    lines = [
+        f"dead letter {row.id}",
+        f"  message id   {row.message_id}",
+        f"  actor        {row.actor_name} (queue {row.queue_name})",
+        f"  failed at    {row.failed_at.isoformat()}",
+        f"  replayed at  {row.replayed_at.isoformat() if row.replayed_at else 'never'}",
+        "error:",
+        _indent(scrub(row.error or "(none recorded)", _WHOLE)),
+        "message:",
+        _indent(json.dumps(_masked_message(row.message), indent=2, ensure_ascii=False, default=str)),
+    ]
+    return "\n".join(lines)
+
+
+def _masked_message(text: str) -> object:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return scrub(text, _WHOLE)  # not JSON (an undecodable envelope): masked as text
+    if isinstance(message, dict) and isinstance(message.get("kwargs"), dict):
+        # An event travels as JSON text inside the message: decode it so its fields are masked by name.
+        message["kwargs"] = {k: _json_or_text(v) for k, v in message["kwargs"].items()}
+    return _redact_whole(None, None, {"message": message})["message"]
+
+
+def _json_or_text(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines() or [""])
 
 
 async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now: datetime, force: bool = False) -> list[str]:
@@ -71,20 +154,21 @@ async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now:
     return outcomes
 
 
-async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequence[str] | None = None) -> int:
-    """Copy into the table every dead letter Redis holds that the table lacks.
+async def archive_from_broker(db: Database, broker: dramatiq.Broker, queues: Sequence[str] | None = None) -> int:
+    """Copy into the table every dead letter the broker holds that the table lacks.
 
-    A message refused while the database was unreachable is dead-lettered in Redis only (its
-    archive insert failed); Redis keeps it a week and loses it on a restart. This catches up.
+    A message refused while the database was unreachable is dead-lettered in the broker only
+    (its archive insert failed); Redis keeps it a week and loses it on a restart, RabbitMQ
+    keeps it a week. This catches up.
     """
     from dramatiq import Message
-    from dramatiq.common import xq_name
     from dramatiq.errors import DecodeError
+
+    from infra.broker import dead_letter_bodies
 
     found: dict[str, dict] = {}
     for queue in sorted(queues if queues is not None else broker.get_declared_queues()):
-        raw = broker.client.hgetall(f"{broker.namespace}:{xq_name(queue)}.msgs")
-        for data in raw.values():
+        for data in dead_letter_bodies(broker, queue):
             try:
                 message = Message.decode(data)
             except DecodeError:
@@ -94,7 +178,7 @@ async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequ
                 "queue_name": q_name(message.queue_name),
                 "actor_name": message.actor_name,
                 "message": message.encode().decode("utf-8", "replace"),
-                "error": "archived later from Redis: the database was unreachable when it was dead-lettered",
+                "error": "archived later from the broker: the database was unreachable when it was dead-lettered",
             }
     if not found:
         return 0
@@ -104,3 +188,7 @@ async def archive_from_redis(db: Database, broker: dramatiq.Broker, queues: Sequ
         if missing:
             await connection.execute(insert(dead_letters), missing)
     return len(missing)
+
+
+#: The name before RabbitMQ.
+archive_from_redis = archive_from_broker

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import dramatiq
 import structlog
 from dramatiq.asyncio import get_event_loop_thread
@@ -11,6 +14,7 @@ from sqlalchemy import insert
 from infra.db import require_current_schema_now
 from infra.db.tables import dead_letters
 from infra.logging import scrub
+from workers.metrics import WorkerMetrics
 from workers.runtime import get_runtime
 
 log = structlog.get_logger("credits.workers")
@@ -70,7 +74,41 @@ class ArchiveDeadLetters(Middleware):
         self.after_process_message(broker, message)
 
 
-def worker_middleware() -> list[Middleware]:
+class RedisHeartbeat(Middleware):
+    """Heartbeat and run Dramatiq's Redis maintenance every few seconds, on a thread of its own.
+
+    Whatever the load, this process stays alive in Redis's eyes, and a process that died (kill -9,
+    out of memory, lost host) has its fetched messages put back on their queues within
+    REDIS_HEARTBEAT_TIMEOUT_SECONDS + REDIS_MAINTENANCE_INTERVAL_SECONDS by any survivor, or by
+    the group that replaces it.
+    """
+
+    def __init__(self, interval_seconds: float) -> None:
+        self.interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def after_worker_boot(self, broker, worker):
+        log.info("worker_heartbeat_started", broker_id=broker.broker_id, pid=os.getpid(),
+                 heartbeat_timeout_ms=broker.heartbeat_timeout, interval_seconds=self.interval)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(broker,), name="redis-heartbeat", daemon=True)
+        self._thread.start()
+
+    def after_worker_shutdown(self, broker, worker):
+        self._stop.set()
+
+    def _run(self, broker) -> None:
+        while True:
+            try:
+                broker.maintain()
+            except Exception as error:  # Redis away: the consumers report it; try again next beat
+                log.warning("worker_heartbeat_failed", error=f"{type(error).__name__}: {error}")
+            if self._stop.wait(self.interval):
+                return
+
+
+def worker_middleware(broker: dramatiq.Broker) -> list[Middleware]:
     """Middleware the workers add on top of Dramatiq's defaults; see ``install`` for where.
 
     RequireMigratedSchema comes before AsyncIO: ``before_worker_boot`` hooks run in list order,
@@ -79,20 +117,29 @@ def worker_middleware() -> list[Middleware]:
     """
     from dramatiq.middleware.asyncio import AsyncIO
 
-    return [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters()]
+    from infra.broker import DeadLetteringRedisBroker
+
+    settings = get_runtime().settings
+    middleware = [RequireMigratedSchema(), AsyncIO(), LogContext(), ArchiveDeadLetters()]
+    if settings.metrics_port:
+        middleware.append(WorkerMetrics(settings))
+    if isinstance(broker, DeadLetteringRedisBroker) and settings.broker_address:
+        # (The embedded default's one process has no other process to die or to watch.)
+        middleware.append(RedisHeartbeat(settings.redis_maintenance_interval_seconds))
+    return middleware
 
 
 #: Dramatiq runs ``after_*`` hooks in *reverse* list order, so these go *before* Retries:
-#: ArchiveDeadLetters must run after Retries has decided (``message.failed``), and LogContext
-#: must clear the log context last, after Retries and ArchiveDeadLetters have logged.
-_BEFORE_RETRIES = (LogContext, ArchiveDeadLetters)
+#: ArchiveDeadLetters and WorkerMetrics must run after Retries has decided (``message.failed``),
+#: and LogContext must clear the log context last, after Retries and ArchiveDeadLetters have logged.
+_BEFORE_RETRIES = (LogContext, ArchiveDeadLetters, WorkerMetrics)
 
 
 def install(broker: dramatiq.Broker) -> dramatiq.Broker:
     from dramatiq.middleware import Retries
 
     has_retries = any(isinstance(m, Retries) for m in broker.middleware)
-    for middleware in worker_middleware():
+    for middleware in worker_middleware(broker):
         if has_retries and isinstance(middleware, _BEFORE_RETRIES):
             broker.add_middleware(middleware, before=Retries)
         else:

@@ -58,12 +58,15 @@ def periodic_jobs(settings: Settings) -> list[PeriodicJob]:
 
 
 def fire(job: PeriodicJob, redis_client, owner: str, now: datetime | None = None) -> bool:
-    """Enqueue ``job`` for the current tick unless another scheduler already has. Returns whether it did."""
+    """Enqueue ``job`` for the current tick unless another scheduler already has. Returns whether it did.
+
+    ``redis_client`` None (RabbitMQ without REDIS_URL): no claim, so run one scheduler only.
+    """
     now = now or datetime.now(timezone.utc)
     seconds = int(job.every.total_seconds())
     tick = int(now.timestamp()) // seconds
     key = f"{LOCK_PREFIX}:{job.name}:{tick}"
-    if not redis_client.set(key, owner, nx=True, ex=seconds * 2):
+    if redis_client is not None and not redis_client.set(key, owner, nx=True, ex=seconds * 2):
         log.info("periodic_skipped", job=job.name, tick=tick, reason="another scheduler fired this tick")
         return False
     job.actor.send()
@@ -71,16 +74,29 @@ def fire(job: PeriodicJob, redis_client, owner: str, now: datetime | None = None
     return True
 
 
+def tick_claims(settings: Settings, broker: dramatiq.Broker):
+    """The Redis where ticks are claimed: the broker's own, or REDIS_URL beside RabbitMQ, or none."""
+    if hasattr(broker, "client"):
+        return broker.client
+    if settings.redis_url:
+        import redis
+
+        return redis.Redis.from_url(settings.redis_url)
+    log.warning("scheduler_ticks_unclaimed", reason="RabbitMQ broker and no REDIS_URL: run a single scheduler")
+    return None
+
+
 def run_scheduler(settings: Settings) -> None:
     from workers.broker import broker
 
     owner = f"scheduler-{uuid.uuid4()}"
+    claims = tick_claims(settings, broker)
     scheduler = BlockingScheduler(timezone=timezone.utc)
     for job in periodic_jobs(settings):
         scheduler.add_job(
             fire,
             IntervalTrigger(seconds=int(job.every.total_seconds()), timezone=timezone.utc),
-            args=(job, broker.client, owner),
+            args=(job, claims, owner),
             id=job.name,
             next_run_time=datetime.now(timezone.utc),
             coalesce=True,

@@ -42,7 +42,7 @@ async def payments(
 
 
 def _publisher(request: Request):
-    """Relayed events go to the workers over Redis, as the webhook's do; None without REDIS_URL."""
+    """Relayed events go to the workers over the broker, as the webhook's do; None without one."""
     if request.app.state.broker is None:
         return None
     sender = Publisher(request.app.state.broker)
@@ -58,7 +58,7 @@ async def link(request: Request, fields: Annotated[dict, Depends(form)]):
     """As PUT /api/admin/stripe-customers/{id}: link, then relay that customer's parked events."""
     wanted, publish = parsed(LinkIn, fields), _publisher(request)
     if isinstance(wanted, str) or publish is None:
-        return back(request, TO, f"Not linked: {wanted if isinstance(wanted, str) else 'REDIS_URL is not set, nothing could relay the events'}", ok=False)
+        return back(request, TO, f"Not linked: {wanted if isinstance(wanted, str) else 'no broker is set, nothing could relay the events'}", ok=False)
     state = request.app.state
     async with SqlUnitOfWork(state.db) as uow:
         linked = await uow.stripe.map_customer(wanted.stripe_customer_id, wanted.customer_id)
@@ -75,7 +75,7 @@ async def relay(request: Request, fields: Annotated[dict, Depends(form)]):
     """As POST /api/admin/stripe-events/parked/relay: translate every parked event again."""
     publish, state = _publisher(request), request.app.state
     if publish is None:
-        return back(request, TO, "Not relayed: REDIS_URL is not set, nothing could relay the events.", ok=False)
+        return back(request, TO, "Not relayed: no broker is set, nothing could relay the events.", ok=False)
     receipts = await webhooks.relay_parked(lambda: SqlUnitOfWork(state.db), publish, state.settings.stripe_plan_credits, state.clock.now())
     still = sum(1 for r in receipts if r.outcome == "parked")
     return back(request, TO, f"{len(receipts) - still} parked event(s) relayed; {still} still parked.")

@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, exists, func, insert, select, text, tuple_, up
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain import Account, Hold, HoldStatus, Lot, LotSource
+from domain import Account, Entry, Hold, HoldStatus, Lot, LotSource
 from infra.db.tables import (
     ENTRY_IS_CHARGE,
     HOLD_IS_ACTIVE,
@@ -198,19 +198,7 @@ class SqlAccountRepository:
         await self._insert_new(
             credit_lots,
             lots,
-            lambda account, lot: {
-                "customer_id": account.customer_id,
-                "source": lot.source.value,
-                "event_id": lot.event_id,
-                "amount": lot.amount,
-                "remaining": lot.remaining,
-                "issued_at": lot.issued_at,
-                "expires_at": lot.expires_at,
-                "payment_id": lot.payment_id,
-                "paid_cents": lot.paid_cents,
-                "reversed": lot.reversed,
-                "expired": lot.expired,
-            },
+            lambda account, lot: lot_values(account.customer_id, lot),
         )
         if stored_lots:
             await conn.execute(
@@ -255,21 +243,7 @@ class SqlAccountRepository:
         if entries:
             entry_ids = await self._insert_returning_ids(
                 ledger_entries,
-                [
-                    {
-                        "customer_id": account.customer_id,
-                        "kind": entry.kind.value,
-                        "credits": entry.credits,
-                        "balance_after": entry.balance_after,
-                        "overdraft_change": entry.overdraft_change,
-                        "occurred_at": entry.occurred_at,
-                        "event_id": entry.event_id,
-                        "job_id": entry.job_id,
-                        "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
-                        "note": entry.note,
-                    }
-                    for account, entry in entries
-                ],
+                [entry_values(account.customer_id, entry) for account, entry in entries],
             )
             movements = [
                 {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
@@ -286,22 +260,12 @@ class SqlAccountRepository:
                 .values(
                     balance=bindparam("new_balance"),
                     overdraft=bindparam("new_overdraft"),
-                    credits_depleted_at=bindparam("new_depleted_at"),
+                    credits_depleted_at=bindparam("new_credits_depleted_at"),
                     frozen_since=bindparam("new_frozen_since"),
                     unfrozen_at=bindparam("new_unfrozen_at"),
                     updated_at=func.now(),
                 ),
-                [
-                    {
-                        "account_id": a.customer_id,
-                        "new_balance": a.book_balance,
-                        "new_overdraft": a.overdraft,
-                        "new_depleted_at": a.depleted_at,
-                        "new_frozen_since": a.frozen_since,
-                        "new_unfrozen_at": a.unfrozen_at,
-                    }
-                    for a in accounts
-                ],
+                [{"account_id": a.customer_id, **{f"new_{name}": value for name, value in customer_values(a).items()}} for a in accounts],
             )
         for account in accounts:
             account.new_entries.clear()
@@ -323,6 +287,50 @@ class SqlAccountRepository:
         """Insert ``rows`` in one statement; their new ids, in the rows' order."""
         result = await self.connection.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
         return list(result.scalars())
+
+
+def lot_values(customer_id: str, lot: Lot) -> dict:
+    """A lot's credit_lots row (without its id)."""
+    return {
+        "customer_id": customer_id,
+        "source": lot.source.value,
+        "event_id": lot.event_id,
+        "amount": lot.amount,
+        "remaining": lot.remaining,
+        "issued_at": lot.issued_at,
+        "expires_at": lot.expires_at,
+        "payment_id": lot.payment_id,
+        "paid_cents": lot.paid_cents,
+        "reversed": lot.reversed,
+        "expired": lot.expired,
+    }
+
+
+def entry_values(customer_id: str, entry: Entry) -> dict:
+    """An entry's ledger_entries row (without its id); its lots must have their ids."""
+    return {
+        "customer_id": customer_id,
+        "kind": entry.kind.value,
+        "credits": entry.credits,
+        "balance_after": entry.balance_after,
+        "overdraft_change": entry.overdraft_change,
+        "occurred_at": entry.occurred_at,
+        "event_id": entry.event_id,
+        "job_id": entry.job_id,
+        "lot_id": entry.movements[0].lot.id if entry.credits > 0 and entry.movements else None,
+        "note": entry.note,
+    }
+
+
+def customer_values(account: Account) -> dict:
+    """The customer row's state columns, as ``account`` leaves them."""
+    return {
+        "balance": account.book_balance,
+        "overdraft": account.overdraft,
+        "credits_depleted_at": account.depleted_at,
+        "frozen_since": account.frozen_since,
+        "unfrozen_at": account.unfrozen_at,
+    }
 
 
 def _lot(row) -> Lot:

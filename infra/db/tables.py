@@ -64,13 +64,15 @@ def _sql_literal(value: str | int):
 
 # BigInteger ids that are still autoincrementing primary keys on SQLite.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+# Credits: 64-bit (domain/limits.py bounds them far inside). SQLite's INTEGER is 64-bit already.
+Credits = BigInteger().with_variant(Integer(), "sqlite")
 
 customers = Table(
     "customers",
     metadata,
     Column("customer_id", String(255), primary_key=True),
-    Column("balance", Integer, nullable=False, server_default="0"),
-    Column("overdraft", Integer, nullable=False, server_default="0"),
+    Column("balance", Credits, nullable=False, server_default="0"),
+    Column("overdraft", Credits, nullable=False, server_default="0"),
     Column("credits_depleted_at", UtcDateTime, nullable=True),
     #: Set while the membership is frozen: nothing expires, nothing can be booked.
     Column("frozen_since", UtcDateTime, nullable=True),
@@ -88,15 +90,15 @@ credit_lots = Table(
     Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
     Column("source", String(16), nullable=False),
     Column("event_id", String(255), nullable=False),
-    Column("amount", Integer, nullable=False),
-    Column("remaining", Integer, nullable=False),
+    Column("amount", Credits, nullable=False),
+    Column("remaining", Credits, nullable=False),
     Column("issued_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
     Column("payment_id", String(255), nullable=True),
     # What the payment was for, in cents, when the producer said (a referral needs a paid one).
     Column("paid_cents", BigInteger, nullable=True),
-    Column("reversed", Integer, nullable=False, server_default="0"),
-    Column("expired", Integer, nullable=False, server_default="0"),
+    Column("reversed", Credits, nullable=False, server_default="0"),
+    Column("expired", Credits, nullable=False, server_default="0"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("remaining >= 0", name="remaining_not_negative"),
     CheckConstraint("remaining <= amount", name="remaining_within_amount"),
@@ -119,9 +121,9 @@ ledger_entries = Table(
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
     Column("kind", String(16), nullable=False),
-    Column("credits", Integer, nullable=False),
-    Column("balance_after", Integer, nullable=False),
-    Column("overdraft_change", Integer, nullable=False, server_default="0"),
+    Column("credits", Credits, nullable=False),
+    Column("balance_after", Credits, nullable=False),
+    Column("overdraft_change", Credits, nullable=False, server_default="0"),
     Column("occurred_at", UtcDateTime, nullable=False),
     # Text: besides wire event ids (<= 255) it holds composed ones such as hold:<customer>:<job>.
     Column("event_id", Text, nullable=False),
@@ -146,7 +148,7 @@ lot_movements = Table(
     metadata,
     Column("entry_id", Id, ForeignKey("ledger_entries.id"), primary_key=True),
     Column("lot_id", Id, ForeignKey("credit_lots.id"), primary_key=True),
-    Column("credits", Integer, nullable=False),
+    Column("credits", Credits, nullable=False),
     CheckConstraint("credits > 0", name="credits_positive"),
 )
 
@@ -156,7 +158,7 @@ holds = Table(
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("customer_id", String(255), ForeignKey("customers.customer_id"), nullable=False),
     Column("job_id", String(255), nullable=False),
-    Column("credits", Integer, nullable=False),
+    Column("credits", Credits, nullable=False),
     Column("placed_at", UtcDateTime, nullable=False),
     Column("expires_at", UtcDateTime, nullable=False),
     Column("status", String(16), nullable=False),
@@ -178,6 +180,8 @@ processed_events = Table(
     Column("fingerprint", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("processed_at", UtcDateTime, nullable=False, server_default=func.now()),
+    # The web's /metrics counts events by type from this index, not from the payloads' table.
+    Index("ix_processed_events_type", "event_type"),
 )
 
 dead_letters = Table(
@@ -237,7 +241,7 @@ stripe_payments = Table(
     Column("charge_id", String(255), nullable=True, index=True),
     Column("amount_paid", BigInteger, nullable=True),
     Column("currency", String(3), nullable=True),
-    Column("credits", Integer, nullable=True),
+    Column("credits", Credits, nullable=True),
     Column("paid_at", UtcDateTime, nullable=True),
     # Cumulative amounts refunded and disputed, in the currency's minor unit.
     Column("amount_refunded", BigInteger, nullable=True),
@@ -268,6 +272,7 @@ dunning_cases = Table(
     ),
     CheckConstraint("attempts_made >= 0", name="attempts_not_negative"),
     Index("ix_dunning_cases_customer", "customer_id", "first_failed_at"),
+    Index("ix_dunning_cases_status", "status"),
 )
 CASE_IS_RETRYING = dunning_cases.c.status == _sql_literal("retrying")
 Index("ix_dunning_cases_due", dunning_cases.c.next_retry_at, postgresql_where=CASE_IS_RETRYING, sqlite_where=CASE_IS_RETRYING)
@@ -506,4 +511,31 @@ expiry_warnings = Table(
     Column("lot_id", Id, ForeignKey("credit_lots.id"), primary_key=True),
     Column("expires_at", UtcDateTime, primary_key=True),
     Column("warned_at", UtcDateTime, nullable=False),
+)
+
+
+# ---------------------------------------------------------------- admin page sessions
+
+# A signed-in admin page. The cookie carries a random id; only its SHA-256 is stored, so the
+# table cannot be replayed as cookies. The admin token's fingerprint (an HMAC keyed by the
+# token) is kept with it: once the token is rotated no stored session matches any more.
+admin_sessions = Table(
+    "admin_sessions",
+    metadata,
+    Column("session_hash", String(64), primary_key=True),
+    Column("token_fingerprint", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False),
+    # created_at + ADMIN_SESSION_MAX_HOURS: the session ends then, however active.
+    Column("expires_at", UtcDateTime, nullable=False),
+)
+
+# Sign-in attempts per client address (and one "all" bucket) in fixed windows: every web
+# process counts in the same rows.
+admin_sign_in_attempts = Table(
+    "admin_sign_in_attempts",
+    metadata,
+    Column("bucket", String(64), primary_key=True),
+    Column("window_ends", UtcDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False),
 )

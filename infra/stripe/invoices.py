@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from messages.events import MAX_CREDITS
+from messages.events import MAX_AMOUNT_CENTS, MAX_CREDITS
 from service_layer.payments import PaidInvoice
 
 Obj = Mapping[str, Any]
@@ -86,7 +86,7 @@ def paid_invoice(invoice: Obj, customer_id: str, plan_credits: Mapping[str, int]
     invoice_id = object_id(invoice.get("id"))
     if invoice_id is None:
         raise ValueError("the invoice has no usable id")
-    if isinstance(amount, int) and not 0 <= amount < 2**63:
+    if isinstance(amount, int) and not 0 <= amount <= MAX_AMOUNT_CENTS:
         raise ValueError(f"amount_paid {amount} is out of range")
     return PaidInvoice(
         invoice_id=invoice_id,

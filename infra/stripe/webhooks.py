@@ -61,7 +61,8 @@ def verify(payload: bytes, signature_header: str | None, secrets: Sequence[str],
     try:
         return StripeEvent.model_validate_json(text)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False, include_input=False))
+        # Where and what kind only: a message may quote the input.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in error.errors(include_url=False, include_input=False))
         raise WebhookRejected(f"malformed event: {problems}") from None
 
 

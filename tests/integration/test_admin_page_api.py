@@ -43,10 +43,11 @@ JSON = {"Content-Type": "application/json"}
 class Page:
     """The app in-process and a client that keeps cookies like a browser, recording every response."""
 
-    def __init__(self, http: httpx.AsyncClient, clock: FixedClock, responses: list[httpx.Response]) -> None:
+    def __init__(self, http: httpx.AsyncClient, clock: FixedClock, responses: list[httpx.Response], app=None) -> None:
         self.http = http
         self.clock = clock
         self.responses = responses
+        self.app = app
 
     async def sign_in(self) -> httpx.Response:
         response = await self.http.post("/admin/login", data={"token": ADMIN_TOKEN})
@@ -76,9 +77,10 @@ async def serving(db, pg_url: str, **overrides):
 
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=transport, base_url="http://credits.test", event_hooks={"response": [record]}
+        # A browser sends its page's Origin with every POST (api/same_origin.py checks it).
+        transport=transport, base_url="http://credits.test", headers={"Origin": "http://credits.test"}, event_hooks={"response": [record]}
     ) as http:
-        yield Page(http, clock, responses)
+        yield Page(http, clock, responses, app)
     for response in responses:
         assert ADMIN_TOKEN not in str(response.url), response.url
         assert ADMIN_TOKEN not in str(response.request.url), response.request.url

@@ -62,6 +62,10 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 720})
+            # The page runs under its Content-Security-Policy (no bypass): anything it blocks is reported here.
+            # (Expressions below are passed as functions: Playwright evaluates a bare expression with eval, which the CSP forbids.)
+            blocked = []
+            page.on("console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None)
             # Not signed in: the page sends us to sign in; the token goes in a form, never a URL.
             await page.goto(f"{server.base_url}/admin")
             assert page.url.endswith("/admin/login")
@@ -74,7 +78,9 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
             assert ADMIN_TOKEN not in page.url
 
             bubble = page.get_by_test_id("at-risk-bubble")
-            await page.wait_for_function("document.getElementById('bubble').textContent === '2'", timeout=10_000)
+            await page.wait_for_function("() => document.getElementById('bubble').textContent === '2'", timeout=10_000)
+            # Styles and script come from our own files (/admin/static): the red bubble is styled.
+            assert await page.evaluate("() => getComputedStyle(document.getElementById('bubble')).backgroundColor") == "rgb(229, 72, 77)"
             rows = page.locator("#rows tr")
             assert await rows.count() == 2
             assert await rows.nth(0).get_attribute("data-customer") == "long-gone"
@@ -85,13 +91,13 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
 
             # Credits come back through the real pipeline: producer → Redis → worker → PostgreSQL.
             publisher.publish(PaymentSucceeded(event_id=f"restore-{uuid.uuid4()}", occurred_at=now, customer_id="lapsed", payment_id="in-restore", credits=4))
-            await page.wait_for_function("document.getElementById('bubble').textContent === '1'", timeout=30_000)
+            await page.wait_for_function("() => document.getElementById('bubble').textContent === '1'", timeout=30_000)
             assert await page.evaluate("window.__noReload") == "still here"
             await eventually(lambda: _row_count(page, 1), timeout=10, message="the list to drop the restored customer")
 
             # Half a day later, with no event at all, "almost" has crossed the 14-day line.
             clock.move_to(now + timedelta(hours=12, minutes=1))
-            await page.wait_for_function("document.getElementById('bubble').textContent === '2'", timeout=10_000)
+            await page.wait_for_function("() => document.getElementById('bubble').textContent === '2'", timeout=10_000)
             assert await page.evaluate("window.__noReload") == "still here"
 
             # A follow-up note, kept with the customer.
@@ -105,6 +111,12 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
             await page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
             shutil.copyfile(tmp_path / "admin.png", SCREENSHOT)
             assert await bubble.inner_text() == "2"
+
+            # Signing out ends the session on the server: the page's own calls are refused after it.
+            await page.get_by_role("button", name="Sign out").click()
+            await page.wait_for_url(f"{server.base_url}/admin/login")
+            assert await page.evaluate("async () => (await fetch('/admin/data/at-risk')).status") == 401
+            assert blocked == []
         finally:
             await browser.close()
             publisher.close()

@@ -22,18 +22,18 @@ from tests.support import assert_serial_chain, entries_by_customer, reconciliati
 CHARGE_KINDS = ("debited", "captured")
 
 
-def consumers_holding_messages(redis_client: redis.Redis) -> set[str]:
-    """Worker ids (one per process) that have fetched and not yet acked an event message."""
-    return {
-        key.decode().split(".")[1]
-        for key in redis_client.scan_iter("dramatiq:__acks__.*.credit_events")
-        if redis_client.scard(key) > 0
-    }
+def both_processes_busy(message_broker, redis_client: redis.Redis) -> bool:
+    """Redis: two worker ids (one per process) hold fetched, unacked event messages at once.
+    RabbitMQ: both processes are attached as consumers while the queue still has work."""
+    if message_broker.kind == "rabbitmq":
+        return message_broker.consumers("credit_events") == 2 and message_broker.waiting("credit_events") > 0
+    holding = {key.decode().split(".")[1] for key in redis_client.scan_iter("dramatiq:__acks__.*.credit_events") if redis_client.scard(key) > 0}
+    return len(holding) == 2
 
 
-async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=2, threads=4)
-    publisher = Publisher.from_url(redis_url)
+async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, message_broker, start_workers):
+    workers = start_workers(processes=2, threads=4, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     issued, jobs = 150, 300
 
     message_ids = [publisher.publish(payment("conc-pay", "cust-hot", issued))]
@@ -42,7 +42,8 @@ async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, redis_clie
         for n in range(jobs)
     ]
     # Both processes really are consuming at the same time (each holds fetched, unacked messages).
-    wait_until(lambda: len(consumers_holding_messages(redis_client)) == 2, timeout=30, message="both worker processes busy at once")
+    redis_client = redis.Redis.from_url(message_broker.url) if message_broker.kind == "redis" else None
+    wait_until(lambda: both_processes_busy(message_broker, redis_client), timeout=30, message="both worker processes busy at once")
     outcomes = wait_for_outcomes(workers, message_ids, timeout=90)
     assert Counter(outcomes.values()) == {"event_applied": jobs + 1}
 
@@ -67,13 +68,13 @@ async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, redis_clie
     assert await reconciliation(db) == []
     assert await scalar(db, select(func.count()).select_from(processed_events)) == jobs + 1
     assert await scalar(db, select(func.count()).select_from(dead_letters)) == 0
-    assert dead_lettered(redis_client) == {}
+    assert dead_lettered(message_broker) == {}
     publisher.close()
 
 
-async def test_many_customers_interleaved_with_redeliveries(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=2, threads=4)
-    publisher = Publisher.from_url(redis_url)
+async def test_many_customers_interleaved_with_redeliveries(db, message_broker, start_workers):
+    workers = start_workers(processes=2, threads=4, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     rng = random.Random(20260302)
     events, expected = [], {}
     for c in range(25):
@@ -115,5 +116,5 @@ async def test_many_customers_interleaved_with_redeliveries(db, redis_client, re
     assert sum(len(entries) for entries in grouped.values()) == len(events)
     assert await reconciliation(db) == []
     assert await scalar(db, select(func.count()).select_from(processed_events)) == len(events)
-    assert dead_lettered(redis_client) == {}
+    assert dead_lettered(message_broker) == {}
     publisher.close()

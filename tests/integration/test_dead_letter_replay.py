@@ -29,7 +29,8 @@ async def archive(db, message: dramatiq.Message, error: str) -> int:
         ).scalar_one()
 
 
-async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_once(db, redis_client, service_env, start_workers):
+async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_once(db, message_broker, service_env, start_workers):
+    service_env = {**service_env, **message_broker.env}
     event = PaymentSucceeded(event_id="pay-outage", customer_id="cust-replay", occurred_at=T0, payment_id="in_9", credits=5)
     message = dramatiq.Message(
         queue_name=f"{EVENTS_QUEUE}.DQ", actor_name=APPLY_EVENT_ACTOR, args=(), kwargs={EVENT_KWARG: event.model_dump_json()},
@@ -45,7 +46,7 @@ async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_on
     assert replayed.returncode == 0, replayed.stderr
     assert f"{dead_letter_id}: re-enqueued message {message.message_id} to {EVENTS_QUEUE}" in replayed.stdout
 
-    start_workers()
+    start_workers(env=message_broker.env)
 
     async def applied() -> bool:
         async with db.connect() as connection:
@@ -61,7 +62,7 @@ async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_on
     assert "re-enqueued" in forced.stdout
 
     async def drained() -> bool:
-        return redis_client.llen(f"dramatiq:{EVENTS_QUEUE}") == 0 and redis_client.hlen(f"dramatiq:{EVENTS_QUEUE}.msgs") == 0
+        return message_broker.waiting(EVENTS_QUEUE) == 0
 
     await eventually(drained, message="the forced replay to be consumed")
     async with db.connect() as connection:

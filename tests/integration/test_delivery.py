@@ -1,7 +1,7 @@
-"""Delivery guarantees end to end: Publisher → real Redis → real `dramatiq workers.actors` → PostgreSQL.
+"""Delivery guarantees end to end: Publisher → real Redis or RabbitMQ → real `dramatiq workers.actors` → PostgreSQL.
 
 At-least-once in, exactly-once effects: the same event published several times changes the
-ledger once; the same event_id with a different payload is refused loudly (Redis dead-letter
+ledger once; the same event_id with a different payload is refused loudly (the broker's dead-letter
 queue, an `event_rejected` error log line, a `dead_letters` row) and never applied; events
 arriving out of order are applied at their own time.
 
@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from infra.db import Database
 from infra.db.tables import credit_lots, customers, dead_letters, ledger_entries, processed_events
 from messages import APPLY_EVENT_ACTOR, EVENTS_QUEUE, JobCompleted, PaymentSucceeded, Publisher
-from tests.support import WorkerProcesses, eventually, reconciliation, wait_until
+from tests.support import BrokerUnderTest, WorkerProcesses, eventually, reconciliation, wait_until
 
 EVENTS_XQ = f"dramatiq:{EVENTS_QUEUE}.XQ"
 #: The log line each actor run ends with (LogContext binds the message id to it).
@@ -63,11 +63,14 @@ def retry_lines(workers: WorkerProcesses, message_id: str) -> list[str]:
     return [r["event"] for r in log_records(workers) if str(r.get("event", "")).startswith(f"Retrying message '{message_id}'")]
 
 
-def dead_lettered(redis_client: redis.Redis, queue: str = EVENTS_QUEUE) -> dict[str, dict]:
-    """Dramatiq's Redis dead-letter queue: message id → decoded message (zset and hash agree)."""
+def dead_lettered(source: "redis.Redis | BrokerUnderTest", queue: str = EVENTS_QUEUE) -> dict[str, dict]:
+    """The broker's dead-letter queue: message id → decoded message. ``source``: the broker
+    under test, or a Redis client (whose zset and hash must agree)."""
+    if isinstance(source, BrokerUnderTest):
+        return source.dead_lettered(queue)
     xq = f"dramatiq:{queue}.XQ"
-    members = {m.decode() for m in redis_client.zrange(xq, 0, -1)}
-    bodies = {k.decode(): json.loads(v) for k, v in redis_client.hgetall(f"{xq}.msgs").items()}
+    members = {m.decode() for m in source.zrange(xq, 0, -1)}
+    bodies = {k.decode(): json.loads(v) for k, v in source.hgetall(f"{xq}.msgs").items()}
     assert members == set(bodies), f"{xq} and {xq}.msgs disagree: {members} vs {set(bodies)}"
     return {body["message_id"]: body for body in bodies.values()}
 
@@ -128,12 +131,14 @@ async def wait_for_dead_letter_rows(db: Database, message_ids, timeout: float = 
     return await dead_letter_rows(db)
 
 
-def raw_broker(redis_url: str) -> RedisBroker:
+def raw_broker(target: "str | BrokerUnderTest") -> dramatiq.Broker:
     """A bare producer broker, to enqueue messages the Publisher would never write."""
-    return RedisBroker(url=redis_url, middleware=[])
+    if isinstance(target, BrokerUnderTest):
+        return target.raw_broker()
+    return RedisBroker(url=target, middleware=[])
 
 
-def publish_raw(broker: RedisBroker, *, args: tuple = (), kwargs: dict | None = None) -> str:
+def publish_raw(broker: dramatiq.Broker, *, args: tuple = (), kwargs: dict | None = None) -> str:
     message = dramatiq.Message(queue_name=EVENTS_QUEUE, actor_name=APPLY_EVENT_ACTOR, args=args, kwargs=kwargs or {}, options={})
     return broker.enqueue(message).message_id
 
@@ -149,9 +154,9 @@ def job(event_id: str, customer_id: str, job_id: str, at: datetime = T0 + timede
 # --------------------------------------------------------------------------- tests
 
 
-async def test_an_event_published_many_times_changes_the_ledger_once(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=1, threads=4)
-    publisher = Publisher.from_url(redis_url)
+async def test_an_event_published_many_times_changes_the_ledger_once(db, message_broker, start_workers):
+    workers = start_workers(processes=1, threads=4, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     pay = payment("pay-1", "cust-dup", 10)
     completed = job("job-1-done", "cust-dup", "job-1", credits=3)
 
@@ -183,7 +188,7 @@ async def test_an_event_published_many_times_changes_the_ledger_once(db, redis_c
     assert wait_for_outcomes(workers, late) == {late[0]: "event_duplicate", late[1]: "event_duplicate"}
     # So does the same event as another producer might spell it: other key order, another
     # UTC offset for the same instant, optional fields left out. Same event, same fingerprint.
-    raw = raw_broker(redis_url)
+    raw = raw_broker(message_broker)
     respelled = json.dumps({
         "credits": 10, "payment_id": "in_pay-1", "type": "payment.succeeded", "customer_id": "cust-dup",
         "occurred_at": "2026-03-02T10:00:00+01:00", "event_id": "pay-1",
@@ -192,14 +197,14 @@ async def test_an_event_published_many_times_changes_the_ledger_once(db, redis_c
     assert wait_for_outcomes(workers, [other]) == {other: "event_duplicate"}
     raw.close()
     assert await ledger_snapshot(db) == before
-    assert dead_lettered(redis_client) == {}
+    assert dead_lettered(message_broker) == {}
     assert await dead_letter_rows(db) == {}
     publisher.close()
 
 
-async def test_same_event_id_with_a_different_payload_is_refused_loudly(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=1, threads=2)
-    publisher = Publisher.from_url(redis_url)
+async def test_same_event_id_with_a_different_payload_is_refused_loudly(db, message_broker, start_workers):
+    workers = start_workers(processes=1, threads=2, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     original = payment("pay-conflict", "cust-conflict", 10)
     applied = publisher.publish(original)
     assert wait_for_outcomes(workers, [applied]) == {applied: "event_applied"}
@@ -210,9 +215,9 @@ async def test_same_event_id_with_a_different_payload_is_refused_loudly(db, redi
     refused = publisher.publish(forged)
     assert wait_for_outcomes(workers, [refused]) == {refused: "event_rejected"}
 
-    # 1. Redis dead-letter queue (zset + hash), holding the refused payload.
-    wait_until(lambda: refused in dead_lettered(redis_client), message="the conflict in the Redis dead-letter queue")
-    xq = dead_lettered(redis_client)
+    # 1. The broker's dead-letter queue, holding the refused payload.
+    wait_until(lambda: refused in dead_lettered(message_broker), message="the conflict in the dead-letter queue")
+    xq = dead_lettered(message_broker)
     assert set(xq) == {refused}
     assert json.loads(xq[refused]["kwargs"]["event"])["credits"] == 99
     # 2. An error log line saying why, tied to the message.
@@ -239,9 +244,9 @@ async def test_same_event_id_with_a_different_payload_is_refused_loudly(db, redi
     publisher.close()
 
 
-async def test_a_job_is_charged_once_even_under_a_second_event_id(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=1, threads=2)
-    publisher = Publisher.from_url(redis_url)
+async def test_a_job_is_charged_once_even_under_a_second_event_id(db, message_broker, start_workers):
+    workers = start_workers(processes=1, threads=2, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     ids = [publisher.publish(payment("pay-2", "cust-twice", 5))]
     assert wait_for_outcomes(workers, ids)[ids[0]] == "event_applied"
     charged = publisher.publish(job("done-a", "cust-twice", "job-x", credits=2))
@@ -251,7 +256,7 @@ async def test_a_job_is_charged_once_even_under_a_second_event_id(db, redis_clie
     assert wait_for_outcomes(workers, [again]) == {again: "event_rejected"}
     assert outcomes_of(workers)[again][0]["reason"] == "JobAlreadyCharged"
     await wait_for_dead_letter_rows(db, [again])
-    assert set(dead_lettered(redis_client)) == {again}
+    assert set(dead_lettered(message_broker)) == {again}
 
     charges = [e for e in await entries_of(db, "cust-twice") if e["job_id"] == "job-x"]
     assert [(e["kind"], e["credits"], e["event_id"]) for e in charges] == [("debited", -2, "done-a")]
@@ -260,9 +265,9 @@ async def test_a_job_is_charged_once_even_under_a_second_event_id(db, redis_clie
     publisher.close()
 
 
-async def test_late_events_are_applied_at_their_own_time(db, redis_client, redis_url, start_workers):
-    workers = start_workers(processes=1, threads=2)
-    publisher = Publisher.from_url(redis_url)
+async def test_late_events_are_applied_at_their_own_time(db, message_broker, start_workers):
+    workers = start_workers(processes=1, threads=2, env=message_broker.env)
+    publisher = Publisher.from_url(message_broker.url)
     paid_at = T0 + timedelta(days=10)
     job_at = T0 + timedelta(days=3)  # before the payment, but published after it
 
@@ -292,5 +297,5 @@ async def test_late_events_are_applied_at_their_own_time(db, redis_client, redis
         remaining = (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "cust-early"))).scalars().all()
     assert remaining == [2]
     assert await reconciliation(db) == []
-    assert dead_lettered(redis_client) == {}
+    assert dead_lettered(message_broker) == {}
     publisher.close()

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dramatiq
+import dramatiq.brokers.redis
 from sqlalchemy import func, select
 
 from domain import CreditPolicy
@@ -48,6 +49,12 @@ def credits_run(service_env: dict[str, str], job_name: str, as_of: str | None) -
     """Start `credits run <job> [--as-of ...]`, the operator's command, as its own process."""
     command = [str(CREDITS_CLI), "run", job_name, *(["--as-of", as_of] if as_of else [])]
     return subprocess.Popen(command, cwd=ROOT, env=service_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def sweep_message(broker, actor_name: str, as_of: str) -> str:
+    """Enqueue a periodic job's message as any producer could; returns its id."""
+    message = dramatiq.Message(queue_name=SWEEPS_QUEUE, actor_name=actor_name, args=(), kwargs={"as_of": as_of}, options={})
+    return broker.enqueue(message).message_id
 
 
 def enqueued(process: subprocess.Popen) -> str:
@@ -151,13 +158,17 @@ async def test_a_sweep_as_of_the_future_or_a_bad_time_is_refused(db, redis_clien
     snapshot = await ledger_snapshot(db)
 
     future = (datetime.now(UTC) + timedelta(days=365)).isoformat()
-    runs = {  # name → (the operator's command, what the refusal must say); all started at once
-        "future": (credits_run(service_env, "expire_credits", future), f"as_of {future} is in the future"),
-        "lapse future": (credits_run(service_env, "lapse_holds", future), "is in the future"),
-        "naive": (credits_run(service_env, "expire_credits", "2025-06-01T00:00:00"), "must carry a timezone"),
-        "not a time": (credits_run(service_env, "expire_credits", "yesterday"), "must be an ISO 8601 timestamp"),
+    # `credits run` refuses these itself (tests/integration/test_cli.py); a message from
+    # anywhere else (another producer, an old release) is refused by the actor.
+    broker = dramatiq.brokers.redis.RedisBroker(url=redis_url)
+    runs = {  # name → (the message, what the refusal must say)
+        "future": (sweep_message(broker, "expire_credits", future), f"as_of {future} is in the future"),
+        "lapse future": (sweep_message(broker, "lapse_holds", future), "is in the future"),
+        "naive": (sweep_message(broker, "expire_credits", "2025-06-01T00:00:00"), "must carry a timezone"),
+        "not a time": (sweep_message(broker, "expire_credits", "yesterday"), "must be an ISO 8601 timestamp"),
     }
-    refused = {name: (enqueued(process), reason) for name, (process, reason) in runs.items()}
+    broker.close()
+    refused = {name: (message_id, reason) for name, (message_id, reason) in runs.items()}
     ids = [message_id for message_id, _ in refused.values()]
     rows = await wait_for_dead_letter_rows(db, ids)
     wait_until(lambda: set(dead_lettered(redis_client, SWEEPS_QUEUE)) == set(ids), message="the refused sweeps in the Redis dead-letter queue")
@@ -357,3 +368,22 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
         assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (job_name, tick, events)
         assert redis_client.exists(f"{LOCK_PREFIX}:{job_name}:{tick}")
     assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments", "credit_notifications"))) == sorted(job_name for job_name, _ in by_tick)
+
+
+def test_the_scheduler_enqueues_on_rabbitmq_when_broker_url_says_so(rabbitmq_url, redis_client, service_env, tmp_path):
+    """BROKER_URL=amqp://…: the scheduler's messages go to RabbitMQ (ticks still claimed in REDIS_URL, emptied by redis_client)."""
+    from tests.conftest import BROKER_QUEUES
+    from tests.support import BrokerUnderTest, rabbitmq_reset
+
+    rabbitmq_reset(rabbitmq_url, BROKER_QUEUES)
+    log = tmp_path / "scheduler.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env={**service_env, "BROKER_URL": rabbitmq_url}, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(_scheduler_lines(log.read_text())) == 8, timeout=60, message="the scheduler to fire every job")
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert {r["event"] for r in _scheduler_lines(log.read_text())} == {"periodic_enqueued"}
+    rabbit = BrokerUnderTest("rabbitmq", rabbitmq_url)
+    assert sum(rabbit.waiting(queue) for queue in (SWEEPS_QUEUE, "credit_payments", "credit_notifications")) == 8

@@ -7,7 +7,7 @@ worked out from the events alone. Each prints one line, ``FIGURES {...}``: event
 injected, events lost, events doubled (also written as JSON to the test's tmp_path).
 
 1. worker processes killed with SIGKILL mid-stream (plus a poison message that must end in
-   the dead letters after a bounded number of attempts);
+   the dead letters after a bounded number of attempts), on Redis and on RabbitMQ;
 2. PostgreSQL connections terminated (pg_terminate_backend) mid-stream;
 3. Redis killed and restarted empty (no persistence): what was only in Redis is lost, the
    producer re-publishes everything, only the missing events are applied; scheduled work
@@ -20,7 +20,9 @@ Redelivery after a worker crash: Dramatiq's Redis broker hands a dead worker's u
 messages back only when *maintenance* runs (randomly, 1 in 1,000 broker commands) and the
 worker has missed heartbeats for ``heartbeat_timeout`` (60 s by default). The tests run that
 same maintenance (Dramatiq's own Lua script) every second with a 10 s timeout, via ``Janitor``,
-so a crash is recovered within the test's time budget; production recovers the same way, later.
+so a crash is recovered within the test's time budget; production recovers the same way, within
+35 s (tests/reliability/test_redelivery.py measures it with the shipped settings). RabbitMQ
+hands a dead consumer's unacknowledged messages back when its connection closes: at once.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from messages import (
     PaymentFailed,
     PaymentReversed,
     PaymentSucceeded,
+    PublishFailed,
     Publisher,
 )
 from tests.support import ROOT, WorkerProcesses, free_port, reconciliation, wait_until
@@ -220,6 +223,13 @@ def _ack_set_sizes(client: redis.Redis, queues: Iterable[str]) -> list[int]:
     return [client.scard(key) for key in client.scan_iter(match="dramatiq:__acks__.*") if key.decode().endswith(names)]
 
 
+def _drained(message_broker, redis_client: redis.Redis | None) -> bool:
+    """Nothing left for the events queue: on Redis not even in an ack set; on RabbitMQ nothing ready."""
+    if redis_client is not None:
+        return not leftovers(redis_client, EVENT_QUEUES)
+    return message_broker.waiting(EVENTS_QUEUE) == 0
+
+
 def dead_lettered(client: redis.Redis, queue: str) -> dict[str, dict]:
     bodies = client.hgetall(f"dramatiq:{queue}.XQ.msgs")
     return {json.loads(body)["message_id"]: json.loads(body) for body in bodies.values()}
@@ -255,7 +265,7 @@ def publish_all(publisher: Publisher, events: Iterable[Event]) -> list[str]:
             try:
                 ids.append(publisher.publish(event))
                 break
-            except redis.ConnectionError:
+            except PublishFailed:
                 time.sleep(0.1)
         else:
             raise AssertionError(f"could not publish {event.event_id}")
@@ -271,7 +281,9 @@ WORKER_CRASH_EVENTS = int(os.environ.get("FAULTS_WORKER_CRASH_EVENTS", "10000"))
 WORKER_CRASH_KILLS = 5
 
 
-async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_url, redis_client, redis_url, start_workers, tmp_path):
+async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_url, message_broker, start_workers, tmp_path):
+    on_redis = message_broker.kind == "redis"
+    redis_client = redis.Redis.from_url(message_broker.url) if on_redis else None
     started = time.monotonic()
     prefix = "wk"
     events = workload(WORKER_CRASH_EVENTS, customers=200, seed=1101, prefix=prefix)
@@ -280,14 +292,15 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
     # messages behind) but never succeeds: retried EVENT_MAX_RETRIES times, then dead-lettered.
     poison = PaymentReversed(event_id=f"{prefix}-poison", customer_id=f"{prefix}-poison-customer", occurred_at=T0, payment_id="never-paid", reason="refund", total_credits_reversed=1)
 
-    publisher = Publisher.from_url(redis_url)
+    publisher = Publisher.from_url(message_broker.url)
     poison_id = publisher.publish(poison)
     publish_all(publisher, events)
     published_at = time.monotonic()
 
-    env = dict(FAST_RETRIES)
+    env = {**FAST_RETRIES, **message_broker.env}
     runs = [start_workers(processes=2, threads=4, env=env)]
-    janitor = Janitor(redis_url, EVENT_QUEUES)
+    # Redis: Dramatiq's maintenance run every second (RabbitMQ redelivers on a closed connection by itself).
+    janitor = Janitor(message_broker.url, EVENT_QUEUES) if on_redis else None
     # Kill at seeded moments, measured in events processed so far (not in seconds: the machine's speed varies).
     kill_at = sorted(rng.sample(range(len(events) // 20, len(events) * 8 // 10), WORKER_CRASH_KILLS))
     kills: list[dict] = []
@@ -295,9 +308,10 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
     try:
         deadline = time.monotonic() + 150
         while True:
-            assert time.monotonic() < deadline, f"not done: {await processed_count(connection, prefix)} of {len(events)} processed, Redis {leftovers(redis_client, EVENT_QUEUES)}"
+            assert time.monotonic() < deadline, f"not done: {await processed_count(connection, prefix)} of {len(events)} processed, {message_broker.waiting(EVENTS_QUEUE)} waiting"
             processed = await processed_count(connection, prefix)
-            janitor.sweep()
+            if janitor:
+                janitor.sweep()
             if len(kills) < len(kill_at) and processed >= kill_at[len(kills)]:
                 workers = runs[-1]
                 children = worker_children(workers.process.pid)
@@ -309,10 +323,10 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
                 # a supervisor restarts it. Here, the test does.
                 await asyncio.to_thread(workers.process.wait, 60)
                 # The survivor requeued what it had fetched; what is left in ack sets is the dead one's.
-                kills[-1]["stranded"] = sum(_ack_set_sizes(redis_client, EVENT_QUEUES))
+                kills[-1]["stranded"] = sum(_ack_set_sizes(redis_client, EVENT_QUEUES)) if on_redis else "not visible on RabbitMQ"
                 runs.append(await asyncio.to_thread(start_workers, 2, 4, env))
                 continue
-            if processed == len(events) and set(dead_lettered(redis_client, EVENTS_QUEUE)) == {poison_id} and not leftovers(redis_client, EVENT_QUEUES):
+            if processed == len(events) and set(message_broker.dead_lettered(EVENTS_QUEUE)) == {poison_id} and _drained(message_broker, redis_client):
                 break
             await asyncio.sleep(0.25)
         drained_at = time.monotonic()
@@ -320,7 +334,7 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
         lost, doubled = await assert_ledger_as_expected(connection, events, prefix)
         assert await reconciliation(db) == []
         # The poison: dead-lettered after its bounded attempts, in Redis and in PostgreSQL, never applied.
-        [body] = dead_lettered(redis_client, EVENTS_QUEUE).values()
+        [body] = message_broker.dead_lettered(EVENTS_QUEUE).values()
         assert body["message_id"] == poison_id
         assert body["options"]["retries"] == 2  # EVENT_MAX_RETRIES: three attempts, then the dead letters
         rows = await connection.fetch("SELECT message_id, error FROM dead_letters")
@@ -329,13 +343,14 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
         assert await connection.fetchval("SELECT count(*) FROM customers WHERE customer_id = $1", poison.customer_id) == 0
     finally:
         await connection.close()
-        janitor.close()
+        if janitor:
+            janitor.close()
         publisher.close()
 
     outcomes = outcome_counts(runs)
     report(
         tmp_path,
-        "worker_crash",
+        f"worker_crash_{message_broker.kind}",
         events=len(events),
         poison_messages=1,
         customers=len(expected_ledger(events)),
@@ -438,16 +453,17 @@ async def test_postgres_connections_killed_mid_stream_lose_nothing_and_half_appl
 class PrivateRedis:
     """A redis-server of this test's own, without persistence: killed, it comes back empty."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")) -> None:
         self.port = free_port()
         self.directory = directory
+        self.persistence = persistence
         self.process: subprocess.Popen | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         log = (self.directory / "redis-server.log").open("ab")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence, "--dir", str(self.directory)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url)

@@ -31,10 +31,10 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from api.app import MAX_WEBHOOK_BYTES, create_app
+from api.app import create_app
 from infra.db import Database
 from infra.db.tables import stripe_events
-from infra.settings import load_settings
+from infra.settings import Settings, load_settings
 from tests.fake_stripe import event, invoice, mark_paid, signed
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
@@ -46,6 +46,7 @@ SEED = int(os.environ.get("FORGERY_SEED", "4242"))
 RANDOM_MUTATIONS = int(os.environ.get("FORGERY_MUTATIONS", "2000"))
 QUEUE = "dramatiq:credit_events"
 WEBHOOK = "/webhooks/stripe"
+MAX_WEBHOOK_BYTES = Settings.model_fields["stripe_webhook_max_body_bytes"].default
 
 
 class Tally:

@@ -1,0 +1,101 @@
+"""`credits import-legacy`: bring credit histories over from the old membership system (docs/MIGRATION.md).
+
+Exit status: 0 every member imported (now or by an earlier run) and matched; 1 some member
+left out or mismatched; 2 unusable arguments or an unreadable file (nothing imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+COMMAND = "import-legacy"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the subcommand to `credits`' parser."""
+    parser = commands.add_parser(
+        COMMAND,
+        help="import members' credit histories exported from the old membership system",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("transactions", type=Path, help="CSV: Id,MembershipId,Type,Amount,CreatedAt,ExpiresAt")
+    parser.add_argument("--balances", type=Path, help="CSV: MembershipId,Balance as the old system showed them; compared, never 'fixed'")
+    parser.add_argument("--customer-map", type=Path, help="CSV: MembershipId,CustomerId (default: the customer id is the MembershipId)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("legacy-import-report.csv"),
+        help="balance differences CSV (with --balances); the bad-row list goes beside it as <name>-problems.csv",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="check and replay everything, write nothing to the database")
+
+
+def run(args: argparse.Namespace) -> int:
+    from infra.db import SchemaNotReady
+    from infra.legacy_staging import UnusableInput
+
+    try:
+        return asyncio.run(_run(args))
+    except (UnusableInput, SchemaNotReady) as unusable:
+        print(f"credits import-legacy: {unusable}; nothing imported", file=sys.stderr)
+        return 2
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from infra.db import Database, require_current_schema
+    from infra.legacy_staging import UnusableInput
+    from infra.settings import get_settings
+    from service_layer.legacy_import import ImportRequest, import_legacy
+
+    for path in (args.transactions, args.balances, args.customer_map):
+        if path is not None and not path.is_file():
+            raise UnusableInput(f"{path} is not a readable file")
+    if not args.report.parent.is_dir():
+        raise UnusableInput(f"--report {args.report}: no such directory")
+    settings = get_settings()
+    request = ImportRequest(args.transactions, args.balances, args.customer_map, args.report, args.dry_run)
+    db = Database(settings.effective_database_url)
+    try:
+        await require_current_schema(db)
+        with _RichProgress() as progress:
+            summary = await import_legacy(request, db, settings.policy, datetime.now(timezone.utc), progress)
+    finally:
+        await db.dispose()
+    return summary.exit_status
+
+
+class _RichProgress:
+    """A progress bar on stderr; report lines on stdout, printed above it."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False
+        )
+        self.task = None
+
+    def __enter__(self) -> _RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def start(self, phase: str, total: int | None) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total or 0)
+        self.task = self.bar.add_task(phase, total=total)
+
+    def advance(self, amount: int) -> None:
+        self.bar.advance(self.task, amount)
+
+    def say(self, line: str) -> None:
+        self.out.print(line, markup=False)
