@@ -54,8 +54,10 @@ async def test_every_page_wants_a_session_then_has_the_navigation_and_no_inline_
 async def test_forms_are_same_origin_and_a_key_applies_once(console, db):
     await console.sign_in()
     body = {"idempotency_key": "k-0123456789", "credits": "5", "reason": "goodwill"}
+    unsigned = console.http.build_request("POST", "/admin/customers/ann/adjust", data=body)
+    del unsigned.headers["Origin"]  # the client sends one by default, as a browser does
     refused = [
-        await console.http.post("/admin/customers/ann/adjust", data=body),  # no Origin
+        await console.http.send(unsigned),  # neither Origin nor Referer
         await console.http.post("/admin/customers/ann/adjust", data=body, headers={"Origin": "https://evil.example"}),
     ]
     assert [r.status_code for r in refused] == [403, 403]
