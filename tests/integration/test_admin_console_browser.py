@@ -373,14 +373,17 @@ async def test_the_navigation_fits_768_works_by_keyboard_and_its_bubble_is_live_
     now = datetime.now(timezone.utc).replace(microsecond=0)
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now) as admin:
         # A customer out of credits for 13½ days: on the line in half a day, with no event.
+        # One after the other: applied the other way round, the job would overdraw and the payment
+        # would end the depletion at its own time, and "almost" would never cross the line.
         admin.publisher.publish(PaymentSucceeded(event_id="pay-almost", occurred_at=now - timedelta(days=40), customer_id="almost", payment_id="in-almost", credits=1))
+        await eventually(lambda: _count(db, "almost", 1), timeout=60, message="almost's payment")
         admin.publisher.publish(JobCompleted(event_id="job-almost", occurred_at=now - timedelta(days=13, hours=12), customer_id="almost", job_id="j", credits=1))
         await eventually(lambda: _count(db, "almost", 2), timeout=60, message="almost's entries")
         await admin.open("/admin/analytics")
         await admin.page.evaluate("window.__noReload = 'still here'")
         assert await admin.page.get_by_test_id("at-risk-bubble").inner_text() == "0"
         admin.clock.move_to(now + timedelta(hours=12, minutes=1))
-        await admin.page.wait_for_function("document.getElementById('bubble').textContent === '1'", timeout=15_000)
+        await admin.page.wait_for_function("() => document.getElementById('bubble').textContent === '1'", timeout=15_000)
         assert await admin.page.evaluate("window.__noReload") == "still here"
 
         await admin.open("/admin")
