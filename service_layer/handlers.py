@@ -435,12 +435,20 @@ async def admin_adjustment(
     """
     event_id = f"admin-adjustment:{idempotency_key or uuid.uuid4()}"
     event = CreditsAdjusted(event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
+    return await apply_admin_event(uow, policy, event)
+
+
+async def apply_admin_event(uow: UnitOfWork, policy: CreditPolicy, event: Event) -> Outcome:
+    """Apply an event an admin made (its id carries the form's key) to an existing customer, once.
+
+    Raises CustomerNotFound for an unknown customer (an admin's action never creates one), and
+    what the domain refuses (a gift over what is available, to or from a frozen membership)."""
     async with uow:
         # Under the customer's lock: a second request with the same key waits for the first,
         # then sees it (its moment differs, so it is recognised by key, not by content).
-        if await uow.accounts.lock(customer_id, create=False) is None:
-            raise CustomerNotFound(customer_id)
-        if await uow.events.seen(event_id):
+        if await uow.accounts.lock(event.customer_id, create=False) is None:
+            raise CustomerNotFound(event.customer_id)
+        if await uow.events.seen(event.event_id):
             return Outcome.DUPLICATE
         outcome = await apply_event_in(uow, event, policy, DunningRules())
         await uow.commit()

@@ -31,6 +31,8 @@ class ListFilter:
     until: datetime | None = None
     limit: int = 500
     offset: int = 0
+    #: Payouts only: the payout's period (week-<Friday>, day-<date>-<n>).
+    period: str | None = None
 
     def where(self, status_column, payee_column, time_column) -> list:
         conditions = []
@@ -83,6 +85,8 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 
 async def list_payouts(db: Database, wanted: ListFilter) -> Page:
     where = wanted.where(payouts.c.status, payouts.c.payee_id, payouts.c.created_at)
+    if wanted.period:
+        where.append(payouts.c.period == wanted.period)
     limit, offset = wanted.limit, wanted.offset
     async with db.connect() as connection:
         total, cents = (
@@ -98,6 +102,14 @@ async def list_payouts(db: Database, wanted: ListFilter) -> Page:
         )
         rows = [dict(r._mapping) for r in await connection.execute(query)]
     return Page(total, int(cents), rows)
+
+
+async def payout_periods(db: Database, limit: int = 30) -> list[str]:
+    """The latest periods that have payouts, newest first (what the admin filters by)."""
+    async with db.connect() as connection:
+        newest = func.max(payouts.c.created_at)
+        query = select(payouts.c.period).group_by(payouts.c.period).order_by(newest.desc(), payouts.c.period.desc()).limit(limit)
+        return list((await connection.execute(query)).scalars())
 
 
 @dataclass(frozen=True)
