@@ -33,6 +33,8 @@ _QUOTED_VALUE = r'"[^"\r\n]*"|' r"'[^'\r\n]*'|" r'\\"(?:[^"\\\r\n]|\\[^"])*\\"'
 _PATTERN = re2.compile(
     "|".join(
         (
+            # A UUID (message and event ids) is kept whole: its digit groups would pass for a card.
+            r"(?P<uuid>\b[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\b)",
             # scheme://user:password@host
             r"(?P<url>://[^:/@\s]*:)[^@\s/]+@",
             # token=..., "password": "...", Authorization: Bearer ..., cvc=...
@@ -91,6 +93,8 @@ def scrub(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
 
 def _replacement(match) -> str:
     kind = match.lastgroup
+    if kind == "uuid":
+        return match.group()
     if kind == "email":
         return "[email]"
     if kind == "card":

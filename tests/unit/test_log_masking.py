@@ -145,3 +145,10 @@ def test_a_traceback_keeps_more_but_is_bounded_too():
     line = redact(None, "error", {"event": "crashed", "exception": f"Traceback:\n{frames}ValueError: bob@example.com", "detail": frames})
     assert 1_500 < len(line["exception"]) < 2_100 and line["exception"].endswith("ValueError: [email]")
     assert len(line["detail"]) < 600
+
+
+def test_uuids_are_kept_whole_even_when_their_digits_look_like_a_card():
+    # Message ids are how operators and tests follow a message through the log.
+    for uuid_text in ("663c4690-7b72-4154-8123-123456789012", "31824c47-7303-445d-9000-000000000000"):
+        assert scrub(f'"message_id": "{uuid_text}"') == f'"message_id": "{uuid_text}"'
+    assert scrub("card 4242 4242 4242 4242 and id 663c4690-7b72-4154-8123-123456789012") == "card [card] and id 663c4690-7b72-4154-8123-123456789012"
