@@ -297,7 +297,8 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
     publish_all(publisher, events)
     published_at = time.monotonic()
 
-    env = {**FAST_RETRIES, **message_broker.env}
+    # No metrics exposition process (METRICS_PORT=0): the group is exactly its worker processes, the ones to kill.
+    env = {**FAST_RETRIES, **message_broker.env, "METRICS_PORT": "0"}
     runs = [start_workers(processes=2, threads=4, env=env)]
     # Redis: Dramatiq's maintenance run every second (RabbitMQ redelivers on a closed connection by itself).
     janitor = Janitor(message_broker.url, EVENT_QUEUES) if on_redis else None
@@ -629,7 +630,7 @@ async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db
     due = SWEEP_CUSTOMERS
 
     # Batches of 2 customers: 300 transactions, more than one message's 200 (the sweep re-enqueues itself).
-    env = {"SWEEP_BATCH_SIZE": "2"}
+    env = {"SWEEP_BATCH_SIZE": "2", "METRICS_PORT": "0"}  # no metrics process: the one child is the worker
     runs = [start_workers(processes=1, threads=2, env=env)]
     janitor = Janitor(redis_url, (SWEEPS_QUEUE, f"{SWEEPS_QUEUE}.DQ"))
     connection = await asyncpg.connect(plain_dsn(pg_url))
