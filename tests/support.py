@@ -116,7 +116,7 @@ def start_worker_processes(env: dict[str, str], log_path: Path, processes: int =
     def ready() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"worker exited with {process.returncode}:\n{workers.log()}")
-        return workers.log().count("ready for action") >= processes
+        return workers.log().count("Worker process is ready for action") >= processes
 
     wait_until(ready, timeout=ready_timeout, message="dramatiq workers to boot")
     return workers

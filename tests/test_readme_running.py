@@ -92,7 +92,7 @@ def test_running_it_for_real_as_the_readme_says(database_name, redis_url, tmp_pa
 
     try:
         wait_until(ready, timeout=180, interval=0.5, message=f"the web on {base} to be ready")
-        wait_until(lambda: "ready for action" in log() and "scheduler_started" in log(), timeout=60, message="worker and scheduler to start")
+        wait_until(lambda: "Worker process is ready for action" in log() and "scheduler_started" in log(), timeout=60, message="worker and scheduler to start")
         started = time.monotonic()
 
         customer = f"readme-{uuid.uuid4().hex[:8]}"

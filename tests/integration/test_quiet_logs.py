@@ -59,7 +59,7 @@ def test_a_missing_smtp_host_is_one_warning_at_start(service_env, redis_url, red
     )
     broker = RedisBroker(url=redis_url)
     try:
-        wait_until(lambda: log_path.read_text().count("ready for action") >= 2, timeout=90, message="two worker processes")
+        wait_until(lambda: log_path.read_text().count("Worker process is ready for action") >= 2, timeout=90, message="two worker processes")
         # Three runs of the job, as the scheduler makes one a minute.
         for _ in range(3):
             broker.enqueue(dramatiq.Message(queue_name="credit_notifications", actor_name="send_notifications", args=(), kwargs={}, options={}))

@@ -237,7 +237,7 @@ def test_a_worker_refuses_to_start_on_an_unmigrated_database(service_env, empty_
     returncode, output = _start_refused_worker({**service_env, "DATABASE_URL": empty_database})
     assert returncode != 0, output
     assert "not migrated" in output and "credits migrate" in output, output
-    assert "ready for action" not in output
+    assert "Worker process is ready for action" not in output
 
 
 async def test_a_worker_refuses_to_start_without_a_reachable_database(service_env):
@@ -247,4 +247,4 @@ async def test_a_worker_refuses_to_start_without_a_reachable_database(service_en
     returncode, output = _start_refused_worker({**service_env, "DATABASE_URL": proxy.url(service_env["DATABASE_URL"])})
     assert returncode != 0, output
     assert "cannot reach the database" in output, output
-    assert "ready for action" not in output
+    assert "Worker process is ready for action" not in output
