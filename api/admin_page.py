@@ -17,10 +17,9 @@ import math
 import secrets
 from datetime import datetime
 from pathlib import Path as FilePath
-from typing import Annotated
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +29,9 @@ from api.admin_session import has_session, signed_in
 from api.same_origin import require_same_origin
 from api.security_headers import SecurityHeaders
 from api.sign_in_limit import count_sign_in_attempt
+from api.schemas import Identifier
 from domain import MAX_CREDITS_PER_EVENT
+from messages.events import NO_NUL
 from service_layer import handlers, retention, views
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
@@ -38,7 +39,6 @@ from service_layer.unit_of_work import SqlUnitOfWork
 STATIC = FilePath(__file__).parent / "static"
 PAGE = (STATIC / "admin.html").read_text()
 LOGIN = (STATIC / "login.html").read_text()
-NO_NUL = r"^[^\x00]*$"
 
 router = APIRouter(include_in_schema=False)
 STREAM_SECONDS = 300
@@ -142,7 +142,7 @@ async def live(request: Request) -> StreamingResponse:
 
 
 @router.post("/admin/data/customers/{customer_id}/note", dependencies=[Session, SameOrigin, Depends(json_only)])
-async def note(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: NoteIn, request: Request) -> dict:
+async def note(customer_id: Identifier, body: NoteIn, request: Request) -> dict:
     saved = await retention.save_note(SqlUnitOfWork(request.app.state.db), customer_id, body.note, request.app.state.clock.now())
     if not saved:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no customer {customer_id!r}")
@@ -150,7 +150,7 @@ async def note(customer_id: Annotated[str, Path(min_length=1, max_length=255, pa
 
 
 @router.post("/admin/data/customers/{customer_id}/adjustments", dependencies=[Session, SameOrigin, Depends(json_only)])
-async def adjust(customer_id: Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)], body: AdjustmentIn, request: Request) -> dict:
+async def adjust(customer_id: Identifier, body: AdjustmentIn, request: Request) -> dict:
     if body.credits == 0:
         raise HTTPException(422, "an adjustment must change the balance")
     settings = request.app.state.settings

@@ -11,10 +11,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import admin, frontend
 from domain.referrals import ReferralRuleError, ReferrerKind, normalize_code
+from messages.events import NO_NUL
 from service_layer import payouts, referral_views, referrals
 from service_layer.unit_of_work import SqlUnitOfWork
 
-NO_NUL = r"^[^\x00]*$"
 MAX_ID = 2**63 - 1  # BIGINT: a larger number cannot name a row, and must not reach the database
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 Text255 = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]

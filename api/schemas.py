@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from messages.events import MAX_CREDITS
+from messages.events import MAX_CREDITS, NO_NUL
 
-NO_NUL = r"^[^\x00]*$"
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 
 

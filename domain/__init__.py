@@ -8,7 +8,6 @@ from domain.errors import (
     InsufficientCredits,
     JobAlreadyCharged,
     MembershipFrozen,
-    NoActiveHold,
     UnknownCustomer,
 )
 from domain.limits import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT
@@ -35,7 +34,6 @@ __all__ = [
     "MAX_CREDITS_PER_EVENT",
     "MAX_OVERDRAFT",
     "Movement",
-    "NoActiveHold",
     "UnknownCustomer",
     "add_months",
 ]

@@ -20,10 +20,6 @@ class HoldConflict(DomainError):
     """A hold for this job already exists with a different amount."""
 
 
-class NoActiveHold(DomainError):
-    """There is no active hold for the job."""
-
-
 class JobAlreadyCharged(DomainError):
     """A second completion for a job that has already been charged.
 

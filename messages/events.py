@@ -21,10 +21,10 @@ MAX_CREDITS = 1_000_000
 MAX_AMOUNT_CENTS = 1_000_000_000_000
 
 #: No NUL characters: PostgreSQL text cannot hold them, so they would fail on every retry.
-_NO_NUL = r"^[^\x00]*$"
-EventId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
-CustomerId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
-ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
+NO_NUL = r"^[^\x00]*$"
+EventId = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
+CustomerId = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
+ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
 PositiveCredits = Annotated[int, Field(gt=0, le=MAX_CREDITS)]
 #: As typed: case, spaces and hyphens do not matter when it is matched.
 ReferralCode = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\- ]+$")]
@@ -75,8 +75,8 @@ class PaymentSucceeded(Event):
 class CreditsAdjusted(Event):
     type: Literal["credits.adjusted"] = "credits.adjusted"
     credits: Annotated[int, Field(ge=-MAX_CREDITS, le=MAX_CREDITS)]
-    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=_NO_NUL)]
-    actor: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)]
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
+    actor: Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
 
     @field_validator("credits")
     @classmethod
@@ -86,7 +86,7 @@ class CreditsAdjusted(Event):
         return credits
 
 
-OptionalText = Annotated[str, Field(max_length=2000, pattern=_NO_NUL)] | None
+OptionalText = Annotated[str, Field(max_length=2000, pattern=NO_NUL)] | None
 HttpsUrl = Annotated[str, Field(max_length=2000, pattern=r"^https://[^\x00\s]+$")] | None
 
 
@@ -95,7 +95,7 @@ class PaymentFailed(Event):
 
     type: Literal["payment.failed"] = "payment.failed"
     invoice_id: ExternalId
-    decline_code: Annotated[str, Field(max_length=100, pattern=_NO_NUL)] | None = None
+    decline_code: Annotated[str, Field(max_length=100, pattern=NO_NUL)] | None = None
     failure_message: OptionalText = None
     #: Where the customer can pay the invoice themselves (Stripe's hosted invoice page).
     hosted_invoice_url: HttpsUrl = None
@@ -147,7 +147,7 @@ class CustomerSignedUp(Event):
     phone: Annotated[str, Field(min_length=3, max_length=40, pattern=r"^[0-9+() .\-]+$")] | None = None
     referral_code: ReferralCode | None = None
     #: The card's fingerprint (Stripe's `card.fingerprint`): the same card, whoever holds it.
-    payment_fingerprint: Annotated[str, Field(min_length=1, max_length=255, pattern=_NO_NUL)] | None = None
+    payment_fingerprint: Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)] | None = None
 
 
 class ReferralSubmitted(Event):

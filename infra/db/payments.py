@@ -230,10 +230,6 @@ class SqlDunningRepository:
             .values(leased_until=until, provider_errors=payment_attempts.c.provider_errors + 1, failure_message=message)
         )
 
-    async def attempts_of(self, case_id: int) -> list:
-        query = select(payment_attempts).where(payment_attempts.c.case_id == case_id).order_by(payment_attempts.c.requested_at, payment_attempts.c.id)
-        return list(await self.connection.execute(query))
-
 
 class SqlStripeRepository:
     """What the webhook relay remembers: events seen, customers mapped, invoices paid."""
@@ -288,10 +284,6 @@ class SqlStripeRepository:
             .on_conflict_do_nothing()
         )
         return await self.customer_for(stripe_customer_id)
-
-    async def stripe_customer_of(self, customer_id: str) -> str | None:
-        query = select(stripe_customers.c.stripe_customer_id).where(stripe_customers.c.customer_id == customer_id)
-        return (await self.connection.execute(query)).scalar_one_or_none()
 
     async def record_payment(self, invoice_id: str, customer_id: str | None, **known: object) -> None:
         """Remember an invoice's payment; fields learnt later (the charge, say) fill in, none is erased."""

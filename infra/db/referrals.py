@@ -162,9 +162,6 @@ class SqlReferralRepository:
         )
         return result.rowcount == 1
 
-    async def codes_of(self, referrer_id: str) -> list:
-        return list(await self.connection.execute(select(referral_codes).where(referral_codes.c.referrer_id == referrer_id).order_by(referral_codes.c.created_at)))
-
     # ------------------------------------------------------------ referrals
 
     async def attributed(self, customer_id: str, *, for_update: bool = True) -> Referral | None:
