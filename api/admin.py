@@ -16,14 +16,12 @@ from api.schemas import (
     AnalyticsOut,
     CountOut,
     CreditsReportOut,
-    DepletedCustomerOut,
     DunningReportOut,
     Identifier,
     MonthOut,
     ParkedEventOut,
     StripeCustomerIn,
     StripeCustomerOut,
-    UnpaidInvoiceOut,
     UpcomingOut,
     WebhookReceiptOut,
 )
@@ -50,7 +48,7 @@ async def credits_report(
         limit=limit,
         offset=offset,
         next_offset=offset + limit if offset + limit < total else None,
-        customers=[DepletedCustomerOut(**vars(c)) for c in page],
+        customers=page,
     )
 
 
@@ -96,7 +94,7 @@ async def dunning_report(
         limit=limit,
         offset=offset,
         next_offset=offset + limit if offset + limit < total else None,
-        invoices=[UnpaidInvoiceOut(**vars(row)) for row in page],
+        invoices=page,
     )
 
 

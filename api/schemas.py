@@ -9,6 +9,8 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from messages.events import MAX_CREDITS, NO_NUL
+# The admin reports answer the read models' own rows: one definition of each.
+from service_layer.views import DepletedCustomer, UnpaidInvoice
 
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 
@@ -46,35 +48,12 @@ class HoldIn(BaseModel):
     credits: int = Field(1, gt=0, le=MAX_CREDITS)
 
 
-class DepletedCustomerOut(BaseModel):
-    customer_id: str
-    credits_depleted_at: datetime
-    days_depleted: int
-    dunning_status: str | None
-    attempts_made: int | None
-    next_retry_at: datetime | None
-    membership_status: str
-
-
-class UnpaidInvoiceOut(BaseModel):
-    customer_id: str
-    invoice_id: str
-    dunning_status: str
-    first_failed_at: datetime
-    attempts_made: int
-    next_retry_at: datetime | None
-    last_decline_code: str | None
-    last_failure_message: str | None
-    membership_status: str
-    balance: int
-
-
 class DunningReportOut(BaseModel):
     total: int
     limit: int
     offset: int
     next_offset: int | None
-    invoices: list[UnpaidInvoiceOut]
+    invoices: list[UnpaidInvoice]
 
 
 class AdjustmentIn(BaseModel):
@@ -169,7 +148,7 @@ class CreditsReportOut(BaseModel):
     limit: int
     offset: int
     next_offset: int | None
-    customers: list[DepletedCustomerOut]
+    customers: list[DepletedCustomer]
 
 
 class CountOut(BaseModel):
