@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import frontend
 from api.dependencies import broker_or_503, now, uow
-from api.schemas import CreditsOut, HoldIn, HoldOut, Identifier, LotOut, NoticeAction, NoticeOut, RetryAcceptedOut
+from api.schemas import CreditsOut, HoldIn, HoldOut, Identifier, LotOut, LoginBannerAction, LoginBannerOut, RetryAcceptedOut
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from infra.broker import enqueue_charges
 from service_layer import handlers, payments
@@ -74,19 +74,19 @@ async def release_hold(customer_id: Identifier, job_id: Identifier, request: Req
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/api/customers/{customer_id}/notice", response_model=NoticeOut, dependencies=[frontend])
-async def notice(customer_id: Identifier, request: Request) -> NoticeOut:
+@router.get("/api/customers/{customer_id}/notice", response_model=LoginBannerOut, dependencies=[frontend])
+async def notice(customer_id: Identifier, request: Request) -> LoginBannerOut:
     settings = request.app.state.settings
     try:
-        found = await payments.notice_for(uow(request, read_only=True), customer_id, now(request), settings.dunning, settings.stripe_billing_portal_url)
+        found = await payments.login_banner(uow(request, read_only=True), customer_id, now(request), settings.dunning, settings.stripe_billing_portal_url)
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     actions = []
     if found.payment_url and found.kind != "none":
-        actions.append(NoticeAction(type="update_payment_method", url=found.payment_url))
+        actions.append(LoginBannerAction(type="update_payment_method", url=found.payment_url))
     if found.can_retry:
-        actions.append(NoticeAction(type="retry_payment", method="POST", path=f"/api/customers/{customer_id}/payment-retry"))
-    return NoticeOut(
+        actions.append(LoginBannerAction(type="retry_payment", method="POST", path=f"/api/customers/{customer_id}/payment-retry"))
+    return LoginBannerOut(
         kind=found.kind,
         message=found.message,
         next_retry_at=found.next_retry_at,

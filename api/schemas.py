@@ -94,7 +94,7 @@ class AnalyticsOut(BaseModel):
     breakage_rate: float | None
 
 
-class NoticeAction(BaseModel):
+class LoginBannerAction(BaseModel):
     type: Literal["update_payment_method", "retry_payment"]
     #: update_payment_method: the provider's hosted invoice page or billing portal.
     url: str | None = None
@@ -103,14 +103,14 @@ class NoticeAction(BaseModel):
     path: str | None = None
 
 
-class NoticeOut(BaseModel):
+class LoginBannerOut(BaseModel):
     kind: Literal["none", "no_credits", "payment_failed", "action_required"]
     message: str
     next_retry_at: datetime | None = None
     attempts_left: int | None = None
     failure_reason: str | None = None
     decline_code: str | None = None
-    actions: list[NoticeAction]
+    actions: list[LoginBannerAction]
 
 
 class RetryAcceptedOut(BaseModel):

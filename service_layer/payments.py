@@ -292,11 +292,13 @@ async def request_retry_now(new_uow: UnitOfWorkFactory, customer_id: str, now: d
     return attempt_ids
 
 
-# ---------------------------------------------------------------- the customer's notice
+# ---------------------------------------------------------------- the customer's login banner
 
 
 @dataclass(frozen=True)
-class Notice:
+class LoginBanner:
+    """What the front end shows the customer on login (not an email: that is domain.notifications.Notice)."""
+
     kind: str  # none | no_credits | payment_failed | action_required
     message: str
     next_retry_at: datetime | None = None
@@ -308,7 +310,7 @@ class Notice:
     can_retry: bool = False
 
 
-async def notice_for(uow: UnitOfWork, customer_id: str, now: datetime, rules: DunningRules, billing_portal_url: str | None) -> Notice:
+async def login_banner(uow: UnitOfWork, customer_id: str, now: datetime, rules: DunningRules, billing_portal_url: str | None) -> LoginBanner:
     """What the front end shows the customer on login; the most pressing matter wins."""
     async with uow:
         account = await uow.accounts.get(customer_id)
@@ -321,7 +323,7 @@ async def notice_for(uow: UnitOfWork, customer_id: str, now: datetime, rules: Du
         url = case.hosted_invoice_url or billing_portal_url
         reason = case.last_failure_message or (f"declined ({case.last_decline_code})" if case.last_decline_code else None)
         if case.status is DunningStatus.ACTION_REQUIRED:
-            return Notice(
+            return LoginBanner(
                 "action_required",
                 "Your bank needs you to confirm your latest payment. Open the payment page to confirm it.",
                 failure_reason=reason,
@@ -329,7 +331,7 @@ async def notice_for(uow: UnitOfWork, customer_id: str, now: datetime, rules: Du
                 payment_url=url,
                 can_retry=False,
             )
-        return Notice(
+        return LoginBanner(
             "payment_failed",
             _failed_message(case, rules),
             next_retry_at=case.next_retry_at,
@@ -340,8 +342,8 @@ async def notice_for(uow: UnitOfWork, customer_id: str, now: datetime, rules: Du
             can_retry=True,
         )
     if not view.can_schedule:
-        return Notice("no_credits", "You have no credits left. Your credits come back with your next payment.", payment_url=billing_portal_url)
-    return Notice("none", "")
+        return LoginBanner("no_credits", "You have no credits left. Your credits come back with your next payment.", payment_url=billing_portal_url)
+    return LoginBanner("none", "")
 
 
 def _most_pressing(cases: list[DunningCase]) -> DunningCase | None:

@@ -148,8 +148,8 @@ async def depleted_customer(db, customer: str) -> None:
     assert row.balance == 0 and row.credits_depleted_at == T0 - timedelta(days=5)
 
 
-async def notice(db, customer: str, at: datetime) -> payments.Notice:
-    return await payments.notice_for(SqlUnitOfWork(db, read_only=True), customer, at, RULES, PORTAL)
+async def notice(db, customer: str, at: datetime) -> payments.LoginBanner:
+    return await payments.login_banner(SqlUnitOfWork(db, read_only=True), customer, at, RULES, PORTAL)
 
 
 async def claim(db, at: datetime) -> list:
