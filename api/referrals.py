@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.auth import admin, frontend
-from domain.referrals import ReferralRuleError, ReferrerKind, normalize_code
+from domain.referrals import ReferralRuleError, ReferrerDetails, ReferrerKind, normalize_code
 from messages.events import NO_NUL
 from service_layer import payouts, referral_views, referrals
 from service_layer.unit_of_work import SqlUnitOfWork
@@ -164,10 +164,7 @@ def _csv(rows: list[dict], columns: list[str], filename: str) -> Response:
 @router.post("/api/admin/referrers", response_model=CodeOut, status_code=status.HTTP_201_CREATED, dependencies=[admin], responses={409: {"description": "The id is taken"}})
 async def create_referrer(body: ReferrerIn, request: Request) -> CodeOut:
     try:
-        code = await referrals.register_referrer(
-            _uow(request), body.referrer_id, body.kind, name=body.name, email=body.email, phone=body.phone, payout_method=body.payout_method,
-            same_day=body.same_day, stripe_account_id=body.stripe_account_id, payout_address=body.payout_address,
-        )
+        code = await referrals.register_referrer(_uow(request), ReferrerDetails(**body.model_dump()))
     except referrals.ReferrerExists:
         raise HTTPException(status.HTTP_409_CONFLICT, f"referrer {body.referrer_id!r} exists") from None
     return CodeOut(referrer_id=body.referrer_id, code=code)

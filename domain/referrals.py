@@ -119,6 +119,21 @@ class Referrer:
 
 
 @dataclass(frozen=True)
+class ReferrerDetails:
+    """A referrer as registered: who they are and how they are paid (emails and phones normalised)."""
+
+    referrer_id: str
+    kind: ReferrerKind
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    payout_method: str = "manual"
+    same_day: bool = False
+    stripe_account_id: str | None = None
+    payout_address: str | None = None
+
+
+@dataclass(frozen=True)
 class FraudRules:
     velocity_limit: int = 5  # referrals from one referrer within the window before it is suspicious
     velocity_window: timedelta = timedelta(hours=24)
@@ -141,31 +156,34 @@ class Verdict:
     flags: tuple[str, ...] = ()
 
 
-def judge_referral(
-    referrer: Referrer | None,
-    code_active: bool,
-    referred: Party,
-    *,
-    already_referred: bool,
-    paid_before: bool,
-    prior: Iterable[PriorReferral],
-    other_customers_with_fingerprint: int,
-    at: datetime,
-    rules: FraudRules,
-) -> Verdict:
+@dataclass(frozen=True)
+class ReferralFacts:
+    """What is known about a referral when it is judged."""
+
+    referrer: Referrer | None  # None: the code is unknown
+    code_active: bool
+    referred: Party
+    already_referred: bool = False
+    paid_before: bool = False
+    prior: Iterable[PriorReferral] = ()
+    other_customers_with_fingerprint: int = 0
+
+
+def judge_referral(facts: ReferralFacts, at: datetime, rules: FraudRules) -> Verdict:
     """Whether a referral stands (and what is suspicious about it), or why it is rejected."""
+    referrer, referred = facts.referrer, facts.referred
     if referrer is None:
         return Verdict(ReferralStatus.REJECTED, "unknown referral code")
-    if not code_active:
+    if not facts.code_active:
         return Verdict(ReferralStatus.REJECTED, "the referral code is no longer active")
-    if already_referred:
+    if facts.already_referred:
         return Verdict(ReferralStatus.REJECTED, "the customer already has a referrer")
     reason = _self_referral(referrer.party, referred)
     if reason:
         return Verdict(ReferralStatus.REJECTED, f"self-referral: {reason}")
-    if paid_before:
+    if facts.paid_before:
         return Verdict(ReferralStatus.REJECTED, "the customer had already paid before being referred")
-    prior = list(prior)
+    prior = list(facts.prior)
     flags = []
     recent = [p for p in prior if at - rules.velocity_window < p.submitted_at <= at]
     if len(recent) + 1 > rules.velocity_limit:
@@ -179,7 +197,7 @@ def judge_referral(
         if similar:
             flags.append(f"near-identical email to another referral of this referrer ({similar[0]})")
     shared = {fp for p in prior for fp in p.payment_fingerprints} & referred.payment_fingerprints
-    if shared or other_customers_with_fingerprint > 0:
+    if shared or facts.other_customers_with_fingerprint > 0:
         flags.append("payment card shared with another customer")
     return Verdict(ReferralStatus.AWAITING_PAYMENT, None, tuple(flags))
 

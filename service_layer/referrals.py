@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import structlog
 
 from domain.referrals import (
-    ReferralRules,
     Referral,
+    ReferralFacts,
+    ReferralRules,
     ReferralStatus,
+    ReferrerDetails,
     ReferrerKind,
-    Verdict,
     judge_referral,
     normalize_code,
     normalize_email,
@@ -28,7 +30,7 @@ async def customer_signed_up(uow: UnitOfWork, event: CustomerSignedUp, rules: Re
     repo = uow.referrals
     email, phone = normalize_email(event.email), normalize_phone(event.phone)
     await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at, contact_email=event.email.strip())
-    if await repo.add_referrer(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone):
+    if await repo.add_referrer(ReferrerDetails(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone)):
         # No name in the code: a customer's code is shared publicly and must not reveal them.
         await repo.add_code(event.customer_id, name_hint=None)
     if event.referral_code:
@@ -42,8 +44,9 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     code_row = await repo.code(code)
     if code_row is not None:
         await repo.lock_referrer(code_row.referrer_id)
-    verdict = await _judge(uow, customer_id, code_row.referrer_id if code_row else None, bool(code_row and code_row.active), at, rules,
-                           already_referred=await repo.attributed(customer_id) is not None)
+    already_referred = await repo.attributed(customer_id) is not None
+    facts = await _facts(uow, customer_id, code_row.referrer_id if code_row else None, bool(code_row and code_row.active), at, already_referred)
+    verdict = judge_referral(facts, at, rules.fraud)
     referral = Referral.submitted(customer_id, code_row.referrer_id if code_row else None, code_row.code if code_row else code, at, verdict)
     await repo.add(referral)
     log.info("referral_" + verdict.status.value, customer_id=customer_id, code=code, reason=verdict.reason, flags=list(verdict.flags))
@@ -55,11 +58,12 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     return referral
 
 
-async def _judge(uow: UnitOfWork, customer_id: str, referrer_id: str | None, code_active: bool, at: datetime, rules: ReferralRules, *, already_referred: bool) -> Verdict:
+async def _facts(uow: UnitOfWork, customer_id: str, referrer_id: str | None, code_active: bool, at: datetime, already_referred: bool) -> ReferralFacts:
+    """What the referral rules judge, read as of ``at``."""
     repo = uow.referrals
     referrer = await repo.referrer(referrer_id) if referrer_id else None
     referred = await repo.party(customer_id)
-    return judge_referral(
+    return ReferralFacts(
         referrer,
         code_active,
         referred,
@@ -67,8 +71,6 @@ async def _judge(uow: UnitOfWork, customer_id: str, referrer_id: str | None, cod
         paid_before=await repo.has_paid_before(customer_id, at),
         prior=await repo.prior_referrals(referrer.referrer_id, excluding=customer_id) if referrer else [],
         other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(referred.payment_fingerprints, customer_id),
-        at=at,
-        rules=rules.fraud,
     )
 
 
@@ -93,7 +95,8 @@ async def payment_succeeded(
     if paid_at < referral.submitted_at or await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
         referral.admin_reject(paid_at, "system", "the customer had already paid before being referred")
     else:
-        verdict = await _judge(uow, customer_id, referral.referrer_id, True, referral.submitted_at, rules, already_referred=False)
+        facts = await _facts(uow, customer_id, referral.referrer_id, True, referral.submitted_at, already_referred=False)
+        verdict = judge_referral(facts, referral.submitted_at, rules.fraud)
         if verdict.status is ReferralStatus.REJECTED:
             referral.admin_reject(paid_at, "system", verdict.reason or "rejected")
         else:
@@ -143,17 +146,14 @@ class NotFound(LookupError):
     pass
 
 
-async def register_referrer(uow: UnitOfWork, referrer_id: str, kind: ReferrerKind, *, name: str | None, email: str | None, phone: str | None,
-                            payout_method: str, same_day: bool, stripe_account_id: str | None, payout_address: str | None) -> str:
+async def register_referrer(uow: UnitOfWork, details: ReferrerDetails) -> str:
     """A new employee, partner (or customer) referrer with a first code; returns the code."""
     async with uow:
-        added = await uow.referrals.add_referrer(
-            referrer_id, kind, name=name, email=normalize_email(email), phone=normalize_phone(phone), payout_method=payout_method,
-            same_day=same_day, stripe_account_id=stripe_account_id, payout_address=payout_address,
-        )
+        normalized = replace(details, email=normalize_email(details.email), phone=normalize_phone(details.phone))
+        added = await uow.referrals.add_referrer(normalized)
         if not added:
-            raise ReferrerExists(referrer_id)
-        code = await uow.referrals.add_code(referrer_id, name_hint=name or referrer_id)
+            raise ReferrerExists(details.referrer_id)
+        code = await uow.referrals.add_code(details.referrer_id, name_hint=details.name or details.referrer_id)
         await uow.commit()
     return code
 

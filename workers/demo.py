@@ -285,7 +285,7 @@ def _fridays(month_start: datetime, zone: str) -> list[datetime]:
 
 async def _register_referrers(story: Story) -> list[str]:
     """An employee paid through Cash App and a partner paid by hand: both by the manual gateway."""
-    from domain.referrals import ReferrerKind
+    from domain.referrals import ReferrerDetails, ReferrerKind
     from infra.db import Database
     from service_layer.referrals import register_referrer
     from service_layer.unit_of_work import SqlUnitOfWork
@@ -293,10 +293,12 @@ async def _register_referrers(story: Story) -> list[str]:
     db = Database(story.url)
     try:
         return [
-            await register_referrer(SqlUnitOfWork(db), f"{story.prefix}employee-ana", ReferrerKind.EMPLOYEE, name="Ana (front desk)", email=None, phone=None,
-                                    payout_method="cash_app", same_day=False, stripe_account_id=None, payout_address="$AnaFrontDesk"),
-            await register_referrer(SqlUnitOfWork(db), f"{story.prefix}partner-gym", ReferrerKind.PARTNER, name="Northside Gym", email=None, phone=None,
-                                    payout_method="manual", same_day=False, stripe_account_id=None, payout_address="bank transfer, ref NORTHSIDE"),
+            await register_referrer(SqlUnitOfWork(db), ReferrerDetails(
+                f"{story.prefix}employee-ana", ReferrerKind.EMPLOYEE, name="Ana (front desk)", payout_method="cash_app", payout_address="$AnaFrontDesk"
+            )),
+            await register_referrer(SqlUnitOfWork(db), ReferrerDetails(
+                f"{story.prefix}partner-gym", ReferrerKind.PARTNER, name="Northside Gym", payout_method="manual", payout_address="bank transfer, ref NORTHSIDE"
+            )),
         ]
     finally:
         await db.dispose()

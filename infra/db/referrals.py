@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerKind, code_lookup_key, new_code
+from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerDetails, ReferrerKind, code_lookup_key, new_code
 from infra.db.repository import upsert_into
 from infra.db.tables import (
     PAYOUT_IS_TO_SEND,
@@ -84,33 +84,11 @@ class SqlReferralRepository:
 
     # ------------------------------------------------------------ referrers and codes
 
-    async def add_referrer(
-        self,
-        referrer_id: str,
-        kind: ReferrerKind,
-        *,
-        name: str | None = None,
-        email: str | None = None,
-        phone: str | None = None,
-        payout_method: str = "manual",
-        same_day: bool = False,
-        stripe_account_id: str | None = None,
-        payout_address: str | None = None,
-    ) -> bool:
+    async def add_referrer(self, details: ReferrerDetails) -> bool:
         """Register a referrer; False if the id is taken."""
         statement = (
             upsert_into(self.connection, referrers)
-            .values(
-                referrer_id=referrer_id,
-                kind=kind.value,
-                name=name,
-                email=email,
-                phone=phone,
-                payout_method=payout_method,
-                same_day=same_day,
-                stripe_account_id=stripe_account_id,
-                payout_address=payout_address,
-            )
+            .values(**{**asdict(details), "kind": details.kind.value})
             .on_conflict_do_nothing()
             .returning(referrers.c.referrer_id)
         )

@@ -27,7 +27,7 @@ from infra.clock import FixedClock
 from infra.db.tables import customers, ledger_entries, payouts, referrals
 from infra.settings import load_settings
 from messages import CustomerSignedUp, JobCompleted, PaymentFailed, PaymentSucceeded, Publisher
-from domain.referrals import ReferrerKind
+from domain.referrals import ReferrerDetails, ReferrerKind
 from service_layer import referrals as referral_cases
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.fake_stripe import event as stripe_event
@@ -201,8 +201,7 @@ async def test_a_flagged_referral_approved_in_the_page_is_paid_on_the_next_frida
     workers_env = {**stripe_env, "PAYOUT_MINIMUM_CENTS": "100", "REFERRAL_VELOCITY_LIMIT": "3"}
     async with console_for(pg_url, redis_url, workers_env, start_workers, tmp_path, at(10, 2), payout_minimum_cents=100, referral_velocity_limit=3) as admin:
         code = await referral_cases.register_referrer(
-            SqlUnitOfWork(db), "partner-vic", ReferrerKind.PARTNER, name="Vic", email=None, phone=None, payout_method="stripe_connect", same_day=False,
-            stripe_account_id="acct_vic123", payout_address=None,
+            SqlUnitOfWork(db), ReferrerDetails("partner-vic", ReferrerKind.PARTNER, name="Vic", payout_method="stripe_connect", stripe_account_id="acct_vic123")
         )
         # Velocity: the fourth referral of a code within 24 hours is flagged.
         for n in range(1, 5):
@@ -251,10 +250,9 @@ async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(db, pg_url,
     async with console_for(pg_url, redis_url, workers_env, start_workers, tmp_path, at(10, 16, 15), payout_minimum_cents=100) as admin:
         codes = {}
         for referrer, method, extra in (("emp-jo", "manual", {"payout_address": "jo@bank.example"}), ("partner-zed", "stripe_connect", {"stripe_account_id": "acct_zed123"})):
-            codes[referrer] = await referral_cases.register_referrer(
-                SqlUnitOfWork(db), referrer, ReferrerKind.EMPLOYEE if method == "manual" else ReferrerKind.PARTNER, name=referrer.split("-")[1].title(),
-                email=None, phone=None, payout_method=method, same_day=False, stripe_account_id=extra.get("stripe_account_id"), payout_address=extra.get("payout_address"),
-            )
+            kind = ReferrerKind.EMPLOYEE if method == "manual" else ReferrerKind.PARTNER
+            details = ReferrerDetails(referrer, kind, name=referrer.split("-")[1].title(), payout_method=method, **extra)
+            codes[referrer] = await referral_cases.register_referrer(SqlUnitOfWork(db), details)
         for customer, referrer in (("r-jo", "emp-jo"), ("r-zed", "partner-zed")):
             admin.publisher.publish(CustomerSignedUp(event_id=f"signup-{customer}", occurred_at=at(10, 1, 9), customer_id=customer, email=f"{customer}@{customer}.example.com", referral_code=codes[referrer]))
         await eventually(lambda: _referrals(db, 2), timeout=60, message="two referrals")

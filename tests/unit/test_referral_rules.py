@@ -24,6 +24,7 @@ from domain.referrals import (
     Referrer,
     ReferrerKind,
     Verdict,
+    ReferralFacts,
     judge_referral,
     nearly_identical_emails,
     new_code,
@@ -89,7 +90,7 @@ def judge(
     rules: FraudRules = RULES,
     unknown: bool = False,
 ) -> Verdict:
-    return judge_referral(
+    facts = ReferralFacts(
         None if unknown else (the_referrer or referrer()),
         code_active,
         the_referred or referred(),
@@ -97,6 +98,9 @@ def judge(
         paid_before=paid_before,
         prior=prior_referrals or [],
         other_customers_with_fingerprint=other_customers_with_fingerprint,
+    )
+    return judge_referral(
+        facts,
         at=when or at(1),
         rules=rules,
     )
@@ -539,10 +543,8 @@ def test_all_flags_together_in_order() -> None:
 def test_prior_may_be_any_iterable() -> None:
     now = at(1)
     gen = (p for p in prior(5, start=now - timedelta(hours=1)))
-    verdict = judge_referral(
-        referrer(), True, referred(), already_referred=False, paid_before=False, prior=gen,
-        other_customers_with_fingerprint=0, at=now, rules=RULES,
-    )
+    facts = ReferralFacts(referrer(), True, referred(), prior=gen)
+    verdict = judge_referral(facts, at=now, rules=RULES)
     assert flagged_with(verdict, "velocity")
 
 
@@ -562,10 +564,7 @@ def test_velocity_flag_exactly_when_more_than_limit_in_window(offsets: list[int]
     for i, moment in enumerate(times):
         # Emails on distinct domains and distinct cards: only velocity can flag.
         new = Party(f"c{i}", f"customer{i}@d{i}.example", None, frozenset({f"fp-{i}"}))
-        verdict = judge_referral(
-            ref, True, new, already_referred=False, paid_before=False, prior=list(history),
-            other_customers_with_fingerprint=0, at=moment, rules=rules,
-        )
+        verdict = judge_referral(ReferralFacts(ref, True, new, prior=list(history)), at=moment, rules=rules)
         in_window = 1 + sum(1 for p in history if moment - rules.velocity_window < p.submitted_at <= moment)
         assert verdict.status is ReferralStatus.AWAITING_PAYMENT
         if in_window > limit:
