@@ -59,60 +59,72 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
         if connection.dialect.name == "postgresql":
             # One snapshot for every statement: today's balances and the window must agree.
             await connection.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-        month = _month(connection, ledger_entries.c.occurred_at).label("month")
-        credits = ledger_entries.c.credits
-        kind = ledger_entries.c.kind
-
-        def total(condition):
-            return func.coalesce(func.sum(case((condition, credits), else_=0)), 0)
-
-        window = [kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= since]
-        if until is not None:
-            window.append(ledger_entries.c.occurred_at < until)
-        rows = (
-            await connection.execute(
-                select(
-                    month,
-                    total(kind == "issued").label("issued"),
-                    total((kind == "adjusted") & (credits > 0)).label("adjusted_up"),
-                    total((kind == "adjusted") & (credits < 0)).label("adjusted_down"),
-                    total(kind.in_(("debited", "captured"))).label("used"),
-                    total(kind == "expired").label("expired"),
-                    total(kind == "reversed").label("reversed"),
-                    func.sum(credits).label("net"),
-                )
-                .where(*window)
-                .group_by(month)
-                .order_by(month)
-            )
-        ).all()
+        rows = await _monthly_flows(connection, since, until)
         balance_now = (await connection.execute(select(func.coalesce(func.sum(customers.c.balance), 0)))).scalar_one()
-        after_window = 0
-        if until is not None:
-            after_window = (
-                await connection.execute(
-                    select(func.coalesce(func.sum(credits), 0)).where(kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= until)
-                )
-            ).scalar_one()
-        lot_month = _month(connection, credit_lots.c.expires_at).label("month")
-        upcoming = (
-            await connection.execute(
-                select(lot_month, func.sum(credit_lots.c.remaining))
-                .where(LOT_IS_OPEN, credit_lots.c.expires_at > now)
-                .group_by(lot_month)
-                .order_by(lot_month)
-            )
-        ).all()
-    # Walk back from the window's end: the balance at each month's end.
-    outstanding = int(balance_now) - int(after_window)
+        after_window = await _net_since(connection, until) if until is not None else 0
+        upcoming = await _upcoming_expiries(connection, now)
+    months = _months(rows, outstanding=int(balance_now) - int(after_window))
+    totals = {name: sum(getattr(m, name) for m in months) for name in ("issued", "used", "expired", "reversed", "adjusted_down")}
+    return Analytics(months, [(m, int(c)) for m, c in upcoming], totals, _rate(totals["expired"], totals["used"]))
+
+
+async def _monthly_flows(connection, since: datetime, until: datetime | None) -> list:
+    """Each month's credits by kind of entry, over the window only."""
+    month = _month(connection, ledger_entries.c.occurred_at).label("month")
+    credits = ledger_entries.c.credits
+    kind = ledger_entries.c.kind
+
+    def total(condition):
+        return func.coalesce(func.sum(case((condition, credits), else_=0)), 0)
+
+    window = [kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= since]
+    if until is not None:
+        window.append(ledger_entries.c.occurred_at < until)
+    query = (
+        select(
+            month,
+            total(kind == "issued").label("issued"),
+            total((kind == "adjusted") & (credits > 0)).label("adjusted_up"),
+            total((kind == "adjusted") & (credits < 0)).label("adjusted_down"),
+            total(kind.in_(("debited", "captured"))).label("used"),
+            total(kind == "expired").label("expired"),
+            total(kind == "reversed").label("reversed"),
+            func.sum(credits).label("net"),
+        )
+        .where(*window)
+        .group_by(month)
+        .order_by(month)
+    )
+    return (await connection.execute(query)).all()
+
+
+async def _net_since(connection, until: datetime) -> int:
+    """What the balance moved by after the window (to walk back from today's total)."""
+    credits, kind = ledger_entries.c.credits, ledger_entries.c.kind
+    query = select(func.coalesce(func.sum(credits), 0)).where(kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= until)
+    return (await connection.execute(query)).scalar_one()
+
+
+async def _upcoming_expiries(connection, now: datetime) -> list:
+    lot_month = _month(connection, credit_lots.c.expires_at).label("month")
+    query = (
+        select(lot_month, func.sum(credit_lots.c.remaining))
+        .where(LOT_IS_OPEN, credit_lots.c.expires_at > now)
+        .group_by(lot_month)
+        .order_by(lot_month)
+    )
+    return (await connection.execute(query)).all()
+
+
+def _months(rows: list, outstanding: int) -> list[Month]:
+    """Walk back from the window's end (``outstanding``): the balance at each month's end."""
     months = []
     for r in reversed(rows):
         issued, used, expired = int(r.issued) + int(r.adjusted_up), -int(r.used), -int(r.expired)
         months.append(Month(r.month, issued, used, expired, -int(r.reversed), -int(r.adjusted_down), outstanding, _rate(expired, used)))
         outstanding -= int(r.net)
     months.reverse()
-    totals = {name: sum(getattr(m, name) for m in months) for name in ("issued", "used", "expired", "reversed", "adjusted_down")}
-    return Analytics(months, [(m, int(c)) for m, c in upcoming], totals, _rate(totals["expired"], totals["used"]))
+    return months
 
 
 def _rate(expired: int, used: int) -> float | None:
