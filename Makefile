@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test services browser
+.PHONY: demo test test-fast services browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ browser:
 
 test: $(STAMP) services browser
 	$(VENV)/bin/python -m pytest
+
+# A developer's quick run: everything but the tests that start worker, scheduler or demo
+# processes or a browser (marked ``slow``). CI runs everything (``make test``).
+test-fast: $(STAMP) services
+	$(VENV)/bin/python -m pytest -m "not slow"

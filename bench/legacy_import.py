@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.legacy_import --members 50000 --rows-per-member 20
 
 Generates an unsorted export (members split across the file, `Expired` rows, overdrafts,
-DST offsets) with tests/legacy/history.py, whose oracle also writes the balances file, then
+DST offsets) with tests/support/legacy_history.py, whose oracle also writes the balances file, then
 runs the real `credits import-legacy` command (a process of its own, progress bar and all)
 against a scratch PostgreSQL database (created, migrated, dropped). Reported: rows, wall
 time, rows per second, the command's CPU seconds and peak memory, the machine's load, and the
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.scratch import scratch_database
-from tests.legacy.history import generate
+from tests.support.legacy_history import generate
 
 CREDITS_SCRIPT = str(Path(sys.executable).with_name("credits"))
 

@@ -19,17 +19,11 @@ from sqlalchemy import text
 
 from infra.db import Database
 from infra.db.engine import alembic_config
-from tests.support import BrokerUnderTest, WorkerProcesses, rabbitmq_reset, rabbitmq_vhost, start_worker_processes
+from tests.support import LEDGER_TABLES, BrokerUnderTest, WorkerProcesses, rabbitmq_reset, rabbitmq_vhost, start_worker_processes
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 RABBITMQ_SERVER_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
-LEDGER_TABLES = (
-    "customers, credit_lots, ledger_entries, lot_movements, holds, processed_events, dead_letters, "
-    "stripe_customers, stripe_events, stripe_payments, dunning_cases, payment_attempts, "
-    "customer_profiles, referrers, referral_codes, referrals, referral_history, referral_clawbacks, payouts, payout_items, "
-    "notifications, customer_notes, retention_crossings, admin_sessions, admin_sign_in_attempts"
-)
 
 
 async def _admin(sql: str) -> None:
@@ -38,6 +32,16 @@ async def _admin(sql: str) -> None:
         await connection.execute(sql)
     finally:
         await connection.close()
+
+
+#: Fixtures that start worker processes: a test taking one is ``slow`` (left out of ``make test-fast``).
+SLOW_FIXTURES = frozenset({"start_workers"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -162,8 +166,8 @@ def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., 
 
 @pytest.fixture
 def fake_stripe():
-    """A local fake Stripe server (tests/fake_stripe.py) for the real SDK."""
-    from tests.fake_stripe import FakeStripe
+    """A local fake Stripe server (tests/support/fake_stripe.py) for the real SDK."""
+    from tests.support.fake_stripe import FakeStripe
 
     with FakeStripe(timeout_delay=2.5) as server:
         yield server
