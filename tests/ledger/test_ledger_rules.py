@@ -20,6 +20,7 @@ from domain import (
     add_months,
 )
 from tests.support import t
+from tests.support.ledger import assert_reconciles
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
@@ -28,17 +29,6 @@ ONE_MONTH = CreditPolicy(credit_expiration_months=1)
 
 def new_account() -> Account:
     return Account(customer_id="cust-1")
-
-
-def assert_reconciles(account: Account) -> None:
-    """The entries sum to the book balance, which is the lots' credit minus overdraft."""
-    moving = [e for e in account.new_entries if e.kind.moves_balance]
-    assert sum(e.credits for e in moving) == account.book_balance
-    assert account.book_balance == sum(lot.remaining for lot in account.lots) - account.overdraft
-    if moving:
-        assert moving[-1].balance_after == account.book_balance
-    for lot in account.lots:
-        assert 0 <= lot.remaining <= lot.amount
 
 
 def kinds(account: Account) -> list[EntryKind]:

@@ -25,25 +25,11 @@ from domain import (
 from domain import errors as domain_errors
 from messages import CreditsGifted
 from tests.support import t
+from tests.support.ledger import assert_reconciles
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
 ONE_MONTH = CreditPolicy(credit_expiration_months=1)
-
-
-def assert_reconciles(account: Account) -> None:
-    """The balance-moving entries sum to the book balance, which is the lots' credit minus overdraft."""
-    moving = [e for e in account.new_entries if e.kind.moves_balance]
-    assert sum(e.credits for e in moving) == account.book_balance
-    assert account.book_balance == sum(lot.remaining for lot in account.lots) - account.overdraft
-    if moving:
-        assert moving[-1].balance_after == account.book_balance
-    for lot in account.lots:
-        assert 0 <= lot.remaining <= lot.amount
-    for entry in moving:
-        # Every balance-moving entry is backed by its lot movements (plus what overdraft covered).
-        if entry.kind is EntryKind.EXPIRED or entry.credits < 0:
-            assert -entry.credits == sum(m.credits for m in entry.movements) + entry.overdraft_change
 
 
 def state(account: Account) -> tuple:

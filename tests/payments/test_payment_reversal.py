@@ -13,6 +13,7 @@ import pytest
 
 from domain import Account, CreditPolicy, DomainError, EntryKind, LotSource, Movement
 from domain.errors import PaymentAlreadyApplied, PaymentNotApplied
+from tests.support.ledger import assert_reconciles
 
 UTC = timezone.utc
 POLICY = CreditPolicy()
@@ -33,26 +34,6 @@ def pay(account: Account, payment_id: str, credits: int, at: datetime):
 
 def reverse(account: Account, payment_id: str, total: int, at: datetime):
     return account.reverse_payment(payment_id, total, at, f"evt-rev-{payment_id}-{total}", f"payment {payment_id} refunded")
-
-
-def assert_reconciles(account: Account) -> None:
-    """The balance-moving entries sum to the book balance: the lots' credit minus overdraft."""
-    moving = [e for e in account.new_entries if e.kind.moves_balance]
-    assert sum(e.credits for e in moving) == account.book_balance
-    assert account.book_balance == sum(lot.remaining for lot in account.lots) - account.overdraft
-    assert account.overdraft >= 0
-    if moving:
-        assert moving[-1].balance_after == account.book_balance
-    for entry in moving:
-        # Each entry's credits are what it moved through lots plus what it added to (or,
-        # for an issuance, the lot minus what repaid) overdraft.
-        if entry.kind in (EntryKind.ISSUED, EntryKind.ADJUSTED) and entry.credits > 0:
-            assert sum(m.credits for m in entry.movements) == entry.credits
-        else:
-            assert -entry.credits == sum(m.credits for m in entry.movements) + entry.overdraft_change
-    for lot in account.lots:
-        assert 0 <= lot.remaining <= lot.amount
-        assert 0 <= lot.reversed <= lot.amount
 
 
 # --------------------------------------------------------------------------- a payment issues once
