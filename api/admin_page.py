@@ -31,7 +31,7 @@ from api.same_origin import require_same_origin
 from api.security_headers import SecurityHeaders
 from api.sign_in_limit import count_sign_in_attempt
 from domain import MAX_CREDITS_PER_EVENT
-from service_layer import handlers, retention, views
+from service_layer import adjustments, retention, views
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
 
@@ -155,7 +155,7 @@ async def adjust(customer_id: Annotated[str, Path(min_length=1, max_length=255, 
         raise HTTPException(422, "an adjustment must change the balance")
     settings = request.app.state.settings
     try:
-        outcome = await handlers.admin_adjustment(
+        outcome = await adjustments.admin_adjustment(
             SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now(),
             body.idempotency_key,
         )
