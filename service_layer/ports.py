@@ -1,7 +1,7 @@
 """The service layer's ports: what a use case needs from storage and from the payment provider.
 
 Use cases are written against these Protocols only; ``infra`` provides the PostgreSQL
-adapters (``SqlUnitOfWork`` and its repositories) and ``tests/support/fakes.py`` in-memory
+adapters (``SqlUnitOfWork`` and its repositories) and ``tests/fake_ledger.py`` in-memory
 ones, so the handlers' rules are tested without a database as well as with one.
 Rows that only infra and the read models look into (attempts, payouts) are typed ``Any``.
 """
