@@ -299,7 +299,8 @@ def plan_locks(events: Sequence[Event], create_own: bool) -> LockPlan:
 async def lock_for(uow: UnitOfWork, events: Sequence[Event], create_own: bool, wait_at_most: timedelta | None) -> dict[str, Account]:
     """Lock (in id order) and load every account the events need; refuse a missing one."""
     plan = plan_locks(events, create_own)
-    locked = await uow.accounts.lock_many(sorted(plan.customers), plan.job_ids, plan.payment_ids, wait_at_most=wait_at_most, create=plan.create)
+    create = None if plan.customers <= plan.create else plan.create  # None: one statement creates or locks them all
+    locked = await uow.accounts.lock_many(sorted(plan.customers), plan.job_ids, plan.payment_ids, wait_at_most=wait_at_most, create=create)
     accounts = {account.customer_id: account for account in locked}
     missing = plan.customers - accounts.keys()
     for event in events:

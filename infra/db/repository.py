@@ -68,14 +68,15 @@ class SqlAccountRepository:
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
         ).returning(customers.c.customer_id, *CUSTOMER_STATE)
-        created = [c for c in customer_ids if create is None or c in create]
         rows = {}
+        if create is not None:
+            # Some may not be created: lock those that exist first, all in id order (locking
+            # the created ones and then the others would cross another transaction's order).
+            query = select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids))
+            rows = {row.customer_id: row for row in await self.connection.execute(query.order_by(customers.c.customer_id).with_for_update())}
+        created = [c for c in customer_ids if c not in rows and (create is None or c in create)]
         if created:
-            rows = {row.customer_id: row for row in await self.connection.execute(upsert, [{"customer_id": c} for c in created])}
-        existing = [c for c in customer_ids if c not in rows]
-        if existing:
-            query = select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(existing))
-            rows |= {row.customer_id: row for row in await self.connection.execute(query.order_by(customers.c.customer_id).with_for_update())}
+            rows |= {row.customer_id: row for row in await self.connection.execute(upsert, [{"customer_id": c} for c in created])}
         customer_ids = [c for c in customer_ids if c in rows]
         accounts = await self._load_many(customer_ids, rows)
         await self._load_charged_jobs(accounts, job_ids)
