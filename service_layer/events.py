@@ -348,9 +348,9 @@ async def apply_events(
     turn. Raises BatchNotApplicable if one was seen before, and whatever one of them raises;
     either way nothing is written, and the caller applies them one by one.
     """
-    alone = sorted({type(event).__name__ for event in events if not batchable(event)})
+    alone = {type(event).__name__: HANDLERS[type(event)].alone for event in events if not batchable(event)}
     if alone:
-        raise ValueError(f"{alone} never share a transaction: {[HANDLERS[type(e)].alone for e in events if not batchable(e)][0]}")
+        raise ValueError("never share a transaction: " + "; ".join(f"{kind} ({why})" for kind, why in sorted(alone.items())))
     async with uow:
         # A batch waits only briefly for a customer another transaction holds: meanwhile it
         # holds the others' locks. Past that it fails, and its events go one at a time.
