@@ -20,7 +20,8 @@ from infra.db.payments import Attempt
 from messages import PaymentSucceeded
 from service_layer import events
 from service_layer.apply import Rules, lock_existing
-from service_layer.errors import NothingOwed, RetryLimited
+from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
+# The provider port moved to ports.py; its names stay importable from here (the adapters, tests).
 from service_layer.ports import ChargeResult, PaidInvoice, PaymentProvider, ProviderUnavailable, UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("credits.payments")
