@@ -25,7 +25,7 @@ from api.schemas import (
     UpcomingOut,
     WebhookReceiptOut,
 )
-from service_layer import analytics, handlers, views, webhooks
+from service_layer import adjustments, analytics, views, webhooks
 from service_layer.errors import CustomerNotFound
 
 router = APIRouter()
@@ -110,7 +110,7 @@ async def adjust_credits(customer_id: Identifier, body: AdjustmentIn, request: R
     if body.credits == 0:
         raise HTTPException(422, "an adjustment must change the balance")
     try:
-        outcome = await handlers.admin_adjustment(
+        outcome = await adjustments.admin_adjustment(
             uow(request), request.app.state.settings.policy, customer_id, body.credits, body.reason, body.admin, now(request), body.idempotency_key
         )
     except CustomerNotFound as error:

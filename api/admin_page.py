@@ -32,7 +32,7 @@ from api.sign_in_limit import count_sign_in_attempt
 from api.schemas import Identifier
 from domain import MAX_CREDITS_PER_EVENT
 from messages.events import NO_NUL
-from service_layer import handlers, retention, views
+from service_layer import adjustments, retention, views
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
 
@@ -155,7 +155,7 @@ async def adjust(customer_id: Identifier, body: AdjustmentIn, request: Request) 
         raise HTTPException(422, "an adjustment must change the balance")
     settings = request.app.state.settings
     try:
-        outcome = await handlers.admin_adjustment(
+        outcome = await adjustments.admin_adjustment(
             SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now(),
             body.idempotency_key,
         )

@@ -13,7 +13,7 @@ from api.dependencies import broker_or_503, now, uow
 from api.schemas import CreditsOut, HoldIn, HoldOut, Identifier, LotOut, LoginBannerAction, LoginBannerOut, RetryAcceptedOut
 from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
 from infra.broker import enqueue_charges
-from service_layer import handlers, payments
+from service_layer import holds, payments
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 
 log = structlog.get_logger("credits.api")
@@ -23,7 +23,7 @@ router = APIRouter()
 @router.get("/api/customers/{customer_id}/credits", response_model=CreditsOut, dependencies=[frontend])
 async def get_credits(customer_id: Identifier, request: Request) -> CreditsOut:
     try:
-        view = await handlers.credit_view(uow(request, read_only=True), customer_id, now(request))
+        view = await holds.credit_view(uow(request, read_only=True), customer_id, now(request))
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     return CreditsOut(
@@ -47,7 +47,7 @@ async def get_credits(customer_id: Identifier, request: Request) -> CreditsOut:
 )
 async def place_hold(customer_id: Identifier, body: HoldIn, request: Request, response: Response) -> HoldOut:
     try:
-        hold, created = await handlers.place_hold(uow(request), request.app.state.settings.policy, customer_id, body.job_id, body.credits, now(request))
+        hold, created = await holds.place_hold(uow(request), request.app.state.settings.policy, customer_id, body.job_id, body.credits, now(request))
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     except InsufficientCredits as error:
@@ -66,7 +66,7 @@ async def place_hold(customer_id: Identifier, body: HoldIn, request: Request, re
 @router.delete("/api/customers/{customer_id}/holds/{job_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[frontend])
 async def release_hold(customer_id: Identifier, job_id: Identifier, request: Request) -> Response:
     try:
-        released = await handlers.release_hold(uow(request), customer_id, job_id, now(request))
+        released = await holds.release_hold(uow(request), customer_id, job_id, now(request))
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     if not released:

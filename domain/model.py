@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from domain.events import CreditsDepleted, CreditsRestored, DomainEvent
 from domain.errors import (
     CreditLimitExceeded,
     HoldConflict,
@@ -169,6 +170,8 @@ class Account:
     new_entries: list[Entry] = field(default_factory=list)
     changed_lots: list[Lot] = field(default_factory=list)
     changed_holds: list[Hold] = field(default_factory=list)
+    #: What happened (depleted, restored), in order, until the service layer collects it.
+    events: list[DomainEvent] = field(default_factory=list)
 
     # ----------------------------------------------------------------- reading
 
@@ -500,7 +503,9 @@ class Account:
         after = self.book_balance
         if before > 0 >= after:
             self.depleted_at = at
-        elif after > 0:
+            self.events.append(CreditsDepleted(self.customer_id, at))
+        elif after > 0 and self.depleted_at is not None:
+            self.events.append(CreditsRestored(self.customer_id, self.depleted_at, at))
             self.depleted_at = None
         entry = Entry(kind, credits, after, at, event_id, job_id, movements, overdraft_change, note)
         self.new_entries.append(entry)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from domain.dunning import AttemptOutcome
-from service_layer.payments import ChargeResult, PaidInvoice
+from service_layer.ports import ChargeResult, PaidInvoice
 
 DECLINE_CODE = "insufficient_funds"
 DECLINE_MESSAGE = "Your card has insufficient funds. (simulated)"

@@ -12,10 +12,9 @@ from typing import Protocol
 import structlog
 
 from domain import notifications as notices
-from service_layer.unit_of_work import UnitOfWork
+from service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("credits.notifications")
-UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 #: A sender holds a claimed batch this long; one that dies mid-send leaves it `uncertain`.
 SEND_LEASE = timedelta(minutes=10)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import structlog
 
@@ -19,70 +18,19 @@ from domain.referrals import ReferralRules
 from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus, RetrySchedule
 from infra.db.payments import Attempt
 from messages import PaymentSucceeded
-from service_layer.errors import CustomerNotFound
-from service_layer.handlers import apply_event_in, request_immediate_charges
-from service_layer.unit_of_work import UnitOfWork
+from service_layer import events
+from service_layer.apply import Rules, lock_existing
+from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
+# The provider port moved to ports.py; its names stay importable from here (the adapters, tests).
+from service_layer.ports import ChargeResult, PaidInvoice, PaymentProvider, ProviderUnavailable, UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("credits.payments")
-UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 #: A worker charging an attempt holds it this long; after a crash another worker takes it.
 ATTEMPT_LEASE = timedelta(minutes=5)
 #: After the provider failed (5xx, timeout), the same charge is tried again after this, doubling.
 PROVIDER_BACKOFF = timedelta(minutes=1)
 PROVIDER_BACKOFF_MAX = timedelta(hours=1)
-
-
-# ---------------------------------------------------------------- the provider port
-
-
-@dataclass(frozen=True)
-class PaidInvoice:
-    """What a successful charge tells the ledger: enough to issue the payment's credits."""
-
-    invoice_id: str
-    customer_id: str
-    paid_at: datetime
-    #: None when the invoice's prices carry no credits we know of (then nothing is issued
-    #: here, and the invoice.paid webhook is parked for review with the reason).
-    credits: int | None
-    amount_cents: int | None = None
-    currency: str | None = None
-
-
-@dataclass(frozen=True)
-class ChargeResult:
-    outcome: AttemptOutcome
-    decline_code: str | None = None
-    message: str | None = None
-    paid: PaidInvoice | None = None
-
-
-class ProviderUnavailable(Exception):
-    """The provider could not be reached or failed on its side: try the same charge again later."""
-
-
-class PaymentProvider(Protocol):
-    async def pay_invoice(
-        self,
-        invoice_id: str,
-        customer_id: str,
-        idempotency_key: str,
-        *,
-        check_first: bool = False,
-        payment_method_id: str | None = None,
-        heed_last_decline: bool = True,
-    ) -> ChargeResult:
-        """Charge an open invoice (with ``payment_method_id`` if given, else its default).
-
-        ``check_first``: read the invoice before charging — a previous try failed on the
-        provider's side and may have paid it all the same, or this is the first retry and the
-        provider's own first charge may have been a hard decline, which must not be retried
-        (when ``heed_last_decline``).
-        """
-        ...
-
-    async def cancel_subscription(self, subscription_id: str, idempotency_key: str) -> None: ...
 
 
 # ---------------------------------------------------------------- collecting
@@ -228,7 +176,7 @@ async def record_charge(
     """Record an attempt's outcome on the attempt and its case; a payment issues its credits in the same transaction."""
     async with new_uow() as uow:
         # The account first, then the case: the order every writer takes them in.
-        await uow.accounts.lock(attempt.customer_id, create=True, payment_ids=(attempt.invoice_id,))
+        await uow.accounts.lock_many([attempt.customer_id], {})
         case = await uow.dunning.get_by_id(attempt.case_id)
         if not await uow.dunning.finish_attempt(attempt.id, at, charge.outcome, charge.decline_code, charge.message):
             return  # another worker recorded it (our lease ran out): the provider answered it the same, by key
@@ -244,7 +192,8 @@ async def record_charge(
                     amount_cents=paid.amount_cents,
                     currency=paid.currency,
                 )
-                await apply_event_in(uow, event, policy, rules, referral_rules)  # issues once, ends the case
+                # Issues once and ends the case, on the path every event takes.
+                await events.apply_in(uow, [event], Rules(policy, rules, referral_rules or ReferralRules()), events.claim_one)
             else:
                 log.error("paid_invoice_without_credits", invoice_id=attempt.invoice_id, detail="no credits known for its prices; the invoice.paid webhook is parked for review")
                 case = await uow.dunning.get_by_id(attempt.case_id)
@@ -285,11 +234,32 @@ async def request_retry_now(new_uow: UnitOfWorkFactory, customer_id: str, now: d
     Raises CustomerNotFound, NothingOwed or RetryLimited. Returns the attempts to charge.
     """
     async with new_uow() as uow:
-        if await uow.accounts.lock(customer_id, create=False) is None:
-            raise CustomerNotFound(customer_id)
+        await lock_existing(uow, customer_id)
         attempt_ids = await request_immediate_charges(uow, customer_id, AttemptKind.CUSTOMER, now, rules)
         await uow.commit()
     return attempt_ids
+
+
+async def request_immediate_charges(
+    uow: UnitOfWork, customer_id: str, kind: AttemptKind, now: datetime, rules: DunningRules, payment_method_id: str | None = None
+) -> list[int]:
+    """Ask for an immediate charge of each unpaid invoice of the customer (caller holds the account lock).
+
+    Raises NothingOwed; and RetryLimited when the customer has charged at once too often
+    lately — except for a new payment method, whose charge then waits for its turn instead
+    of being dropped (nothing else would charge a hard-declined invoice).
+    """
+    cases = [case for case in await uow.dunning.cases_of(customer_id, for_update=True) if case.owes]
+    if not cases:
+        raise NothingOwed(customer_id)
+    # One press charges every unpaid invoice: the limit counts presses, not invoices.
+    presses = sorted(set(await uow.dunning.immediate_attempt_times(customer_id, now - rules.retry_now.window)))
+    wait = rules.retry_now.retry_after(presses, now)
+    if wait is not None and kind is not AttemptKind.PAYMENT_METHOD:
+        raise RetryLimited(customer_id, wait)
+    not_before = now + wait if wait is not None else None
+    requested = [await uow.dunning.add_attempt(case, kind, now, payment_method_id=payment_method_id, not_before=not_before) for case in cases]
+    return [attempt_id for attempt_id in requested if attempt_id is not None]
 
 
 # ---------------------------------------------------------------- the customer's login banner

@@ -16,10 +16,9 @@ from typing import Protocol
 import structlog
 
 from domain.referrals import ReferralRules
-from service_layer.unit_of_work import UnitOfWork
+from service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("credits.payouts")
-UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 
 # ---------------------------------------------------------------- the gateway port

@@ -1,8 +1,6 @@
-"""The unit of work: one transaction, its repositories, commit or roll back."""
+"""The PostgreSQL unit of work: one transaction, its repositories, commit or roll back (the port is in ports.py)."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -11,19 +9,9 @@ from infra.db.payments import SqlDunningRepository, SqlStripeRepository
 from infra.db.notifications import SqlNotificationOutbox
 from infra.db.referrals import SqlReferralRepository
 from infra.db.repository import SqlAccountRepository, SqlEventLog
+from service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
-
-class UnitOfWork(Protocol):
-    accounts: SqlAccountRepository
-    events: SqlEventLog
-    dunning: SqlDunningRepository
-    stripe: SqlStripeRepository
-    referrals: SqlReferralRepository
-    notifications: SqlNotificationOutbox
-
-    async def __aenter__(self) -> "UnitOfWork": ...
-    async def __aexit__(self, *exc: object) -> None: ...
-    async def commit(self) -> None: ...
+__all__ = ["SqlUnitOfWork", "UnitOfWork", "UnitOfWorkFactory"]
 
 
 class SqlUnitOfWork:

@@ -27,11 +27,10 @@ from messages import (
     PaymentReversed,
     PaymentSucceeded,
 )
-from service_layer.unit_of_work import UnitOfWork
+from service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("credits.webhooks")
 Publish = Callable[[Event], Awaitable[None]]
-UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 #: Metadata key on a Stripe customer naming our customer id (set when the front end creates it).
 CUSTOMER_ID_METADATA = "customer_id"

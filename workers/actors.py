@@ -23,7 +23,7 @@ from infra.masking import shape_of
 from messages import parse_event
 from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
-from service_layer import handlers, notifications, payments, payouts, retention
+from service_layer import events, notifications, payments, payouts, retention, sweeps
 from service_layer.errors import EventConflict
 from workers.as_of import parse_as_of
 from workers.broker import broker
@@ -80,11 +80,11 @@ async def apply_event(*args: object, **kwargs: object) -> None:
         raise Rejected(problem)
     new_attempt_ids: list[int] = []
     try:
-        if isinstance(event, handlers.BATCHABLE_EVENTS) and runtime.settings.event_batch_size > 1:
+        if events.batchable(event) and runtime.settings.event_batch_size > 1:
             outcome = await runtime.event_batcher.apply(event)
         else:
             uow = runtime.new_uow()
-            outcome = await handlers.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
+            outcome = await events.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
             new_attempt_ids = uow.dunning.new_attempt_ids
     except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
         detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
@@ -133,13 +133,13 @@ async def collect_payments(as_of: str | None = None) -> None:
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def expire_credits(as_of: str | None = None) -> None:
     """Periodic: expire every lot past its expiry date as of ``as_of`` (default: now)."""
-    await _sweep(expire_credits, handlers.expire_due_credits, as_of)
+    await _sweep(expire_credits, sweeps.expire_due_credits, as_of)
 
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def lapse_holds(as_of: str | None = None) -> None:
     """Periodic: lapse every hold not captured within its time to live."""
-    await _sweep(lapse_holds, handlers.lapse_due_holds, as_of)
+    await _sweep(lapse_holds, sweeps.lapse_due_holds, as_of)
 
 
 async def _sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 
 from messages import Event
-from service_layer.handlers import Outcome
+from service_layer.apply import Outcome
 
 log = structlog.get_logger("credits.batching")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from infra.clock import Clock, SystemClock
 from infra.db import Database
 from infra.settings import Settings, get_settings
-from service_layer import handlers
+from service_layer import events
 from service_layer.unit_of_work import SqlUnitOfWork
 from workers.batching import EventBatcher
 
@@ -65,8 +65,8 @@ class Runtime:
             settings = self.settings
             rules = (settings.policy, settings.dunning, settings.referrals)
             self._event_batcher = EventBatcher(
-                lambda events: handlers.apply_events(events, self.new_uow(), *rules),
-                lambda event: handlers.apply_event(event, self.new_uow(), *rules),
+                lambda batch: events.apply_events(batch, self.new_uow(), *rules),
+                lambda event: events.apply_event(event, self.new_uow(), *rules),
                 max_batch=settings.event_batch_size,
                 in_flight=settings.event_batch_in_flight,
             )

@@ -3,7 +3,7 @@
 Each action is a confirmed form carrying a key made when the form was rendered; the key is
 the event's id, so a double click or a resend applies the action once (the second answers
 "already done"). The actions are the same events the front end sends, applied at once under
-the customer's lock (service_layer.handlers.apply_admin_event).
+the customer's lock (service_layer.adjustments.apply_admin_event).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from api.schemas import Identifier
 from domain.errors import DomainError
 from messages import CreditsGifted, Event, MembershipFrozen, MembershipUnfrozen
 from messages.events import MAX_CREDITS
-from service_layer import customer_views, handlers, retention
+from service_layer import adjustments, customer_views, holds, retention
+from service_layer.apply import Outcome
 from service_layer.errors import CustomerNotFound
 from service_layer.unit_of_work import SqlUnitOfWork
 
@@ -66,7 +67,7 @@ async def find(request: Request, q: Annotated[str, Query(max_length=320, pattern
 async def customer(customer_id: Identifier, request: Request, cursor: Annotated[str | None, Query(max_length=200)] = None):
     state = request.app.state
     try:
-        view = await handlers.credit_view(SqlUnitOfWork(state.db, read_only=True), customer_id, state.clock.now())
+        view = await holds.credit_view(SqlUnitOfWork(state.db, read_only=True), customer_id, state.clock.now())
     except CustomerNotFound:
         return back(request, "/admin/customers?q=" + quote(customer_id, safe=""), f"No customer {customer_id!r}.", ok=False)
     history = await page_or_error(request, customer_id, cursor, HISTORY_PAGE)
@@ -89,7 +90,7 @@ async def adjust(customer_id: Identifier, request: Request, fields: Annotated[di
         return back(request, customer_url(customer_id), f"Not adjusted: {wanted if isinstance(wanted, str) else 'credits must not be zero'}", ok=False)
     state = request.app.state
     try:
-        outcome = await handlers.admin_adjustment(
+        outcome = await adjustments.admin_adjustment(
             SqlUnitOfWork(state.db), state.settings.policy, customer_id, wanted.credits, wanted.reason, "admin console", state.clock.now(), wanted.idempotency_key
         )
     except CustomerNotFound as error:
@@ -120,7 +121,7 @@ async def membership(customer_id: Identifier, action: Annotated[str, Path(patter
             if isinstance(wanted, GiftIn)
             else (MembershipFrozen if action == "freeze" else MembershipUnfrozen)(**common)
         )
-        outcome = await handlers.apply_admin_event(SqlUnitOfWork(request.app.state.db), request.app.state.settings.policy, event)
+        outcome = await adjustments.apply_admin_event(SqlUnitOfWork(request.app.state.db), request.app.state.settings.policy, event)
     except ValidationError as error:
         return back(request, customer_url(customer_id), "Nothing done: " + "; ".join(e["msg"] for e in error.errors()), ok=False)
     except (DomainError, CustomerNotFound) as error:
@@ -129,9 +130,9 @@ async def membership(customer_id: Identifier, action: Annotated[str, Path(patter
     return _said(request, customer_id, outcome, done)
 
 
-def _said(request: Request, customer_id: str, outcome: handlers.Outcome, done: str):
-    if outcome is handlers.Outcome.DUPLICATE:
+def _said(request: Request, customer_id: str, outcome: Outcome, done: str):
+    if outcome is Outcome.DUPLICATE:
         return back(request, customer_url(customer_id), "Already done: that form was sent before, and applied once.")
-    if outcome is handlers.Outcome.IGNORED:
+    if outcome is Outcome.IGNORED:
         return back(request, customer_url(customer_id), "Nothing to change (already so).")
     return back(request, customer_url(customer_id), done)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, exists, func, insert, select, text, tuple_, update
@@ -42,20 +42,22 @@ class SqlAccountRepository:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
         if not create:
             return await self._load(customer_id, for_update=True, job_ids=job_ids, payment_ids=payment_ids)
-        [account] = await self.lock_many([customer_id], {customer_id: job_ids}, payment_ids)
+        [account] = await self.lock_many([customer_id], {customer_id: job_ids}, {customer_id: payment_ids})
         return account
 
     async def lock_many(
         self,
         customer_ids: Sequence[str],
         job_ids: Mapping[str, Iterable[str]],
-        payment_ids: Iterable[str] = (),
+        payment_ids: Mapping[str, Iterable[str]] = {},
         wait_at_most: timedelta | None = None,
+        create: Collection[str] | None = None,
     ) -> list[Account]:
         """Create-or-lock the accounts, in id order (two batches never deadlock), and load them.
 
-        ``job_ids`` are the jobs whose earlier charges each account must know; ``payment_ids``
-        apply to a single account (spent payment lots are loaded too). ``wait_at_most`` bounds
+        ``job_ids`` are the jobs whose earlier charges each account must know, ``payment_ids``
+        the payments whose lots each loads even when spent. ``create``: the ids that may be
+        created when missing (None: all); a missing id not in it is neither created nor returned. ``wait_at_most`` bounds
         the wait for a lock another transaction holds (PostgreSQL raises LockNotAvailable)."""
         customer_ids = sorted(set(customer_ids))
         if wait_at_most is not None and self.connection.dialect.name == "postgresql":
@@ -66,14 +68,21 @@ class SqlAccountRepository:
         upsert = upsert.on_conflict_do_update(
             index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
         ).returning(customers.c.customer_id, *CUSTOMER_STATE)
-        result = await self.connection.execute(upsert, [{"customer_id": customer_id} for customer_id in customer_ids])
-        rows = {row.customer_id: row for row in result}
+        rows = {}
+        if create is not None:
+            # Some may not be created: lock those that exist first, all in id order (locking
+            # the created ones and then the others would cross another transaction's order).
+            query = select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids))
+            rows = {row.customer_id: row for row in await self.connection.execute(query.order_by(customers.c.customer_id).with_for_update())}
+        created = [c for c in customer_ids if c not in rows and (create is None or c in create)]
+        if created:
+            rows |= {row.customer_id: row for row in await self.connection.execute(upsert, [{"customer_id": c} for c in created])}
+        customer_ids = [c for c in customer_ids if c in rows]
         accounts = await self._load_many(customer_ids, rows)
         await self._load_charged_jobs(accounts, job_ids)
-        payment_ids = list(payment_ids)
-        if payment_ids:
-            [account] = accounts
-            await self._load_spent_payment_lots(account, payment_ids)
+        for account in accounts:
+            if payment_ids.get(account.customer_id):
+                await self._load_spent_payment_lots(account, list(payment_ids[account.customer_id]))
         return accounts
 
     async def get(self, customer_id: str) -> Account | None:

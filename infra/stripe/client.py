@@ -11,7 +11,7 @@ from domain.dunning import AttemptOutcome
 from infra.settings import Settings
 from domain.dunning import is_hard_decline
 from infra.stripe.invoices import last_payment_error, paid_invoice
-from service_layer.payments import ChargeResult, ProviderUnavailable
+from service_layer.ports import ChargeResult, ProviderUnavailable
 
 log = structlog.get_logger("credits.stripe")
 

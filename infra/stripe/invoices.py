@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from messages.events import MAX_AMOUNT_CENTS, MAX_CREDITS
-from service_layer.payments import PaidInvoice
+from service_layer.ports import PaidInvoice
 
 Obj = Mapping[str, Any]
 

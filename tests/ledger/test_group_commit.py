@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from domain import CreditPolicy, InsufficientCredits, JobAlreadyCharged
+from domain import CreditPolicy, InsufficientCredits, JobAlreadyCharged, UnknownCustomer
 from infra.db import Database
 from infra.db.tables import (
     credit_lots,
@@ -44,6 +44,8 @@ from messages import (
     JobCancelled,
     JobCompleted,
     MembershipFrozen,
+    MembershipUnfrozen,
+    PaymentMethodUpdated,
     PaymentSucceeded,
     Publisher,
 )
@@ -92,7 +94,7 @@ class HoldSpec:
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # complete | cancel | adjust
+    kind: str  # complete | cancel | adjust | freeze | unfreeze | gift
     customer: int
     job: str | None
     credits: int
@@ -152,6 +154,12 @@ def op_events(scenario: Scenario, prefix: str) -> list[Event]:
             events.append(JobCompleted(**common, job_id=job, credits=op.credits))
         elif op.kind == "cancel":
             events.append(JobCancelled(**common, job_id=op.job))
+        elif op.kind == "freeze":
+            events.append(MembershipFrozen(**common))
+        elif op.kind == "unfreeze":
+            events.append(MembershipUnfrozen(**common))
+        elif op.kind == "gift":  # ``job`` names the receiver's index
+            events.append(CreditsGifted(**common, to_customer_id=customer_id(prefix, int(op.job)), credits=op.credits))
         else:
             events.append(CreditsAdjusted(**common, credits=op.credits, reason=f"correction {n}", actor="admin@example.com"))
     return events
@@ -369,6 +377,43 @@ async def test_expiry_lapse_depletion_and_restoration_inside_one_batch(db):
     assert state["c1"]["row"][:2] == (3 - 1 - 2 - 1 + 5, 0)
 
 
+async def test_freezes_unfreezes_and_gifts_inside_one_batch(db):
+    """Every kind that may share a transaction, between events of one batch: a freeze stops
+    expiry, a gift moves credits between two customers of the batch (both locked in id order)."""
+    scenario = Scenario(
+        customers=3,
+        seeds=(Seed(0, 6, 20 * 24 * 60), Seed(1, 2, 0), Seed(2, 1, 0)),  # c0's lot expires at T0 + 8 days
+        holds=(),
+        ops=(
+            Op("gift", 0, "1", 2, 60),  # c0 → c1, keeping c0's lot's expiry
+            Op("freeze", 0, None, 0, 2 * 24 * 60),
+            Op("complete", 1, None, 4, 3 * 24 * 60),  # c1 spends all it has: depleted
+            Op("unfreeze", 0, None, 0, 9 * 24 * 60),  # c0's lot moves by the 7-day pause
+            Op("gift", 0, "1", 1, 10 * 24 * 60),  # c1 restored
+            Op("gift", 2, "0", 1, 10 * 24 * 60),
+            Op("freeze", 2, None, 0, 11 * 24 * 60),
+            Op("unfreeze", 2, None, 0, 11 * 24 * 60),
+            Op("complete", 1, None, 1, 20 * 24 * 60),  # c1's first gifted lot (c0's expiry, not moved) expired at T0+8d
+        ),
+        batch_sizes=(9,),
+    )
+    state, _, outcomes = await run_both_ways(db, scenario)
+    assert outcomes == [Outcome.APPLIED] * 9
+    assert [kind for kind, *_ in state["c1"]["notifications"]] == ["credits_depleted", "credits_restored", "credits_depleted"]
+    assert [kind for kind, *_ in state["c1"]["entries"]] == ["issued", "gifted", "debited", "gifted", "expired", "debited"]
+
+
+async def test_a_gift_to_a_customer_only_a_later_event_of_the_batch_would_create_is_refused(db):
+    """One at a time the gift is refused (the receiver does not exist yet), so the batch is not
+    applied whole: it writes nothing, and one at a time settles each event."""
+    await seeded(db)
+    gift = CreditsGifted(event_id="gift-new", customer_id="an-a", occurred_at=T0 + timedelta(hours=3), to_customer_id="an-new", credits=1)
+    await assert_refused_without_a_trace(db, [gift, adjusted("adj-new", "an-new", 2)], UnknownCustomer, "an-new")
+    # Created by an earlier event of the batch, the receiver exists when the gift comes.
+    assert await handlers.apply_events([adjusted("adj-new", "an-new", 2), gift], SqlUnitOfWork(db), POLICY) == [Outcome.APPLIED] * 2
+    assert await reconciliation(db) == []
+
+
 # --------------------------------------------------------------------------- 2. all or nothing
 
 
@@ -437,8 +482,7 @@ async def test_a_batch_charging_a_job_already_charged_raises_the_domain_error_an
     "intruder",
     [
         PaymentSucceeded(event_id="pay-x", customer_id="an-a", occurred_at=T0, payment_id="in-x", credits=5),
-        MembershipFrozen(event_id="freeze-x", customer_id="an-a", occurred_at=T0),
-        CreditsGifted(event_id="gift-x", customer_id="an-a", occurred_at=T0, to_customer_id="an-b", credits=1),
+        PaymentMethodUpdated(event_id="method-x", customer_id="an-a", occurred_at=T0, payment_method_id="pm_x"),
     ],
     ids=lambda e: e.type,
 )

@@ -47,15 +47,17 @@ from infra.db.tables import (
     customers,
     holds,
     ledger_entries,
+    notifications,
     processed_events,
 )
 from messages import CreditsAdjusted, JobCancelled, JobCompleted, PaymentSucceeded
-from service_layer import handlers
+from service_layer import events, handlers
 from service_layer.errors import CustomerNotFound, EventConflict
 from service_layer.handlers import Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import LEDGER_TABLES
 from tests.support import reconciliation
+from workers.batching import EventBatcher
 
 START = datetime(2025, 1, 28, tzinfo=UTC)  # near a month end: month arithmetic clamps, expiries tie
 CUSTOMER = "cust-mb"
@@ -108,6 +110,7 @@ class Model:
     depleted_at: datetime | None = None
     recorded: int = 0  # rows in processed_events
     log: list[tuple] = field(default_factory=list)  # (kind, credits, occurred_at, balance_after, job_id)
+    notices: set[str] = field(default_factory=set)  # keys of the notices owed (once per key)
 
     @property
     def book(self) -> int:
@@ -239,6 +242,21 @@ class Model:
         return due
 
 
+def noticing(on_model):
+    """A command, and the notice it owes: the customer's state compared before and after it."""
+
+    def run(model: Model):
+        before = model.depleted_at
+        result = on_model(model)
+        if before is None and model.depleted_at is not None:
+            model.notices.add(f"credits_depleted:{CUSTOMER}:{model.depleted_at.isoformat()}")
+        elif before is not None and model.depleted_at is None:
+            model.notices.add(f"credits_restored:{CUSTOMER}:{before.isoformat()}")
+        return result
+
+    return run
+
+
 # --------------------------------------------------------------------------- strategies
 
 _forward = st.one_of(st.integers(0, 2), st.integers(0, 20)).map(lambda days: timedelta(days=days))
@@ -282,9 +300,10 @@ class RealLedgerMachine(RuleBasedStateMachine):
     def _attempt(self, on_model, on_ledger):
         """Run a command on a copy of the model; if the model refuses it, the ledger must refuse it
         the same way (and, rolled back, change nothing). Returns (model result, ledger result)."""
+        self._settle_pending()
         trial = copy.deepcopy(self.model)
         try:
-            expected = on_model(trial)
+            expected = noticing(on_model)(trial)
         except (DomainError, CustomerNotFound) as refusal:
             with pytest.raises(type(refusal)):
                 self.run(on_ledger())
@@ -292,6 +311,9 @@ class RealLedgerMachine(RuleBasedStateMachine):
         actual = self.run(on_ledger())
         self.model = trial
         return expected, actual
+
+    def _settle_pending(self) -> None:
+        """Before a command that is not a batchable event: nothing is held back here (see BatchedLedgerMachine)."""
 
     def _apply(self, event, on_model) -> None:
         """Apply a new event; the model says what it does (or raises to refuse it)."""
@@ -405,11 +427,12 @@ class RealLedgerMachine(RuleBasedStateMachine):
     @rule(days=st.integers(0, 80), hours=st.sampled_from([0, 0, 0, 12]), sweep=st.sampled_from(["expire", "expire", "lapse", "none"]))
     def advance_clock(self, days: int, hours: int, sweep: str) -> None:
         """Time passes; the expiry sweep (or the hold-lapse sweep, or neither) runs at the new time."""
+        self._settle_pending()
         self.now += timedelta(days=days, hours=hours)
         if sweep == "none":
             return
         entries_before = len(self.model.log)
-        touched = self.model.sweep_due(self.now, lots=sweep == "expire")
+        touched = noticing(lambda model: model.sweep_due(self.now, lots=sweep == "expire"))(self.model)
         run = handlers.expire_due_credits if sweep == "expire" else handlers.lapse_due_holds
         result = self.run(run(self.uow, self.now, batch_size=10))
         assert (result.customers, result.entries, result.more) == (int(touched), len(self.model.log) - entries_before, False)
@@ -417,6 +440,7 @@ class RealLedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
         """An applied event delivered again (same id, same payload): a duplicate, nothing changes."""
+        self._settle_pending()
         if not self.applied:
             return
         event = data.draw(st.sampled_from(self.applied), label="replayed")
@@ -425,6 +449,7 @@ class RealLedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), change=st.sampled_from(["credits", "time", "customer", "job"]))
     def conflicting_replay(self, data: st.DataObject, change: str) -> None:
         """An applied event's id reused with another payload: EventConflict, nothing changes."""
+        self._settle_pending()
         if not self.applied:
             return
         event = data.draw(st.sampled_from(self.applied), label="original")
@@ -455,6 +480,7 @@ class RealLedgerMachine(RuleBasedStateMachine):
                     select(ledger_entries.c.kind, ledger_entries.c.credits, ledger_entries.c.occurred_at, ledger_entries.c.balance_after, ledger_entries.c.job_id).order_by(ledger_entries.c.id)
                 )).all(),
                 "processed": (await connection.execute(select(func.count()).select_from(processed_events))).scalar(),
+                "notices": set((await connection.execute(select(notifications.c.key))).scalars()),
             }
 
     @invariant()
@@ -470,6 +496,7 @@ class RealLedgerMachine(RuleBasedStateMachine):
         assert [tuple(row) for row in stored["holds"]] == [(h.job, h.credits, h.placed_at, h.expires_at, h.status, h.closed_at) for h in model.holds]
         assert [tuple(row) for row in stored["entries"]] == model.log
         assert stored["processed"] == model.recorded
+        assert stored["notices"] == model.notices
         assert self.run(reconciliation(self.db)) == []
 
     @invariant()
@@ -489,6 +516,73 @@ class RealLedgerMachine(RuleBasedStateMachine):
         ]
         assert sorted((h.job_id, h.credits) for h in view.holds) == sorted((job, h.credits) for job, h in seen.active(self.now).items())
         assert view.credits_depleted_at == seen.depleted_at
+
+
+class BatchedLedgerMachine(RealLedgerMachine):
+    """The same commands, with the events of the kinds that may share a transaction held back and
+    sent together through the workers' EventBatcher, in batches of random sizes with duplicates
+    inside them (a repeat of an event of the batch, or of one applied before). A batch applies
+    whole, or is split and settled one event at a time by the same path; either way every
+    event's outcome, and the ledger after, must be what the model says one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple] = []  # (event, what the model does with it)
+
+    def _apply(self, event, on_model) -> None:
+        if events.batchable(event):
+            self.pending.append((event, on_model))
+        else:
+            super()._apply(event, on_model)
+
+    @rule(data=st.data())
+    def repeat_inside_the_batch(self, data: st.DataObject) -> None:
+        candidates = self.pending + [(event, None) for event in self.applied if events.batchable(event)]
+        if candidates:
+            self.pending.append(data.draw(st.sampled_from(candidates), label="repeated"))
+
+    @rule(max_batch=st.integers(1, 8))
+    def send_the_batch(self, max_batch: int) -> None:
+        self._send(max_batch)
+
+    def _settle_pending(self) -> None:
+        self._send(max_batch=8)
+
+    def _send(self, max_batch: int) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        expected = [self._on_model(event, on_model) for event, on_model in pending]
+        outcomes = self.run(self._through_batcher([event for event, _ in pending], max_batch))
+        for event, want, got in zip([e for e, _ in pending], expected, outcomes, strict=True):
+            if isinstance(want, type):
+                assert isinstance(got, want), f"{event.event_id}: {got!r}, expected {want.__name__}"
+            else:
+                assert got == want, f"{event.event_id}: {got!r}, expected {want!r}"
+
+    def _on_model(self, event, on_model):
+        """The event's outcome one at a time (a refusal's type), the model moved on by it."""
+        if any(event.event_id == seen.event_id for seen in self.applied):
+            return Outcome.DUPLICATE
+        trial = copy.deepcopy(self.model)
+        try:
+            result = noticing(on_model)(trial)
+        except (DomainError, CustomerNotFound) as refusal:
+            return type(refusal)
+        trial.recorded += 1
+        self.model = trial
+        self.applied.append(event)
+        return result or Outcome.APPLIED
+
+    async def _through_batcher(self, batch: list, max_batch: int) -> list:
+        # One transaction at a time: two in flight on one customer would commit in either order.
+        batcher = EventBatcher(
+            lambda some: events.apply_events(some, self.uow(), self.policy),
+            lambda one: events.apply_event(one, self.uow(), self.policy),
+            max_batch=max_batch,
+            in_flight=1,
+        )
+        return await asyncio.gather(*(batcher.apply(event) for event in batch), return_exceptions=True)
 
 
 #: Every example costs ~0.5 s of real database work, so Hypothesis' shrinker runs into its five-minute
@@ -512,6 +606,10 @@ def run_machine(pg_url: str, machine: type[RealLedgerMachine], **overrides) -> N
 
 def test_real_ledger_matches_model(pg_url: str) -> None:
     run_machine(pg_url, RealLedgerMachine)
+
+
+def test_the_one_apply_path_in_batches_with_duplicates_matches_model(pg_url: str) -> None:
+    run_machine(pg_url, BatchedLedgerMachine)
 
 
 def test_booking_a_job_again_after_its_hold_expired_before_the_lapse_sweep(pg_url: str) -> None:
