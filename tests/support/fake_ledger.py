@@ -220,9 +220,9 @@ class FakeReferralRepository:
     async def record_profile(self, customer_id: str, email: str | None, phone: str | None, fingerprint: str | None, at: datetime, contact_email: str | None = None) -> None:
         self.store.profiles[customer_id] = Party(customer_id, email, phone, frozenset({fingerprint} if fingerprint else ()))
 
-    async def add_referrer(self, referrer_id: str, kind, **details) -> bool:
-        new = referrer_id not in self.store.referrers
-        self.store.referrers.add(referrer_id)
+    async def add_referrer(self, details) -> bool:
+        new = details.referrer_id not in self.store.referrers
+        self.store.referrers.add(details.referrer_id)
         return new
 
     async def add_code(self, referrer_id: str, name_hint: str | None, code: str | None = None) -> str:
