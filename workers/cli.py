@@ -32,7 +32,7 @@ PERIODIC_JOB_NAMES = (
 
 #: `credits worker`'s defaults (also the Procfile's and docker-compose.yml's, and bench.end_to_end's).
 WORKER_PROCESSES = 2
-WORKER_THREADS = 8
+WORKER_THREADS = 64
 
 
 def main(argv: list[str] | None = None) -> int:
