@@ -176,7 +176,7 @@ async def _mode(pg: asyncpg.Connection, publisher: Publisher, env: dict[str, str
     try:
         boot = _rss_mib(workers, args.processes)
         full = await _end_to_end(pg, publisher, groups[0], args.events, args.customers, None)
-        half = await _half_load(pg, publisher, groups[1], args.events, args.customers, full["rate"] / 2)
+        half = await _half_load(pg, publisher, groups[1], args.events, args.customers, args.pace or full["rate"] / 2)
         return {"full": full, "half": half, "rss_at_boot": boot, "rss_after": _rss_mib(workers, args.processes)}
     finally:
         workers.stop()
@@ -242,10 +242,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
         if mode not in results:
             continue
         full, half = results[mode]["full"], results[mode]["half"]
-        paced = f"{mode}, half load (paced {full['rate'] / 2:,.0f}/s)"
+        paced = f"{mode}, {'paced' if args.pace else 'half load, paced'} {args.pace or full['rate'] / 2:,.0f}/s"
         print(f"  {f'{mode}, full load':52} {full['rate']:>9,.0f} {full['per_tx']:>6.1f}")
         print(f"  {paced:52} {half['rate']:>9,.0f} {half['per_tx']:>6.1f} {half['p50']:>8.1f} {half['p99']:>8.1f} {half['max']:>8.1f}")
-    print(f"  dead letters {results['dead_letters']}  (latency: publish -> commit, half load only)")
+    print(f"  dead letters {results['dead_letters']}  (latency: publish -> commit, of the paced run only)")
     for mode in MODES:
         if mode in results:
             boot, after = results[mode]["rss_at_boot"], results[mode]["rss_after"]
@@ -268,6 +268,7 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, help="dramatiq_queue_prefetch of the workers (default: Dramatiq's, 2 x threads)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="EVENT_BATCH_SIZE of the batched workers (default: the setting's, %(default)s)")
     parser.add_argument("--in-flight", type=int, help=f"EVENT_BATCH_IN_FLIGHT (default: the setting's, {IN_FLIGHT})")
+    parser.add_argument("--pace", type=float, help="publish the second run at this rate (events/s) instead of half the full-load rate, to compare set-ups at one rate")
     parser.add_argument("--pgbench-seconds", type=int, default=10, help="length of each pgbench run (default: %(default)s)")
     parser.add_argument("--only-batched", action="store_true", help="skip (c), one event per transaction")
     parser.add_argument("--redis-db", type=int, default=14)
