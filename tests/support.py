@@ -97,14 +97,12 @@ class WorkerProcesses:
             self.process.wait(10)
 
 
-def start_worker_processes(
-    env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0, supervised: bool = False, module: str = "workers.actors"
-) -> WorkerProcesses:
-    """``dramatiq <module>``; ``supervised``: the operator's ``credits worker`` (which restarts the group)."""
+def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0, supervised: bool = False) -> WorkerProcesses:
+    """``dramatiq workers.actors``; ``supervised``: the operator's ``credits worker`` (which restarts the group)."""
     # A metrics port and directory of their own: test runs share this host (the default is 9191).
     env = {"METRICS_PORT": str(free_port()), "METRICS_DIR": str(log_path.with_suffix(".metrics")), **env}
     log_file = log_path.open("wb")
-    command = [str(Path(sys.executable).with_name("credits")), "worker"] if supervised else [sys.executable, "-m", "dramatiq", module]
+    command = [str(Path(sys.executable).with_name("credits")), "worker"] if supervised else [sys.executable, "-m", "dramatiq", "workers.actors"]
     process = subprocess.Popen(
         [*command, "--processes", str(processes), "--threads", str(threads)],
         cwd=ROOT,
