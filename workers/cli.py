@@ -30,6 +30,10 @@ PERIODIC_JOB_NAMES = (
     "archive_dead_letters",
 )
 
+#: `credits worker`'s defaults (also the Procfile's and docker-compose.yml's, and bench.end_to_end's).
+WORKER_PROCESSES = 2
+WORKER_THREADS = 64
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="credits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="port to listen on (default: $PORT, else 8000; now %(default)s)")
 
     worker = commands.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=int, default=2, help="worker processes (default: %(default)s)")
-    worker.add_argument("--threads", type=int, default=8, help="worker threads per process (default: %(default)s)")
+    worker.add_argument("--processes", type=int, default=WORKER_PROCESSES, help="worker processes (default: %(default)s)")
+    worker.add_argument("--threads", type=int, default=WORKER_THREADS, help="worker threads per process (default: %(default)s)")
 
     commands.add_parser("scheduler", help="enqueue periodic jobs on schedule")
 

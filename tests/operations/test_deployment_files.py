@@ -170,6 +170,17 @@ def test_every_procfile_command_exists(procfile, parsed, process):
         assert args.port == 5123
 
 
+def test_worker_commands_run_the_measured_defaults(compose, procfile, parsed):
+    """Procfile and compose start the workers as `credits worker` does by default, the set-up
+    bench.end_to_end measures; a process holds at least one full group-commit batch."""
+    for argv in (command_of(compose["services"]["worker"]), shlex.split(procfile["worker"])):
+        name, args = parsed(argv)
+        assert name == "worker"
+        assert (args.processes, args.threads) == (workers.cli.WORKER_PROCESSES, workers.cli.WORKER_THREADS), argv
+    assert workers.cli.WORKER_THREADS >= Settings.model_fields["event_batch_size"].default
+    assert Settings.model_fields["event_batch_in_flight"].default <= Settings.model_fields["db_pool_size"].default
+
+
 def test_procfile_web_serves_through_honcho(procfile, service_env, tmp_path):
     """`honcho start web` with $PORT set: the Procfile's own line serves /healthz."""
     from tests.support.web import free_port
