@@ -42,7 +42,10 @@ def timed_import(scratch: ScratchDatabase, directory: Path, export: Export, labe
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started, loads = time.monotonic(), [os.getloadavg()[0]]
     with BackendCpu(scratch) as postgres:
-        result = subprocess.run(command + (["--processes", str(processes)] if processes else []), env=env, cwd=directory, stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(command + (["--processes", str(processes)] if processes else []), env=env, cwd=directory, stdout=subprocess.PIPE, text=True)
+        postgres.command = process.pid
+        stdout, _ = process.communicate()
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout)
     elapsed = time.monotonic() - started
     loads.append(os.getloadavg()[0])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -52,17 +55,21 @@ def timed_import(scratch: ScratchDatabase, directory: Path, export: Export, labe
     print(
         f"{label}: {export.rows} rows in {elapsed:.1f} s ({export.rows / elapsed:,.0f} rows/s), exit {result.returncode}; "
         f"CPU s: the command {cpu:.0f} (its worker processes included), PostgreSQL's backends {postgres.seconds:.0f}; "
-        f"peak RSS of one process {usage.ru_maxrss / 1024:.0f} MB; load average {loads[0]:.1f} before, {loads[1]:.1f} after"
+        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB in one process, {postgres.peak_rss_mb:.0f} MB in the command and its workers together; "
+        f"load average {loads[0]:.1f} before, {loads[1]:.1f} after"
     )
 
 
 class BackendCpu:
     """CPU seconds of the PostgreSQL backends serving the scratch database (sampled from /proc
     every half second: a backend that lives less than that is missed; WAL writer and
-    checkpointer, shared by every database, are not counted)."""
+    checkpointer, shared by every database, are not counted), and the peak of the resident
+    memory of the command (``command``, its pid) and its worker processes together."""
 
     def __init__(self, scratch: ScratchDatabase) -> None:
         self.scratch, self.ticks, self.done = scratch, {}, threading.Event()
+        self.command: int | None = None
+        self.peak_rss_mb = 0.0
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     @property
@@ -91,8 +98,20 @@ class BackendCpu:
                     except OSError:
                         continue  # ended meanwhile
                     self.ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+                if self.command is not None:
+                    self.peak_rss_mb = max(self.peak_rss_mb, _tree_rss_mb(self.command))
         finally:
             await connection.close()
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB (0 once it has ended)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20 + sum(_tree_rss_mb(int(child)) for child in children)
 
 
 def cached_export(directory: Path, members: int, rows_per_member: int, seed: int) -> Export:
