@@ -54,16 +54,26 @@ class Staging:
     """The scratch database; ``with Staging() as staging`` removes it afterwards."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="credits-legacy-", dir=directory)
-        self.sql = sqlite3.connect(Path(self._dir.name) / "staging.sqlite3")
+        self._dir: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(prefix="credits-legacy-", dir=directory)
+        self.path = Path(self._dir.name) / "staging.sqlite3"
+        self.sql = sqlite3.connect(self.path)
         self.sql.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;" + _SCHEMA)
+
+    @classmethod
+    def reading(cls, path: Path) -> Staging:
+        """Another process's view of a loaded staging file: read only, left in place on exit."""
+        staging = cls.__new__(cls)
+        staging._dir, staging.path = None, path
+        staging.sql = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        return staging
 
     def __enter__(self) -> Staging:
         return self
 
     def __exit__(self, *exc) -> None:
         self.sql.close()
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
 
     # ------------------------------------------------------------------ loading
 
@@ -122,16 +132,27 @@ class Staging:
     def member_count(self) -> int:
         return self.sql.execute("SELECT count(DISTINCT member) FROM rows").fetchone()[0]
 
-    def members(self) -> Iterator[StagedMember]:
-        """Every member with rows, one at a time, in MembershipId order, with their map and balance lines."""
+    def boundaries(self, parts: int) -> list[str]:
+        """The first MembershipId of each of ``parts`` ranges holding about as many members each
+        (the first range starts at the first member); fewer when there are fewer members."""
+        count = self.member_count()
+        query = "SELECT member FROM (SELECT DISTINCT member FROM rows ORDER BY member) LIMIT 1 OFFSET ?"
+        offsets = sorted({count * part // parts for part in range(parts)} - {count})
+        return [self.sql.execute(query, (offset,)).fetchone()[0] for offset in offsets]
+
+    def members(self, first: str | None = None, before: str | None = None) -> Iterator[StagedMember]:
+        """Every member with rows (from ``first``, up to but not including ``before``), one at a
+        time, in MembershipId order, with their map and balance lines."""
+        bounds = {"r.member >= ?": first, "r.member < ?": before}
+        where = " AND ".join(condition for condition, value in bounds.items() if value is not None) or "1"
         query = (
             "SELECT r.member, r.line, r.row_id, r.type, r.amount, r.created_at, r.expires_at, r.problem, "
             "m.customer_id, m.line, m.problem, b.balance, b.line, b.problem "
             "FROM rows r LEFT JOIN map m ON m.member = r.member LEFT JOIN balances b ON b.member = r.member "
-            "ORDER BY r.member, r.line"
+            f"WHERE {where} ORDER BY r.member, r.line"
         )
         current: StagedMember | None = None
-        for record in self.sql.execute(query):
+        for record in self.sql.execute(query, [value for value in bounds.values() if value is not None]):
             if current is None or current.membership_id != record[0]:
                 if current is not None:
                     yield current

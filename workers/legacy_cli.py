@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="balance differences CSV (with --balances); the bad-row list goes beside it as <name>-problems.csv (default: %(default)s)",
     )
     parser.add_argument("--dry-run", action="store_true", help="check and replay everything, write nothing to the database (default: off, the import is written)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes replaying and writing members, on PostgreSQL (default: the CPUs, at most 4: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +62,12 @@ async def _run(args: argparse.Namespace) -> int:
     for path in (args.transactions, args.balances, args.customer_map):
         if path is not None and not path.is_file():
             raise UnusableInput(f"{path} is not a readable file")
+    if not 1 <= args.processes <= 64:
+        raise UnusableInput(f"--processes {args.processes}: from 1 to 64")
     if not args.report.parent.is_dir():
         raise UnusableInput(f"--report {args.report}: no such directory")
     settings = get_settings()
-    request = ImportRequest(args.transactions, args.balances, args.customer_map, args.report, args.dry_run)
+    request = ImportRequest(args.transactions, args.balances, args.customer_map, args.report, args.dry_run, args.processes)
     db = Database(settings.effective_database_url)
     try:
         await require_current_schema(db)

@@ -124,7 +124,9 @@ async def test_dry_run_writes_nothing_and_reports_the_same(db, export):
     assert dry_out.lines[:-1] == real_out.lines[:-1]
 
 
-async def test_bad_rows_are_reported_with_their_lines_and_their_member_left_out_whole(db, tmp_path):
+# In worker processes too: each over its own range of members, reporting back here.
+@pytest.mark.parametrize("processes", [1, 3])
+async def test_bad_rows_are_reported_with_their_lines_and_their_member_left_out_whole(db, tmp_path, processes):
     rows = [
         ("1", "good", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),  # line 2
         ("2", "bad", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),  # line 3: fine, but its member is bad
@@ -142,7 +144,7 @@ async def test_bad_rows_are_reported_with_their_lines_and_their_member_left_out_
     with open(transactions, "a") as handle:
         handle.write("11,short,Debit\n")  # line 13: too few columns
 
-    summary, out = await run_import(db, transactions)
+    summary, out = await run_import(db, transactions, processes=processes)
 
     assert await balances(db) == {"good2": 3}  # "good" shares Id 1 with "dup": both left out
     assert (summary.imported, summary.left_out, summary.exit_status) == (1, 4, 1)
@@ -176,7 +178,8 @@ async def test_an_expired_row_our_rules_disagree_with_is_imported_by_our_rules_a
     assert problem[:5] == ["transactions", "3", "m1", "m1", "2"] and "says 7" in problem[5] and "expired 10" in problem[5]
 
 
-async def test_balance_differences_are_printed_and_written_never_fixed(db, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_balance_differences_are_printed_and_written_never_fixed(db, tmp_path, processes):
     rows = [
         ("1", "m1", "Credit", "10", "2026-01-01T00:00:00-05:00", "2027-01-01T00:00:00-05:00"),
         ("2", "m1", "Debit", "-12", "2026-03-08T03:30:00-04:00", ""),  # the morning after the DST change
@@ -186,7 +189,7 @@ async def test_balance_differences_are_printed_and_written_never_fixed(db, tmp_p
     owed = write_csv(tmp_path / "b.csv", ("MembershipId", "Balance"), [("m1", "0"), ("m2", "5"), ("m3", "4")])
     mapping = write_csv(tmp_path / "map.csv", ("MembershipId", "CustomerId"), [("m1", "cus_1"), ("m2", "cus_2")])
 
-    summary, out = await run_import(db, transactions, balances=owed, customer_map=mapping)
+    summary, out = await run_import(db, transactions, balances=owed, customer_map=mapping, processes=processes)
 
     assert await balances(db) == {"cus_1": -2, "cus_2": 5}  # the overdraft stays, as our rules keep it
     assert read_csv(tmp_path / "report.csv") == [["MembershipId", "CustomerId", "Expected", "Imported"], ["m1", "cus_1", "0", "-2"], ["m3", "m3", "4", "0"]]
@@ -219,6 +222,19 @@ async def test_copy_writes_exactly_the_rows_the_live_statements_write(db, export
     try:
         await run_import(db, export.transactions)
         await run_import(other, export.transactions, writer=LegacyLedgerWriter(other, use_copy=False))
+        assert await snapshot(db) == await snapshot(other)
+    finally:
+        await other.dispose()
+
+
+async def test_worker_processes_write_exactly_what_one_process_writes(db, export, empty_database):
+    """Three worker processes, each over its own range of members, against one process: the same rows and summary."""
+    await asyncio.to_thread(command.upgrade, alembic_config(empty_database), "head")
+    other = Database(empty_database)
+    try:
+        together, _ = await run_import(db, export.transactions, balances=export.balances, processes=3)
+        alone, _ = await run_import(other, export.transactions, balances=export.balances)
+        assert together == alone and together.imported == 150
         assert await snapshot(db) == await snapshot(other)
     finally:
         await other.dispose()

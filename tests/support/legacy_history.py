@@ -28,6 +28,7 @@ LOCAL = ZoneInfo("America/New_York")
 EXPIRATION_MONTHS = 12
 #: How far back the generated histories go.
 YEARS = 3
+OPEN_LOTS = "open-lots.csv"
 
 
 @dataclass
@@ -93,6 +94,11 @@ class Ids:
 
 def member_history(rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int) -> tuple[list[OldRow], int]:
     """About ``rows`` rows of one membership between ``start`` and ``now``, and its balance at ``now``."""
+    history, account = _history(rng, member, ids, start, now, rows)
+    return history, account.balance(now)
+
+
+def _history(rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int) -> tuple[list[OldRow], OldAccount]:
     account, history = OldAccount(), []
     moment = start + timedelta(minutes=rng.randrange(60 * 24 * 30))
     step = (now - moment) / max(rows, 1)
@@ -103,7 +109,7 @@ def member_history(rng: random.Random, member: str, ids: Ids, start: datetime, n
         # Now and then a second row at the very same moment: ties are ordered by Id.
         if rng.random() > 0.1:
             moment += step * rng.uniform(0.2, 1.8)
-    return history, account.balance(now)
+    return history, account
 
 
 def _expire_rows(account: OldAccount, history: list[OldRow], ids: Ids, member: str, at: datetime, rng: random.Random) -> None:
@@ -143,21 +149,25 @@ class Export:
 
 
 def generate(directory: Path, members: int, rows_per_member: int, now: datetime, seed: int = 1, keep_expected: bool = True) -> Export:
-    """Write transactions.csv (rows shuffled, members split across the file) and balances.csv."""
+    """Write transactions.csv (rows shuffled, members split across the file), balances.csv, and
+    open-lots.csv: the lots still open at ``now`` (`balances_at` moves the balances to a later time)."""
     rng = random.Random(seed)
     ids, expected, count = Ids(), {}, 0
     start = now - timedelta(days=365 * YEARS)
     transactions, balances = directory / "transactions.csv", directory / "balances.csv"
-    with open(transactions, "w", newline="") as out, open(balances, "w", newline="") as owed:
-        rows_out, balances_out = csv.writer(out), csv.writer(owed)
+    with open(transactions, "w", newline="") as out, open(balances, "w", newline="") as owed, open(directory / OPEN_LOTS, "w", newline="") as lots:
+        rows_out, balances_out, lots_out = csv.writer(out), csv.writer(owed), csv.writer(lots)
         rows_out.writerow(HEADER)
         balances_out.writerow(("MembershipId", "Balance"))
+        lots_out.writerow(("MembershipId", "ExpiresAt", "Remaining"))
 
         def histories() -> Iterator[OldRow]:
             for number in range(members):
                 member = f"m{number:07d}"
-                history, balance = member_history(rng, member, ids, start, now, rng.randint(1, 2 * rows_per_member - 1))
+                history, account = _history(rng, member, ids, start, now, rng.randint(1, 2 * rows_per_member - 1))
+                balance = account.balance(now)
                 balances_out.writerow((member, balance))
+                lots_out.writerows((member, lot[2].isoformat(), lot[3]) for lot in account.lots if lot[3] > 0 and lot[2] > now)
                 if keep_expected:
                     expected[member] = balance
                 yield from history
@@ -166,6 +176,24 @@ def generate(directory: Path, members: int, rows_per_member: int, now: datetime,
             rows_out.writerow(row.fields())
             count += 1
     return Export(transactions, balances, expected, count)
+
+
+def balances_at(directory: Path, at: datetime) -> Path:
+    """balances-at.csv: the old system's balances at ``at`` (after the export's ``now``), from open-lots.csv.
+
+    Between the two, nothing happens but expiry: an open lot means nothing is owed, so each
+    balance loses exactly the lots that expire by ``at``."""
+    lost: dict[str, int] = {}
+    with open(directory / OPEN_LOTS, newline="") as lots:
+        for member, expires_at, remaining in list(csv.reader(lots))[1:]:
+            if datetime.fromisoformat(expires_at) <= at:
+                lost[member] = lost.get(member, 0) + int(remaining)
+    moved = directory / "balances-at.csv"
+    with open(directory / "balances.csv", newline="") as before, open(moved, "w", newline="") as after:
+        out = csv.writer(after)
+        for number, (member, balance) in enumerate(csv.reader(before)):
+            out.writerow((member, balance if number == 0 else int(balance) - lost.get(member, 0)))
+    return moved
 
 
 def shuffled(items: Iterator, rng: random.Random, window: int) -> Iterator:
