@@ -40,6 +40,10 @@ RELAYED = 1_000
 QUEUED = 16
 
 
+class ImportInterrupted(Exception):
+    """The import stopped part way (a worker process died): what was committed stays imported."""
+
+
 class Progress(Protocol):
     """Where the import shows how far it is, and prints its report lines."""
 
@@ -364,7 +368,7 @@ def _next_message(relay, children: list) -> list | None:
             return relay.get(timeout=1)
         except queue.Empty:
             if any(child.exitcode not in (None, 0) for child in children):
-                raise RuntimeError("a worker process of the import ended unexpectedly") from None
+                raise ImportInterrupted("a worker process of the import ended unexpectedly") from None
 
 
 def _work(job: _Job, relay) -> None:

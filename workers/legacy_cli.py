@@ -45,12 +45,16 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from infra.db import SchemaNotReady
     from infra.legacy_staging import UnusableInput
+    from service_layer.legacy_import import ImportInterrupted
 
     try:
         return asyncio.run(_run(args))
     except (UnusableInput, SchemaNotReady) as unusable:
         print(f"credits import-legacy: {unusable}; nothing imported", file=sys.stderr)
         return 2
+    except ImportInterrupted as interrupted:
+        print(f"credits import-legacy: {interrupted}; the members written so far stay imported: run the same command again to finish", file=sys.stderr)
+        return 3
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -301,6 +301,34 @@ def test_a_crash_mid_import_then_a_rerun_leaves_every_total_exact(service_env, p
     assert "0 balance difference(s)" in rerun.stdout
 
 
+def test_a_worker_process_killed_mid_import_is_exit_3_and_a_rerun_finishes(service_env, pg_url, db, tmp_path):
+    export = generate(tmp_path, members=3000, rows_per_member=20, now=datetime.now(timezone.utc), seed=6)
+    command = [CREDITS_SCRIPT, "import-legacy", str(export.transactions), "--processes", "2"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=service_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while asyncio.run(_count_at(pg_url, "customers")) == 0:
+            assert process.poll() is None, "the import ended before a worker could be killed"
+            time.sleep(0.05)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        # Not multiprocessing's resource tracker: one of the import's own workers.
+        workers = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert workers, "the import runs its members in worker processes"
+        os.kill(int(workers[0]), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3, stderr
+    assert "worker process of the import ended unexpectedly" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr
+
+    rerun = credits(["import-legacy", str(export.transactions), "--balances", str(export.balances)], service_env, tmp_path)
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert asyncio.run(_count_at(pg_url, "processed_events")) == export.rows
+    assert asyncio.run(_balances_at(pg_url)) == export.expected
+
+
 async def _count_at(url: str, table: str) -> int:
     db = Database(url)
     try:
