@@ -265,8 +265,8 @@ class LockPlan:
     """Every account a list of events touches, and what to load with each."""
 
     customers: set[str] = field(default_factory=set)
+    #: Those that may be created when missing (the others must exist already).
     create: set[str] = field(default_factory=set)
-    existing: set[str] = field(default_factory=set)
     #: Customers a gift goes to before a later event of the batch would create them: they are
     #: locked only if they exist already, as one at a time would find them.
     deferred: set[str] = field(default_factory=set)
@@ -284,14 +284,14 @@ def plan_locks(events: Sequence[Event], create_own: bool) -> LockPlan:
         needs = HANDLERS[type(event)].needs(event)
         own = event.customer_id
         plan.customers.add(own)
-        (plan.create if create_own else plan.existing).add(own)
+        if create_own:
+            plan.create.add(own)
         plan.job_ids.setdefault(own, []).extend(needs.job_ids)
         plan.payment_ids.setdefault(own, []).extend(needs.payment_ids)
         for other in needs.customers:
             if first_own.get(other, position) > position:
                 plan.deferred.add(other)
             plan.customers.add(other)
-            plan.existing.add(other)
     plan.create -= plan.deferred
     return plan
 
@@ -306,9 +306,9 @@ async def lock_for(uow: UnitOfWork, events: Sequence[Event], create_own: bool, w
     for event in events:
         if event.customer_id in missing - plan.deferred:
             raise CustomerNotFound(event.customer_id)
-    for customer_id in sorted(missing):
+    if missing:
         # A gift to a customer we do not know (a typo) must not create an account holding it.
-        raise UnknownCustomer(f"customer {customer_id!r} does not exist: credits go only to known customers")
+        raise UnknownCustomer(f"customer {min(missing)!r} does not exist: credits go only to known customers")
     return accounts
 
 
