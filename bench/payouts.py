@@ -52,6 +52,7 @@ from bench.scratch import scratch_database
 from infra.db import Database
 from infra.db.referrals import payout_key
 from infra.logging import configure_logging
+from infra.payouts import ManualGateway
 from infra.settings import Settings
 from service_layer import payouts
 from service_layer.unit_of_work import SqlUnitOfWork
@@ -67,12 +68,30 @@ PHASES = ("release_rewards", "make_payouts", "send_payouts")
 
 class InstantGateway:
     """A PayoutGateway that pays at once, in memory: no provider latency. It stands in for the
-    ``stripe_connect`` gateway, so payouts go through the paid path (``record_paid``)."""
+    ``stripe_connect`` gateway, so payouts go through the paid path (the rewards paid too)."""
 
     name = "instant"
 
     async def send(self, order: payouts.PayoutOrder) -> payouts.Sent:
         return payouts.Sent("paid", f"tr_bench_{order.payout_id}")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the payees are paid: the payout method seeded, its gateway, and what a sent payout becomes."""
+
+    method: str
+    gateway: payouts.PayoutGateway
+    payout_status: str  # a sent payout's status
+    reward_status: str  # its rewards' status
+
+
+MODES = {
+    # The manual gateway (Cash App, bank transfers by hand): exported for operations; the rewards stay in the payout.
+    "manual": Mode("manual", ManualGateway(), "exported", "in_payout"),
+    # Stripe Connect, paid at once in memory: the payouts and their rewards paid.
+    "instant": Mode("stripe_connect", InstantGateway(), "paid", "paid"),
+}
 
 
 # ---------------------------------------------------------------- seeding
@@ -87,7 +106,7 @@ SEED = [
     """
     INSERT INTO referrers (referrer_id, kind, name, email, payout_method, same_day, stripe_account_id, created_at)
     SELECT 'payee-' || g, CASE g % 20 WHEN 0 THEN 'partner' WHEN 1 THEN 'employee' ELSE 'customer' END,
-           'Payee ' || g, 'payee-' || g || '@example.com', 'stripe_connect', false, 'acct_bench' || g,
+           'Payee ' || g, 'payee-' || g || '@example.com', :method, false, 'acct_bench' || g,
            CAST(:now AS timestamptz) - interval '120 days'
     FROM generate_series(1, :payees) g
     """,
@@ -117,7 +136,7 @@ SEED = [
     f"""
     INSERT INTO payouts (payee_id, period, method, gateway, amount_cents, currency, status, idempotency_key,
                          external_reference, attempts, last_tried_at, created_at, paid_at)
-    SELECT 'payee-' || g, CAST(:period AS text), 'stripe_connect', 'stripe_connect', {_REWARD}, :currency, 'paid',
+    SELECT 'payee-' || g, CAST(:period AS text), :method, :gateway, {_REWARD}, :currency, 'paid',
            {_PAYOUT_KEY.format(payee="'payee-' || g")}, 'tr_old_' || g, 1,
            CAST(:paid_at AS timestamptz), CAST(:paid_at AS timestamptz), CAST(:paid_at AS timestamptz)
     FROM generate_series(1, :payees) g WHERE {_CLAWED_BACK}
@@ -145,12 +164,14 @@ SELECT payee_id, sum(amount) AS total FROM (
 """
 
 
-async def _seed(db: Database, payees: int) -> dict[str, tuple[int, str]]:
+async def _seed(db: Database, payees: int, mode: Mode) -> dict[str, tuple[int, str]]:
     """Fresh data; returns each payee's expected (amount, idempotency key) for the Friday."""
     rewards = RULES.rewards_cents
     last_friday = FRIDAY - timedelta(days=7)
     params = {
         "payees": payees,
+        "method": mode.method,
+        "gateway": METHOD_GATEWAYS[mode.method],
         "now": FRIDAY,
         "paid_at": last_friday,
         "period": RULES.calendar.weekly_period(last_friday),
@@ -219,29 +240,44 @@ BASELINE = [
     UPDATE referral_clawbacks c SET payout_id = i.payout_id
     FROM payout_items i WHERE i.clawback_id = c.id AND c.payout_id IS NULL
     """,
-    # The rewards into their payout, then paid.
+    # The rewards into their payout.
     """
     WITH moved AS (
-        UPDATE referrals r SET status = 'paid', payout_id = i.payout_id, updated_at = now()
+        UPDATE referrals r SET status = 'in_payout', payout_id = i.payout_id, updated_at = now()
         FROM payout_items i JOIN payouts p ON p.id = i.payout_id AND p.period = CAST(:period AS text)
         WHERE i.referral_id = r.id AND r.status = 'approved'
         RETURNING r.id, r.payout_id
     )
     INSERT INTO referral_history (referral_id, status, at, reason)
     SELECT id, 'in_payout', CAST(:now AS timestamptz), 'payout ' || payout_id FROM moved
-    UNION ALL
-    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM moved
     """,
-    """
-    UPDATE payouts SET status = 'paid', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
-                       paid_at = CAST(:paid_at AS timestamptz), external_reference = 'tr_bench_' || id,
+]
+#: Then sent, by mode: the manual gateway exports them.
+SENT = {
+    "exported": """
+    UPDATE payouts SET status = 'exported', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
                        leased_until = NULL, last_error = NULL
     WHERE period = CAST(:period AS text) AND status = 'pending'
     """,
-]
+    # ... or they are paid, and their rewards with them.
+    "paid": """
+    WITH paid AS (
+        UPDATE payouts SET status = 'paid', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
+                           paid_at = CAST(:paid_at AS timestamptz), external_reference = 'tr_bench_' || id,
+                           leased_until = NULL, last_error = NULL
+        WHERE period = CAST(:period AS text) AND status = 'pending'
+        RETURNING id
+    ), rewards AS (
+        UPDATE referrals r SET status = 'paid', updated_at = now() FROM paid WHERE r.payout_id = paid.id AND r.status = 'in_payout'
+        RETURNING r.id, r.payout_id
+    )
+    INSERT INTO referral_history (referral_id, status, at, reason)
+    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM rewards
+    """,
+}
 
 
-async def _baseline(db: Database) -> float:
+async def _baseline(db: Database, mode: Mode) -> float:
     """Seconds for the set-based statements, one transaction."""
     params = {
         "now": FRIDAY,
@@ -254,7 +290,7 @@ async def _baseline(db: Database) -> float:
     }
     started = time.perf_counter()
     async with db.begin() as connection:
-        for statement in BASELINE:
+        for statement in [*BASELINE, SENT[mode.payout_status]]:
             await connection.execute(text(statement), params)
     return time.perf_counter() - started
 
@@ -319,10 +355,10 @@ def _timed_phases(counter: SqlCounter, result: BatchResult):
         yield
 
 
-async def _pay_referrals(db: Database, max_calls: int) -> BatchResult:
+async def _pay_referrals(db: Database, max_calls: int, mode: Mode) -> BatchResult:
     """Call pay_referrals (as the hourly actor would) until every payout of the batch is sent."""
     counter = SqlCounter(db)
-    gateways = {"stripe_connect": InstantGateway()}
+    gateways = {METHOD_GATEWAYS[mode.method]: mode.gateway}
     result = BatchResult()
     with _timed_phases(counter, result):
         while result.calls == 0 or result.sent < result.created:
@@ -331,20 +367,20 @@ async def _pay_referrals(db: Database, max_calls: int) -> BatchResult:
             started = time.perf_counter()
             run = await payouts.pay_referrals(lambda: SqlUnitOfWork(db), gateways, METHOD_GATEWAYS, FRIDAY, RULES)
             elapsed = time.perf_counter() - started
-            assert not run.failed and not run.held_back and set(run.sent) <= {"paid"}, run
+            assert not run.failed and not run.held_back and set(run.sent) <= {mode.payout_status}, run
             result.seconds += elapsed
             result.calls += 1
             result.created += len(run.created)
-            result.sent += run.sent.get("paid", 0)
+            result.sent += run.sent.get(mode.payout_status, 0)
             if result.calls == 1:
-                result.first_call_seconds, result.first_call_sent = elapsed, run.sent.get("paid", 0)
+                result.first_call_seconds, result.first_call_sent = elapsed, run.sent.get(mode.payout_status, 0)
     return result
 
 
 # ---------------------------------------------------------------- checking
 
 
-async def _check(db: Database, expected: dict[str, tuple[int, str]]) -> dict[str, int]:
+async def _check(db: Database, expected: dict[str, tuple[int, str]], mode: Mode) -> dict[str, int]:
     """Assert the batch is complete and right; returns the rows it left, by kind, for comparing runs."""
     period = RULES.calendar.weekly_period(FRIDAY)
     async with db.connect() as connection:
@@ -360,16 +396,18 @@ async def _check(db: Database, expected: dict[str, tuple[int, str]]) -> dict[str
             {"p": period},
         )
         assert mismatched == 0, f"{mismatched} payouts differ from the sum of their items"
-        unpaid = (
+        unsent = (
             await connection.execute(
                 text(
-                    "SELECT (SELECT count(*) FROM payouts WHERE status <> 'paid' OR paid_at IS NULL) AS payouts, "
-                    "(SELECT count(*) FROM referrals WHERE status <> 'paid' OR payout_id IS NULL) AS rewards, "
+                    "SELECT (SELECT count(*) FROM payouts WHERE (period = :p AND status <> :sent) OR (status = 'paid') <> (paid_at IS NOT NULL)) AS payouts, "
+                    "(SELECT count(*) FROM referrals r LEFT JOIN payouts p ON p.id = r.payout_id "
+                    " WHERE p.id IS NULL OR r.status <> CASE WHEN p.period = :p THEN :reward ELSE 'paid' END) AS rewards, "
                     "(SELECT count(*) FROM referral_clawbacks WHERE payout_id IS NULL) AS clawbacks"
-                )
+                ),
+                {"p": period, "sent": mode.payout_status, "reward": mode.reward_status},
             )
         ).one()
-        assert tuple(unpaid) == (0, 0, 0), f"left unpaid: {unpaid._asdict()}"
+        assert tuple(unsent) == (0, 0, 0), f"left unsent: {unsent._asdict()}"
         counts = dict(
             (await connection.execute(text("SELECT 'history ' || status, count(*) FROM referral_history GROUP BY status"))).all()
         )
@@ -387,29 +425,30 @@ def _quiet_production_logging() -> None:
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
 
 
-async def run(payees: int, max_calls: int) -> None:
+async def run(payees: int, max_calls: int, mode_name: str) -> None:
     assert RULES.calendar.is_payout_day(FRIDAY)
+    mode = MODES[mode_name]
     _quiet_production_logging()
     async with scratch_database() as scratch:
         db = Database(scratch.url)
 
-        expected = await _seed(db, payees)
-        baseline_seconds = await _baseline(db)
-        baseline_rows = await _check(db, expected)
+        expected = await _seed(db, payees, mode)
+        baseline_seconds = await _baseline(db, mode)
+        baseline_rows = await _check(db, expected, mode)
 
-        assert await _seed(db, payees) == expected
+        assert await _seed(db, payees, mode) == expected
         seeded_rewards = await _count_due_rewards(db)
-        batch = await _pay_referrals(db, max_calls)
-        batch_rows = await _check(db, expected)
+        batch = await _pay_referrals(db, max_calls, mode)
+        batch_rows = await _check(db, expected, mode)
         assert batch_rows == baseline_rows, f"the runs wrote different rows: baseline {baseline_rows}, pay_referrals {batch_rows}"
         await db.dispose()
-    _report(payees, seeded_rewards, baseline_seconds, batch)
+    _report(payees, seeded_rewards, baseline_seconds, batch, mode_name)
 
 
-def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult) -> None:
+def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult, mode_name: str) -> None:
     baseline_rate = payees / baseline_seconds
     batch_rate = payees / batch.seconds
-    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs")
+    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, gateway {mode_name}, load {os.getloadavg()[0]:.2f}")
     print(f"  {'':48} {'seconds':>9} {'payees/s':>10}")
     print(f"  {'baseline: set-based SQL, one transaction':48} {baseline_seconds:>9.2f} {baseline_rate:>10,.0f}")
     print(f"  {f'pay_referrals, whole batch ({batch.calls} calls)':48} {batch.seconds:>9.2f} {batch_rate:>10,.0f}")
@@ -436,8 +475,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payees", type=int, default=5_000)
     parser.add_argument("--max-calls", type=int, default=1_000, help="give up if the batch is not sent after this many pay_referrals calls")
+    parser.add_argument("--gateway", choices=sorted(MODES), default="manual", help="manual: exported (the default); instant: Stripe Connect paid at once in memory")
     args = parser.parse_args()
-    asyncio.run(run(args.payees, args.max_calls))
+    asyncio.run(run(args.payees, args.max_calls, args.gateway))
 
 
 if __name__ == "__main__":
