@@ -94,7 +94,7 @@ async def pay_referrals(
     return run
 
 
-async def release_rewards(new_uow: UnitOfWorkFactory, now: datetime, batch: int = 500) -> int:
+async def release_rewards(new_uow: UnitOfWorkFactory, now: datetime, batch: int = 2000) -> int:
     released = 0
     while True:
         async with new_uow() as uow:
@@ -207,54 +207,38 @@ async def send_payouts(
     """Send every payout waiting (new or failed), each once per run, ``PAYOUTS_PER_LEASE`` at a time.
 
     Each lease is committed (the payouts marked tried) before the gateway sees any of them, and
-    its outcomes are recorded in one transaction after. A crash in between leaves at most one
-    lease of payouts tried but not recorded; the next run sends them with ``attempts`` > 0, and
-    the gateway checks with the provider first (Stripe: the payout's transfer group)."""
+    its outcomes are recorded in the transaction that takes the next lease. A crash in between
+    leaves at most one lease of payouts tried but not recorded; the next run sends them with
+    ``attempts`` > 0, and the gateway checks with the provider first (Stripe: the payout's
+    transfer group). docs/REFERRALS.md, "A crash while sending"."""
     started = wall_clock()
     after = None
+    leased: list[tuple[object, PayoutOrder]] = []
+    outcomes: list[SendOutcome] = []
     while True:
         now = wall_clock()
-        leased = await _lease(new_uow, now, started, after, payout_ids)
-        if not leased:
-            return
-        after = (leased[-1][0].created_at, leased[-1][0].id)
-        outcomes = [await _send(gateways, row, order) for row, order in leased]
         async with new_uow() as uow:
+            # The last lease's outcomes and the next lease commit together: one transaction per
+            # lease, and still at most one lease tried and not recorded.
             await uow.referrals.record_sent(outcomes, now)
             await _rewards_paid(uow, [o.payout_id for o in outcomes if o.status == "paid"], now)
+            # Each payout once per run, and not while another run holds its lease.
+            rows = await uow.referrals.lease_payouts_to_send(PAYOUTS_PER_LEASE, payout_ids, now=now, until=now + SEND_LEASE, run_started=started, after=after)
             await uow.commit()
-        _tell(run, [row for row, _ in leased], outcomes)
+        if leased:
+            _tell(run, [row for row, _ in leased], outcomes)
+        if not rows:
+            return
+        after = (rows[-1].created_at, rows[-1].id)
+        leased = [(row, _order(row)) for row in rows]
+        outcomes = [await _send(gateways, row, order) for row, order in leased]
 
 
-def _tell(run: PayoutRun, rows: list, outcomes: list[SendOutcome]) -> None:
-    """A lease's outcomes, once recorded: a line per failure, one for the rest of the lease."""
-    sent: dict[str, int] = {}
-    for row, outcome in zip(rows, outcomes, strict=True):
-        if outcome.status == "failed":
-            run.failed.append(row.id)
-            log.warning("payout_failed", payout_id=row.id, payee_id=row.payee_id, error=outcome.error)
-        else:
-            sent[outcome.status] = sent.get(outcome.status, 0) + 1
-            run.sent[outcome.status] = run.sent.get(outcome.status, 0) + 1
-    log.info("payouts_sent", leased=len(rows), first_id=rows[0].id, last_id=rows[-1].id, sent=sent, failed=len(rows) - sum(sent.values()))
-
-
-async def _lease(new_uow: UnitOfWorkFactory, now: datetime, started: datetime, after: tuple[datetime, int] | None, payout_ids: list[int] | None) -> list:
-    """The next payouts to send, marked tried and leased in their own transaction: (row, order) pairs."""
-    async with new_uow() as uow:
-        # Each payout once per run, and not while another run holds its lease.
-        rows = await uow.referrals.lease_payouts_to_send(PAYOUTS_PER_LEASE, payout_ids, now=now, until=now + SEND_LEASE, run_started=started, after=after)
-        payees = await uow.referrals.referrer_rows(row.payee_id for row in rows)
-        await uow.commit()
-    return [(row, _order(row, payees.get(row.payee_id))) for row in rows]
-
-
-def _order(row, payee) -> PayoutOrder:
+def _order(row) -> PayoutOrder:
     # After a failure, a fresh key: a provider may replay a saved error for a key (Stripe does, for a day).
     key = row.idempotency_key if row.failures == 0 else f"{row.idempotency_key}:retry-{row.failures}"
     return PayoutOrder(
-        row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, key, row.attempts,
-        payee.stripe_account_id if payee else None, payee.payout_address if payee else None,
+        row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, key, row.attempts, row.stripe_account_id, row.payout_address
     )
 
 
@@ -269,6 +253,19 @@ async def _send(gateways: Mapping[str, PayoutGateway], row, order: PayoutOrder) 
             log.exception("payout_gateway_error", payout_id=row.id)
         return SendOutcome(row.id, "failed", error=str(error)[:2000])
     return SendOutcome(row.id, sent.status, reference=sent.reference)
+
+
+def _tell(run: PayoutRun, rows: list, outcomes: list[SendOutcome]) -> None:
+    """A lease's outcomes, once recorded: a line per failure, one for the rest of the lease."""
+    sent: dict[str, int] = {}
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if outcome.status == "failed":
+            run.failed.append(row.id)
+            log.warning("payout_failed", payout_id=row.id, payee_id=row.payee_id, error=outcome.error)
+        else:
+            sent[outcome.status] = sent.get(outcome.status, 0) + 1
+            run.sent[outcome.status] = run.sent.get(outcome.status, 0) + 1
+    log.info("payouts_sent", leased=len(rows), first_id=rows[0].id, last_id=rows[-1].id, sent=sent, failed=len(rows) - sum(sent.values()))
 
 
 async def record_paid(new_uow: UnitOfWorkFactory, payout_id: int, reference: str | None, at: datetime) -> bool:
