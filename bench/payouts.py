@@ -1,35 +1,44 @@
 """The Friday referral payout batch against its set-based ceiling, measured in one process.
 
-    .venv/bin/python -m bench.payouts --payees 100000
+    .venv/bin/python -m bench.payouts --payees 100000 [--gateway manual|instant]
 
 Both runs start from the same data in a scratch PostgreSQL database (created, migrated with
 alembic, dropped at the end), seeded set-based and then VACUUM ANALYZEd, reseeded between
 the runs (same ids). The data: ``--payees`` referrers (1 in 20 a partner, 1 in 20 an
-employee, the rest customers), all paid by Stripe Connect, each with 1-3 due rewards (1 in 4
-still ``pending`` with its hold over, the rest ``approved`` by earlier hourly runs); about
-1 payee in 37 also has an open clawback of an older, already paid reward. Every payee's
-total is at least the weekly minimum, so each gets exactly one payout. ``now`` is a Friday
-in the payout time zone (10:00 in New York), so the batch pays everyone.
+employee, the rest customers), all paid the same way (below), each with 1-3 due rewards (1
+in 4 still ``pending`` with its hold over, the rest ``approved`` by earlier hourly runs);
+about 1 payee in 37 also has an open clawback of an older, already paid reward. Every
+payee's total is at least the weekly minimum, so each gets exactly one payout. ``now`` is a
+Friday in the payout time zone (10:00 in New York), so the batch pays everyone.
+
+``--gateway``: ``manual`` (the default) seeds payees paid by the ``manual`` method and sends
+through the real ``ManualGateway``: each payout is exported, its rewards stay ``in_payout``.
+``instant`` seeds Stripe Connect payees and sends through an in-memory gateway that pays at
+once (the provider's latency excluded): payouts and rewards end ``paid``.
 
 * baseline (the ceiling): one transaction of set-based statements doing the same raw work,
   row for row: release the pending rewards, one payout per payee with the summed amount, its
-  payout items, the clawbacks linked, the rewards moved to ``paid`` with their
-  ``approved`` / ``in_payout`` / ``paid`` history rows, the payouts marked paid.
+  payout items, the clawbacks linked, the rewards moved to ``in_payout`` with their
+  ``approved`` / ``in_payout`` history rows, then the payouts exported (or paid, with their
+  rewards and ``paid`` history rows), each tried once.
 * ``pay_referrals``: the service-layer function the ``pay_referrals`` actor calls, with the
   actor's arguments (default ``ReferralRules``, the default ``PAYOUT_GATEWAYS`` method map)
-  except the gateway: an in-memory one that pays at once, so the provider's latency is
-  excluded. Should a call leave payouts unsent it is called again, as the hourly actor
-  would be (at most ``--max-calls``); the first call and the whole batch are reported. The
-  three phases (``release_rewards``, ``make_payouts``, ``send_payouts``) are timed by wrapping them in this process only, and
-  the SQL statements each issues (and its connection checkouts, one transaction each) are
-  counted with SQLAlchemy engine events. Logging is configured as in the workers
-  (``configure_logging``, JSON at INFO) but written to /dev/null.
+  and the gateway above. Should a call leave payouts unsent it is called again, as the
+  hourly actor would be (at most ``--max-calls``); the first call and the whole batch are
+  reported. The three phases (``release_rewards``, ``make_payouts``, ``send_payouts``) are
+  timed by wrapping them in this process only, and the SQL statements each issues (and its
+  connection checkouts, one transaction each) are counted with SQLAlchemy engine events.
+  Logging is configured as in the workers (``configure_logging``, JSON at INFO) but written
+  to /dev/null.
 
 After each run the result is checked: every payee has exactly one payout for the Friday,
-with the expected amount and idempotency key, equal to the sum of its items; no payout,
-reward or clawback is left unpaid; both runs wrote the same number of rows of each kind.
+with the expected amount and idempotency key, equal to the sum of its items; every payout
+of the Friday is sent (exported or paid) and its rewards moved with it; no clawback is left
+open; both runs wrote the same number of rows of each kind.
 
-Reported: payees per second for each, the phase split, and pay_referrals / baseline.
+Reported: payees per second for each, the phase split, pay_referrals / baseline, and the
+1-minute load average at the start and at the end (the machine is shared: compare ratios,
+not rates).
 """
 
 from __future__ import annotations
@@ -428,6 +437,7 @@ def _quiet_production_logging() -> None:
 async def run(payees: int, max_calls: int, mode_name: str) -> None:
     assert RULES.calendar.is_payout_day(FRIDAY)
     mode = MODES[mode_name]
+    load_at_start = os.getloadavg()[0]
     _quiet_production_logging()
     async with scratch_database() as scratch:
         db = Database(scratch.url)
@@ -442,13 +452,13 @@ async def run(payees: int, max_calls: int, mode_name: str) -> None:
         batch_rows = await _check(db, expected, mode)
         assert batch_rows == baseline_rows, f"the runs wrote different rows: baseline {baseline_rows}, pay_referrals {batch_rows}"
         await db.dispose()
-    _report(payees, seeded_rewards, baseline_seconds, batch, mode_name)
+    _report(payees, seeded_rewards, baseline_seconds, batch, f"gateway {mode_name}, load {load_at_start:.2f} -> {os.getloadavg()[0]:.2f}")
 
 
-def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult, mode_name: str) -> None:
+def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult, conditions: str) -> None:
     baseline_rate = payees / baseline_seconds
     batch_rate = payees / batch.seconds
-    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, gateway {mode_name}, load {os.getloadavg()[0]:.2f}")
+    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, {conditions}")
     print(f"  {'':48} {'seconds':>9} {'payees/s':>10}")
     print(f"  {'baseline: set-based SQL, one transaction':48} {baseline_seconds:>9.2f} {baseline_rate:>10,.0f}")
     print(f"  {f'pay_referrals, whole batch ({batch.calls} calls)':48} {batch.seconds:>9.2f} {batch_rate:>10,.0f}")
