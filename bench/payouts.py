@@ -249,39 +249,32 @@ BASELINE = [
     UPDATE referral_clawbacks c SET payout_id = i.payout_id
     FROM payout_items i WHERE i.clawback_id = c.id AND c.payout_id IS NULL
     """,
-    # The rewards into their payout.
+    # The rewards into their payout (and, when the gateway pays, paid with it).
     """
     WITH moved AS (
-        UPDATE referrals r SET status = 'in_payout', payout_id = i.payout_id, updated_at = now()
+        UPDATE referrals r SET status = CAST(:reward_status AS text), payout_id = i.payout_id, updated_at = now()
         FROM payout_items i JOIN payouts p ON p.id = i.payout_id AND p.period = CAST(:period AS text)
         WHERE i.referral_id = r.id AND r.status = 'approved'
         RETURNING r.id, r.payout_id
     )
     INSERT INTO referral_history (referral_id, status, at, reason)
     SELECT id, 'in_payout', CAST(:now AS timestamptz), 'payout ' || payout_id FROM moved
+    UNION ALL
+    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM moved WHERE CAST(:reward_status AS text) = 'paid'
     """,
 ]
-#: Then sent, by mode: the manual gateway exports them.
+#: Then the payouts sent, by mode: exported by the manual gateway, or paid.
 SENT = {
     "exported": """
     UPDATE payouts SET status = 'exported', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
                        leased_until = NULL, last_error = NULL
     WHERE period = CAST(:period AS text) AND status = 'pending'
     """,
-    # ... or they are paid, and their rewards with them.
     "paid": """
-    WITH paid AS (
-        UPDATE payouts SET status = 'paid', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
-                           paid_at = CAST(:paid_at AS timestamptz), external_reference = 'tr_bench_' || id,
-                           leased_until = NULL, last_error = NULL
-        WHERE period = CAST(:period AS text) AND status = 'pending'
-        RETURNING id
-    ), rewards AS (
-        UPDATE referrals r SET status = 'paid', updated_at = now() FROM paid WHERE r.payout_id = paid.id AND r.status = 'in_payout'
-        RETURNING r.id, r.payout_id
-    )
-    INSERT INTO referral_history (referral_id, status, at, reason)
-    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM rewards
+    UPDATE payouts SET status = 'paid', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
+                       paid_at = CAST(:paid_at AS timestamptz), external_reference = 'tr_bench_' || id,
+                       leased_until = NULL, last_error = NULL
+    WHERE period = CAST(:period AS text) AND status = 'pending'
     """,
 }
 
@@ -296,6 +289,7 @@ async def _baseline(db: Database, mode: Mode) -> float:
         "minimum": RULES.minimum_payout_cents,
         "methods": list(METHOD_GATEWAYS),
         "gateways": list(METHOD_GATEWAYS.values()),
+        "reward_status": mode.reward_status,
     }
     started = time.perf_counter()
     async with db.begin() as connection:

@@ -202,7 +202,7 @@ PAYOUTS_PER_LEASE = 100
 
 
 async def send_payouts(
-    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun, payout_ids: list[int] | None = None
+    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun
 ) -> None:
     """Send every payout waiting (new or failed), each once per run, ``PAYOUTS_PER_LEASE`` at a time.
 
@@ -223,7 +223,7 @@ async def send_payouts(
             await uow.referrals.record_sent(outcomes, now)
             await _rewards_paid(uow, [o.payout_id for o in outcomes if o.status == "paid"], now)
             # Each payout once per run, and not while another run holds its lease.
-            rows = await uow.referrals.lease_payouts_to_send(PAYOUTS_PER_LEASE, payout_ids, now=now, until=now + SEND_LEASE, run_started=started, after=after)
+            rows = await uow.referrals.lease_payouts_to_send(PAYOUTS_PER_LEASE, now=now, until=now + SEND_LEASE, run_started=started, after=after)
             await uow.commit()
         if leased:
             _tell(run, [row for row, _ in leased], outcomes)

@@ -405,16 +405,15 @@ class SqlReferralRepository:
         return made
 
     async def lease_payouts_to_send(
-        self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, until: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
+        self, limit: int, *, now: datetime, until: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
     ) -> list:
         """Up to ``limit`` payouts not paid yet (new or failed), not leased by another run, each
         once per run, marked tried and leased until ``until``: two statements.
 
         The rows are returned as they were before (``attempts``: the earlier tries), with the
-        payee's ``stripe_account_id`` and ``payout_address``. ``after``:
-        the (created_at, id) of the run's last payout, so a run walks the queue once instead of
-        stepping again over every payout it already tried."""
-        # With where the payee is paid: the gateway's order needs it.
+        payee's ``stripe_account_id`` and ``payout_address`` (the gateway's order needs them).
+        ``after``: the (created_at, id) of the run's last payout, so a run walks the queue once
+        instead of stepping again over every payout it already tried."""
         query = select(payouts, referrers.c.stripe_account_id, referrers.c.payout_address).select_from(
             payouts.outerjoin(referrers, referrers.c.referrer_id == payouts.c.payee_id)
         ).where(
@@ -422,8 +421,6 @@ class SqlReferralRepository:
             or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
             or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
         )
-        if payout_ids is not None:
-            query = query.where(payouts.c.id.in_(payout_ids))
         if after is not None:
             query = query.where(tuple_(payouts.c.created_at, payouts.c.id) > after)
         rows = list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True, of=payouts)))
