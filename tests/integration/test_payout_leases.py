@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from api.app import create_app
 from infra.clock import FixedClock
@@ -178,3 +178,54 @@ async def test_a_crash_mid_lease_with_the_manual_gateway_exports_each_payout_onc
     rows = await payout_rows(api.db)
     assert {p: (r.status, r.period, r.leased_until) for p, r in rows.items()} == dict.fromkeys(ids, ("exported", WEEK, None))
     assert await reward_statuses(api.db) == dict.fromkeys(ids, "in_payout")
+
+
+# ---------------------------------------------------------------- set-based: statements do not grow with payees
+
+
+class Statements:
+    """Counts the SQL statements the engine sends while active."""
+
+    def __init__(self, db) -> None:
+        self.engine, self.count, self.active = db.engine.sync_engine, 0, False
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *_args: object) -> None:
+        self.count += self.active
+
+    async def during(self, work) -> int:
+        self.count, self.active = 0, True
+        try:
+            await work
+        finally:
+            self.active = False
+        return self.count
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+async def test_making_and_sending_payouts_costs_the_same_statements_for_3_payees_as_for_30(api):
+    """Within one chunk (1,000 payees) and one lease (100 payouts), the statements are a
+    constant: one per kind of row, not one per payee."""
+    small = [f"partner-a{n:02}" for n in range(3)]
+    large = [f"partner-b{n:02}" for n in range(30)]
+    for payees_of_week, paid_at in ((small, at(10, 1, 13)), (large, at(10, 8, 13))):  # payable Oct 16, and Oct 23
+        for payee in payees_of_week:
+            code = await api.register(payee, "partner", name=payee, payout_method="manual", payout_address=f"{payee}@bank.example")
+            await referred_and_paid(api, code, [f"{payee}-1", f"{payee}-2"], paid_at)
+    rules, counter = api.settings.referrals, Statements(api.db)
+    try:
+        counts = []
+        for friday, expected in ((FRIDAY, small), (at(10, 23, 14), large)):
+            await payouts.release_rewards(api.new_uow, friday)
+            made, sent = PayoutRun(), PayoutRun()
+            making = await counter.during(payouts.make_payouts(api.new_uow, GATEWAYS, friday, rules, made))
+            sending = await counter.during(payouts.send_payouts(api.new_uow, {"manual": ManualGateway()}, lambda: friday, sent))
+            assert (len(made.created), sent.sent, sent.failed) == (len(expected), {"exported": len(expected)}, [])
+            counts.append((making, sending))
+    finally:
+        counter.close()
+    assert counts[0] == counts[1], counts
+    rows = await payout_rows(api.db)
+    assert {p: (rows[p].amount_cents, rows[p].status, rows[p].attempts) for p in small + large} == dict.fromkeys(small + large, (10000, "exported", 1))
