@@ -1,35 +1,44 @@
 """The Friday referral payout batch against its set-based ceiling, measured in one process.
 
-    .venv/bin/python -m bench.payouts --payees 100000
+    .venv/bin/python -m bench.payouts --payees 100000 [--gateway manual|instant]
 
 Both runs start from the same data in a scratch PostgreSQL database (created, migrated with
 alembic, dropped at the end), seeded set-based and then VACUUM ANALYZEd, reseeded between
 the runs (same ids). The data: ``--payees`` referrers (1 in 20 a partner, 1 in 20 an
-employee, the rest customers), all paid by Stripe Connect, each with 1-3 due rewards (1 in 4
-still ``pending`` with its hold over, the rest ``approved`` by earlier hourly runs); about
-1 payee in 37 also has an open clawback of an older, already paid reward. Every payee's
-total is at least the weekly minimum, so each gets exactly one payout. ``now`` is a Friday
-in the payout time zone (10:00 in New York), so the batch pays everyone.
+employee, the rest customers), all paid the same way (below), each with 1-3 due rewards (1
+in 4 still ``pending`` with its hold over, the rest ``approved`` by earlier hourly runs);
+about 1 payee in 37 also has an open clawback of an older, already paid reward. Every
+payee's total is at least the weekly minimum, so each gets exactly one payout. ``now`` is a
+Friday in the payout time zone (10:00 in New York), so the batch pays everyone.
+
+``--gateway``: ``manual`` (the default) seeds payees paid by the ``manual`` method and sends
+through the real ``ManualGateway``: each payout is exported, its rewards stay ``in_payout``.
+``instant`` seeds Stripe Connect payees and sends through an in-memory gateway that pays at
+once (the provider's latency excluded): payouts and rewards end ``paid``.
 
 * baseline (the ceiling): one transaction of set-based statements doing the same raw work,
   row for row: release the pending rewards, one payout per payee with the summed amount, its
-  payout items, the clawbacks linked, the rewards moved to ``paid`` with their
-  ``approved`` / ``in_payout`` / ``paid`` history rows, the payouts marked paid.
+  payout items, the clawbacks linked, the rewards moved to ``in_payout`` with their
+  ``approved`` / ``in_payout`` history rows, then the payouts exported (or paid, with their
+  rewards and ``paid`` history rows), each tried once.
 * ``pay_referrals``: the service-layer function the ``pay_referrals`` actor calls, with the
   actor's arguments (default ``ReferralRules``, the default ``PAYOUT_GATEWAYS`` method map)
-  except the gateway: an in-memory one that pays at once, so the provider's latency is
-  excluded. Should a call leave payouts unsent it is called again, as the hourly actor
-  would be (at most ``--max-calls``); the first call and the whole batch are reported. The
-  three phases (``release_rewards``, ``make_payouts``, ``send_payouts``) are timed by wrapping them in this process only, and
-  the SQL statements each issues (and its connection checkouts, one transaction each) are
-  counted with SQLAlchemy engine events. Logging is configured as in the workers
-  (``configure_logging``, JSON at INFO) but written to /dev/null.
+  and the gateway above. Should a call leave payouts unsent it is called again, as the
+  hourly actor would be (at most ``--max-calls``); the first call and the whole batch are
+  reported. The three phases (``release_rewards``, ``make_payouts``, ``send_payouts``) are
+  timed by wrapping them in this process only, and the SQL statements each issues (and its
+  connection checkouts, one transaction each) are counted with SQLAlchemy engine events.
+  Logging is configured as in the workers (``configure_logging``, JSON at INFO) but written
+  to /dev/null.
 
 After each run the result is checked: every payee has exactly one payout for the Friday,
-with the expected amount and idempotency key, equal to the sum of its items; no payout,
-reward or clawback is left unpaid; both runs wrote the same number of rows of each kind.
+with the expected amount and idempotency key, equal to the sum of its items; every payout
+of the Friday is sent (exported or paid) and its rewards moved with it; no clawback is left
+open; both runs wrote the same number of rows of each kind.
 
-Reported: payees per second for each, the phase split, and pay_referrals / baseline.
+Reported: payees per second for each, the phase split, pay_referrals / baseline, and the
+1-minute load average at the start and at the end (the machine is shared: compare ratios,
+not rates).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from bench.scratch import scratch_database
 from infra.db import Database
 from infra.db.referrals import payout_key
 from infra.logging import configure_logging
+from infra.payouts import ManualGateway
 from infra.settings import Settings
 from service_layer import payouts
 from service_layer.unit_of_work import SqlUnitOfWork
@@ -67,12 +77,30 @@ PHASES = ("release_rewards", "make_payouts", "send_payouts")
 
 class InstantGateway:
     """A PayoutGateway that pays at once, in memory: no provider latency. It stands in for the
-    ``stripe_connect`` gateway, so payouts go through the paid path (``record_paid``)."""
+    ``stripe_connect`` gateway, so payouts go through the paid path (the rewards paid too)."""
 
     name = "instant"
 
     async def send(self, order: payouts.PayoutOrder) -> payouts.Sent:
         return payouts.Sent("paid", f"tr_bench_{order.payout_id}")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the payees are paid: the payout method seeded, its gateway, and what a sent payout becomes."""
+
+    method: str
+    gateway: payouts.PayoutGateway
+    payout_status: str  # a sent payout's status
+    reward_status: str  # its rewards' status
+
+
+MODES = {
+    # The manual gateway (Cash App, bank transfers by hand): exported for operations; the rewards stay in the payout.
+    "manual": Mode("manual", ManualGateway(), "exported", "in_payout"),
+    # Stripe Connect, paid at once in memory: the payouts and their rewards paid.
+    "instant": Mode("stripe_connect", InstantGateway(), "paid", "paid"),
+}
 
 
 # ---------------------------------------------------------------- seeding
@@ -87,7 +115,7 @@ SEED = [
     """
     INSERT INTO referrers (referrer_id, kind, name, email, payout_method, same_day, stripe_account_id, created_at)
     SELECT 'payee-' || g, CASE g % 20 WHEN 0 THEN 'partner' WHEN 1 THEN 'employee' ELSE 'customer' END,
-           'Payee ' || g, 'payee-' || g || '@example.com', 'stripe_connect', false, 'acct_bench' || g,
+           'Payee ' || g, 'payee-' || g || '@example.com', :method, false, 'acct_bench' || g,
            CAST(:now AS timestamptz) - interval '120 days'
     FROM generate_series(1, :payees) g
     """,
@@ -117,7 +145,7 @@ SEED = [
     f"""
     INSERT INTO payouts (payee_id, period, method, gateway, amount_cents, currency, status, idempotency_key,
                          external_reference, attempts, last_tried_at, created_at, paid_at)
-    SELECT 'payee-' || g, CAST(:period AS text), 'stripe_connect', 'stripe_connect', {_REWARD}, :currency, 'paid',
+    SELECT 'payee-' || g, CAST(:period AS text), :method, :gateway, {_REWARD}, :currency, 'paid',
            {_PAYOUT_KEY.format(payee="'payee-' || g")}, 'tr_old_' || g, 1,
            CAST(:paid_at AS timestamptz), CAST(:paid_at AS timestamptz), CAST(:paid_at AS timestamptz)
     FROM generate_series(1, :payees) g WHERE {_CLAWED_BACK}
@@ -145,12 +173,14 @@ SELECT payee_id, sum(amount) AS total FROM (
 """
 
 
-async def _seed(db: Database, payees: int) -> dict[str, tuple[int, str]]:
+async def _seed(db: Database, payees: int, mode: Mode) -> dict[str, tuple[int, str]]:
     """Fresh data; returns each payee's expected (amount, idempotency key) for the Friday."""
     rewards = RULES.rewards_cents
     last_friday = FRIDAY - timedelta(days=7)
     params = {
         "payees": payees,
+        "method": mode.method,
+        "gateway": METHOD_GATEWAYS[mode.method],
         "now": FRIDAY,
         "paid_at": last_friday,
         "period": RULES.calendar.weekly_period(last_friday),
@@ -219,10 +249,10 @@ BASELINE = [
     UPDATE referral_clawbacks c SET payout_id = i.payout_id
     FROM payout_items i WHERE i.clawback_id = c.id AND c.payout_id IS NULL
     """,
-    # The rewards into their payout, then paid.
+    # The rewards into their payout (and, when the gateway pays, paid with it).
     """
     WITH moved AS (
-        UPDATE referrals r SET status = 'paid', payout_id = i.payout_id, updated_at = now()
+        UPDATE referrals r SET status = CAST(:reward_status AS text), payout_id = i.payout_id, updated_at = now()
         FROM payout_items i JOIN payouts p ON p.id = i.payout_id AND p.period = CAST(:period AS text)
         WHERE i.referral_id = r.id AND r.status = 'approved'
         RETURNING r.id, r.payout_id
@@ -230,18 +260,26 @@ BASELINE = [
     INSERT INTO referral_history (referral_id, status, at, reason)
     SELECT id, 'in_payout', CAST(:now AS timestamptz), 'payout ' || payout_id FROM moved
     UNION ALL
-    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM moved
+    SELECT id, 'paid', CAST(:paid_at AS timestamptz), 'payout ' || payout_id || ' paid' FROM moved WHERE CAST(:reward_status AS text) = 'paid'
     """,
-    """
+]
+#: Then the payouts sent, by mode: exported by the manual gateway, or paid.
+SENT = {
+    "exported": """
+    UPDATE payouts SET status = 'exported', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
+                       leased_until = NULL, last_error = NULL
+    WHERE period = CAST(:period AS text) AND status = 'pending'
+    """,
+    "paid": """
     UPDATE payouts SET status = 'paid', attempts = attempts + 1, last_tried_at = CAST(:paid_at AS timestamptz),
                        paid_at = CAST(:paid_at AS timestamptz), external_reference = 'tr_bench_' || id,
                        leased_until = NULL, last_error = NULL
     WHERE period = CAST(:period AS text) AND status = 'pending'
     """,
-]
+}
 
 
-async def _baseline(db: Database) -> float:
+async def _baseline(db: Database, mode: Mode) -> float:
     """Seconds for the set-based statements, one transaction."""
     params = {
         "now": FRIDAY,
@@ -251,10 +289,11 @@ async def _baseline(db: Database) -> float:
         "minimum": RULES.minimum_payout_cents,
         "methods": list(METHOD_GATEWAYS),
         "gateways": list(METHOD_GATEWAYS.values()),
+        "reward_status": mode.reward_status,
     }
     started = time.perf_counter()
     async with db.begin() as connection:
-        for statement in BASELINE:
+        for statement in [*BASELINE, SENT[mode.payout_status]]:
             await connection.execute(text(statement), params)
     return time.perf_counter() - started
 
@@ -319,10 +358,10 @@ def _timed_phases(counter: SqlCounter, result: BatchResult):
         yield
 
 
-async def _pay_referrals(db: Database, max_calls: int) -> BatchResult:
+async def _pay_referrals(db: Database, max_calls: int, mode: Mode) -> BatchResult:
     """Call pay_referrals (as the hourly actor would) until every payout of the batch is sent."""
     counter = SqlCounter(db)
-    gateways = {"stripe_connect": InstantGateway()}
+    gateways = {METHOD_GATEWAYS[mode.method]: mode.gateway}
     result = BatchResult()
     with _timed_phases(counter, result):
         while result.calls == 0 or result.sent < result.created:
@@ -331,20 +370,20 @@ async def _pay_referrals(db: Database, max_calls: int) -> BatchResult:
             started = time.perf_counter()
             run = await payouts.pay_referrals(lambda: SqlUnitOfWork(db), gateways, METHOD_GATEWAYS, FRIDAY, RULES)
             elapsed = time.perf_counter() - started
-            assert not run.failed and not run.held_back and set(run.sent) <= {"paid"}, run
+            assert not run.failed and not run.held_back and set(run.sent) <= {mode.payout_status}, run
             result.seconds += elapsed
             result.calls += 1
             result.created += len(run.created)
-            result.sent += run.sent.get("paid", 0)
+            result.sent += run.sent.get(mode.payout_status, 0)
             if result.calls == 1:
-                result.first_call_seconds, result.first_call_sent = elapsed, run.sent.get("paid", 0)
+                result.first_call_seconds, result.first_call_sent = elapsed, run.sent.get(mode.payout_status, 0)
     return result
 
 
 # ---------------------------------------------------------------- checking
 
 
-async def _check(db: Database, expected: dict[str, tuple[int, str]]) -> dict[str, int]:
+async def _check(db: Database, expected: dict[str, tuple[int, str]], mode: Mode) -> dict[str, int]:
     """Assert the batch is complete and right; returns the rows it left, by kind, for comparing runs."""
     period = RULES.calendar.weekly_period(FRIDAY)
     async with db.connect() as connection:
@@ -360,16 +399,18 @@ async def _check(db: Database, expected: dict[str, tuple[int, str]]) -> dict[str
             {"p": period},
         )
         assert mismatched == 0, f"{mismatched} payouts differ from the sum of their items"
-        unpaid = (
+        unsent = (
             await connection.execute(
                 text(
-                    "SELECT (SELECT count(*) FROM payouts WHERE status <> 'paid' OR paid_at IS NULL) AS payouts, "
-                    "(SELECT count(*) FROM referrals WHERE status <> 'paid' OR payout_id IS NULL) AS rewards, "
+                    "SELECT (SELECT count(*) FROM payouts WHERE (period = :p AND status <> :sent) OR (status = 'paid') <> (paid_at IS NOT NULL)) AS payouts, "
+                    "(SELECT count(*) FROM referrals r LEFT JOIN payouts p ON p.id = r.payout_id "
+                    " WHERE p.id IS NULL OR r.status <> CASE WHEN p.period = :p THEN :reward ELSE 'paid' END) AS rewards, "
                     "(SELECT count(*) FROM referral_clawbacks WHERE payout_id IS NULL) AS clawbacks"
-                )
+                ),
+                {"p": period, "sent": mode.payout_status, "reward": mode.reward_status},
             )
         ).one()
-        assert tuple(unpaid) == (0, 0, 0), f"left unpaid: {unpaid._asdict()}"
+        assert tuple(unsent) == (0, 0, 0), f"left unsent: {unsent._asdict()}"
         counts = dict(
             (await connection.execute(text("SELECT 'history ' || status, count(*) FROM referral_history GROUP BY status"))).all()
         )
@@ -387,29 +428,31 @@ def _quiet_production_logging() -> None:
     logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
 
 
-async def run(payees: int, max_calls: int) -> None:
+async def run(payees: int, max_calls: int, mode_name: str) -> None:
     assert RULES.calendar.is_payout_day(FRIDAY)
+    mode = MODES[mode_name]
+    load_at_start = os.getloadavg()[0]
     _quiet_production_logging()
     async with scratch_database() as scratch:
         db = Database(scratch.url)
 
-        expected = await _seed(db, payees)
-        baseline_seconds = await _baseline(db)
-        baseline_rows = await _check(db, expected)
+        expected = await _seed(db, payees, mode)
+        baseline_seconds = await _baseline(db, mode)
+        baseline_rows = await _check(db, expected, mode)
 
-        assert await _seed(db, payees) == expected
+        assert await _seed(db, payees, mode) == expected
         seeded_rewards = await _count_due_rewards(db)
-        batch = await _pay_referrals(db, max_calls)
-        batch_rows = await _check(db, expected)
+        batch = await _pay_referrals(db, max_calls, mode)
+        batch_rows = await _check(db, expected, mode)
         assert batch_rows == baseline_rows, f"the runs wrote different rows: baseline {baseline_rows}, pay_referrals {batch_rows}"
         await db.dispose()
-    _report(payees, seeded_rewards, baseline_seconds, batch)
+    _report(payees, seeded_rewards, baseline_seconds, batch, f"gateway {mode_name}, load {load_at_start:.2f} -> {os.getloadavg()[0]:.2f}")
 
 
-def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult) -> None:
+def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult, conditions: str) -> None:
     baseline_rate = payees / baseline_seconds
     batch_rate = payees / batch.seconds
-    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs")
+    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, {conditions}")
     print(f"  {'':48} {'seconds':>9} {'payees/s':>10}")
     print(f"  {'baseline: set-based SQL, one transaction':48} {baseline_seconds:>9.2f} {baseline_rate:>10,.0f}")
     print(f"  {f'pay_referrals, whole batch ({batch.calls} calls)':48} {batch.seconds:>9.2f} {batch_rate:>10,.0f}")
@@ -436,8 +479,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payees", type=int, default=5_000)
     parser.add_argument("--max-calls", type=int, default=1_000, help="give up if the batch is not sent after this many pay_referrals calls")
+    parser.add_argument("--gateway", choices=sorted(MODES), default="manual", help="manual: exported (the default); instant: Stripe Connect paid at once in memory")
     args = parser.parse_args()
-    asyncio.run(run(args.payees, args.max_calls))
+    asyncio.run(run(args.payees, args.max_calls, args.gateway))
 
 
 if __name__ == "__main__":

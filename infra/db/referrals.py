@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import BigInteger, Boolean, Integer, Row, String, Table, Text, and_, bindparam, column, delete, func, insert, or_, select, tuple_, union, update
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,6 +18,7 @@ from domain.referrals import Change, Party, PriorReferral, Referral, ReferralSta
 from infra.db.repository import upsert_into
 from infra.db.tables import (
     PAYOUT_IS_TO_SEND,
+    UtcDateTime,
     REFERRAL_IS_ATTRIBUTED,
     credit_lots,
     customer_profiles,
@@ -42,19 +46,49 @@ _REFERRAL_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Payable:
-    """A payee's payable amount: approved rewards and open clawbacks, by id."""
+    """A payee's payable amount: approved rewards (locked) and open clawbacks (id, amount)."""
 
     payee_id: str
-    referral_ids: list[int]
-    clawback_ids: list[int]
-    total_cents: int
+    rewards: list[Referral] = field(default_factory=list)
+    clawbacks: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def total_cents(self) -> int:
+        return sum(r.reward_cents or 0 for r in self.rewards) - sum(amount for _, amount in self.clawbacks)
+
+
+@dataclass(frozen=True)
+class NewPayout:
+    """A payout to make: the payee's payable items for ``period``, sent through ``gateway``."""
+
+    payable: Payable
+    period: str
+    method: str
+    gateway: str
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """What the gateway said of one leased payout: paid (``reference``), exported, or failed (``error``)."""
+
+    payout_id: int
+    status: str
+    reference: str | None = None
+    error: str | None = None
 
 
 class SqlReferralRepository:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
+        #: Each referral's fields as loaded: ``save_many`` writes only what changed since.
+        self._loaded: WeakKeyDictionary[Referral, dict] = WeakKeyDictionary()
+
+    def _load(self, row) -> Referral:
+        referral = _referral(row)
+        self._loaded[referral] = _values(referral)
+        return referral
 
     # ------------------------------------------------------------ profiles
 
@@ -145,17 +179,17 @@ class SqlReferralRepository:
     async def attributed(self, customer_id: str, *, for_update: bool = True) -> Referral | None:
         query = select(referrals).where(referrals.c.referred_customer_id == customer_id, REFERRAL_IS_ATTRIBUTED)
         row = (await self.connection.execute(query.with_for_update() if for_update else query)).first()
-        return _referral(row) if row else None
+        return self._load(row) if row else None
 
     async def by_id(self, referral_id: int, *, for_update: bool = True) -> Referral | None:
         query = select(referrals).where(referrals.c.id == referral_id)
         row = (await self.connection.execute(query.with_for_update() if for_update else query)).first()
-        return _referral(row) if row else None
+        return self._load(row) if row else None
 
     async def by_qualifying_payment(self, payment_id: str) -> Referral | None:
         query = select(referrals).where(referrals.c.qualifying_payment_id == payment_id, REFERRAL_IS_ATTRIBUTED).with_for_update()
         row = (await self.connection.execute(query)).first()
-        return _referral(row) if row else None
+        return self._load(row) if row else None
 
     async def add(self, referral: Referral) -> None:
         values = _values(referral)
@@ -167,23 +201,27 @@ class SqlReferralRepository:
         await self.save_many([(referral, list(new_changes))])
 
     async def save_many(self, changed: Sequence[tuple[Referral, Sequence[Change]]]) -> None:
-        """Write referrals and their new history: two statements however many (payout runs save thousands)."""
+        """Write referrals and their new history in a few statements however many (payout runs
+        save thousands): the referrals grouped by which fields changed since they were loaded."""
         if not changed:
             return
-        await self.connection.execute(
-            update(referrals)
-            .where(referrals.c.id == bindparam("referral_id"))
-            .values(**{name: bindparam(f"new_{name}") for name in _REFERRAL_FIELDS}, updated_at=func.now()),
-            [{"referral_id": referral.id, **{f"new_{name}": value for name, value in _values(referral).items()}} for referral, _ in changed],
-        )
+        groups: dict[tuple[str, ...], list[dict]] = {}
+        for referral, _ in changed:
+            values = _values(referral)
+            loaded = self._loaded.get(referral)
+            names = tuple(name for name in _REFERRAL_FIELDS if loaded is None or loaded[name] != values[name])
+            if names:
+                groups.setdefault(names, []).append({"id": referral.id, **{name: values[name] for name in names}})
+            self._loaded[referral] = values
+        for names, rows in groups.items():
+            await _update_rows(self.connection, referrals, rows, names, updated_at=func.now())
         await self._insert_history(changed)
 
     async def _insert_history(self, changed: Sequence[tuple[Referral, Sequence[Change]]]) -> None:
         history = [
             {"referral_id": referral.id, "status": c.status.value, "at": c.at, "reason": c.reason} for referral, changes in changed for c in changes
         ]
-        if history:
-            await self.connection.execute(insert(referral_history), history)
+        await _insert_rows(self.connection, referral_history, history)
 
     async def history(self, referral_ids: list[int]) -> dict[int, list]:
         rows = await self.connection.execute(
@@ -255,7 +293,7 @@ class SqlReferralRepository:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        return [_referral(row) for row in await self.connection.execute(query)]
+        return [self._load(row) for row in await self.connection.execute(query)]
 
     async def has_clawback(self, referral_id: int) -> bool:
         query = select(referral_clawbacks.c.id).where(referral_clawbacks.c.referral_id == referral_id)
@@ -270,86 +308,118 @@ class SqlReferralRepository:
 
     # ------------------------------------------------------------ payouts
 
-    async def payable(self, payee_ids: list[str] | None = None) -> list[Payable]:
-        """Every payee's approved rewards and open clawbacks, locked (others skip them)."""
-        approved = select(referrals.c.id, referrals.c.referrer_id, referrals.c.reward_cents).where(referrals.c.status == ReferralStatus.APPROVED.value)
+    async def payees_with_payable(self, *, same_day_only: bool = False) -> list[str]:
+        """Payees with an approved reward or an open clawback, in id order (not locked: each
+        chunk locks its own with ``payable``); only same-day payees if asked."""
+        approved = select(referrals.c.referrer_id.label("payee_id")).where(referrals.c.status == ReferralStatus.APPROVED.value)
+        clawbacks = select(referral_clawbacks.c.payee_id).where(referral_clawbacks.c.payout_id.is_(None))
+        if same_day_only:
+            same_day = select(referrers.c.referrer_id).where(referrers.c.same_day.is_(True))
+            approved = approved.where(referrals.c.referrer_id.in_(same_day))
+            clawbacks = clawbacks.where(referral_clawbacks.c.payee_id.in_(same_day))
+        query = union(approved, clawbacks).order_by("payee_id")
+        return [payee for payee in (await self.connection.execute(query)).scalars() if payee is not None]
+
+    async def payable(self, payee_ids: list[str]) -> list[Payable]:
+        """The payees' approved rewards and open clawbacks, locked (other runs skip them): two statements."""
+        approved = select(referrals).where(referrals.c.status == ReferralStatus.APPROVED.value, referrals.c.referrer_id.in_(payee_ids))
         clawbacks = select(referral_clawbacks.c.id, referral_clawbacks.c.payee_id, referral_clawbacks.c.amount_cents).where(
-            referral_clawbacks.c.payout_id.is_(None)
+            referral_clawbacks.c.payout_id.is_(None), referral_clawbacks.c.payee_id.in_(payee_ids)
         )
-        if payee_ids is not None:
-            approved = approved.where(referrals.c.referrer_id.in_(payee_ids))
-            clawbacks = clawbacks.where(referral_clawbacks.c.payee_id.in_(payee_ids))
-        by_payee: dict[str, tuple[list[int], list[int], int]] = {}
-        for r in await self.connection.execute(approved.with_for_update(skip_locked=True)):
-            ids, claws, total = by_payee.get(r.referrer_id, ([], [], 0))
-            by_payee[r.referrer_id] = (ids + [r.id], claws, total + (r.reward_cents or 0))
-        for r in await self.connection.execute(clawbacks.with_for_update(skip_locked=True)):
-            ids, claws, total = by_payee.get(r.payee_id, ([], [], 0))
-            by_payee[r.payee_id] = (ids, claws + [r.id], total - r.amount_cents)
-        return [Payable(payee, ids, claws, total) for payee, (ids, claws, total) in sorted(by_payee.items())]
+        by_payee: dict[str, Payable] = {}
+        for row in await self.connection.execute(approved.order_by(referrals.c.id).with_for_update(skip_locked=True)):
+            by_payee.setdefault(row.referrer_id, Payable(row.referrer_id)).rewards.append(self._load(row))
+        for row in await self.connection.execute(clawbacks.order_by(referral_clawbacks.c.id).with_for_update(skip_locked=True)):
+            by_payee.setdefault(row.payee_id, Payable(row.payee_id)).clawbacks.append((row.id, row.amount_cents))
+        return [by_payee[payee] for payee in sorted(by_payee)]
 
-    async def create_payout(self, payable: Payable, period: str, method: str, gateway: str, currency: str, now: datetime) -> int | None:
-        """Snapshot a payee's payable items into one payout for the period; None if the period already has one."""
-        statement = (
-            upsert_into(self.connection, payouts)
-            .values(
-                payee_id=payable.payee_id,
-                period=period,
-                method=method,
-                gateway=gateway,
-                amount_cents=payable.total_cents,
-                currency=currency,
-                status="pending",
-                idempotency_key=payout_key(payable.payee_id, period),
-                created_at=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(payouts.c.id)
-        )
-        payout_id = (await self.connection.execute(statement)).scalar_one_or_none()
-        if payout_id is None:
-            return None
-        rows = await self.connection.execute(select(referrals.c.id, referrals.c.reward_cents).where(referrals.c.id.in_(payable.referral_ids)))
-        items = [{"payout_id": payout_id, "referral_id": r.id, "clawback_id": None, "amount_cents": r.reward_cents} for r in rows]
-        claws = await self.connection.execute(select(referral_clawbacks.c.id, referral_clawbacks.c.amount_cents).where(referral_clawbacks.c.id.in_(payable.clawback_ids)))
-        items += [{"payout_id": payout_id, "referral_id": None, "clawback_id": r.id, "amount_cents": -r.amount_cents} for r in claws]
-        if items:
-            await self.connection.execute(insert(payout_items), items)
-        if payable.clawback_ids:
-            await self.connection.execute(update(referral_clawbacks).where(referral_clawbacks.c.id.in_(payable.clawback_ids)).values(payout_id=payout_id))
-        return payout_id
+    async def referrer_rows(self, referrer_ids: Iterable[str]) -> dict[str, Row]:
+        """Referrers by id, in one statement."""
+        wanted = sorted(set(referrer_ids))
+        if not wanted:
+            return {}
+        return {row.referrer_id: row for row in await self.connection.execute(select(referrers).where(referrers.c.referrer_id.in_(wanted)))}
 
-    async def last_period_number(self, payee_id: str, period_prefix: str) -> int:
-        """The highest n of the payee's ``<prefix>-<n>`` periods (0 if none): numbers are never reused."""
-        query = select(payouts.c.period).where(payouts.c.payee_id == payee_id, payouts.c.period.like(f"{period_prefix}-%"))
-        numbers = [int(p.rsplit("-", 1)[1]) for p in (await self.connection.execute(query)).scalars() if p.rsplit("-", 1)[1].isdigit()]
-        return max(numbers, default=0)
+    async def last_period_numbers(self, payee_ids: list[str], period_prefix: str) -> dict[str, int]:
+        """Each payee's highest n of its ``<prefix>-<n>`` periods (absent: none): numbers are never reused."""
+        if not payee_ids:
+            return {}
+        query = select(payouts.c.payee_id, payouts.c.period).where(payouts.c.payee_id.in_(payee_ids), payouts.c.period.like(f"{period_prefix}-%"))
+        numbers: dict[str, int] = {}
+        for row in await self.connection.execute(query):
+            number = row.period.rsplit("-", 1)[1]
+            if number.isdigit():
+                numbers[row.payee_id] = max(numbers.get(row.payee_id, 0), int(number))
+        return numbers
 
-    async def lock_payouts_to_send(
-        self, limit: int, payout_ids: list[int] | None = None, *, now: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
+    async def create_payouts(self, new: Sequence[NewPayout], currency: str, now: datetime) -> dict[str, int]:
+        """Snapshot each payee's payable items into one payout for its period, in one statement
+        per kind of row; returns the payout id by payee, leaving out payees whose period already
+        has a payout (a rerun)."""
+        if not new:
+            return {}
+        rows = [
+            {
+                "payee_id": n.payable.payee_id, "period": n.period, "method": n.method, "gateway": n.gateway, "amount_cents": n.payable.total_cents,
+                "currency": currency, "status": "pending", "idempotency_key": payout_key(n.payable.payee_id, n.period), "created_at": now,
+            }
+            for n in new
+        ]
+        inserted = await _insert_rows(self.connection, payouts, rows, skip_conflicts=True, returning=(payouts.c.id, payouts.c.payee_id))
+        made = {row.payee_id: row.id for row in inserted}
+        items, linked = [], []
+        for n in new:
+            payout_id = made.get(n.payable.payee_id)
+            if payout_id is None:
+                continue
+            items += [{"payout_id": payout_id, "referral_id": r.id, "clawback_id": None, "amount_cents": r.reward_cents or 0} for r in n.payable.rewards]
+            items += [{"payout_id": payout_id, "referral_id": None, "clawback_id": c, "amount_cents": -amount} for c, amount in n.payable.clawbacks]
+            linked += [{"id": c, "payout_id": payout_id} for c, _ in n.payable.clawbacks]
+        await _insert_rows(self.connection, payout_items, items)
+        await _update_rows(self.connection, referral_clawbacks, linked, ["payout_id"])
+        return made
+
+    async def lease_payouts_to_send(
+        self, limit: int, *, now: datetime, until: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
     ) -> list:
-        """Payouts not paid yet (new or failed), not leased by another run, each once per run; locked.
+        """Up to ``limit`` payouts not paid yet (new or failed), not leased by another run, each
+        once per run, marked tried and leased until ``until``: two statements.
 
+        The rows are returned as they were before (``attempts``: the earlier tries), with the
+        payee's ``stripe_account_id`` and ``payout_address`` (the gateway's order needs them).
         ``after``: the (created_at, id) of the run's last payout, so a run walks the queue once
         instead of stepping again over every payout it already tried."""
-        query = select(payouts).where(
+        query = select(payouts, referrers.c.stripe_account_id, referrers.c.payout_address).select_from(
+            payouts.outerjoin(referrers, referrers.c.referrer_id == payouts.c.payee_id)
+        ).where(
             PAYOUT_IS_TO_SEND,
             or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
             or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
         )
-        if payout_ids is not None:
-            query = query.where(payouts.c.id.in_(payout_ids))
         if after is not None:
             query = query.where(tuple_(payouts.c.created_at, payouts.c.id) > after)
-        return list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True)))
+        rows = list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True, of=payouts)))
+        if rows:
+            await self.connection.execute(
+                update(payouts).where(payouts.c.id.in_([row.id for row in rows])).values(attempts=payouts.c.attempts + 1, last_tried_at=now, leased_until=until)
+            )
+        return rows
+
+    async def record_sent(self, outcomes: Sequence[SendOutcome], at: datetime) -> None:
+        """What the gateway said of each leased payout, in one statement per outcome: paid,
+        exported, failed. The lease ends; a paid payout never changes again."""
+        paid = [{"id": o.payout_id, "external_reference": o.reference} for o in outcomes if o.status == "paid"]
+        exported = [o.payout_id for o in outcomes if o.status == "exported"]
+        failed = [{"id": o.payout_id, "last_error": o.error} for o in outcomes if o.status == "failed"]
+        unpaid = payouts.c.status != "paid"
+        await _update_rows(self.connection, payouts, paid, ["external_reference"], unpaid, status="paid", paid_at=at, last_error=None, leased_until=None)
+        if exported:
+            await self.connection.execute(update(payouts).where(payouts.c.id.in_(exported), unpaid).values(status="exported", last_error=None, leased_until=None))
+        await _update_rows(self.connection, payouts, failed, ["last_error"], unpaid, status="failed", failures=payouts.c.failures + 1, leased_until=None)
 
     async def payout(self, payout_id: int, *, for_update: bool = True):
         query = select(payouts).where(payouts.c.id == payout_id)
         return (await self.connection.execute(query.with_for_update() if for_update else query)).first()
-
-    async def set_payout(self, payout_id: int, **values: object) -> None:
-        """Change a payout not yet paid (a paid payout never changes again)."""
-        await self.connection.execute(update(payouts).where(payouts.c.id == payout_id, payouts.c.status != "paid").values(**values))
 
     async def withdraw_from_unsent_payout(self, referral: Referral) -> bool:
         """Take a reward out of its payout if that payout was never sent; the payout shrinks, or
@@ -368,11 +438,13 @@ class SqlReferralRepository:
             await self.connection.execute(delete(payouts).where(payouts.c.id == row.id))
         return True
 
-    async def referrals_in_payout(self, payout_id: int) -> list[Referral]:
-        rows = await self.connection.execute(
-            select(referrals).join(payout_items, and_(payout_items.c.referral_id == referrals.c.id, payout_items.c.payout_id == payout_id)).with_for_update()
-        )
-        return [_referral(row) for row in rows]
+    async def referrals_in_payouts(self, payout_ids: list[int]) -> list[Referral]:
+        """The rewards of these payouts, locked: one statement."""
+        if not payout_ids:
+            return []
+        joined = referrals.join(payout_items, and_(payout_items.c.referral_id == referrals.c.id, payout_items.c.payout_id.in_(payout_ids)))
+        rows = await self.connection.execute(select(referrals).select_from(joined).order_by(referrals.c.id).with_for_update(of=referrals))
+        return [self._load(row) for row in rows]
 
 
 def payout_key(payee_id: str, period: str) -> str:
@@ -392,3 +464,58 @@ def _referral(row) -> Referral:
     values["status"] = ReferralStatus(values["status"])
     values["flags"] = tuple(values["flags"] or ())
     return Referral(**values, id=row.id)
+
+
+# ---------------------------------------------------------------- many rows in one statement
+
+
+def _array_type(column_type):
+    """The PostgreSQL array element type asyncpg encodes by itself (no Python per value), or None."""
+    if isinstance(column_type, UtcDateTime):
+        return TIMESTAMP(timezone=True)
+    for kind, array_kind in ((Boolean, Boolean), (Integer, BigInteger), (String, Text)):
+        if isinstance(column_type, kind):
+            return array_kind()
+    return None  # JSON and the rest: written row by row
+
+
+def _unnested(connection: AsyncConnection, table: Table, rows: Sequence[dict], names: Sequence[str]):
+    """On PostgreSQL, ``rows`` as one FROM item (``unnest`` of one array per column): a statement
+    over it costs one round trip and no per-row parameter processing. None elsewhere, or when a
+    column has no plain array type."""
+    kinds = [_array_type(table.c[name].type) for name in names]
+    if connection.dialect.name != "postgresql" or None in kinds:
+        return None
+    arrays = [bindparam(f"u_{name}", [row[name] for row in rows], type_=ARRAY(kind)) for name, kind in zip(names, kinds, strict=True)]
+    return func.unnest(*arrays).table_valued(*(column(name, kind) for name, kind in zip(names, kinds, strict=True))).render_derived(name="v")
+
+
+async def _insert_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict], *, skip_conflicts: bool = False, returning: Sequence = ()) -> list:
+    """INSERT ``rows`` (dicts with the same keys) in one statement; the ``returning`` columns of those inserted."""
+    if not rows:
+        return []
+    names = list(rows[0])
+    source = _unnested(connection, table, rows, names)
+    if source is not None:
+        statement = pg_insert(table).from_select(names, select(*(source.c[name] for name in names)))
+    else:
+        statement = upsert_into(connection, table)
+    if skip_conflicts:
+        statement = statement.on_conflict_do_nothing()
+    if returning:
+        statement = statement.returning(*returning)
+    result = await connection.execute(statement) if source is not None else await connection.execute(statement, rows)
+    return list(result) if returning else []
+
+
+async def _update_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict], names: Sequence[str], *conditions, **values) -> None:
+    """UPDATE each row's ``names`` by its ``id`` (and ``conditions``), and ``values`` for all, in one statement."""
+    if not rows:
+        return
+    source = _unnested(connection, table, rows, ["id", *names])
+    if source is not None:
+        statement = update(table).where(table.c.id == source.c.id, *conditions).values({**{name: source.c[name] for name in names}, **values})
+        await connection.execute(statement)
+        return
+    statement = update(table).where(table.c.id == bindparam("b_id"), *conditions).values({**{name: bindparam(f"b_{name}") for name in names}, **values})
+    await connection.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])

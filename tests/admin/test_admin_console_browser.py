@@ -32,7 +32,7 @@ from service_layer import referrals as referral_cases
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support.fake_stripe import event as stripe_event
 from tests.support.fake_stripe import invoice, mark_paid, signed
-from tests.referrals.test_referral_payouts import pay_referrals_as_of
+from tests.support.referrals import pay_referrals_as_of
 from tests.support import ROOT, InProcessServer, eventually
 
 pytestmark = pytest.mark.slow

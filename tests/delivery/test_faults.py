@@ -485,7 +485,7 @@ async def test_a_message_refused_during_a_database_outage_is_still_archived_in_p
     refused — and dead-lettered — during a database outage too. Its copy in PostgreSQL must
     not depend on the database being up at that very moment."""
     from tests.support.delivery import publish_raw, raw_broker
-    from tests.delivery.test_transient_faults import TcpProxy
+    from tests.support.faults import TcpProxy
 
     proxy = TcpProxy()
     proxy.start()

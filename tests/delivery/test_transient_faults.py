@@ -12,15 +12,11 @@ from __future__ import annotations
 import pytest
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 
 from sqlalchemy import func, select, text
-from sqlalchemy.engine import make_url
 
 from infra.db.tables import dead_letters, ledger_entries, processed_events
 from messages import Publisher
@@ -37,93 +33,10 @@ from tests.support.delivery import (
     wait_for_outcomes,
 )
 from tests.support import ROOT, eventually, reconciliation, wait_until
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to PostgreSQL; ``stop()`` makes the database unreachable."""
-
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        self.target = target
-        self.port = 0
-        self._listener: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self.connections = 0
-
-    def start(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))  # the same port again after a stop
-        listener.listen(64)
-        listener.settimeout(0.05)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        self._spawn(self._accept, listener)
-
-    def stop(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        with self._lock:
-            sockets, self._sockets = set(self._sockets), set()
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-        for thread in self._threads:
-            thread.join(5)
-        self._threads = [t for t in self._threads if t.is_alive()]
-
-    def url(self, database_url: str) -> str:
-        return make_url(database_url).set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
-
-    def _spawn(self, target, *args) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, upstream):
-                sock.settimeout(None)
-            with self._lock:
-                if self._listener is not listener:  # stopped meanwhile
-                    client.close()
-                    upstream.close()
-                    return
-                self._sockets |= {client, upstream}
-                self.connections += 1
-            self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-RETRY_DELAY = re.compile(r"^Retrying message '(?P<id>[^']+)' in (?P<ms>\d+) milliseconds\.$")
+from tests.support.faults import (
+    RETRY_DELAY,
+    TcpProxy,
+)
 
 
 def retry_delays(workers, message_id: str) -> list[int]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-import uuid
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import httpx
 import pytest
@@ -22,99 +20,26 @@ from api.app import create_app
 from domain.referrals import CODE_PATTERN
 from infra.db.referrals import payout_key
 from infra.clock import FixedClock
-from infra.payouts import ManualGateway
-from infra.settings import Settings, load_settings
+from infra.settings import load_settings
 from messages import (
-    CustomerSignedUp,
-    Event,
-    PaymentReversed,
-    PaymentSucceeded,
     ReferralSubmitted,
 )
-from service_layer import handlers, payouts
-from service_layer.payouts import PayoutFailed, PayoutOrder, PayoutRun, Sent
-from service_layer.unit_of_work import SqlUnitOfWork
-
-FRONT_TOKEN = "front-" + uuid.uuid4().hex
-ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
-FRONT = {"Authorization": f"Bearer {FRONT_TOKEN}"}
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-GATEWAYS = {"stripe_connect": "stripe_connect", "cash_app": "manual", "manual": "manual"}
-REFERRAL_CSV_COLUMNS = ["id", "referred_customer_id", "referrer_id", "code", "status", "reason", "flags", "reward_cents", "qualifying_payment_id", "submitted_at", "approve_after", "payout_id"]
-PAYOUT_CSV_COLUMNS = ["id", "payee_id", "payee_name", "payout_address", "method", "period", "amount_cents", "currency", "status", "external_reference", "created_at", "paid_at"]
-VELOCITY_LIMIT = 3
-
-
-def at(month: int, day: int, hour: int = 12, minute: int = 0) -> datetime:
-    return datetime(2026, month, day, hour, minute, tzinfo=UTC)
-
-
-@dataclass
-class Api:
-    http: httpx.AsyncClient
-    clock: FixedClock
-    settings: Settings
-    db: object
-
-    async def apply(self, event: Event) -> None:
-        await handlers.apply_event(event, SqlUnitOfWork(self.db), self.settings.policy, self.settings.dunning, referral_rules=self.settings.referrals)
-
-    async def sign_up(self, customer_id: str, moment: datetime, code: str | None = None, *, email: str | None = None, phone: str | None = None, fingerprint: str | None = None) -> None:
-        await self.apply(CustomerSignedUp(
-            event_id=f"signup-{customer_id}", occurred_at=moment, customer_id=customer_id, email=email or f"{customer_id}@{customer_id}.example.com",
-            phone=phone, referral_code=code, payment_fingerprint=fingerprint,
-        ))
-
-    async def pay(self, customer_id: str, moment: datetime) -> None:
-        await self.apply(PaymentSucceeded(event_id=f"paid-{customer_id}", occurred_at=moment, customer_id=customer_id, payment_id=f"pay-{customer_id}", credits=10))
-
-    async def refund(self, customer_id: str, moment: datetime) -> None:
-        await self.apply(PaymentReversed(event_id=f"refund-{customer_id}", occurred_at=moment, customer_id=customer_id, payment_id=f"pay-{customer_id}", reason="refund", total_credits_reversed=10))
-
-    async def register(self, referrer_id: str, kind: str, **body) -> str:
-        response = await self.http.post("/api/admin/referrers", json={"referrer_id": referrer_id, "kind": kind, **body}, headers=ADMIN)
-        assert response.status_code == 201, response.text
-        return response.json()["code"]
-
-    async def referrals(self, **params) -> dict:
-        response = await self.http.get("/api/admin/referrals", params=params, headers=ADMIN)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    async def referral_of(self, customer_id: str) -> dict:
-        """The customer's referral: the attributed one if any, else the latest rejected submission."""
-        found = [r for r in (await self.referrals(limit=10_000))["referrals"] if r["referred_customer_id"] == customer_id]
-        assert found, f"no referral of {customer_id}"
-        return next((r for r in found if r["status"] != "rejected"), found[-1])
-
-    async def payouts(self, **params) -> dict:
-        response = await self.http.get("/api/admin/payouts", params=params, headers=ADMIN)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    async def summary(self, referrer_id: str) -> dict:
-        response = await self.http.get(f"/api/referrers/{referrer_id}/summary", headers=FRONT)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def new_uow(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.db)
-
-
-@dataclass
-class StubConnect:
-    """Stands in for Stripe Connect: pays, except payees listed in ``failing``."""
-
-    failing: set[str] = field(default_factory=set)
-    orders: list[PayoutOrder] = field(default_factory=list)
-    name: str = "stripe_connect"
-
-    async def send(self, order: PayoutOrder) -> Sent:
-        self.orders.append(order)
-        if order.payee_id in self.failing:
-            raise PayoutFailed("APIError: An unknown error occurred")
-        return Sent("paid", f"tr_stub_{order.payout_id}")
-
+from service_layer import payouts
+from service_layer.payouts import PayoutRun
+from tests.support.referrals import (
+    ADMIN,
+    ADMIN_TOKEN,
+    Api,
+    FRONT,
+    FRONT_TOKEN,
+    GATEWAYS,
+    PAYOUT_CSV_COLUMNS,
+    REFERRAL_CSV_COLUMNS,
+    StubConnect,
+    VELOCITY_LIMIT,
+    at,
+    pay_referrals,
+)
 
 @pytest.fixture
 async def api(db, pg_url):
@@ -125,11 +50,6 @@ async def api(db, pg_url):
     app = create_app(settings, clock=clock, db=db)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http:
         yield Api(http, clock, settings, db)
-
-
-async def pay_referrals(api: Api, now: datetime, connect: StubConnect | None = None) -> PayoutRun:
-    gateways = {"manual": ManualGateway(), "stripe_connect": connect or StubConnect()}
-    return await payouts.pay_referrals(api.new_uow, gateways, GATEWAYS, now, api.settings.referrals)
 
 
 # ---------------------------------------------------------------- referrers and codes

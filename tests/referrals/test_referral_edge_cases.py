@@ -33,11 +33,11 @@ from infra.db.tables import payouts as payouts_table
 from infra.db.tables import referrals as referrals_table
 from infra.payouts import ManualGateway
 from infra.settings import load_settings
-from messages import PaymentSucceeded, ReferralSubmitted, parse_event
+from messages import ReferralSubmitted, parse_event
 from service_layer import payouts
 from service_layer import referrals as referral_cases
 from service_layer.payouts import PayoutOrder, PayoutRun, Sent
-from tests.referrals.test_referral_api import (
+from tests.support.referrals import (
     ADMIN,
     ADMIN_TOKEN,
     FRONT_TOKEN,
@@ -46,9 +46,15 @@ from tests.referrals.test_referral_api import (
     StubConnect,
     at,
 )
+from tests.support.referrals import (
+    FRIDAY,
+    WEEK,
+)
+from tests.support.referrals import (
+    pay,
+    referred_and_paid,
+)
 
-FRIDAY = at(10, 16, 14)  # Friday Oct 16, 10:00 in New York
-WEEK = "week-2026-10-16"
 BIG = "99999999999999999999"  # more than a BIGINT holds
 
 
@@ -78,20 +84,6 @@ async def strict_api(db, pg_url):
     """Velocity limit 2: the third referral of a referrer within 24 h is suspicious."""
     async with serving(db, pg_url, 2) as served:
         yield served
-
-
-async def pay(api: Api, customer_id: str, moment: datetime, *, payment_id: str | None = None, amount_cents: int | None = 4900) -> None:
-    payment_id = payment_id or f"pay-{customer_id}"
-    await api.apply(PaymentSucceeded(
-        event_id=f"paid-{payment_id}", occurred_at=moment, customer_id=customer_id, payment_id=payment_id, credits=10, amount_cents=amount_cents,
-        currency="USD" if amount_cents is not None else None,
-    ))
-
-
-async def referred_and_paid(api: Api, code: str, customers: list[str], signed_up: datetime) -> None:
-    for customer in customers:
-        await api.sign_up(customer, signed_up, code)
-        await pay(api, customer, signed_up + timedelta(hours=1))
 
 
 async def referral_row(db, customer_id: str):

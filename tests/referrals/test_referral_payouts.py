@@ -13,12 +13,9 @@ Fridays in the story: Oct 9, 16, 23 (New York on EDT, UTC-4), Nov 6 (after the
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
-import re
-import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -30,6 +27,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from infra.clock import FixedClock
+from infra.db.referrals import payout_key
 from infra.db.tables import (
     payout_items,
     payouts,
@@ -39,9 +37,9 @@ from infra.db.tables import (
 )
 from infra.settings import load_settings
 from messages import CustomerSignedUp, PaymentReversed, PaymentSucceeded, Publisher
-from infra.db.referrals import payout_key
+from tests.support import InProcessServer, eventually
 from tests.support.fake_stripe import FakeStripe
-from tests.support import ROOT, InProcessServer, WorkerProcesses, eventually, wait_until
+from tests.support.referrals import pay_referrals_as_of
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +48,6 @@ ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 FRONT = {"Authorization": f"Bearer {FRONT_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CREDITS_CLI = str(Path(sys.executable).with_name("credits"))
-ENQUEUED = re.compile(r"enqueued pay_referrals as message (?P<id>[0-9a-f-]{36})")
 GATEWAYS = {"stripe_connect": "stripe_connect", "cash_app": "manual", "manual": "manual"}
 MINIMUM_CENTS = 1500
 
@@ -90,30 +87,6 @@ def app_settings(pg_url: str, redis_url: str):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def log_records(workers: WorkerProcesses) -> list[dict]:
-    return workers.records()
-
-
-async def pay_referrals_as_of(env: dict[str, str], workers: WorkerProcesses, moment: datetime) -> dict:
-    """`credits run pay_referrals --as-of <moment>`, then wait for that message's `referrals_paid` line."""
-    done = await asyncio.to_thread(
-        subprocess.run, [CREDITS_CLI, "run", "pay_referrals", "--as-of", moment.isoformat()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    message_id = ENQUEUED.search(done.stderr)["id"]
-
-    def finished() -> list[dict]:
-        records = [r for r in log_records(workers) if r.get("message_id") == message_id]
-        failures = [r for r in records if r.get("event") in ("message_dead_lettered",) or r.get("level") in ("error", "critical")]
-        assert not failures, f"pay_referrals as of {moment} failed: {failures}\n{workers.log()[-4000:]}"
-        return [r for r in records if r.get("event") == "referrals_paid"]
-
-    await asyncio.to_thread(wait_until, lambda: bool(finished()), 30, 0.05, f"pay_referrals as of {moment.isoformat()}")
-    [line] = finished()
-    assert line["as_of"] == moment.isoformat()
-    return line
 
 
 def signed_up(customer_id: str, moment: datetime, code: str | None = None) -> CustomerSignedUp:
