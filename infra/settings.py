@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     event_max_backoff_ms: int = Field(600_000, ge=1)
     #: Group commit: up to this many job and adjustment events that reach a worker process
     #: together share one transaction (1 turns it off), in at most EVENT_BATCH_IN_FLIGHT
-    #: transactions at once per process.
+    #: transactions at once per process. A process holds one event per worker thread
+    #: (`credits worker --threads`, 64): two batches of 32 in flight use them all.
     event_batch_size: int = Field(32, ge=1, le=1_000)
     event_batch_in_flight: int = Field(2, ge=1, le=100)
 
