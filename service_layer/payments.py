@@ -49,7 +49,8 @@ async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit:
     mark past due the stopped cases whose schedule has ended."""
     schedule = schedule or RetrySchedule()
     async with new_uow() as uow:
-        due = await uow.dunning.lock_due(now, limit)
+        # The query narrows by index; the domain's rule decides (as for stopped cases below).
+        due = [case for case in await uow.dunning.lock_due(now, limit) if case.is_due(now)]
         requested = [await uow.dunning.add_attempt(case, AttemptKind.SCHEDULED, now) for case in due]
         for case in await uow.dunning.lock_stopped_before(now - timedelta(days=schedule.days[-1]), limit):
             if case.schedule_ended(now, schedule):
