@@ -203,6 +203,7 @@ def fuzz_operation(operation, tally: Tally, label: str, mode: GenerationMode, **
         tally.unsatisfiable.append(label)
 
 
+@pytest.mark.slow  # schemathesis over every route: ~15 s
 @pytest.mark.timeout(180)
 def test_every_operation_answers_bad_input_with_a_4xx_never_a_5xx(fuzz_app, capsys):
     app, known = fuzz_app

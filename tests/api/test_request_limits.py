@@ -130,15 +130,20 @@ def test_healthz_answers_within_100ms_while_1mb_and_60kb_urls_are_refused(web: W
     statuses: list[int] = []
     done = threading.Event()
 
+    latencies = []
+
     def attack() -> None:
+        # At least 25 rounds, and on until enough probes were taken during the attack (a fast
+        # machine refuses 25 rounds before ten probes would have run).
         try:
-            for _ in range(25):
+            rounds = 0
+            while rounds < 25 or len(latencies) < 20:
                 statuses.append(exchange(web, get(b"/healthz?" + b"q" * MB))[0])
                 statuses.append(exchange(web, get(b"/" + b"a" * 60_000))[0])
+                rounds += 1
         finally:
             done.set()
 
-    latencies = []
     with httpx.Client(base_url=web.base_url, timeout=10) as http:
         http.get("/healthz")  # the connection is open before the attack starts
         attacker = threading.Thread(target=attack)
@@ -152,8 +157,8 @@ def test_healthz_answers_within_100ms_while_1mb_and_60kb_urls_are_refused(web: W
 
     ms = sorted(round(latency * 1000, 1) for latency in latencies)
     figures(capsys, test="healthz during 1 MB and 60 KB URLs", refusals=len(statuses), probes=len(ms), median_ms=ms[len(ms) // 2], max_ms=ms[-1])
-    assert statuses == [414] * 50
-    assert len(ms) >= 10
+    assert len(statuses) >= 50 and set(statuses) == {414}
+    assert len(ms) >= 20
     # Before, one 60 KB URL held the process for seconds. On a shared CI machine one probe
     # in a run may lose its CPU for a moment: allowed once, never past a second.
     assert ms[-2] < 100 and ms[-1] < 1000, ms[-5:]

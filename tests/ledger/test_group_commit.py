@@ -331,6 +331,7 @@ PHASES = tuple(Phase) if os.environ.get("RELIABILITY_SHRINK") else (Phase.explic
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,
 )
+@pytest.mark.slow  # Hypothesis on PostgreSQL: ~10 s
 @given(scenario=scenarios())
 async def test_batches_leave_the_same_ledger_as_one_event_at_a_time(db, scenario):
     state, _, _ = await run_both_ways(db, scenario)

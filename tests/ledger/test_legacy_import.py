@@ -30,6 +30,9 @@ from service_layer.legacy_import import ImportRequest, ImportSummary, import_leg
 from tests.support.legacy_history import HEADER, generate, write_csv
 from tests.support import t
 
+#: Slow: runs the import command and its worker processes over thousands of members.
+pytestmark = pytest.mark.slow
+
 NOW = t(2026, 6, 1)
 CREDITS_SCRIPT = str(Path(sys.executable).with_name("credits"))
 

@@ -720,6 +720,7 @@ def plan_nodes(plan: dict):
         yield from plan_nodes(child)
 
 
+@pytest.mark.slow  # writes 300,000 entries: ~4 s
 async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time_index(db):
     async with db.begin() as connection:
         await connection.execute(text("INSERT INTO customers (customer_id) SELECT 'scale-' || g FROM generate_series(0, 99) g"))

@@ -59,6 +59,9 @@ from tests.support import LEDGER_TABLES
 from tests.support import reconciliation
 from workers.batching import EventBatcher
 
+#: Slow: Hypothesis drives the real ledger on PostgreSQL through hundreds of steps (~20 s).
+pytestmark = pytest.mark.slow
+
 START = datetime(2025, 1, 28, tzinfo=UTC)  # near a month end: month arithmetic clamps, expiries tie
 CUSTOMER = "cust-mb"
 JOBS = [f"job-{n}" for n in range(4)]
