@@ -39,30 +39,34 @@ WITH settings AS MATERIALIZED (
 #: The live state of each locked customer; $4/$5 (customer, job) pairs asked about, $6/$7
 #: (customer, payment) pairs whose lots are wanted even when spent. History is reached only
 #: from those pairs (index probes), never by scanning a customer's rows.
-_LOAD = """
+_LOAD = """, lot_rows AS (
+    SELECT o.* FROM locked l JOIN credit_lots o ON o.customer_id = l.customer_id AND o.remaining > 0
+    UNION ALL
+    SELECT p.* FROM unnest($6::text[], $7::text[]) AS q(customer, payment)
+    JOIN credit_lots p ON p.payment_id = q.payment AND p.customer_id = q.customer AND p.remaining = 0
+), lots AS (
+    SELECT customer_id, array_agg(id) AS ids, array_agg(amount) AS amounts, array_agg(remaining) AS remainings, array_agg(issued_at) AS issued,
+           array_agg(expires_at) AS expires, array_agg(source) AS sources, array_agg(event_id) AS events, array_agg(payment_id) AS payments,
+           array_agg(paid_cents) AS paid, array_agg(reversed) AS reversed, array_agg(expired) AS expired
+    FROM lot_rows GROUP BY customer_id
+), active_holds AS (
+    SELECT h.customer_id, array_agg(h.id) AS ids, array_agg(h.job_id) AS jobs, array_agg(h.credits) AS credits,
+           array_agg(h.placed_at) AS placed, array_agg(h.expires_at) AS expires
+    FROM locked l JOIN holds h ON h.customer_id = l.customer_id AND h.status = 'active'
+    GROUP BY h.customer_id
+), charged AS (
+    SELECT e.customer_id, array_agg(e.job_id) AS jobs
+    FROM unnest($4::text[], $5::text[]) AS q(customer, job)
+    JOIN ledger_entries e ON e.customer_id = q.customer AND e.job_id = q.job AND e.kind IN ('debited', 'captured')
+    GROUP BY e.customer_id
+)
 SELECT l.customer_id, l.version = s.version AS fresh, false AS created, l.overdraft, l.credits_depleted_at, l.frozen_since, l.unfrozen_at,
        lots.ids, lots.amounts, lots.remainings, lots.issued, lots.expires, lots.sources, lots.events, lots.payments, lots.paid, lots.reversed, lots.expired,
-       hs.ids, hs.jobs, hs.credits, hs.placed, hs.expires,
-       ARRAY(SELECT e.job_id FROM unnest($4::text[], $5::text[]) AS q(customer, job)
-             JOIN ledger_entries e ON e.customer_id = q.customer AND e.job_id = q.job AND e.kind IN ('debited', 'captured')
-             WHERE q.customer = l.customer_id) AS charged
+       hs.ids, hs.jobs, hs.credits, hs.placed, hs.expires, coalesce(charged.jobs, '{}')
 FROM locked l JOIN seen s ON s.customer_id = l.customer_id
-CROSS JOIN LATERAL (
-    SELECT array_agg(x.id) AS ids, array_agg(x.amount) AS amounts, array_agg(x.remaining) AS remainings, array_agg(x.issued_at) AS issued,
-           array_agg(x.expires_at) AS expires, array_agg(x.source) AS sources, array_agg(x.event_id) AS events, array_agg(x.payment_id) AS payments,
-           array_agg(x.paid_cents) AS paid, array_agg(x.reversed) AS reversed, array_agg(x.expired) AS expired
-    FROM (
-        SELECT * FROM (SELECT o.* FROM credit_lots o WHERE o.customer_id = l.customer_id AND o.remaining > 0 ORDER BY o.expires_at, o.issued_at, o.id) open_lots
-        UNION ALL
-        SELECT p.* FROM unnest($6::text[], $7::text[]) AS q(customer, payment)
-        JOIN credit_lots p ON p.payment_id = q.payment AND p.customer_id = q.customer AND p.remaining = 0
-        WHERE q.customer = l.customer_id
-    ) x
-) lots
-CROSS JOIN LATERAL (
-    SELECT array_agg(h.id) AS ids, array_agg(h.job_id) AS jobs, array_agg(h.credits) AS credits, array_agg(h.placed_at) AS placed, array_agg(h.expires_at) AS expires
-    FROM holds h WHERE h.customer_id = l.customer_id AND h.status = 'active'
-) hs
+LEFT JOIN lots ON lots.customer_id = l.customer_id
+LEFT JOIN active_holds hs ON hs.customer_id = l.customer_id
+LEFT JOIN charged ON charged.customer_id = l.customer_id
 UNION ALL
 SELECT customer_id, true, true, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '{}'
 FROM created
