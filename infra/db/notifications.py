@@ -13,6 +13,20 @@ from infra.db.repository import upsert_into
 from infra.db.tables import NOTIFICATION_IS_PENDING, credit_lots, customer_profiles, customers, expiry_warnings, notifications
 
 
+#: The notices as arrays, each with the address its customer gave (a notice without one is kept,
+#: as ``no_address``). One statement however many, without per-parameter processing.
+ENQUEUE_MANY = """
+INSERT INTO notifications (key, customer_id, kind, to_address, subject, body, created_at, status, send_after)
+SELECT q.key, q.customer_id, q.kind, p.contact_email, q.subject, q.body, q.at,
+       CASE WHEN coalesce(p.contact_email, '') <> '' THEN 'pending' ELSE 'no_address' END, q.at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) WITH ORDINALITY AS q(key, customer_id, kind, subject, body, at, position)
+LEFT JOIN customer_profiles p ON p.customer_id = q.customer_id
+ORDER BY q.position
+ON CONFLICT DO NOTHING
+RETURNING key
+"""
+
+
 class SqlNotificationOutbox:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
@@ -22,9 +36,12 @@ class SqlNotificationOutbox:
         return notice.key in await self.enqueue_many([(notice, now)])
 
     async def enqueue_many(self, queued: Sequence[tuple[Notice, datetime]]) -> set[str]:
-        """Queue each (notice, moment) once per key, in two statements however many; the keys that were new."""
+        """Queue each (notice, moment) once per key, in one statement however many (two on SQLite); the keys that were new."""
         if not queued:
             return set()
+        if self.connection.dialect.name == "postgresql":
+            columns = list(zip(*((n.key, n.customer_id, n.kind.value, n.subject, n.body, at) for n, at in queued), strict=True))
+            return set((await self.connection.exec_driver_sql(ENQUEUE_MANY, tuple(map(list, columns)))).scalars())
         # As the customer gave it: the normalised form (referral rules) may be another mailbox.
         emails = dict(
             (

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
-from sqlalchemy import bindparam, exists, func, insert, select, text, tuple_, update
+from sqlalchemy import bindparam, exists, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import Account, Entry, Hold, HoldStatus, Lot, LotSource
+from infra.db.account_statements import LOCK_AND_LOAD, LOCK_AVAILABLE_AND_LOAD, WRITE, account_from_row, lock_parameters, write_parameters
 from infra.db.tables import (
     ENTRY_IS_CHARGE,
     HOLD_IS_ACTIVE,
@@ -30,75 +32,84 @@ def upsert_into(connection: AsyncConnection, table):
     return dialect.insert(table)
 
 
+#: No ids for any customer (``lock_many``'s default ``payment_ids``).
+NO_IDS: Mapping[str, Iterable[str]] = MappingProxyType({})
+
 #: The customer row's part of the aggregate (the rest are its lots and holds).
 CUSTOMER_STATE = (customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at)
 
 
 class SqlAccountRepository:
+    """On PostgreSQL a batch is locked and loaded in one statement and written in one
+    (infra/db/account_statements.py); on the embedded SQLite, which has no row locks (a writer
+    holds the whole database), through portable statements, a few per batch."""
+
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
+        self._postgres = connection.dialect.name == "postgresql"
 
     async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = (), payment_ids: Iterable[str] = ()) -> Account | None:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
-        if not create:
-            return await self._load(customer_id, for_update=True, job_ids=job_ids, payment_ids=payment_ids)
-        [account] = await self.lock_many([customer_id], {customer_id: job_ids}, {customer_id: payment_ids})
-        return account
+        accounts = await self.lock_many([customer_id], {customer_id: job_ids}, {customer_id: payment_ids}, create=None if create else ())
+        return accounts[0] if accounts else None
 
     async def lock_many(
         self,
         customer_ids: Sequence[str],
         job_ids: Mapping[str, Iterable[str]],
-        payment_ids: Mapping[str, Iterable[str]] = {},
+        payment_ids: Mapping[str, Iterable[str]] = NO_IDS,
         wait_at_most: timedelta | None = None,
         create: Collection[str] | None = None,
     ) -> list[Account]:
-        """Create-or-lock the accounts, in id order (two batches never deadlock), and load them.
+        """Lock the accounts, in id order (two batches never deadlock), and load their live state.
 
-        ``job_ids`` are the jobs whose earlier charges each account must know, ``payment_ids``
-        the payments whose lots each loads even when spent. ``create``: the ids that may be
-        created when missing (None: all); a missing id not in it is neither created nor returned. ``wait_at_most`` bounds
-        the wait for a lock another transaction holds (PostgreSQL raises LockNotAvailable)."""
+        ``job_ids`` are the jobs whose earlier charges each account must know; ``payment_ids``
+        the payments whose lots each account needs even when spent. ``create``: the ids that are
+        created when missing (None: all); a missing id not in it is neither created nor returned.
+        ``wait_at_most`` bounds the wait for a lock another transaction holds (PostgreSQL raises
+        LockNotAvailable)."""
         customer_ids = sorted(set(customer_ids))
-        if wait_at_most is not None and self.connection.dialect.name == "postgresql":
-            await self.connection.execute(text(f"SET LOCAL lock_timeout = {int(wait_at_most.total_seconds() * 1000)}"))
-        # One statement whatever the number (a multi-row VALUES list, which PostgreSQL takes in
-        # order): ON CONFLICT DO UPDATE locks each existing row, in id order.
-        upsert = upsert_into(self.connection, customers)
-        upsert = upsert.on_conflict_do_update(
-            index_elements=[customers.c.customer_id], set_={"customer_id": upsert.excluded.customer_id}
-        ).returning(customers.c.customer_id, *CUSTOMER_STATE)
-        rows = {}
-        if create is not None:
-            # Some may not be created: lock those that exist first, all in id order (locking
-            # the created ones and then the others would cross another transaction's order).
-            query = select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids))
-            rows = {row.customer_id: row for row in await self.connection.execute(query.order_by(customers.c.customer_id).with_for_update())}
-        created = [c for c in customer_ids if c not in rows and (create is None or c in create)]
-        if created:
-            rows |= {row.customer_id: row for row in await self.connection.execute(upsert, [{"customer_id": c} for c in created])}
-        customer_ids = [c for c in customer_ids if c in rows]
-        accounts = await self._load_many(customer_ids, rows)
+        creatable = customer_ids if create is None else sorted(set(create) & set(customer_ids))
+        if self._postgres:
+            parameters = lock_parameters(customer_ids, creatable, job_ids, payment_ids, wait_at_most)
+            return await self._lock_and_load(LOCK_AND_LOAD, parameters)
+        if creatable:
+            insert = upsert_into(self.connection, customers).on_conflict_do_nothing()
+            await self.connection.execute(insert, [{"customer_id": customer_id} for customer_id in creatable])
+        accounts = await self._load_many(customer_ids)
         await self._load_charged_jobs(accounts, job_ids)
-        for account in accounts:
-            if payment_ids.get(account.customer_id):
-                await self._load_spent_payment_lots(account, list(payment_ids[account.customer_id]))
+        await self._load_spent_payment_lots(accounts, payment_ids)
         return accounts
+
+    async def _lock_and_load(self, statement: str, parameters: tuple) -> list[Account]:
+        """Run a LOCK_AND_LOAD statement until every account it returns is fresh.
+
+        An account is stale when a writer committed between the statement's snapshot and the
+        moment we got its lock (we waited for it), or missing when another transaction created
+        it meanwhile: the statement runs again for those, now with a snapshot taken after them.
+        Uncontended, that is never."""
+        ids, creatable, *rest = parameters
+        accounts: dict[str, Account] = {}
+        while ids:
+            rows = (await self.connection.exec_driver_sql(statement, (ids, creatable, *rest))).all()
+            returned = {row[0] for row in rows}
+            accounts.update((row[0], account_from_row(row)) for row in rows if row[1])
+            again = {row[0] for row in rows if not row[1]} | (set(creatable) - returned)
+            ids = [customer_id for customer_id in ids if customer_id in again]
+            creatable = [customer_id for customer_id in creatable if customer_id in again]
+        return [accounts[customer_id] for customer_id in sorted(accounts)]
 
     async def get(self, customer_id: str) -> Account | None:
         """Load an account for reading, without a lock."""
-        return await self._load(customer_id, for_update=False, job_ids=())
+        accounts = await self._load_many([customer_id])
+        return accounts[0] if accounts else None
 
     async def lock_available(self, customer_ids: Sequence[str]) -> list[Account]:
-        """Lock those of the given accounts no other transaction holds (for sweeps)."""
-        query = (
-            select(customers.c.customer_id)
-            .where(customers.c.customer_id.in_(sorted(set(customer_ids))))
-            .order_by(customers.c.customer_id)
-            .with_for_update(skip_locked=True)
-        )
-        locked = (await self.connection.execute(query)).scalars().all()
-        return await self._load_many(locked)
+        """Lock those of the given accounts no other transaction holds (for sweeps), and load them."""
+        customer_ids = sorted(set(customer_ids))
+        if self._postgres:
+            return await self._lock_and_load(LOCK_AVAILABLE_AND_LOAD, lock_parameters(customer_ids, (), {}, {}, None))
+        return await self._load_many(customer_ids)
 
     async def customers_with_due_lots(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
         return await self._customers_due(credit_lots, LOT_IS_OPEN, now, limit, exclude)
@@ -120,22 +131,6 @@ class SqlAccountRepository:
         query = query.order_by(table.c.expires_at).limit(limit)
         return list(dict.fromkeys((await self.connection.execute(query)).scalars()))
 
-    async def _load(
-        self, customer_id: str, *, for_update: bool, job_ids: Iterable[str], payment_ids: Iterable[str] = ()
-    ) -> Account | None:
-        query = select(*CUSTOMER_STATE).where(customers.c.customer_id == customer_id)
-        if for_update:
-            query = query.with_for_update()
-        customer_row = (await self.connection.execute(query)).first()
-        if customer_row is None:
-            return None
-        [account] = await self._load_many([customer_id], {customer_id: customer_row})
-        await self._load_charged_jobs([account], {customer_id: job_ids})
-        payment_ids = list(payment_ids)
-        if payment_ids:
-            await self._load_spent_payment_lots(account, payment_ids)
-        return account
-
     async def _load_charged_jobs(self, accounts: Sequence[Account], job_ids: Mapping[str, Iterable[str]]) -> None:
         """Which of the given jobs each account has already been charged for (one statement)."""
         pairs = [(account.customer_id, job_id) for account in accounts for job_id in job_ids.get(account.customer_id, ())]
@@ -150,26 +145,24 @@ class SqlAccountRepository:
         for row in rows:
             by_id[row.customer_id].charged_jobs.add(row.job_id)
 
-    async def _load_spent_payment_lots(self, account: Account, payment_ids: list[str]) -> None:
+    async def _load_spent_payment_lots(self, accounts: Sequence[Account], payment_ids: Mapping[str, Iterable[str]]) -> None:
         # Spent payment lots too: whether a payment issued credits, and what, is decided on them.
+        pairs = [(account.customer_id, payment_id) for account in accounts for payment_id in payment_ids.get(account.customer_id, ())]
+        if not pairs:
+            return
         rows = await self.connection.execute(
-            select(credit_lots).where(
-                credit_lots.c.customer_id == account.customer_id, credit_lots.c.payment_id.in_(payment_ids), credit_lots.c.remaining == 0
-            )
+            select(credit_lots).where(tuple_(credit_lots.c.customer_id, credit_lots.c.payment_id).in_(pairs), credit_lots.c.remaining == 0)
         )
-        account.lots += [_lot(row) for row in rows]
+        by_id = {account.customer_id: account for account in accounts}
+        for row in rows:
+            by_id[row.customer_id].lots.append(_lot(row))
 
-    async def _load_many(self, customer_ids: Sequence[str], customer_rows: dict | None = None) -> list[Account]:
-        """Accounts for ``customer_ids`` in three statements, whatever their number (sweeps load batches)."""
+    async def _load_many(self, customer_ids: Sequence[str]) -> list[Account]:
+        """Accounts for ``customer_ids`` in three statements, whatever their number (the portable path)."""
         if not customer_ids:
             return []
-        if customer_rows is None:
-            rows = await self.connection.execute(
-                select(customers.c.customer_id, *CUSTOMER_STATE).where(
-                    customers.c.customer_id.in_(customer_ids)
-                )
-            )
-            customer_rows = {row.customer_id: row for row in rows}
+        rows = await self.connection.execute(select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids)))
+        customer_rows = {row.customer_id: row for row in rows}
         lots_of: dict[str, list[Lot]] = {customer_id: [] for customer_id in customer_ids}
         lot_rows = await self.connection.execute(
             select(credit_lots)
@@ -200,82 +193,12 @@ class SqlAccountRepository:
 
     async def save_many(self, accounts: Sequence[Account]) -> None:
         """Write what changed in ``accounts``: new lots and holds, updated ones, the new entries and
-        the customer rows — one statement per kind of change, however many accounts."""
-        conn = self.connection
+        the customer rows — in one statement on PostgreSQL, one per kind of change elsewhere."""
+        if not accounts:
+            return
         lots = [(account, lot) for account in accounts for lot in _unique(account.changed_lots)]
-        stored_lots = [lot for _, lot in lots if lot.id is not None]
-        await self._insert_new(
-            credit_lots,
-            lots,
-            lambda account, lot: lot_values(account.customer_id, lot),
-        )
-        if stored_lots:
-            await conn.execute(
-                update(credit_lots)
-                .where(credit_lots.c.id == bindparam("lot_id"))
-                .values(
-                    remaining=bindparam("new_remaining"),
-                    reversed=bindparam("new_reversed"),
-                    expired=bindparam("new_expired"),
-                    expires_at=bindparam("new_expires_at"),
-                ),
-                [
-                    {"lot_id": lot.id, "new_remaining": lot.remaining, "new_reversed": lot.reversed, "new_expired": lot.expired, "new_expires_at": lot.expires_at}
-                    for lot in stored_lots
-                ],
-            )
-
         changed_holds = [(account, hold) for account in accounts for hold in _unique(account.changed_holds)]
-        stored_holds = [hold for _, hold in changed_holds if hold.id is not None]
-        # Closed holds first: a job booked again after its hold lapsed (in memory, before the
-        # sweep) would otherwise meet its old row still active in the one-active-hold index.
-        if stored_holds:
-            await conn.execute(
-                update(holds).where(holds.c.id == bindparam("hold_id")).values(status=bindparam("new_status"), closed_at=bindparam("new_closed_at")),
-                [{"hold_id": h.id, "new_status": h.status.value, "new_closed_at": h.closed_at} for h in stored_holds],
-            )
-        await self._insert_new(
-            holds,
-            changed_holds,
-            lambda account, hold: {
-                "customer_id": account.customer_id,
-                "job_id": hold.job_id,
-                "credits": hold.credits,
-                "placed_at": hold.placed_at,
-                "expires_at": hold.expires_at,
-                "status": hold.status.value,
-                "closed_at": hold.closed_at,
-            },
-        )
-
-        entries = [(account, entry) for account in accounts for entry in account.new_entries]
-        if entries:
-            entry_ids = await self._insert_returning_ids(
-                ledger_entries,
-                [entry_values(account.customer_id, entry) for account, entry in entries],
-            )
-            movements = [
-                {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
-                for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
-                for movement in entry.movements
-            ]
-            if movements:
-                await conn.execute(insert(lot_movements), movements)
-
-        if accounts:
-            await conn.execute(
-                update(customers)
-                .where(customers.c.customer_id == bindparam("account_id"))
-                .values(
-                    balance=bindparam("new_balance"),
-                    overdraft=bindparam("new_overdraft"),
-                    credits_depleted_at=bindparam("new_credits_depleted_at"),
-                    frozen_since=bindparam("new_frozen_since"),
-                    unfrozen_at=bindparam("new_unfrozen_at"),
-                    updated_at=func.now(),
-                ),
-                [{"account_id": a.customer_id, **{f"new_{name}": value for name, value in customer_values(a).items()}} for a in accounts],
-            )
+        await (self._write if self._postgres else self._write_portable)(accounts, lots, changed_holds)
         for account in accounts:
             account.new_entries.clear()
             account.changed_lots.clear()
@@ -283,6 +206,44 @@ class SqlAccountRepository:
             account.lots = [lot for lot in account.lots if lot.remaining > 0]
             account.holds = {job: hold for job, hold in account.holds.items() if hold.status is HoldStatus.ACTIVE}
 
+    async def _write(self, accounts: Sequence[Account], lots: list, changed_holds: list) -> None:
+        """The one write statement; new lots and holds get their ids from it."""
+        writes = write_parameters(accounts, lots, changed_holds)
+        new_ids = {(kind, position): new_id for kind, position, new_id in await self.connection.exec_driver_sql(WRITE, writes.parameters)}
+        for kind, items in (("lot", writes.new_lots), ("hold", writes.new_holds)):
+            for position, item in enumerate(items, start=1):
+                item.id = new_ids[kind, position]
+
+    async def _write_portable(self, accounts: Sequence[Account], lots: list, changed_holds: list) -> None:
+        await self._insert_new(credit_lots, lots, lambda account, lot: lot_values(account.customer_id, lot))
+        await self._update_each(
+            credit_lots,
+            [{"id": lot.id, "remaining": lot.remaining, "reversed": lot.reversed, "expired": lot.expired, "expires_at": lot.expires_at} for _, lot in lots if lot.id is not None],
+        )
+        # Closed holds first: a job booked again after its hold lapsed (in memory, before the
+        # sweep) would otherwise meet its old row still active in the one-active-hold index.
+        await self._update_each(holds, [{"id": h.id, "status": h.status.value, "closed_at": h.closed_at} for _, h in changed_holds if h.id is not None])
+        await self._insert_new(holds, changed_holds, lambda account, hold: hold_values(account.customer_id, hold))
+        entries = [(account, entry) for account in accounts for entry in account.new_entries]
+        if entries:
+            entry_ids = await self._insert_returning_ids(ledger_entries, [entry_values(account.customer_id, entry) for account, entry in entries])
+            movements = [
+                {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
+                for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
+                for movement in entry.movements
+            ]
+            if movements:
+                await self.connection.execute(insert(lot_movements), movements)
+        await self._update_each(customers, [{"customer_id": a.customer_id, **customer_values(a)} for a in accounts], updated_at=func.now())
+
+    async def _update_each(self, table, rows: list[dict], **fixed) -> None:
+        """One UPDATE of ``table`` per row, in one executemany: each row's first key picks the row,
+        the others are its new values (``fixed`` is set on every row)."""
+        if not rows:
+            return
+        key, *columns = rows[0]
+        statement = update(table).where(table.c[key] == bindparam(f"b_{key}")).values({**{name: bindparam(f"b_{name}") for name in columns}, **fixed})
+        await self.connection.execute(statement, [{f"b_{name}": value for name, value in row.items()} for row in rows])
 
     async def _insert_new(self, table, items: list[tuple[Account, Lot | Hold]], row) -> None:
         """Insert the items that have no id yet, in one statement, and give each its new id."""
@@ -312,6 +273,19 @@ def lot_values(customer_id: str, lot: Lot) -> dict:
         "paid_cents": lot.paid_cents,
         "reversed": lot.reversed,
         "expired": lot.expired,
+    }
+
+
+def hold_values(customer_id: str, hold: Hold) -> dict:
+    """A hold's holds row (without its id)."""
+    return {
+        "customer_id": customer_id,
+        "job_id": hold.job_id,
+        "credits": hold.credits,
+        "placed_at": hold.placed_at,
+        "expires_at": hold.expires_at,
+        "status": hold.status.value,
+        "closed_at": hold.closed_at,
     }
 
 
