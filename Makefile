@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast services browser
+.PHONY: demo test test-fast lint services browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ test: $(STAMP) services browser
 # processes or a browser (marked ``slow``). CI runs everything (``make test``).
 test-fast: $(STAMP) services
 	$(VENV)/bin/python -m pytest -m "not slow"
+
+# ruff: lint (pyflakes, pycodestyle, bugbear, pyupgrade, import order) and format, as CI checks them.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

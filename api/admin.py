@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -52,29 +52,58 @@ async def credits_report(
     )
 
 
-@router.put("/api/admin/stripe-customers/{stripe_customer_id}", response_model=StripeCustomerOut, dependencies=[admin], responses={409: {"description": "Linked differently already"}})
-async def link_stripe_customer(stripe_customer_id: Identifier, body: StripeCustomerIn, request: Request) -> StripeCustomerOut:
+@router.put(
+    "/api/admin/stripe-customers/{stripe_customer_id}",
+    response_model=StripeCustomerOut,
+    dependencies=[admin],
+    responses={409: {"description": "Linked differently already"}},
+)
+async def link_stripe_customer(
+    stripe_customer_id: Identifier, body: StripeCustomerIn, request: Request
+) -> StripeCustomerOut:
     async with uow(request) as unit:
         linked = await unit.stripe.map_customer(stripe_customer_id, body.customer_id)
         await unit.commit()
     if linked != body.customer_id:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"{stripe_customer_id} is linked to another customer, or {body.customer_id!r} to another Stripe customer")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"{stripe_customer_id} is linked to another customer, or {body.customer_id!r} to another Stripe customer",
+        )
     plan = request.app.state.settings.stripe_plan_credits
-    relayed = await webhooks.relay_parked(lambda: uow(request), publisher(request), plan, now(request), stripe_customer_id)
-    return StripeCustomerOut(stripe_customer_id=stripe_customer_id, customer_id=linked, parked_events_relayed=sum(1 for r in relayed if r.outcome != "parked"))
+    relayed = await webhooks.relay_parked(
+        lambda: uow(request), publisher(request), plan, now(request), stripe_customer_id
+    )
+    return StripeCustomerOut(
+        stripe_customer_id=stripe_customer_id,
+        customer_id=linked,
+        parked_events_relayed=sum(1 for r in relayed if r.outcome != "parked"),
+    )
 
 
 @router.get("/api/admin/stripe-events/parked", response_model=list[ParkedEventOut], dependencies=[admin])
-async def parked_stripe_events(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ParkedEventOut]:
+async def parked_stripe_events(
+    request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[ParkedEventOut]:
     async with uow(request, read_only=True) as unit:
         rows = await unit.stripe.parked_events(limit=limit)
-    return [ParkedEventOut(event_id=r.event_id, type=r.type, stripe_customer_id=r.stripe_customer_id, received_at=r.received_at, detail=r.detail) for r in rows]
+    return [
+        ParkedEventOut(
+            event_id=r.event_id,
+            type=r.type,
+            stripe_customer_id=r.stripe_customer_id,
+            received_at=r.received_at,
+            detail=r.detail,
+        )
+        for r in rows
+    ]
 
 
 @router.post("/api/admin/stripe-events/parked/relay", response_model=list[WebhookReceiptOut], dependencies=[admin])
 async def relay_parked_stripe_events(request: Request) -> list[WebhookReceiptOut]:
     """After fixing the plan table, say: translate every parked event again."""
-    receipts = await webhooks.relay_parked(lambda: uow(request), publisher(request), request.app.state.settings.stripe_plan_credits, now(request))
+    receipts = await webhooks.relay_parked(
+        lambda: uow(request), publisher(request), request.app.state.settings.stripe_plan_credits, now(request)
+    )
     return [WebhookReceiptOut(outcome=r.outcome, detail=r.detail) for r in receipts]
 
 
@@ -82,7 +111,8 @@ async def relay_parked_stripe_events(request: Request) -> list[WebhookReceiptOut
 async def dunning_report(
     request: Request,
     dunning_status: Annotated[
-        Literal["retrying", "action_required", "needs_payment_method", "past_due", "recovered", "closed"] | None, Query(alias="status")
+        Literal["retrying", "action_required", "needs_payment_method", "past_due", "recovered", "closed"] | None,
+        Query(alias="status"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
@@ -111,7 +141,14 @@ async def adjust_credits(customer_id: Identifier, body: AdjustmentIn, request: R
         raise HTTPException(422, "an adjustment must change the balance")
     try:
         outcome = await adjustments.admin_adjustment(
-            uow(request), request.app.state.settings.policy, customer_id, body.credits, body.reason, body.admin, now(request), body.idempotency_key
+            uow(request),
+            request.app.state.settings.policy,
+            customer_id,
+            body.credits,
+            body.reason,
+            body.admin,
+            now(request),
+            body.idempotency_key,
         )
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
@@ -119,10 +156,12 @@ async def adjust_credits(customer_id: Identifier, body: AdjustmentIn, request: R
 
 
 @router.get("/api/admin/credits/analytics", response_model=AnalyticsOut, dependencies=[admin])
-async def credits_analytics(request: Request, since: AwareDatetime | None = None, until: AwareDatetime | None = None) -> AnalyticsOut:
+async def credits_analytics(
+    request: Request, since: AwareDatetime | None = None, until: AwareDatetime | None = None
+) -> AnalyticsOut:
     """Issued, used, expired and outstanding credits per month (UTC), upcoming expirations, breakage."""
     for moment in (since, until):
-        if moment is not None and not (2000 <= moment.year <= 2999 and 2000 <= moment.astimezone(timezone.utc).year <= 2999):
+        if moment is not None and not (2000 <= moment.year <= 2999 and 2000 <= moment.astimezone(UTC).year <= 2999):
             raise HTTPException(422, "since and until must fall in the years 2000-2999")
     if since and until and since > until:
         raise HTTPException(422, "since must not be after until")
@@ -137,4 +176,8 @@ async def credits_analytics(request: Request, since: AwareDatetime | None = None
 
 @router.get("/api/admin/at-risk-count", response_model=CountOut, dependencies=[admin])
 async def at_risk_count(request: Request) -> CountOut:
-    return CountOut(count=await views.at_risk_count(request.app.state.db, now(request), request.app.state.settings.depleted_report_days))
+    return CountOut(
+        count=await views.at_risk_count(
+            request.app.state.db, now(request), request.app.state.settings.depleted_report_days
+        )
+    )

@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from api import admin_session
 from api.admin_session import has_session, signed_in
 from api.same_origin import require_same_origin
+from api.schemas import Identifier
 from api.security_headers import SecurityHeaders
 from api.sign_in_limit import count_sign_in_attempt
-from api.schemas import Identifier
 from domain import MAX_CREDITS_PER_EVENT
 from messages.events import NO_NUL
 from service_layer import adjustments, retention, views
@@ -83,13 +83,19 @@ async def login(request: Request):
     wait = await count_sign_in_attempt(request)  # before anything is read or compared
     if wait is not None:
         refusal = f"Too many sign-in attempts: try again in {math.ceil(wait / 60)} minute(s)."
-        return HTMLResponse(LOGIN.replace("{{error}}", refusal), status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers={"Retry-After": str(wait)})
+        return HTMLResponse(
+            LOGIN.replace("{{error}}", refusal),
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            headers={"Retry-After": str(wait)},
+        )
     body = await request.body()  # at most ADMIN_LOGIN_MAX_BODY_BYTES (api.body_limits)
     form = parse_qs(body.decode("utf-8", "replace"))
     given = (form.get("token") or [""])[0]
     expected = request.app.state.settings.admin_api_token.get_secret_value()
     if not secrets.compare_digest(given.encode(), expected.encode()):
-        return HTMLResponse(LOGIN.replace("{{error}}", "That token is not right."), status_code=status.HTTP_401_UNAUTHORIZED)
+        return HTMLResponse(
+            LOGIN.replace("{{error}}", "That token is not right."), status_code=status.HTTP_401_UNAUTHORIZED
+        )
     response = RedirectResponse("/admin", status_code=status.HTTP_303_SEE_OTHER)
     await admin_session.open_session(request, response)
     return response
@@ -138,12 +144,16 @@ async def live(request: Request) -> StreamingResponse:
                 yield ": keep-alive\n\n"
             await asyncio.sleep(interval)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.post("/admin/data/customers/{customer_id}/note", dependencies=[Session, SameOrigin, Depends(json_only)])
 async def note(customer_id: Identifier, body: NoteIn, request: Request) -> dict:
-    saved = await retention.save_note(SqlUnitOfWork(request.app.state.db), customer_id, body.note, request.app.state.clock.now())
+    saved = await retention.save_note(
+        SqlUnitOfWork(request.app.state.db), customer_id, body.note, request.app.state.clock.now()
+    )
     if not saved:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no customer {customer_id!r}")
     return {"customer_id": customer_id, "note": body.note}
@@ -156,7 +166,13 @@ async def adjust(customer_id: Identifier, body: AdjustmentIn, request: Request) 
     settings = request.app.state.settings
     try:
         outcome = await adjustments.admin_adjustment(
-            SqlUnitOfWork(request.app.state.db), settings.policy, customer_id, body.credits, body.reason, "admin page", request.app.state.clock.now(),
+            SqlUnitOfWork(request.app.state.db),
+            settings.policy,
+            customer_id,
+            body.credits,
+            body.reason,
+            "admin page",
+            request.app.state.clock.now(),
             body.idempotency_key,
         )
     except CustomerNotFound as error:

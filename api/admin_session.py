@@ -32,7 +32,9 @@ def install(app) -> None:
 
 def token_fingerprint(settings) -> str:
     """Keyed by the admin token: a session opened under another token never matches."""
-    return hmac.new(settings.admin_api_token.get_secret_value().encode(), b"credits admin session", hashlib.sha256).hexdigest()
+    return hmac.new(
+        settings.admin_api_token.get_secret_value().encode(), b"credits admin session", hashlib.sha256
+    ).hexdigest()
 
 
 class _Policy:
@@ -59,10 +61,18 @@ async def open_session(request: Request, response: Response) -> None:
         await sessions.forget_dead(policy.fingerprint, policy.now, policy.idle)
         if old is not None:
             await sessions.close(old)
-        await sessions.open(hashlib.sha256(session_id.encode()).hexdigest(), policy.fingerprint, policy.now, policy.lifetime)
+        await sessions.open(
+            hashlib.sha256(session_id.encode()).hexdigest(), policy.fingerprint, policy.now, policy.lifetime
+        )
         await uow.commit()
     response.set_cookie(
-        COOKIE, session_id, max_age=int(policy.lifetime.total_seconds()), path="/", secure=policy.secure, httponly=True, samesite="strict"
+        COOKIE,
+        session_id,
+        max_age=int(policy.lifetime.total_seconds()),
+        path="/",
+        secure=policy.secure,
+        httponly=True,
+        samesite="strict",
     )
 
 

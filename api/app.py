@@ -19,7 +19,9 @@ from infra.settings import Settings, SettingsError, get_settings
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None, db: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.admin_api_token is None or settings.frontend_api_token is None:
-        raise SettingsError("invalid configuration: ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set to serve HTTP")
+        raise SettingsError(
+            "invalid configuration: ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set to serve HTTP"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -19,7 +19,9 @@ def _require_token(setting: str, *, optional: bool = False):
         expected = token.get_secret_value()
         given = credentials.credentials if credentials else ""
         if not secrets.compare_digest(given.encode(), expected.encode()):
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     return Depends(check)
 

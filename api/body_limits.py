@@ -24,7 +24,10 @@ CLOSE = {"Connection": "close"}
 
 def limit_for(settings: Settings) -> Callable[[str], int]:
     """Bytes of body each path may send: Stripe's events and the sign-in form differ from the JSON API."""
-    special = {"/webhooks/stripe": settings.stripe_webhook_max_body_bytes, "/admin/login": settings.admin_login_max_body_bytes}
+    special = {
+        "/webhooks/stripe": settings.stripe_webhook_max_body_bytes,
+        "/admin/login": settings.admin_login_max_body_bytes,
+    }
 
     def limit(path: str) -> int:
         return special.get(path, settings.http_max_body_bytes)
@@ -37,7 +40,11 @@ class BodyTooLarge(HTTPException):
     app's own handler answers it (JSON); the middleware answers it if nothing else did."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE, f"the request body is over {limit} bytes, this route's limit", headers=CLOSE)
+        super().__init__(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the request body is over {limit} bytes, this route's limit",
+            headers=CLOSE,
+        )
 
 
 class BodyLimits:
@@ -93,4 +100,6 @@ class _BodyGuard:
 
 
 async def _refuse(error: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)(scope, receive, send)
+    await JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)(
+        scope, receive, send
+    )

@@ -23,7 +23,9 @@ def broker_or_503(request: Request):
     # Webhooks and "retry now" hand work to the workers over the broker; without one (the
     # embedded default) no worker could receive it, so those routes answer 503 rather than lose it.
     if request.app.state.broker is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no broker is set (BROKER_URL or REDIS_URL): nothing could relay this")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "no broker is set (BROKER_URL or REDIS_URL): nothing could relay this"
+        )
     return request.app.state.broker
 
 

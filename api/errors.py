@@ -15,7 +15,9 @@ from domain import CreditLimitExceeded, DomainError
 
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input back, and cannot serialise NaN or Infinity.
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder={float: _finite})})
+    return JSONResponse(
+        status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder={float: _finite})}
+    )
 
 
 async def _refused(request: Request, error: DomainError) -> JSONResponse:

@@ -31,7 +31,10 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     checks = {"database": await _database(state.db), "broker": await _broker(state.broker)}
     reasons = [f"{name}: {problem}" for name, (ok, problem) in checks.items() if not ok]
-    body = {"status": "not ready" if reasons else "ready", "checks": {name: problem or "ok" for name, (_, problem) in checks.items()}}
+    body = {
+        "status": "not ready" if reasons else "ready",
+        "checks": {name: problem or "ok" for name, (_, problem) in checks.items()},
+    }
     if reasons:
         body["reasons"] = reasons
     return JSONResponse(body, status_code=503 if reasons else 200)
@@ -70,7 +73,7 @@ def _ping(broker) -> None:
     if client is not None:
         client.ping()  # Redis
     else:
-        broker.connection  # RabbitMQ: opens (or reuses) this thread's connection, raising if it cannot
+        _ = broker.connection  # RabbitMQ: opens (or reuses) this thread's connection, raising if it cannot
 
 
 def _said(error: BaseException) -> str:

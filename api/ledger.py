@@ -17,7 +17,9 @@ Cursor = Annotated[str | None, Query(max_length=200, description="next_cursor of
 Limit = Annotated[int, Query(ge=1, le=200)]
 
 
-async def page_or_error(request: Request, customer_id: str, cursor: str | None, limit: int) -> ledger_history.HistoryPage:
+async def page_or_error(
+    request: Request, customer_id: str, cursor: str | None, limit: int
+) -> ledger_history.HistoryPage:
     """One page of history, or the 404 / 422 the API and the console both answer."""
     try:
         return await ledger_history.history_page(request.app.state.db, customer_id, cursor, limit)
@@ -42,8 +44,15 @@ async def csv_download(request: Request, customer_id: str) -> StreamingResponse:
     )
 
 
-@router.get("/api/customers/{customer_id}/ledger", response_model=ledger_history.HistoryPage, dependencies=[frontend], responses={404: {"description": "No such customer"}})
-async def ledger(customer_id: Identifier, request: Request, cursor: Cursor = None, limit: Limit = 50) -> ledger_history.HistoryPage:
+@router.get(
+    "/api/customers/{customer_id}/ledger",
+    response_model=ledger_history.HistoryPage,
+    dependencies=[frontend],
+    responses={404: {"description": "No such customer"}},
+)
+async def ledger(
+    customer_id: Identifier, request: Request, cursor: Cursor = None, limit: Limit = 50
+) -> ledger_history.HistoryPage:
     """The customer's entries, newest first; follow ``next_cursor`` until it is null."""
     return await page_or_error(request, customer_id, cursor, limit)
 

@@ -39,7 +39,9 @@ class BusinessCollector:
             if self.read_at is not None and time.monotonic() - self.read_at < settings.metrics_cache_seconds:
                 return
             try:
-                self.figures = await read_figures(state.db, state.clock.now(), settings.depleted_report_days, settings.metrics_query_timeout_ms)
+                self.figures = await read_figures(
+                    state.db, state.clock.now(), settings.depleted_report_days, settings.metrics_query_timeout_ms
+                )
                 self.figures_at = time.monotonic()
             except (SQLAlchemyError, OSError) as error:
                 # No stale figures: Prometheus sees credits_figures_up 0 and the gap.

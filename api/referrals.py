@@ -18,7 +18,9 @@ from service_layer.unit_of_work import SqlUnitOfWork
 MAX_ID = 2**63 - 1  # BIGINT: a larger number cannot name a row, and must not reach the database
 Identifier = Annotated[str, Path(min_length=1, max_length=255, pattern=NO_NUL)]
 Text255 = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_NUL)]
-ReferralStatusName = Literal["awaiting_payment", "pending", "approved", "in_payout", "paid", "rejected", "flagged", "voided"]
+ReferralStatusName = Literal[
+    "awaiting_payment", "pending", "approved", "in_payout", "paid", "rejected", "flagged", "voided"
+]
 PayoutStatusName = Literal["pending", "failed", "exported", "paid"]
 PayoutMethod = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")]
 
@@ -161,7 +163,13 @@ def _csv(rows: list[dict], columns: list[str], filename: str) -> Response:
 # ---------------------------------------------------------------- referrers and codes
 
 
-@router.post("/api/admin/referrers", response_model=CodeOut, status_code=status.HTTP_201_CREATED, dependencies=[admin], responses={409: {"description": "The id is taken"}})
+@router.post(
+    "/api/admin/referrers",
+    response_model=CodeOut,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[admin],
+    responses={409: {"description": "The id is taken"}},
+)
 async def create_referrer(body: ReferrerIn, request: Request) -> CodeOut:
     try:
         code = await referrals.register_referrer(_uow(request), ReferrerDetails(**body.model_dump()))
@@ -180,7 +188,13 @@ async def update_referrer(referrer_id: Identifier, body: ReferrerPatch, request:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/api/admin/referrers/{referrer_id}/codes", response_model=CodeOut, status_code=status.HTTP_201_CREATED, dependencies=[admin], responses={409: {"description": "The code is taken"}})
+@router.post(
+    "/api/admin/referrers/{referrer_id}/codes",
+    response_model=CodeOut,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[admin],
+    responses={409: {"description": "The code is taken"}},
+)
 async def add_code(referrer_id: Identifier, body: CodeIn, request: Request) -> CodeOut:
     from sqlalchemy.exc import IntegrityError
 
@@ -189,7 +203,9 @@ async def add_code(referrer_id: Identifier, body: CodeIn, request: Request) -> C
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no referrer {referrer_id!r}")
         try:
-            code = await uow.referrals.add_code(referrer_id, row.name or referrer_id, normalize_code(body.code) if body.code else None)
+            code = await uow.referrals.add_code(
+                referrer_id, row.name or referrer_id, normalize_code(body.code) if body.code else None
+            )
         except IntegrityError:
             raise HTTPException(status.HTTP_409_CONFLICT, "that code is taken") from None
         await uow.commit()
@@ -209,7 +225,12 @@ async def set_code_active(code: Identifier, action: Literal["activate", "deactiv
 # ---------------------------------------------------------------- rewards
 
 
-@router.get("/api/admin/referrals", response_model=ReferralsOut, dependencies=[admin], responses={200: {"content": {"text/csv": {}}}})
+@router.get(
+    "/api/admin/referrals",
+    response_model=ReferralsOut,
+    dependencies=[admin],
+    responses={200: {"content": {"text/csv": {}}}},
+)
 async def admin_referrals(
     request: Request,
     filters: Annotated[ListQuery, Depends()],
@@ -217,27 +238,61 @@ async def admin_referrals(
 ):
     page = await referral_views.list_referrals(request.app.state.db, filters.wanted(status_))
     if filters.format == "csv":
-        columns = ["id", "referred_customer_id", "referrer_id", "code", "status", "reason", "flags", "reward_cents", "qualifying_payment_id", "submitted_at", "approve_after", "payout_id"]
+        columns = [
+            "id",
+            "referred_customer_id",
+            "referrer_id",
+            "code",
+            "status",
+            "reason",
+            "flags",
+            "reward_cents",
+            "qualifying_payment_id",
+            "submitted_at",
+            "approve_after",
+            "payout_id",
+        ]
         return _csv(page.rows, columns, "referrals.csv")
-    return ReferralsOut(total=page.total, total_reward_cents=page.total_cents, referrals=[ReferralOut(**row) for row in page.rows])
+    return ReferralsOut(
+        total=page.total, total_reward_cents=page.total_cents, referrals=[ReferralOut(**row) for row in page.rows]
+    )
 
 
-@router.post("/api/admin/referrals/{referral_id}/{decision}", response_model=ReferralOut, dependencies=[admin], responses={409: {"description": "Not in a state that allows it"}})
-async def decide(referral_id: Annotated[int, Path(ge=1, le=MAX_ID)], decision: Literal["approve", "reject"], body: DecisionIn, request: Request) -> ReferralOut:
+@router.post(
+    "/api/admin/referrals/{referral_id}/{decision}",
+    response_model=ReferralOut,
+    dependencies=[admin],
+    responses={409: {"description": "Not in a state that allows it"}},
+)
+async def decide(
+    referral_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    decision: Literal["approve", "reject"],
+    body: DecisionIn,
+    request: Request,
+) -> ReferralOut:
     try:
-        await referrals.decide_flagged(_uow(request), referral_id, decision == "approve", body.admin, body.reason, _now(request))
+        await referrals.decide_flagged(
+            _uow(request), referral_id, decision == "approve", body.admin, body.reason, _now(request)
+        )
     except referrals.NotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no referral {referral_id}") from None
     except ReferralRuleError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    page = await referral_views.list_referrals(request.app.state.db, referral_views.ListFilter(limit=1), referral_id=referral_id)
+    page = await referral_views.list_referrals(
+        request.app.state.db, referral_views.ListFilter(limit=1), referral_id=referral_id
+    )
     return ReferralOut(**page.rows[0])
 
 
 # ---------------------------------------------------------------- payouts
 
 
-@router.get("/api/admin/payouts", response_model=PayoutsOut, dependencies=[admin], responses={200: {"content": {"text/csv": {}}}})
+@router.get(
+    "/api/admin/payouts",
+    response_model=PayoutsOut,
+    dependencies=[admin],
+    responses={200: {"content": {"text/csv": {}}}},
+)
 async def admin_payouts(
     request: Request,
     filters: Annotated[ListQuery, Depends()],
@@ -249,8 +304,15 @@ async def admin_payouts(
     return PayoutsOut(total=page.total, total_cents=page.total_cents, payouts=[PayoutOut(**row) for row in page.rows])
 
 
-@router.post("/api/admin/payouts/{payout_id}/reference", status_code=status.HTTP_204_NO_CONTENT, dependencies=[admin], responses={409: {"description": "Not an exported manual payout"}})
-async def record_reference(payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: ReferenceIn, request: Request) -> Response:
+@router.post(
+    "/api/admin/payouts/{payout_id}/reference",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[admin],
+    responses={409: {"description": "Not an exported manual payout"}},
+)
+async def record_reference(
+    payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: ReferenceIn, request: Request
+) -> Response:
     """Operations paid an exported payout by hand: record its reference; it is paid."""
     async with _uow(request) as uow:
         row = await uow.referrals.payout(payout_id, for_update=False)
@@ -267,7 +329,9 @@ async def record_reference(payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], bod
 
 @router.get("/api/referrers/{referrer_id}/summary", response_model=SummaryOut, dependencies=[frontend])
 async def summary(referrer_id: Identifier, request: Request) -> SummaryOut:
-    found = await referral_views.referrer_summary(request.app.state.db, referrer_id, _now(request), request.app.state.settings.referrals.calendar)
+    found = await referral_views.referrer_summary(
+        request.app.state.db, referrer_id, _now(request), request.app.state.settings.referrals.calendar
+    )
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no referrer {referrer_id!r}")
     return SummaryOut(**vars(found))

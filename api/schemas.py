@@ -9,6 +9,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from messages.events import MAX_CREDITS, NO_NUL
+
 # The admin reports answer the read models' own rows: one definition of each.
 from service_layer.views import DepletedCustomer, UnpaidInvoice
 

@@ -42,7 +42,10 @@ async def count_sign_in_attempt(request: Request) -> int | None:
         attempts = SqlSignInAttempts(uow.connection)
         await attempts.forget_ended(now)
         refused_until = None
-        for bucket, limit in ((client_bucket(request), settings.admin_sign_in_limit_per_address), (EVERYONE, settings.admin_sign_in_limit_total)):
+        for bucket, limit in (
+            (client_bucket(request), settings.admin_sign_in_limit_per_address),
+            (EVERYONE, settings.admin_sign_in_limit_total),
+        ):
             made, window_ends = await attempts.count(bucket, now, window)
             if made > limit:
                 refused_until = window_ends

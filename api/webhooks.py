@@ -19,9 +19,14 @@ router = APIRouter()
 @router.post(
     "/webhooks/stripe",
     response_model=WebhookReceiptOut,
-    responses={400: {"description": "Not a genuine, fresh, well-formed Stripe event"}, 503: {"description": "Webhooks are not configured"}},
+    responses={
+        400: {"description": "Not a genuine, fresh, well-formed Stripe event"},
+        503: {"description": "Webhooks are not configured"},
+    },
 )
-async def stripe_webhook(request: Request, stripe_signature: Annotated[str | None, Header()] = None) -> WebhookReceiptOut:
+async def stripe_webhook(
+    request: Request, stripe_signature: Annotated[str | None, Header()] = None
+) -> WebhookReceiptOut:
     settings = request.app.state.settings
     secrets_ = [secret.get_secret_value() for secret in settings.stripe_webhook_secrets]
     if not secrets_:
@@ -36,7 +41,13 @@ async def stripe_webhook(request: Request, stripe_signature: Annotated[str | Non
     receipt = await webhooks.receive(uow(request), event, publish, settings.stripe_plan_credits, now(request))
     if receipt.linked_stripe_customer:
         try:
-            await webhooks.relay_parked(lambda: uow(request), publish, settings.stripe_plan_credits, now(request), receipt.linked_stripe_customer)
+            await webhooks.relay_parked(
+                lambda: uow(request),
+                publish,
+                settings.stripe_plan_credits,
+                now(request),
+                receipt.linked_stripe_customer,
+            )
         except Exception:  # the delivery is recorded; the parked events wait for an admin's relay
             log.exception("parked_relay_failed", stripe_customer_id=receipt.linked_stripe_customer)
     return WebhookReceiptOut(outcome=receipt.outcome, detail=receipt.detail)

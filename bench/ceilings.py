@@ -34,7 +34,9 @@ PGBENCH_GROUP = "pgbench"
 
 
 def pgbench_path() -> str:
-    found = shutil.which("pgbench") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"), reverse=True)), None)
+    found = shutil.which("pgbench") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"), reverse=True)), None
+    )
     if found is None:
         raise SystemExit("pgbench not found: install PostgreSQL's client (Debian: postgresql-client)")
     return found
@@ -54,7 +56,9 @@ def pgbench_tps(dsn: str, customers: int, clients: int, seconds: int) -> float:
     return float(tps[1])
 
 
-def noop_drain_rate(env: dict[str, str], redis_url: str, messages: int, processes: int, threads: int, log_path: Path) -> float:
+def noop_drain_rate(
+    env: dict[str, str], redis_url: str, messages: int, processes: int, threads: int, log_path: Path
+) -> float:
     """Messages/s that ``processes`` x ``threads`` worker processes drain of no-op messages.
 
     The messages are queued before the processes start; the rate is taken from the moment
@@ -89,14 +93,27 @@ def noop_drain_rate(env: dict[str, str], redis_url: str, messages: int, processe
         workers.stop()
         client.close()
     if "done" not in marks:
-        raise RuntimeError(f"no-op drain stalled with {redis.Redis.from_url(redis_url).hlen(pending)}/{messages} left:\n{workers.log()[-4000:]}")
+        raise RuntimeError(
+            f"no-op drain stalled with {redis.Redis.from_url(redis_url).hlen(pending)}/{messages} left:\n{workers.log()[-4000:]}"
+        )
     return messages * 0.9 / (marks["done"] - marks["tenth"])
 
 
 def _noop_workers(env: dict[str, str], log_path: Path, processes: int, threads: int) -> WorkerProcesses:
     """``dramatiq bench.noop_actors``, started without waiting: the drain is what is timed."""
     env = {**env, "METRICS_PORT": str(free_port()), "METRICS_DIR": str(log_path.with_suffix(".metrics"))}
-    command = [sys.executable, "-m", "dramatiq", "bench.noop_actors", "--processes", str(processes), "--threads", str(threads)]
+    command = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "bench.noop_actors",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return WorkerProcesses(process, log_path)

@@ -22,12 +22,12 @@ import argparse
 import asyncio
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from domain import CreditPolicy
 from bench.scratch import scratch_database
+from domain import CreditPolicy
 from infra.db import Database
 from messages import JobCompleted
 from service_layer import handlers
@@ -68,13 +68,17 @@ async def _seed(pg: asyncpg.Connection, customer_ids: list[str], history: int) -
 
 async def _debit(db: Database, group: str, customer_ids: list[str], debits: int) -> float:
     """Debits per second: one task per customer, each applying its share in turn."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     per_customer = {customer_id: [] for customer_id in customer_ids}
     for i in range(debits):
         customer_id = customer_ids[i % len(customer_ids)]
         per_customer[customer_id].append(
             JobCompleted(
-                event_id=f"{group}-new-{i}", occurred_at=now - timedelta(seconds=debits - i), customer_id=customer_id, job_id=f"{group}-job-{i}", credits=1
+                event_id=f"{group}-new-{i}",
+                occurred_at=now - timedelta(seconds=debits - i),
+                customer_id=customer_id,
+                job_id=f"{group}-job-{i}",
+                credits=1,
             )
         )
 
@@ -107,7 +111,9 @@ async def run(customers: int, entries: int, debits: int) -> None:
         await db.dispose()
 
     short_rate = (short_first + short_last) / 2
-    print(f"{customers} customers per group, {debits:,} debits per run, {rows:,} ledger entries seeded in {seeded:.0f} s, {os.cpu_count()} CPUs")
+    print(
+        f"{customers} customers per group, {debits:,} debits per run, {rows:,} ledger entries seeded in {seeded:.0f} s, {os.cpu_count()} CPUs"
+    )
     print(f"  {'':44} {'debits/s':>9}")
     print(f"  {f'{SHORT_HISTORY} entries per customer (before, after)':44} {short_first:>9,.0f} {short_last:>9,.0f}")
     print(f"  {f'{entries:,} entries per customer':44} {long_rate:>9,.0f}")
@@ -117,7 +123,9 @@ async def run(customers: int, entries: int, debits: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=16)
-    parser.add_argument("--entries", type=int, default=100_000, help="ledger entries behind each customer of the long group")
+    parser.add_argument(
+        "--entries", type=int, default=100_000, help="ledger entries behind each customer of the long group"
+    )
     parser.add_argument("--debits", type=int, default=4000)
     args = parser.parse_args()
     asyncio.run(run(args.customers, args.entries, args.debits))

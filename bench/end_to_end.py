@@ -37,7 +37,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -75,7 +75,11 @@ STAMPS_OFF = "DROP TRIGGER bench_stamp_commit ON processed_events"
 
 def _job(group: str, i: int, customers: int) -> JobCompleted:
     return JobCompleted(
-        event_id=f"{group}-job-{i}", occurred_at=datetime.now(timezone.utc), customer_id=f"{group}-c{i % customers}", job_id=f"{group}-j{i}", credits=1
+        event_id=f"{group}-job-{i}",
+        occurred_at=datetime.now(UTC),
+        customer_id=f"{group}-c{i % customers}",
+        job_id=f"{group}-j{i}",
+        credits=1,
     )
 
 
@@ -90,11 +94,19 @@ async def _wait_for(pg: asyncpg.Connection, pattern: str, count: int, what: str,
 
 async def _seed(pg: asyncpg.Connection, publisher: Publisher, customers: int, credits: int) -> None:
     """One payment per customer of every group, applied by the workers running meanwhile."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     amounts = {**{group: credits for group in GROUPS}, PGBENCH_GROUP: PGBENCH_CREDITS}
     for group, amount in amounts.items():
         for c in range(customers):
-            publisher.publish(PaymentSucceeded(event_id=f"{group}-pay-{c}", occurred_at=now, customer_id=f"{group}-c{c}", payment_id=f"{group}-p{c}", credits=amount))
+            publisher.publish(
+                PaymentSucceeded(
+                    event_id=f"{group}-pay-{c}",
+                    occurred_at=now,
+                    customer_id=f"{group}-c{c}",
+                    payment_id=f"{group}-p{c}",
+                    credits=amount,
+                )
+            )
     await _wait_for(pg, "%-pay-%", customers * len(amounts), "seeding")
 
 
@@ -122,18 +134,24 @@ def _publish_all(publisher: Publisher, batch: list[JobCompleted], rate: float | 
     return published
 
 
-async def _end_to_end(pg: asyncpg.Connection, publisher: Publisher, group: str, events: int, customers: int, rate: float | None) -> dict:
+async def _end_to_end(
+    pg: asyncpg.Connection, publisher: Publisher, group: str, events: int, customers: int, rate: float | None
+) -> dict:
     """Publish ``events`` and wait for all of them: events/s and events per transaction."""
     batch = [_job(group, i, customers) for i in range(events)]
     first = time.perf_counter()
     publishing = asyncio.create_task(asyncio.to_thread(_publish_all, publisher, batch, rate))
     await _wait_for(pg, f"{group}-job-%", events, group)
     elapsed = time.perf_counter() - first
-    transactions = await pg.fetchval("SELECT count(DISTINCT processed_at) FROM processed_events WHERE event_id LIKE $1", f"{group}-job-%")
+    transactions = await pg.fetchval(
+        "SELECT count(DISTINCT processed_at) FROM processed_events WHERE event_id LIKE $1", f"{group}-job-%"
+    )
     return {"rate": events / elapsed, "per_tx": events / transactions, "published": await publishing}
 
 
-async def _half_load(pg: asyncpg.Connection, publisher: Publisher, group: str, events: int, customers: int, rate: float) -> dict:
+async def _half_load(
+    pg: asyncpg.Connection, publisher: Publisher, group: str, events: int, customers: int, rate: float
+) -> dict:
     """The run paced at ``rate``, with publish -> commit latencies (ms)."""
     await pg.execute(STAMPS_ON)
     try:
@@ -141,9 +159,16 @@ async def _half_load(pg: asyncpg.Connection, publisher: Publisher, group: str, e
         result = await _end_to_end(pg, publisher, group, events, customers, rate)
     finally:
         await pg.execute(STAMPS_OFF)
-    rows = await pg.fetch("SELECT event_id, extract(epoch FROM at)::float8 AS at FROM bench_commits WHERE event_id LIKE $1", f"{group}-job-%")
+    rows = await pg.fetch(
+        "SELECT event_id, extract(epoch FROM at)::float8 AS at FROM bench_commits WHERE event_id LIKE $1",
+        f"{group}-job-%",
+    )
     latencies = sorted((row["at"] - offset - result["published"][row["event_id"]]) * 1000 for row in rows)
-    result.update(p50=statistics.median(latencies), p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], max=latencies[-1])
+    result.update(
+        p50=statistics.median(latencies),
+        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        max=latencies[-1],
+    )
     return result
 
 
@@ -153,14 +178,23 @@ def _rss_mib(workers, processes: int) -> list[float]:
     pid = workers.process.pid
     children = []
     for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{child}/status").read_text().splitlines() if ":" in line)
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{child}/status").read_text().splitlines() if ":" in line
+        )
         children.append((int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024))
     return [rss for _, rss in sorted(children, reverse=True)[:processes]]
 
 
 def _worker_env(url: str, redis_url: str, args: argparse.Namespace) -> dict[str, str]:
     """The workers' environment: this database and Redis db, and the set-up measured."""
-    mine = ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "EVENT_BATCH_SIZE", "EVENT_BATCH_IN_FLIGHT", "dramatiq_queue_prefetch")
+    mine = (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "BROKER_URL",
+        "EVENT_BATCH_SIZE",
+        "EVENT_BATCH_IN_FLIGHT",
+        "dramatiq_queue_prefetch",
+    )
     env = {k: v for k, v in os.environ.items() if k not in mine}
     env.update(DATABASE_URL=url, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
     if args.in_flight is not None:
@@ -170,7 +204,14 @@ def _worker_env(url: str, redis_url: str, args: argparse.Namespace) -> dict[str,
     return env
 
 
-async def _mode(pg: asyncpg.Connection, publisher: Publisher, env: dict[str, str], groups: tuple[str, str], args: argparse.Namespace, log_path: Path) -> dict:
+async def _mode(
+    pg: asyncpg.Connection,
+    publisher: Publisher,
+    env: dict[str, str],
+    groups: tuple[str, str],
+    args: argparse.Namespace,
+    log_path: Path,
+) -> dict:
     """Fresh worker processes: full load, then half load, and their memory."""
     workers = await asyncio.to_thread(start_worker_processes, env, log_path, args.processes, args.threads)
     try:
@@ -190,18 +231,27 @@ async def _measure(scratch, redis_url: str, args: argparse.Namespace) -> dict:
     try:
         await pg.execute(COMMIT_STAMPS)
         with tempfile.TemporaryDirectory() as tmp:
-            seeders = await asyncio.to_thread(start_worker_processes, env, Path(tmp) / "seed.log", args.processes, args.threads)
+            seeders = await asyncio.to_thread(
+                start_worker_processes, env, Path(tmp) / "seed.log", args.processes, args.threads
+            )
             try:
                 await _seed(pg, publisher, args.customers, args.events // args.customers + 10)
             finally:
                 seeders.stop()
-            results["pgbench"] = {n: await asyncio.to_thread(pgbench_tps, scratch.dsn, args.customers, n, args.pgbench_seconds) for n in PGBENCH_CLIENTS}
-            results["noop"] = await asyncio.to_thread(noop_drain_rate, env, redis_url, 2 * args.events, args.processes, args.threads, Path(tmp) / "noop.log")
+            results["pgbench"] = {
+                n: await asyncio.to_thread(pgbench_tps, scratch.dsn, args.customers, n, args.pgbench_seconds)
+                for n in PGBENCH_CLIENTS
+            }
+            results["noop"] = await asyncio.to_thread(
+                noop_drain_rate, env, redis_url, 2 * args.events, args.processes, args.threads, Path(tmp) / "noop.log"
+            )
             for index, (mode, size) in enumerate(MODES.items()):
                 if size == 1 and args.only_batched:
                     continue
                 mode_env = {**env, "EVENT_BATCH_SIZE": str(size or args.batch_size)}
-                results[mode] = await _mode(pg, publisher, mode_env, GROUPS[2 * index : 2 * index + 2], args, Path(tmp) / f"mode{index}.log")
+                results[mode] = await _mode(
+                    pg, publisher, mode_env, GROUPS[2 * index : 2 * index + 2], args, Path(tmp) / f"mode{index}.log"
+                )
         results["dead_letters"] = await pg.fetchval("SELECT count(*) FROM dead_letters")
     finally:
         publisher.close()
@@ -232,9 +282,15 @@ def report(results: dict, args: argparse.Namespace) -> None:
     lower = min(ceiling_a, ceiling_b)
     load = lambda figures: " ".join(f"{f:.2f}" for f in figures)  # noqa: E731
     prefetch = args.prefetch if args.prefetch is not None else f"{2 * args.threads} (Dramatiq's default)"
-    print(f"events {args.events}, customers {args.customers} per group, {os.cpu_count()} CPUs; load average {load(results['load_before'])} before, {load(results['load_after'])} after")
-    print(f"workers {args.processes} processes x {args.threads} threads, prefetch {prefetch}, EVENT_BATCH_SIZE {args.batch_size}, EVENT_BATCH_IN_FLIGHT {args.in_flight or IN_FLIGHT}")
-    print(f"  pgbench FIFO debit, {' / '.join(map(str, PGBENCH_CLIENTS))} clients: {' / '.join(f'{tps:,.0f}' for tps in results['pgbench'].values())} tx/s")
+    print(
+        f"events {args.events}, customers {args.customers} per group, {os.cpu_count()} CPUs; load average {load(results['load_before'])} before, {load(results['load_after'])} after"
+    )
+    print(
+        f"workers {args.processes} processes x {args.threads} threads, prefetch {prefetch}, EVENT_BATCH_SIZE {args.batch_size}, EVENT_BATCH_IN_FLIGHT {args.in_flight or IN_FLIGHT}"
+    )
+    print(
+        f"  pgbench FIFO debit, {' / '.join(map(str, PGBENCH_CLIENTS))} clients: {' / '.join(f'{tps:,.0f}' for tps in results['pgbench'].values())} tx/s"
+    )
     print(f"  {'':52} {'events/s':>9} {'ev/tx':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     print(f"  {f'(a) pgbench, {PGBENCH_CLIENTS[-1]} clients':52} {ceiling_a:>9,.0f}")
     print(f"  {f'(b) Dramatiq no-op drain, {args.processes} x {args.threads}':52} {ceiling_b:>9,.0f}")
@@ -244,12 +300,16 @@ def report(results: dict, args: argparse.Namespace) -> None:
         full, half = results[mode]["full"], results[mode]["half"]
         paced = f"{mode}, {'paced' if args.pace else 'half load, paced'} {args.pace or full['rate'] / 2:,.0f}/s"
         print(f"  {f'{mode}, full load':52} {full['rate']:>9,.0f} {full['per_tx']:>6.1f}")
-        print(f"  {paced:52} {half['rate']:>9,.0f} {half['per_tx']:>6.1f} {half['p50']:>8.1f} {half['p99']:>8.1f} {half['max']:>8.1f}")
+        print(
+            f"  {paced:52} {half['rate']:>9,.0f} {half['per_tx']:>6.1f} {half['p50']:>8.1f} {half['p99']:>8.1f} {half['max']:>8.1f}"
+        )
     print(f"  dead letters {results['dead_letters']}  (latency: publish -> commit, of the paced run only)")
     for mode in MODES:
         if mode in results:
             boot, after = results[mode]["rss_at_boot"], results[mode]["rss_after"]
-            print(f"  {mode}: worker RSS MiB at boot {', '.join(f'{m:.0f}' for m in boot)}; after {2 * args.events:,} events {', '.join(f'{m:.0f}' for m in after)}")
+            print(
+                f"  {mode}: worker RSS MiB at boot {', '.join(f'{m:.0f}' for m in boot)}; after {2 * args.events:,} events {', '.join(f'{m:.0f}' for m in after)}"
+            )
     for mode in MODES:
         if mode in results:
             print(f"  {mode} (full) / min(a, b) = {results[mode]['full']['rate'] / lower:.2f}")
@@ -263,13 +323,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--customers", type=int, default=500, help="customers per group (events spread round robin)")
-    parser.add_argument("--processes", type=int, default=WORKER_PROCESSES, help="worker processes (default: credits worker's, %(default)s)")
-    parser.add_argument("--threads", type=int, default=WORKER_THREADS, help="threads per worker process (default: credits worker's, %(default)s)")
-    parser.add_argument("--prefetch", type=int, help="dramatiq_queue_prefetch of the workers (default: Dramatiq's, 2 x threads)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="EVENT_BATCH_SIZE of the batched workers (default: the setting's, %(default)s)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=WORKER_PROCESSES,
+        help="worker processes (default: credits worker's, %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=WORKER_THREADS,
+        help="threads per worker process (default: credits worker's, %(default)s)",
+    )
+    parser.add_argument(
+        "--prefetch", type=int, help="dramatiq_queue_prefetch of the workers (default: Dramatiq's, 2 x threads)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        help="EVENT_BATCH_SIZE of the batched workers (default: the setting's, %(default)s)",
+    )
     parser.add_argument("--in-flight", type=int, help=f"EVENT_BATCH_IN_FLIGHT (default: the setting's, {IN_FLIGHT})")
-    parser.add_argument("--pace", type=float, help="publish the second run at this rate (events/s) instead of half the full-load rate, to compare set-ups at one rate")
-    parser.add_argument("--pgbench-seconds", type=int, default=10, help="length of each pgbench run (default: %(default)s)")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        help="publish the second run at this rate (events/s) instead of half the full-load rate, to compare set-ups at one rate",
+    )
+    parser.add_argument(
+        "--pgbench-seconds", type=int, default=10, help="length of each pgbench run (default: %(default)s)"
+    )
     parser.add_argument("--only-batched", action="store_true", help="skip (c), one event per transaction")
     parser.add_argument("--redis-db", type=int, default=14)
     args = parser.parse_args()

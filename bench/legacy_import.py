@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -37,12 +37,26 @@ CREDITS_SCRIPT = str(Path(sys.executable).with_name("credits"))
 def timed_import(scratch: ScratchDatabase, directory: Path, export: Export, label: str, processes: int | None) -> None:
     env = {**os.environ, "DATABASE_URL": scratch.url}
     # The old system's balances at this moment: lots expire between generating and importing.
-    balances = balances_at(export.transactions.parent, datetime.now(timezone.utc))
-    command = [CREDITS_SCRIPT, "import-legacy", str(export.transactions), "--balances", str(balances), "--report", str(directory / "report.csv")]
+    balances = balances_at(export.transactions.parent, datetime.now(UTC))
+    command = [
+        CREDITS_SCRIPT,
+        "import-legacy",
+        str(export.transactions),
+        "--balances",
+        str(balances),
+        "--report",
+        str(directory / "report.csv"),
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started, loads = time.monotonic(), [os.getloadavg()[0]]
     with BackendCpu(scratch) as postgres:
-        process = subprocess.Popen(command + (["--processes", str(processes)] if processes else []), env=env, cwd=directory, stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command + (["--processes", str(processes)] if processes else []),
+            env=env,
+            cwd=directory,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         postgres.command = process.pid
         stdout, _ = process.communicate()
         result = subprocess.CompletedProcess(process.args, process.returncode, stdout)
@@ -91,7 +105,9 @@ class BackendCpu:
         connection = await asyncpg.connect(self.scratch.dsn)
         try:
             while not self.done.wait(0.5):
-                pids = await connection.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", self.scratch.name)
+                pids = await connection.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", self.scratch.name
+                )
                 for (pid,) in pids:
                     try:
                         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -126,10 +142,12 @@ def cached_export(directory: Path, members: int, rows_per_member: int, seed: int
         return Export(transactions, directory / "balances.csv", {}, count)
     stamp.unlink(missing_ok=True)
     started = time.monotonic()
-    export = generate(directory, members, rows_per_member, datetime.now(timezone.utc), seed, keep_expected=False)
+    export = generate(directory, members, rows_per_member, datetime.now(UTC), seed, keep_expected=False)
     stamp.write_text(wanted)
     size_mb = export.transactions.stat().st_size / 2**20
-    print(f"generated {export.rows} rows over {members} members ({size_mb:.0f} MB) in {time.monotonic() - started:.0f} s")
+    print(
+        f"generated {export.rows} rows over {members} members ({size_mb:.0f} MB) in {time.monotonic() - started:.0f} s"
+    )
     return export
 
 
@@ -140,7 +158,9 @@ async def main(args: argparse.Namespace) -> None:
         async with scratch_database() as scratch:
             await asyncio.to_thread(timed_import, scratch, directory, export, "import", args.processes)
             if args.rerun:
-                await asyncio.to_thread(timed_import, scratch, directory, export, "re-run (everything already imported)", args.processes)
+                await asyncio.to_thread(
+                    timed_import, scratch, directory, export, "re-run (everything already imported)", args.processes
+                )
 
 
 if __name__ == "__main__":
@@ -151,6 +171,8 @@ if __name__ == "__main__":
     parser.add_argument("--rerun", action="store_true", help="time a second run too (it finds everything imported)")
     parser.add_argument("--processes", type=int, help="the command's --processes (default: its own default)")
     parser.add_argument(
-        "--export-dir", type=Path, help="keep the generated export here and reuse it next time (same size and seed); default: a temporary directory"
+        "--export-dir",
+        type=Path,
+        help="keep the generated export here and reuse it next time (same size and seed); default: a temporary directory",
     )
     asyncio.run(main(parser.parse_args()))

@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -62,7 +62,7 @@ async def seed(dsn: str, events: int) -> None:
 
 
 async def timed(db: Database, repetitions: int) -> list[float]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     await read_figures(db, now, 14, 60_000)
     times = []
     for _ in range(repetitions):

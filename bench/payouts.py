@@ -56,8 +56,8 @@ from unittest import mock
 
 from sqlalchemy import event, text
 
-from domain.referrals import ReferralRules, ReferrerKind
 from bench.scratch import scratch_database
+from domain.referrals import ReferralRules, ReferrerKind
 from infra.db import Database
 from infra.db.referrals import payout_key
 from infra.logging import configure_logging
@@ -106,7 +106,9 @@ MODES = {
 # ---------------------------------------------------------------- seeding
 
 _REWARD = "CASE g % 20 WHEN 0 THEN CAST(:partner AS bigint) WHEN 1 THEN CAST(:employee AS bigint) ELSE CAST(:customer AS bigint) END"
-_PAYOUT_KEY = "'payout-' || CAST(:period AS text) || '-' || left(encode(sha256(convert_to({payee}, 'UTF8')), 'hex'), 32)"
+_PAYOUT_KEY = (
+    "'payout-' || CAST(:period AS text) || '-' || left(encode(sha256(convert_to({payee}, 'UTF8')), 'hex'), 32)"
+)
 #: Payees with an open clawback: every 25th, among those with 2 or 3 due rewards (so the
 #: payout stays above the minimum).
 _CLAWED_BACK = "g % 25 = 0 AND g % 3 <> 0"
@@ -387,9 +389,15 @@ async def _check(db: Database, expected: dict[str, tuple[int, str]], mode: Mode)
     """Assert the batch is complete and right; returns the rows it left, by kind, for comparing runs."""
     period = RULES.calendar.weekly_period(FRIDAY)
     async with db.connect() as connection:
-        rows = (await connection.execute(text("SELECT payee_id, amount_cents, idempotency_key FROM payouts WHERE period = :p"), {"p": period})).all()
+        rows = (
+            await connection.execute(
+                text("SELECT payee_id, amount_cents, idempotency_key FROM payouts WHERE period = :p"), {"p": period}
+            )
+        ).all()
         paid = {row.payee_id: (row.amount_cents, row.idempotency_key) for row in rows}
-        assert len(rows) == len(paid) == len(expected), f"{len(rows)} payouts for {len(paid)} payees, {len(expected)} expected"
+        assert len(rows) == len(paid) == len(expected), (
+            f"{len(rows)} payouts for {len(paid)} payees, {len(expected)} expected"
+        )
         assert paid == expected, "payout amounts or keys differ from the seeded sums"
         mismatched = await connection.scalar(
             text(
@@ -412,7 +420,11 @@ async def _check(db: Database, expected: dict[str, tuple[int, str]], mode: Mode)
         ).one()
         assert tuple(unsent) == (0, 0, 0), f"left unsent: {unsent._asdict()}"
         counts = dict(
-            (await connection.execute(text("SELECT 'history ' || status, count(*) FROM referral_history GROUP BY status"))).all()
+            (
+                await connection.execute(
+                    text("SELECT 'history ' || status, count(*) FROM referral_history GROUP BY status")
+                )
+            ).all()
         )
         for table in ("payouts", "payout_items", "referrals", "referral_clawbacks"):
             counts[table] = await connection.scalar(text(f"SELECT count(*) FROM {table}"))
@@ -444,24 +456,40 @@ async def run(payees: int, max_calls: int, mode_name: str) -> None:
         seeded_rewards = await _count_due_rewards(db)
         batch = await _pay_referrals(db, max_calls, mode)
         batch_rows = await _check(db, expected, mode)
-        assert batch_rows == baseline_rows, f"the runs wrote different rows: baseline {baseline_rows}, pay_referrals {batch_rows}"
+        assert batch_rows == baseline_rows, (
+            f"the runs wrote different rows: baseline {baseline_rows}, pay_referrals {batch_rows}"
+        )
         await db.dispose()
-    _report(payees, seeded_rewards, baseline_seconds, batch, f"gateway {mode_name}, load {load_at_start:.2f} -> {os.getloadavg()[0]:.2f}")
+    _report(
+        payees,
+        seeded_rewards,
+        baseline_seconds,
+        batch,
+        f"gateway {mode_name}, load {load_at_start:.2f} -> {os.getloadavg()[0]:.2f}",
+    )
 
 
 def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResult, conditions: str) -> None:
     baseline_rate = payees / baseline_seconds
     batch_rate = payees / batch.seconds
-    print(f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, {conditions}")
+    print(
+        f"payees {payees:,} ({rewards:,} due rewards), Friday {FRIDAY.isoformat()}, {os.cpu_count()} CPUs, {conditions}"
+    )
     print(f"  {'':48} {'seconds':>9} {'payees/s':>10}")
     print(f"  {'baseline: set-based SQL, one transaction':48} {baseline_seconds:>9.2f} {baseline_rate:>10,.0f}")
     print(f"  {f'pay_referrals, whole batch ({batch.calls} calls)':48} {batch.seconds:>9.2f} {batch_rate:>10,.0f}")
     print(f"  {f'pay_referrals, first call only ({batch.first_call_sent:,} sent)':48} {batch.first_call_seconds:>9.2f}")
     if batch.calls > 1:
-        print(f"  (one call sends at most {batch.first_call_sent:,} payouts: the hourly actor needs {batch.calls} runs for this batch)")
-    print(f"  pay_referrals / baseline {batch_rate / baseline_rate:>34.4f}  (baseline {baseline_rate / batch_rate:,.0f}x faster)")
+        print(
+            f"  (one call sends at most {batch.first_call_sent:,} payouts: the hourly actor needs {batch.calls} runs for this batch)"
+        )
+    print(
+        f"  pay_referrals / baseline {batch_rate / baseline_rate:>34.4f}  (baseline {baseline_rate / batch_rate:,.0f}x faster)"
+    )
     print()
-    print(f"  {'phase (summed over calls)':24} {'seconds':>9} {'share':>6} {'payees/s':>10} {'statements':>11} {'per payee':>9} {'transactions':>12}")
+    print(
+        f"  {'phase (summed over calls)':24} {'seconds':>9} {'share':>6} {'payees/s':>10} {'statements':>11} {'per payee':>9} {'transactions':>12}"
+    )
     for name in PHASES:
         stats = batch.phases[name]
         rate = f"{payees / stats.seconds:>10,.0f}" if stats.seconds else f"{'':>10}"
@@ -471,15 +499,29 @@ def _report(payees: int, rewards: int, baseline_seconds: float, batch: BatchResu
         )
     total_statements = sum(s.statements for s in batch.phases.values())
     total_transactions = sum(s.transactions for s in batch.phases.values())
-    print(f"  {'total':24} {batch.seconds:>9.2f} {'':>6} {'':>10} {total_statements:>11,} {total_statements / payees:>9.1f} {total_transactions:>12,}")
-    print("  (statements: SQL sent through SQLAlchemy; each transaction adds three round trips: pool pre-ping, BEGIN, COMMIT)")
+    print(
+        f"  {'total':24} {batch.seconds:>9.2f} {'':>6} {'':>10} {total_statements:>11,} {total_statements / payees:>9.1f} {total_transactions:>12,}"
+    )
+    print(
+        "  (statements: SQL sent through SQLAlchemy; each transaction adds three round trips: pool pre-ping, BEGIN, COMMIT)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--payees", type=int, default=5_000)
-    parser.add_argument("--max-calls", type=int, default=1_000, help="give up if the batch is not sent after this many pay_referrals calls")
-    parser.add_argument("--gateway", choices=sorted(MODES), default="manual", help="manual: exported (the default); instant: Stripe Connect paid at once in memory")
+    parser.add_argument(
+        "--max-calls",
+        type=int,
+        default=1_000,
+        help="give up if the batch is not sent after this many pay_referrals calls",
+    )
+    parser.add_argument(
+        "--gateway",
+        choices=sorted(MODES),
+        default="manual",
+        help="manual: exported (the default); instant: Stripe Connect paid at once in memory",
+    )
     args = parser.parse_args()
     asyncio.run(run(args.payees, args.max_calls, args.gateway))
 

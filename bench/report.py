@@ -57,8 +57,8 @@ import httpx
 from sqlalchemy import event
 
 from api.app import create_app
-from infra.clock import FixedClock
 from bench.scratch import ScratchDatabase, scratch_database
+from infra.clock import FixedClock
 from infra.db import Database
 from infra.settings import load_settings
 from service_layer import views
@@ -162,7 +162,9 @@ async def _seed(pg: asyncpg.Connection, customers: int) -> dict[str, int]:
     }
 
 
-async def _report_statements(db: Database, now: datetime, days: int, limit: int, offset: int) -> tuple[Statement, Statement]:
+async def _report_statements(
+    db: Database, now: datetime, days: int, limit: int, offset: int
+) -> tuple[Statement, Statement]:
     """The (count, page) statements ``views.depleted_customers`` sends, captured as sent."""
     sent: list[Statement] = []
 
@@ -175,7 +177,9 @@ async def _report_statements(db: Database, now: datetime, days: int, limit: int,
     finally:
         event.remove(db.engine.sync_engine, "before_cursor_execute", capture)
     if len(sent) != 2:
-        raise RuntimeError(f"expected views.depleted_customers to send 2 statements (count, page), saw {len(sent)}: {[s.sql[:60] for s in sent]}")
+        raise RuntimeError(
+            f"expected views.depleted_customers to send 2 statements (count, page), saw {len(sent)}: {[s.sql[:60] for s in sent]}"
+        )
     return sent[0], sent[1]
 
 
@@ -197,7 +201,9 @@ async def _measure(probes: dict[str, Probe], repetitions: int, warm_up: int) -> 
     latencies = {}
     for name, values in samples.items():
         values.sort()
-        latencies[name] = Latency(p50=statistics.median(values), p99=values[min(len(values) - 1, int(len(values) * 0.99))])
+        latencies[name] = Latency(
+            p50=statistics.median(values), p99=values[min(len(values) - 1, int(len(values) * 0.99))]
+        )
     return latencies
 
 
@@ -222,7 +228,9 @@ async def _run_on(scratch: ScratchDatabase, customers: int, repetitions: int, wa
         counts = await _seed(pg, customers)
         seeding_seconds = time.perf_counter() - seeding_started
 
-        settings = load_settings(database_url=url, redis_url=None, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN)
+        settings = load_settings(
+            database_url=url, redis_url=None, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN
+        )
         days = settings.depleted_report_days
         now = datetime.now(UTC)
         db = Database(url, pool_size=settings.db_pool_size)
@@ -236,7 +244,9 @@ async def _run_on(scratch: ScratchDatabase, customers: int, repetitions: int, wa
 
         async with (
             InProcessServer(create_app(settings, clock=FixedClock(now))) as server,
-            httpx.AsyncClient(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60) as http,
+            httpx.AsyncClient(
+                base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60
+            ) as http,
         ):
             # Every path answers the same before anything is timed.
             report = _checked(await http.get("/api/admin/credits-report")).json()
@@ -244,9 +254,13 @@ async def _run_on(scratch: ScratchDatabase, customers: int, repetitions: int, wa
             bubble = _checked(await http.get("/api/admin/at-risk-count")).json()["count"]
             sql_page = [row["customer_id"] for row in await pg.fetch(first_page.sql, *first_page.parameters)]
             if report["limit"] != ROUTE_PAGE_SIZE or report["days"] != days:
-                raise RuntimeError(f"the route's defaults moved: limit {report['limit']}, days {report['days']}; update ROUTE_PAGE_SIZE")
+                raise RuntimeError(
+                    f"the route's defaults moved: limit {report['limit']}, days {report['days']}; update ROUTE_PAGE_SIZE"
+                )
             if not (report["total"] == view_total == bubble == total):
-                raise RuntimeError(f"totals differ: route {report['total']}, view {view_total}, bubble {bubble}, SQL {total}")
+                raise RuntimeError(
+                    f"totals differ: route {report['total']}, view {view_total}, bubble {bubble}, SQL {total}"
+                )
             if not ([c["customer_id"] for c in report["customers"]] == [c.customer_id for c in view_page] == sql_page):
                 raise RuntimeError("the first page differs between the route, the view and the SQL")
 
@@ -267,18 +281,26 @@ async def _run_on(scratch: ScratchDatabase, customers: int, repetitions: int, wa
             probes: dict[str, Probe] = {
                 "baseline: count + first page, asyncpg": report_sql,
                 "count alone, asyncpg": count_sql,
-                "views.depleted_customers, first page": lambda: views.depleted_customers(db, now, days, ROUTE_PAGE_SIZE, 0),
+                "views.depleted_customers, first page": lambda: views.depleted_customers(
+                    db, now, days, ROUTE_PAGE_SIZE, 0
+                ),
                 "GET /api/admin/credits-report": lambda: get("/api/admin/credits-report"),
                 "GET /api/admin/at-risk-count": lambda: get("/api/admin/at-risk-count"),
                 f"count + last page (offset {last_offset:,}), asyncpg": last_page_sql,
-                "views.depleted_customers, last page": lambda: views.depleted_customers(db, now, days, ROUTE_PAGE_SIZE, last_offset),
-                "GET /api/admin/credits-report, last page": lambda: get(f"/api/admin/credits-report?offset={last_offset}"),
+                "views.depleted_customers, last page": lambda: views.depleted_customers(
+                    db, now, days, ROUTE_PAGE_SIZE, last_offset
+                ),
+                "GET /api/admin/credits-report, last page": lambda: get(
+                    f"/api/admin/credits-report?offset={last_offset}"
+                ),
             }
             latencies = await _measure(probes, repetitions, warm_up)
 
         # Which plans PostgreSQL ran the timed statements with: EXPLAIN below shows a custom
         # plan (parameters known); after five executions a prepared statement may go generic.
-        plan_kinds = {row["statement"]: (row["custom_plans"], row["generic_plans"]) for row in await pg.fetch(PLAN_KINDS)}
+        plan_kinds = {
+            row["statement"]: (row["custom_plans"], row["generic_plans"]) for row in await pg.fetch(PLAN_KINDS)
+        }
         custom_count, generic_count = plan_kinds.get(count.sql, (0, 0))
         custom_page, generic_page = plan_kinds.get(first_page.sql, (0, 0))  # the last page is the same text
         plans = {
@@ -297,7 +319,9 @@ async def _run_on(scratch: ScratchDatabase, customers: int, repetitions: int, wa
         f"customers {customers:,}: {counts['depleted']:,} depleted, {total:,} of them for more than {days} days (the report); "
         f"{counts['dunning_cases']:,} dunning cases over {counts['customers_with_cases']:,} customers; seeded in {seeding_seconds:.0f} s"
     )
-    print(f"PostgreSQL {server_version}, {os.cpu_count()} CPUs, {repetitions} repetitions after {warm_up} warm-up rounds, page size {ROUTE_PAGE_SIZE}")
+    print(
+        f"PostgreSQL {server_version}, {os.cpu_count()} CPUs, {repetitions} repetitions after {warm_up} warm-up rounds, page size {ROUTE_PAGE_SIZE}"
+    )
     print(
         f"plans used while timing (pg_prepared_statements, baseline connection): count {custom_count} custom / {generic_count} generic, "
         f"page (first and last) {custom_page} custom / {generic_page} generic; EXPLAIN shows the custom plan"

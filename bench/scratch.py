@@ -32,7 +32,9 @@ async def scratch_database() -> AsyncIterator[ScratchDatabase]:
     """A new database at the schema's head, dropped on the way out (even after a failure)."""
     name = f"credits_bench_{uuid.uuid4().hex[:8]}"
     server = ADMIN_DSN.rsplit("/", 1)[0]
-    scratch = ScratchDatabase(name, f"{server}/{name}", server.replace("postgresql://", "postgresql+asyncpg://", 1) + f"/{name}")
+    scratch = ScratchDatabase(
+        name, f"{server}/{name}", server.replace("postgresql://", "postgresql+asyncpg://", 1) + f"/{name}"
+    )
     admin = await asyncpg.connect(ADMIN_DSN)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import text
 
@@ -61,7 +61,10 @@ ON CONFLICT DO NOTHING
 async def _seed(db: Database, lots: int) -> None:
     async with db.begin() as connection:
         await connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
-        await connection.execute(text("INSERT INTO customers (customer_id, balance) SELECT 'c' || g, 5 FROM generate_series(1, :n) g"), {"n": lots})
+        await connection.execute(
+            text("INSERT INTO customers (customer_id, balance) SELECT 'c' || g, 5 FROM generate_series(1, :n) g"),
+            {"n": lots},
+        )
         await connection.execute(
             text(
                 "INSERT INTO credit_lots (customer_id, source, event_id, amount, remaining, issued_at, expires_at) "
@@ -88,13 +91,15 @@ async def _check_writes(db: Database, lots: int, who: str) -> None:
             )
         ).one()
     if tuple(counts) != (lots,) * 5:
-        raise AssertionError(f"{who} wrote (lots, entries, movements, depleted customers, notices) = {tuple(counts)}, expected {lots} each")
+        raise AssertionError(
+            f"{who} wrote (lots, entries, movements, depleted customers, notices) = {tuple(counts)}, expected {lots} each"
+        )
 
 
 async def run(lots: int, batch_size: int) -> None:
     async with scratch_database() as scratch:
         db = Database(scratch.url)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
 
         await _seed(db, lots)
         started = time.perf_counter()

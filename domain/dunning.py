@@ -89,8 +89,10 @@ class RetrySchedule:
     def __post_init__(self) -> None:
         if not 3 <= len(self.days) <= 5:
             raise ValueError(f"the retry schedule needs 3 to 5 attempts, got {len(self.days)}")
-        if self.days[0] < 1 or any(b <= a for a, b in zip(self.days, self.days[1:])):
-            raise ValueError(f"retry days must be whole days after the first failure, strictly increasing from 1: {self.days}")
+        if self.days[0] < 1 or any(b <= a for a, b in zip(self.days, self.days[1:], strict=False)):
+            raise ValueError(
+                f"retry days must be whole days after the first failure, strictly increasing from 1: {self.days}"
+            )
         if not 7 <= self.days[-1] <= 14:
             raise ValueError(f"the last retry must fall 7 to 14 days after the first failure, not {self.days[-1]}")
 
@@ -98,7 +100,9 @@ class RetrySchedule:
     def attempts(self) -> int:
         return len(self.days)
 
-    def retry_at(self, first_failed_at: datetime, attempts_made: int, not_before: datetime | None = None) -> datetime | None:
+    def retry_at(
+        self, first_failed_at: datetime, attempts_made: int, not_before: datetime | None = None
+    ) -> datetime | None:
         """When the next scheduled retry is due, or None when the schedule is used up.
 
         ``not_before``: automatic charges of a card stay at least MIN_RETRY_GAP apart even when
@@ -159,7 +163,7 @@ class DunningCase:
     id: int | None = None
 
     @classmethod
-    def open(cls, customer_id: str, invoice_id: str, failed_at: datetime, schedule: RetrySchedule) -> "DunningCase":
+    def open(cls, customer_id: str, invoice_id: str, failed_at: datetime, schedule: RetrySchedule) -> DunningCase:
         return cls(customer_id, invoice_id, failed_at, next_retry_at=schedule.retry_at(failed_at, 0))
 
     # ---------------------------------------------------------------- reading
@@ -176,7 +180,9 @@ class DunningCase:
 
     # ---------------------------------------------------------------- changing
 
-    def payment_failed(self, at: datetime, decline_code: str | None, message: str | None, schedule: RetrySchedule) -> None:
+    def payment_failed(
+        self, at: datetime, decline_code: str | None, message: str | None, schedule: RetrySchedule
+    ) -> None:
         """The provider reports a failed charge (its own, or the outcome of one of ours)."""
         if not self.owes:
             return  # paid or closed: a late failure report never reopens it
@@ -195,10 +201,20 @@ class DunningCase:
         """The bank wants the customer to authenticate: retrying without them would fail again."""
         if not self.owes or not self._is_latest_failure(at):
             return
-        self._note_failure(at, "authentication_required", message or "the bank asks the customer to confirm this payment")
+        self._note_failure(
+            at, "authentication_required", message or "the bank asks the customer to confirm this payment"
+        )
         self._stop(DunningStatus.ACTION_REQUIRED)
 
-    def attempt_failed(self, kind: AttemptKind, outcome: AttemptOutcome, at: datetime, decline_code: str | None, message: str | None, schedule: RetrySchedule) -> None:
+    def attempt_failed(
+        self,
+        kind: AttemptKind,
+        outcome: AttemptOutcome,
+        at: datetime,
+        decline_code: str | None,
+        message: str | None,
+        schedule: RetrySchedule,
+    ) -> None:
         """One of our own charges was declined or needs authentication.
 
         Our own answer from the provider decides the state; only the failure *note* defers
@@ -211,7 +227,9 @@ class DunningCase:
             self.attempts_made += 1
         latest = self._is_latest_failure(at)
         if outcome is AttemptOutcome.ACTION_REQUIRED:
-            self._note_failure(at, "authentication_required", message or "the bank asks the customer to confirm this payment")
+            self._note_failure(
+                at, "authentication_required", message or "the bank asks the customer to confirm this payment"
+            )
             self._stop(DunningStatus.ACTION_REQUIRED)
             return
         self._note_failure(at, decline_code, message)
@@ -220,7 +238,9 @@ class DunningCase:
         if is_hard_decline(decline_code):
             self._stop(DunningStatus.NEEDS_PAYMENT_METHOD)
             return
-        if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and (kind is AttemptKind.SCHEDULED or not latest):
+        if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and (
+            kind is AttemptKind.SCHEDULED or not latest
+        ):
             return  # only a charge the customer asked for, answered after it, resumes the schedule
         # Soft decline: carry on with what is left of the schedule (also after a new
         # payment method that was soft-declined), or give up when it is used up.
@@ -238,7 +258,10 @@ class DunningCase:
     def schedule_ended(self, now: datetime, schedule: RetrySchedule) -> bool:
         """A case that stopped retrying (hard decline, authentication) and is still unpaid when
         the schedule ends is past due like an exhausted one. Returns whether it became so now."""
-        if self.status in (DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.ACTION_REQUIRED) and now >= schedule.ends_at(self.first_failed_at):
+        if self.status in (
+            DunningStatus.NEEDS_PAYMENT_METHOD,
+            DunningStatus.ACTION_REQUIRED,
+        ) and now >= schedule.ends_at(self.first_failed_at):
             self._stop(DunningStatus.PAST_DUE)
             return True
         return False

@@ -7,10 +7,7 @@ class DomainError(Exception):
 
 class InsufficientCredits(DomainError):
     def __init__(self, customer_id: str, wanted: int, available: int) -> None:
-        super().__init__(
-            f"customer {customer_id!r} has {available} credit(s) available "
-            f"and the job needs {wanted}"
-        )
+        super().__init__(f"customer {customer_id!r} has {available} credit(s) available and the job needs {wanted}")
         self.customer_id = customer_id
         self.wanted = wanted
         self.available = available

@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from domain.model import Account, EntryKind, Lot, LotSource
@@ -171,7 +171,7 @@ def parse_moment(text: str, column: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise BadRow(f"{column} {text!r} has no UTC offset")
     # In UTC, as live events are: month arithmetic and comparisons then agree with theirs.
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 def _check_sign(row_type: LegacyType, credits: int) -> None:
@@ -201,7 +201,9 @@ class MemberReplay:
     mismatches: list[ExpiryMismatch] = field(default_factory=list)
 
 
-def replay(customer_id: str, rows: Iterable[LegacyRow], policy: CreditPolicy, now: datetime, sweep_event_id: str) -> MemberReplay:
+def replay(
+    customer_id: str, rows: Iterable[LegacyRow], policy: CreditPolicy, now: datetime, sweep_event_id: str
+) -> MemberReplay:
     """Replay one member's history in time order (ties by `Id`), then expire what is due by ``now``.
 
     `Credit` issues a lot with its own `ExpiresAt`; `Debit` and negative `Adjusted` spend
@@ -229,7 +231,15 @@ def replay(customer_id: str, rows: Iterable[LegacyRow], policy: CreditPolicy, no
 def _apply(account: Account, row: LegacyRow, policy: CreditPolicy) -> None:
     note = f"imported: {row.type.value} {row.row_id}"
     if row.type is LegacyType.CREDIT:
-        account.issue(row.amount, row.created_at, row.event_id, policy, source=LotSource.PAYMENT, note=note, expires_at=row.expires_at)
+        account.issue(
+            row.amount,
+            row.created_at,
+            row.event_id,
+            policy,
+            source=LotSource.PAYMENT,
+            note=note,
+            expires_at=row.expires_at,
+        )
     elif row.type is LegacyType.DEBIT:
         account.debit(-row.amount, row.created_at, row.event_id, note=note)
     elif row.type is LegacyType.ADJUSTED:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from domain.events import CreditsDepleted, CreditsRestored, DomainEvent
 from domain.errors import (
     CreditLimitExceeded,
     HoldConflict,
@@ -22,6 +21,7 @@ from domain.errors import (
     PaymentAlreadyApplied,
     PaymentNotApplied,
 )
+from domain.events import CreditsDepleted, CreditsRestored, DomainEvent
 from domain.limits import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT
 from domain.policy import CreditPolicy
 
@@ -217,7 +217,9 @@ class Account:
         # expires only what was due before the freeze.
         expiry_cutoff = min(at, self.frozen_since) if self.frozen_since is not None else at
         due: list[tuple[tuple, Lot | Hold]] = [
-            ((lot.expires_at, 0, *lot.sort_key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= expiry_cutoff
+            ((lot.expires_at, 0, *lot.sort_key()), lot)
+            for lot in self.lots
+            if lot.remaining > 0 and lot.expires_at <= expiry_cutoff
         ]
         due += [
             ((hold.expires_at, 1, hold.placed_at, hold.job_id), hold)
@@ -226,7 +228,9 @@ class Account:
         ]
         for _, item in sorted(due, key=lambda pair: pair[0]):
             if isinstance(item, Lot):
-                self._take(EntryKind.EXPIRED, item.expires_at, event_id, [Movement(item, item.remaining)], note="expired")
+                self._take(
+                    EntryKind.EXPIRED, item.expires_at, event_id, [Movement(item, item.remaining)], note="expired"
+                )
             else:
                 self._close_hold(item, HoldStatus.LAPSED, item.expires_at, event_id)
 
@@ -248,7 +252,9 @@ class Account:
         the policy dates it."""
         _require_positive(credits)
         if payment_id is not None and self.payment_lot(payment_id) is not None:
-            raise PaymentAlreadyApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has already issued its credits")
+            raise PaymentAlreadyApplied(
+                f"payment {payment_id!r} of customer {self.customer_id!r} has already issued its credits"
+            )
         self.catch_up(at, event_id)
         if source is LotSource.PAYMENT and policy.carry_limit is not None:
             self._expire_over_cap(policy.carry_limit, at, event_id)
@@ -262,10 +268,21 @@ class Account:
         self.lots.append(lot)
         self.changed_lots.append(lot)
         kind = EntryKind.ISSUED if source is LotSource.PAYMENT else EntryKind.ADJUSTED
-        self._record(kind, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=before)
+        self._record(
+            kind,
+            credits,
+            at,
+            event_id,
+            movements=(Movement(lot, credits),),
+            overdraft_change=-repaid,
+            note=note,
+            before=before,
+        )
         return lot
 
-    def debit(self, credits: int, at: datetime, event_id: str, job_id: str | None = None, note: str | None = None) -> Entry:
+    def debit(
+        self, credits: int, at: datetime, event_id: str, job_id: str | None = None, note: str | None = None
+    ) -> Entry:
         """Spend credits oldest-first; a shortfall becomes overdraft rather than being dropped."""
         _require_positive(credits)
         self.catch_up(at, event_id)
@@ -300,7 +317,9 @@ class Account:
     def payment_lot(self, payment_id: str) -> Lot | None:
         return next((lot for lot in self.lots if lot.payment_id == payment_id), None)
 
-    def reverse_payment(self, payment_id: str, total_reversed: int, at: datetime, event_id: str, note: str) -> Entry | None:
+    def reverse_payment(
+        self, payment_id: str, total_reversed: int, at: datetime, event_id: str, note: str
+    ) -> Entry | None:
         """Take back what a refunded or disputed payment issued, up to ``total_reversed`` credits in all.
 
         ``total_reversed`` is cumulative (a second partial refund states the new total), so
@@ -312,7 +331,9 @@ class Account:
         _require_positive(total_reversed)
         lot = self.payment_lot(payment_id)
         if lot is None:
-            raise PaymentNotApplied(f"payment {payment_id!r} of customer {self.customer_id!r} has issued no credits (yet)")
+            raise PaymentNotApplied(
+                f"payment {payment_id!r} of customer {self.customer_id!r} has issued no credits (yet)"
+            )
         credits = min(total_reversed, lot.amount) - lot.reversed
         if credits <= 0:
             return None
@@ -362,7 +383,7 @@ class Account:
         self.catch_up(at, event_id)
         return pause
 
-    def give(self, credits: int, to: "Account", at: datetime, event_id: str) -> list[Lot]:
+    def give(self, credits: int, to: Account, at: datetime, event_id: str) -> list[Lot]:
         """Gift credits: taken oldest-first from what this customer has available, given as new
         lots that keep each original expiry date. Never more than is available (no overdraft)."""
         _require_positive(credits)
@@ -370,7 +391,9 @@ class Account:
             raise ValueError("a customer cannot gift credits to themselves")
         for account in (self, to):
             if account.frozen_since is not None:
-                raise MembershipFrozen(f"customer {account.customer_id!r} is frozen: no gifts to or from a paused membership")
+                raise MembershipFrozen(
+                    f"customer {account.customer_id!r} is frozen: no gifts to or from a paused membership"
+                )
         self.catch_up(at, event_id)
         to.catch_up(at, event_id)
         available = self.available(at)
@@ -380,7 +403,9 @@ class Account:
         movements, shortfall = self._oldest_first(credits, at)
         assert shortfall == 0
         self._take(EntryKind.GIFTED, at, event_id, movements, note=f"gift to {to.customer_id}")
-        return [to._receive(m.credits, m.lot.expires_at, at, event_id, f"gift from {self.customer_id}") for m in movements]
+        return [
+            to._receive(m.credits, m.lot.expires_at, at, event_id, f"gift from {self.customer_id}") for m in movements
+        ]
 
     def _receive(self, credits: int, expires_at: datetime, at: datetime, event_id: str, note: str) -> Lot:
         self._require_room_for(credits)
@@ -391,7 +416,16 @@ class Account:
         self.overdraft -= repaid
         self.lots.append(lot)
         self.changed_lots.append(lot)
-        self._record(EntryKind.GIFTED, credits, at, event_id, movements=(Movement(lot, credits),), overdraft_change=-repaid, note=note, before=before)
+        self._record(
+            EntryKind.GIFTED,
+            credits,
+            at,
+            event_id,
+            movements=(Movement(lot, credits),),
+            overdraft_change=-repaid,
+            note=note,
+            before=before,
+        )
         return lot
 
     def place_hold(self, job_id: str, credits: int, at: datetime, event_id: str, policy: CreditPolicy) -> Hold:
@@ -427,7 +461,9 @@ class Account:
 
     # ---------------------------------------------------------------- internals
 
-    def _spend(self, kind: EntryKind, credits: int, at: datetime, event_id: str, job_id: str | None, note: str | None) -> Entry:
+    def _spend(
+        self, kind: EntryKind, credits: int, at: datetime, event_id: str, job_id: str | None, note: str | None
+    ) -> Entry:
         movements, shortfall = self._oldest_first(credits, at)
         return self._take(kind, at, event_id, movements, job_id=job_id, shortfall=shortfall, note=note)
 
@@ -477,7 +513,17 @@ class Account:
             self.changed_lots.append(movement.lot)
         self.overdraft += shortfall
         credits = sum(m.credits for m in movements) + shortfall
-        return self._record(kind, -credits, at, event_id, job_id=job_id, movements=tuple(movements), overdraft_change=shortfall, note=note, before=before)
+        return self._record(
+            kind,
+            -credits,
+            at,
+            event_id,
+            job_id=job_id,
+            movements=tuple(movements),
+            overdraft_change=shortfall,
+            note=note,
+            before=before,
+        )
 
     def _close_hold(self, hold: Hold, status: HoldStatus, at: datetime, event_id: str, record: bool = True) -> None:
         hold.status = status

@@ -35,7 +35,12 @@ class ReferralStatus(StrEnum):
 
     @property
     def is_unpaid_reward(self) -> bool:
-        return self in (ReferralStatus.PENDING, ReferralStatus.APPROVED, ReferralStatus.FLAGGED, ReferralStatus.AWAITING_PAYMENT)
+        return self in (
+            ReferralStatus.PENDING,
+            ReferralStatus.APPROVED,
+            ReferralStatus.FLAGGED,
+            ReferralStatus.AWAITING_PAYMENT,
+        )
 
 
 # ---------------------------------------------------------------- normalising who someone is
@@ -70,7 +75,12 @@ def nearly_identical_emails(a: str, b: str) -> bool:
     """Normalised addresses one edit apart in the local part, same domain: jane1@x / jane2@x."""
     local_a, _, domain_a = a.partition("@")
     local_b, _, domain_b = b.partition("@")
-    return a != b and domain_a == domain_b and min(len(local_a), len(local_b)) >= 4 and Levenshtein.distance(local_a, local_b) <= 1
+    return (
+        a != b
+        and domain_a == domain_b
+        and min(len(local_a), len(local_b)) >= 4
+        and Levenshtein.distance(local_a, local_b) <= 1
+    )
 
 
 # ---------------------------------------------------------------- codes
@@ -249,7 +259,9 @@ class Referral:
     history: list[Change] = field(default_factory=list)
 
     @classmethod
-    def submitted(cls, referred_customer_id: str, referrer_id: str | None, code: str | None, at: datetime, verdict: Verdict) -> "Referral":
+    def submitted(
+        cls, referred_customer_id: str, referrer_id: str | None, code: str | None, at: datetime, verdict: Verdict
+    ) -> Referral:
         referral = cls(referred_customer_id, referrer_id, code, at, verdict.status, verdict.reason, verdict.flags)
         referral.history.append(Change(verdict.status, at, verdict.reason or ("; ".join(verdict.flags) or None)))
         return referral
@@ -264,7 +276,9 @@ class Referral:
         if self.flags:
             self._move(ReferralStatus.FLAGGED, paid_at, "; ".join(self.flags))
         else:
-            self._move(ReferralStatus.PENDING, paid_at, f"first payment {payment_id}; held until {self.approve_after:%Y-%m-%d}")
+            self._move(
+                ReferralStatus.PENDING, paid_at, f"first payment {payment_id}; held until {self.approve_after:%Y-%m-%d}"
+            )
         return True
 
     def release(self, now: datetime) -> bool:
@@ -283,7 +297,12 @@ class Referral:
         self.release(now)
 
     def admin_reject(self, now: datetime, admin: str, reason: str) -> None:
-        if self.status not in (ReferralStatus.FLAGGED, ReferralStatus.PENDING, ReferralStatus.APPROVED, ReferralStatus.AWAITING_PAYMENT):
+        if self.status not in (
+            ReferralStatus.FLAGGED,
+            ReferralStatus.PENDING,
+            ReferralStatus.APPROVED,
+            ReferralStatus.AWAITING_PAYMENT,
+        ):
             raise ReferralRuleError(f"a {self.status.value} reward cannot be rejected")
         self.reason = reason
         self._move(ReferralStatus.REJECTED, now, f"rejected by {admin}: {reason}")
@@ -295,7 +314,9 @@ class Referral:
             self._move(ReferralStatus.VOIDED, now, why)
             return 0
         if self.status in (ReferralStatus.IN_PAYOUT, ReferralStatus.PAID):
-            self.history.append(Change(self.status, now, f"{why}: {self.reward_cents} clawed back from the next payout"))
+            self.history.append(
+                Change(self.status, now, f"{why}: {self.reward_cents} clawed back from the next payout")
+            )
             return self.reward_cents or 0
         return 0
 

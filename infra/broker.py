@@ -94,8 +94,12 @@ def make_broker(settings: Settings, middleware: list | None = None) -> dramatiq.
         return rabbitmq_broker(settings.broker_url, middleware)
     timeout_ms = settings.redis_heartbeat_timeout_seconds * 1000
     if settings.broker_address:
-        return DeadLetteringRedisBroker(url=settings.broker_address, middleware=middleware, heartbeat_timeout=timeout_ms)
-    return DeadLetteringRedisBroker(client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware, heartbeat_timeout=timeout_ms)
+        return DeadLetteringRedisBroker(
+            url=settings.broker_address, middleware=middleware, heartbeat_timeout=timeout_ms
+        )
+    return DeadLetteringRedisBroker(
+        client=fakeredis.FakeRedis(server=_EMBEDDED_SERVER), middleware=middleware, heartbeat_timeout=timeout_ms
+    )
 
 
 #: The older name, for callers written before RabbitMQ.
@@ -140,7 +144,15 @@ def enqueue_charges(broker, attempt_ids: list[int]) -> None:
     """Ask a worker to charge these payment attempts now. If this is lost, the periodic
     ``collect_payments`` charges them within minutes: the attempts are rows in the database."""
     if attempt_ids:
-        broker.enqueue(Message(queue_name=PAYMENTS_QUEUE, actor_name=CHARGE_ATTEMPTS_ACTOR, args=(), kwargs={"attempt_ids": list(attempt_ids)}, options={}))
+        broker.enqueue(
+            Message(
+                queue_name=PAYMENTS_QUEUE,
+                actor_name=CHARGE_ATTEMPTS_ACTOR,
+                args=(),
+                kwargs={"attempt_ids": list(attempt_ids)},
+                options={},
+            )
+        )
 
 
 def is_embedded(settings: Settings) -> bool:

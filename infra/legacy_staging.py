@@ -54,7 +54,9 @@ class Staging:
     """The scratch database; ``with Staging() as staging`` removes it afterwards."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self._dir: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(prefix="credits-legacy-", dir=directory)
+        self._dir: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(
+            prefix="credits-legacy-", dir=directory
+        )
         self.path = Path(self._dir.name) / "staging.sqlite3"
         self.sql = sqlite3.connect(self.path)
         self.sql.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE;" + _SCHEMA)
@@ -81,7 +83,10 @@ class Staging:
         """Stream the transactions CSV in; returns how many rows it has. ``advance`` gets bytes read."""
         count = 0
         for chunk in _chunks(_records(path, TRANSACTION_COLUMNS, advance)):
-            self.sql.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_row_values(line, fields, problem) for line, fields, problem in chunk])
+            self.sql.executemany(
+                "INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [_row_values(line, fields, problem) for line, fields, problem in chunk],
+            )
             count += len(chunk)
         self.sql.execute("CREATE INDEX rows_member ON rows (member, line)")
         self._mark_duplicate_ids()
@@ -110,7 +115,9 @@ class Staging:
     def _keyed(self, table: str, file: str, line: int, member: str, value: str, problem: str | None) -> None:
         """One map or balances line, keyed by member; a member listed twice is a problem."""
         if not member:
-            self.sql.execute("INSERT INTO file_problems VALUES (?, ?, ?)", (file, line, problem or "missing MembershipId"))
+            self.sql.execute(
+                "INSERT INTO file_problems VALUES (?, ?, ?)", (file, line, problem or "missing MembershipId")
+            )
             return
         column = "customer_id" if table == "map" else "balance"
         self.sql.execute(
@@ -121,7 +128,9 @@ class Staging:
 
     def _mark_duplicate_ids(self) -> None:
         # Two rows with one Id would get one event id: neither can be told apart from a re-run.
-        self.sql.execute("CREATE TEMP TABLE duplicate_ids AS SELECT row_id FROM rows WHERE row_id <> '' GROUP BY row_id HAVING count(*) > 1")
+        self.sql.execute(
+            "CREATE TEMP TABLE duplicate_ids AS SELECT row_id FROM rows WHERE row_id <> '' GROUP BY row_id HAVING count(*) > 1"
+        )
         self.sql.execute(
             "UPDATE rows SET problem = 'Id ' || quote(row_id) || ' is used by more than one row' "
             "WHERE problem IS NULL AND row_id IN (SELECT row_id FROM duplicate_ids)"
@@ -158,7 +167,9 @@ class Staging:
                     yield current
                 current = _member(record)
             # Fields in parse_row's order: Id, MembershipId, Type, Amount, CreatedAt, ExpiresAt.
-            current.rows.append(RawRow(record[1], (record[2], record[0], record[3], record[4], record[5], record[6]), record[7]))
+            current.rows.append(
+                RawRow(record[1], (record[2], record[0], record[3], record[4], record[5], record[6]), record[7])
+            )
         if current is not None:
             yield current
 
@@ -187,7 +198,9 @@ def _row_values(line: int, fields: tuple[str, ...], problem: str | None) -> tupl
     return (line, member.strip(), row_id.strip(), kind, amount, created_at, expires_at, problem)
 
 
-def _records(path: Path, columns: tuple[str, ...], advance: Callable[[int], None] = lambda _: None) -> Iterator[tuple[int, tuple[str, ...], str | None]]:
+def _records(
+    path: Path, columns: tuple[str, ...], advance: Callable[[int], None] = lambda _: None
+) -> Iterator[tuple[int, tuple[str, ...], str | None]]:
     """(line, the named columns' values, problem) for each record after the header (line 1)."""
     try:
         handle = open(path, newline="", encoding="utf-8-sig")
@@ -199,7 +212,9 @@ def _records(path: Path, columns: tuple[str, ...], advance: Callable[[int], None
             header = [name.strip() for name in next(reader, [])]
             missing = [name for name in columns if name not in header]
             if missing:
-                raise UnusableInput(f"{path}: header line lacks column(s) {', '.join(missing)} (expected {','.join(columns)})")
+                raise UnusableInput(
+                    f"{path}: header line lacks column(s) {', '.join(missing)} (expected {','.join(columns)})"
+                )
             positions = [header.index(name) for name in columns]
             line = reader.line_num
             for record in reader:

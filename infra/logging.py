@@ -39,7 +39,9 @@ def _clean(key: object, value: object, max_chars: int) -> object:
     # Nested values too: e.g. an error list naming the producer's fields.
     if isinstance(value, dict):
         items = list(value.items())
-        cleaned = {(scrub(k, max_chars) if isinstance(k, str) else k): _clean(k, v, max_chars) for k, v in items[:MAX_ITEMS]}
+        cleaned = {
+            (scrub(k, max_chars) if isinstance(k, str) else k): _clean(k, v, max_chars) for k, v in items[:MAX_ITEMS]
+        }
         if len(items) > MAX_ITEMS:
             cleaned["…"] = f"{len(items) - MAX_ITEMS} more"
         return cleaned
@@ -68,7 +70,9 @@ class HideMessageArguments(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any(_is_message(arg) for arg in record.args):
-            record.args = tuple(f"{arg.actor_name}(message {arg.message_id})" if _is_message(arg) else arg for arg in record.args)
+            record.args = tuple(
+                f"{arg.actor_name}(message {arg.message_id})" if _is_message(arg) else arg for arg in record.args
+            )
         return True
 
 
@@ -106,7 +110,11 @@ def configure_logging(level: str = "INFO", max_value_chars: int = DEFAULT_MAX_CH
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor(max_value_chars), structlog.processors.JSONRenderer()],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redactor(max_value_chars),
+                structlog.processors.JSONRenderer(),
+            ],
         )
     )
     # On the handler, not a logger: a logger's filters do not see its children's records.

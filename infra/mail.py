@@ -73,15 +73,21 @@ class SmtpMailer:
             raise Undelivered(f"recipient refused: {error}", retry=temporary, maybe_sent=False) from None
         except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPSenderRefused) as error:
             # Our configuration (login, SMTP_FROM), not this message: keep it for when it is fixed.
-            raise Undelivered(f"{error.code} {error.message} (check the SMTP settings)", retry=True, maybe_sent=False, ours=True) from None
+            raise Undelivered(
+                f"{error.code} {error.message} (check the SMTP settings)", retry=True, maybe_sent=False, ours=True
+            ) from None
         except aiosmtplib.SMTPResponseException as error:
             # The server answered: nothing was accepted. 4xx is worth another try, 5xx is not.
-            raise Undelivered(f"{error.code} {error.message}", retry=400 <= error.code < 500, maybe_sent=False) from None
+            raise Undelivered(
+                f"{error.code} {error.message}", retry=400 <= error.code < 500, maybe_sent=False
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as error:
             if sending:
                 # Lost mid-transaction: the server may have queued it. At most once: not again.
                 raise Undelivered(f"connection lost while sending: {error}", retry=False, maybe_sent=True) from None
-            raise Undelivered(f"cannot reach the SMTP server: {error}", retry=True, maybe_sent=False, ours=True) from None
+            raise Undelivered(
+                f"cannot reach the SMTP server: {error}", retry=True, maybe_sent=False, ours=True
+            ) from None
         finally:
             if client.is_connected:
                 try:

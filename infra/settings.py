@@ -93,7 +93,11 @@ class Settings(BaseSettings):
 
     # ------------------------------------------------------------ referrals and payouts
     #: Reward per qualified referral in cents, by referrer kind (JSON).
-    referral_rewards_cents: Annotated[dict[str, int], NoDecode] = {"customer": 2_000, "employee": 1_000, "partner": 5_000}
+    referral_rewards_cents: Annotated[dict[str, int], NoDecode] = {
+        "customer": 2_000,
+        "employee": 1_000,
+        "partner": 5_000,
+    }
     referral_hold_days: int = Field(14, ge=0, le=180)
     referral_velocity_limit: int = Field(5, ge=1, le=10_000)
     referral_velocity_window_hours: int = Field(24, ge=1, le=24 * 90)
@@ -102,7 +106,11 @@ class Settings(BaseSettings):
     #: Payouts are weekly on Fridays in this time zone.
     payout_timezone: str = "America/New_York"
     #: Payout method → gateway (JSON): stripe_connect (Stripe Connect transfers) or manual (CSV for operations).
-    payout_gateways: Annotated[dict[str, str], NoDecode] = {"stripe_connect": "stripe_connect", "cash_app": "manual", "manual": "manual"}
+    payout_gateways: Annotated[dict[str, str], NoDecode] = {
+        "stripe_connect": "stripe_connect",
+        "cash_app": "manual",
+        "manual": "manual",
+    }
     pay_referrals_every_minutes: int = Field(60, ge=1, le=1440)
 
     # ------------------------------------------------------------ notifications and retention
@@ -179,7 +187,7 @@ class Settings(BaseSettings):
         # The async driver is the one installed; accept the usual spellings of a PostgreSQL URL.
         for prefix in ("postgres://", "postgresql://"):
             if url.startswith(prefix):
-                return "postgresql+asyncpg://" + url[len(prefix):]
+                return "postgresql+asyncpg://" + url[len(prefix) :]
         if not url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
             raise ValueError("must be a postgresql:// (asyncpg) or sqlite+aiosqlite:// URL")
         return url
@@ -204,7 +212,17 @@ class Settings(BaseSettings):
             raise ValueError("must be an amqp:// or amqps:// (RabbitMQ) or a redis:// URL (unset it to use REDIS_URL)")
         return url
 
-    @field_validator("stripe_api_key", "stripe_api_base", "stripe_billing_portal_url", "smtp_host", "smtp_username", "smtp_password", "metrics_dir", "metrics_token", mode="before")
+    @field_validator(
+        "stripe_api_key",
+        "stripe_api_base",
+        "stripe_billing_portal_url",
+        "smtp_host",
+        "smtp_username",
+        "smtp_password",
+        "metrics_dir",
+        "metrics_token",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and .env files spell "not set" as an empty value.
@@ -228,7 +246,9 @@ class Settings(BaseSettings):
             value = tuple(part.strip().rstrip("/").lower() for part in value.split(",") if part.strip())
         for origin in value or ():
             if not re.fullmatch(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?", str(origin)):
-                raise ValueError(f"{origin!r} is not an origin such as https://admin.example.com (scheme, host, optional port; no path)")
+                raise ValueError(
+                    f"{origin!r} is not an origin such as https://admin.example.com (scheme, host, optional port; no path)"
+                )
         return value
 
     @field_validator("stripe_plan_credits", mode="before")
@@ -239,7 +259,9 @@ class Settings(BaseSettings):
                 value = json.loads(value) if value.strip() else {}
             except json.JSONDecodeError as error:
                 raise ValueError(f'must be a JSON object such as {{"price_123": 10}}: {error}') from None
-        if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v > 0 for k, v in value.items()):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and type(v) is int and v > 0 for k, v in value.items()
+        ):
             raise ValueError('must map Stripe price ids to positive whole credits, e.g. {"price_123": 10}')
         return value
 
@@ -297,14 +319,16 @@ class Settings(BaseSettings):
         return url
 
     @model_validator(mode="after")
-    def _coherent(self) -> "Settings":
+    def _coherent(self) -> Settings:
         if not self.allow_unlimited_rollover and self.rollover_cap is None:
             raise ValueError("ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false")
         if self.broker_url and not self.uses_rabbitmq and self.redis_url and self.broker_url != self.redis_url:
             raise ValueError("BROKER_URL and REDIS_URL name two different Redis servers: set one of them")
         if self.redis_maintenance_interval_seconds * 3 > self.redis_heartbeat_timeout_seconds:
             # A live process must heartbeat several times per timeout, or a busy one is taken for dead.
-            raise ValueError("REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS")
+            raise ValueError(
+                "REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS"
+            )
         if self.event_min_backoff_ms > self.event_max_backoff_ms:
             raise ValueError("EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS")
         for name in ("admin_api_token", "frontend_api_token"):

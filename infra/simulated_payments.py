@@ -38,7 +38,9 @@ class SimulatedPaymentProvider:
         self.invoices: dict[str, SimulatedInvoice] = {}
         self.charges = 0
 
-    def bill(self, invoice_id: str, customer_id: str, credits: int, amount_cents: int, declines_before_paying: int | None) -> None:
+    def bill(
+        self, invoice_id: str, customer_id: str, credits: int, amount_cents: int, declines_before_paying: int | None
+    ) -> None:
         self.invoices[invoice_id] = SimulatedInvoice(customer_id, credits, amount_cents, declines_before_paying)
 
     async def pay_invoice(

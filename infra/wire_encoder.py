@@ -46,5 +46,7 @@ class BoundedJSONEncoder(JSONEncoder):
         try:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError) as error:
-            reason = f"{error.msg} at char {error.pos}" if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+            reason = (
+                f"{error.msg} at char {error.pos}" if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+            )
             raise DecodeError(f"message is not JSON: {reason}", None, None) from None

@@ -18,7 +18,7 @@ from messages.events import (
     ReferralSubmitted,
     parse_event,
 )
-from messages.publisher import PublishFailed, Publisher
+from messages.publisher import Publisher, PublishFailed
 from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
 
 __all__ = [

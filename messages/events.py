@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 #: The most credits one event may carry (domain.limits.MAX_CREDITS_PER_EVENT: this package
 #: cannot import the domain, a test keeps the two equal).
@@ -31,7 +40,7 @@ ReferralCode = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Z
 
 
 def _as_utc(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 #: Timezone-aware (a naive datetime is refused) and normalised to UTC.
@@ -160,7 +169,7 @@ class ReferralSubmitted(Event):
     customer_id: CustomerId | None = None  # type: ignore[assignment]  # filled from referred_customer_id
 
     @model_validator(mode="after")
-    def _one_customer(self) -> "ReferralSubmitted":
+    def _one_customer(self) -> ReferralSubmitted:
         if self.customer_id is None:
             object.__setattr__(self, "customer_id", self.referred_customer_id)
         elif self.customer_id != self.referred_customer_id:
@@ -188,7 +197,7 @@ class CreditsGifted(Event):
     credits: PositiveCredits
 
     @model_validator(mode="after")
-    def _two_customers(self) -> "CreditsGifted":
+    def _two_customers(self) -> CreditsGifted:
         if self.to_customer_id == self.customer_id:
             raise ValueError("a customer cannot gift credits to themselves")
         return self
@@ -211,7 +220,8 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     MembershipUnfrozen,
     CreditsGifted,
 )
-AnyEvent = Annotated[Union[EVENT_MODELS], Field(discriminator="type")]
+# Union over the tuple of models (no `|` spelling exists for a tuple of types).
+AnyEvent = Annotated[Union[EVENT_MODELS], Field(discriminator="type")]  # noqa: UP007
 
 _EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
 

@@ -41,7 +41,7 @@ class Publisher:
         self.broker = broker
 
     @classmethod
-    def from_url(cls, url: str) -> "Publisher":
+    def from_url(cls, url: str) -> Publisher:
         """redis://… (Redis) or amqp://… (RabbitMQ, needs pika: ``dramatiq[rabbitmq]``)."""
         # No middleware: the producer only enqueues, and must not need worker options.
         if url.startswith(("amqp://", "amqps://")):
@@ -49,7 +49,9 @@ class Publisher:
 
             # Every publish waits for RabbitMQ's confirmation: returned means stored (durable queue, persistent message).
             return cls(RabbitmqBroker(url=_with_timeouts(url), confirm_delivery=True, middleware=[]))
-        client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=COMMAND_TIMEOUT_SECONDS)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=COMMAND_TIMEOUT_SECONDS
+        )
         return cls(RedisBroker(client=client, middleware=[]))
 
     def publish(self, event: Event) -> str:
@@ -70,7 +72,9 @@ class Publisher:
         try:
             return self.broker.enqueue(message).message_id
         except (redis.RedisError, dramatiq.errors.BrokerConnectionError) as error:
-            raise PublishFailed(f"event {event.event_id!r} was not published ({type(error).__name__}: {error}); publish it again with the same event_id") from error
+            raise PublishFailed(
+                f"event {event.event_id!r} was not published ({type(error).__name__}: {error}); publish it again with the same event_id"
+            ) from error
 
     def close(self) -> None:
         self.broker.close()

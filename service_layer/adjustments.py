@@ -14,7 +14,14 @@ from service_layer.ports import UnitOfWork
 
 
 async def admin_adjustment(
-    uow: UnitOfWork, policy: CreditPolicy, customer_id: str, credits: int, reason: str, admin: str, now: datetime, idempotency_key: str | None = None
+    uow: UnitOfWork,
+    policy: CreditPolicy,
+    customer_id: str,
+    credits: int,
+    reason: str,
+    admin: str,
+    now: datetime,
+    idempotency_key: str | None = None,
 ) -> Outcome:
     """An admin's correction with a reason, applied like any event and shown in the ledger.
 
@@ -23,7 +30,9 @@ async def admin_adjustment(
     Raises CustomerNotFound for an unknown customer (an adjustment never creates one).
     """
     event_id = f"admin-adjustment:{idempotency_key or uuid.uuid4()}"
-    event = CreditsAdjusted(event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin)
+    event = CreditsAdjusted(
+        event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin
+    )
     return await apply_admin_event(uow, policy, event)
 
 

@@ -8,13 +8,13 @@ in Python, and the cost follows the window, not the size of the history.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from infra.db import Database
 from domain import add_months
+from infra.db import Database
 from infra.db.tables import LOT_IS_OPEN, credit_lots, customers, ledger_entries
 
 BALANCE_KINDS = ("issued", "adjusted", "debited", "captured", "expired", "reversed", "gifted")
@@ -46,7 +46,9 @@ def _month(connection: AsyncConnection, column):
     return func.strftime("%Y-%m", column)
 
 
-async def credits_analytics(db: Database, now: datetime, since: datetime | None = None, until: datetime | None = None) -> Analytics:
+async def credits_analytics(
+    db: Database, now: datetime, since: datetime | None = None, until: datetime | None = None
+) -> Analytics:
     """The months from ``since`` (default: the last twelve) to ``until`` (default: now).
 
     Only that window's entries are scanned (a range of the kind/time index); the balance at
@@ -54,7 +56,7 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
     the entries sum to) minus what happened after it — so the cost follows the window, not
     the whole history.
     """
-    since = _month_start(since.astimezone(timezone.utc) if since else _months_back(now, 11))
+    since = _month_start(since.astimezone(UTC) if since else _months_back(now, 11))
     async with db.connect() as connection:
         if connection.dialect.name == "postgresql":
             # One snapshot for every statement: today's balances and the window must agree.
@@ -64,7 +66,10 @@ async def credits_analytics(db: Database, now: datetime, since: datetime | None 
         after_window = await _net_since(connection, until) if until is not None else 0
         upcoming = await _upcoming_expiries(connection, now)
     months = _months(rows, outstanding=int(balance_now) - int(after_window))
-    totals = {name: sum(getattr(m, name) for m in months) for name in ("issued", "used", "expired", "reversed", "adjusted_down")}
+    totals = {
+        name: sum(getattr(m, name) for m in months)
+        for name in ("issued", "used", "expired", "reversed", "adjusted_down")
+    }
     return Analytics(months, [(m, int(c)) for m, c in upcoming], totals, _rate(totals["expired"], totals["used"]))
 
 
@@ -101,7 +106,9 @@ async def _monthly_flows(connection, since: datetime, until: datetime | None) ->
 async def _net_since(connection, until: datetime) -> int:
     """What the balance moved by after the window (to walk back from today's total)."""
     credits, kind = ledger_entries.c.credits, ledger_entries.c.kind
-    query = select(func.coalesce(func.sum(credits), 0)).where(kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= until)
+    query = select(func.coalesce(func.sum(credits), 0)).where(
+        kind.in_(BALANCE_KINDS), ledger_entries.c.occurred_at >= until
+    )
     return (await connection.execute(query)).scalar_one()
 
 
@@ -121,7 +128,18 @@ def _months(rows: list, outstanding: int) -> list[Month]:
     months = []
     for r in reversed(rows):
         issued, used, expired = int(r.issued) + int(r.adjusted_up), -int(r.used), -int(r.expired)
-        months.append(Month(r.month, issued, used, expired, -int(r.reversed), -int(r.adjusted_down), outstanding, _rate(expired, used)))
+        months.append(
+            Month(
+                r.month,
+                issued,
+                used,
+                expired,
+                -int(r.reversed),
+                -int(r.adjusted_down),
+                outstanding,
+                _rate(expired, used),
+            )
+        )
         outstanding -= int(r.net)
     months.reverse()
     return months
@@ -137,4 +155,4 @@ def _month_start(moment: datetime) -> datetime:
 
 
 def _months_back(moment: datetime, months: int) -> datetime:
-    return add_months(_month_start(moment.astimezone(timezone.utc)), -months)
+    return add_months(_month_start(moment.astimezone(UTC)), -months)

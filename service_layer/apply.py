@@ -53,7 +53,9 @@ class Step:
     run: Callable[[], Awaitable[Any]]
 
 
-async def settle(uow: UnitOfWork, accounts: Sequence[Account], steps: Iterable[Step], owed: Owed | None = None) -> list[Any]:
+async def settle(
+    uow: UnitOfWork, accounts: Sequence[Account], steps: Iterable[Step], owed: Owed | None = None
+) -> list[Any]:
     """Run ``steps`` in order on ``accounts`` (locked by the caller), collect, and save.
 
     ``owed`` holds notices the steps queued themselves (a payment failure), kept in order with
@@ -87,7 +89,9 @@ def depletion_notices(accounts: Sequence[Account], at: datetime) -> Owed:
         if isinstance(change, CreditsDepleted):
             owed.append((notices.credits_depleted(customer_id, change.at), at))
         elif isinstance(change, CreditsRestored):
-            owed.append((notices.credits_restored(customer_id, change.depleted_since, at, by_id[customer_id].balance(at)), at))
+            owed.append(
+                (notices.credits_restored(customer_id, change.depleted_since, at, by_id[customer_id].balance(at)), at)
+            )
     return owed
 
 

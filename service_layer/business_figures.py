@@ -14,8 +14,8 @@ from datetime import datetime
 from sqlalchemy import func, literal, select, text
 
 from infra.db import Database
-from infra.metrics import LEDGER_OUTCOMES
 from infra.db.tables import customers, dead_letters, dunning_cases, notifications, payouts, processed_events
+from infra.metrics import LEDGER_OUTCOMES
 from messages.events import EVENT_TYPES
 from messages.wire import APPLY_EVENT_ACTOR
 from service_layer.views import depleted_longer_than
@@ -45,20 +45,27 @@ async def read_figures(db: Database, now: datetime, at_risk_days: int, timeout_m
             # SET LOCAL takes no bind parameters; the value is a validated integer setting.
             await connection.execute(text(f"SET LOCAL statement_timeout = {int(timeout_ms)}"))
         events = await _events(connection)
-        letters = (await connection.execute(
-            select(dead_letters.c.actor_name, func.count(), func.count().filter(dead_letters.c.replayed_at.is_(None)))
-            .group_by(dead_letters.c.actor_name)
-        )).all()
-        pending, oldest_due = (await connection.execute(
-            select(func.count(), func.min(notifications.c.send_after)).where(notifications.c.status == "pending")
-        )).one()
+        letters = (
+            await connection.execute(
+                select(
+                    dead_letters.c.actor_name, func.count(), func.count().filter(dead_letters.c.replayed_at.is_(None))
+                ).group_by(dead_letters.c.actor_name)
+            )
+        ).all()
+        pending, oldest_due = (
+            await connection.execute(
+                select(func.count(), func.min(notifications.c.send_after)).where(notifications.c.status == "pending")
+            )
+        ).one()
         if oldest_due is not None and oldest_due > now:
             oldest_due = None  # pending, but none due yet
         dunning = await _counts(connection, dunning_cases.c.status, DUNNING_STATES)
         paid = await _counts(connection, payouts.c.status, PAYOUT_STATUSES)
-        at_risk = (await connection.execute(
-            select(func.count()).select_from(customers).where(*depleted_longer_than(now, at_risk_days))
-        )).scalar_one()
+        at_risk = (
+            await connection.execute(
+                select(func.count()).select_from(customers).where(*depleted_longer_than(now, at_risk_days))
+            )
+        ).scalar_one()
     return BusinessFigures(
         events=events,
         dead_letters={actor: total for actor, total, _ in letters},
@@ -73,8 +80,12 @@ async def read_figures(db: Database, now: datetime, at_risk_days: int, timeout_m
 
 async def _events(connection) -> dict[tuple[str, str], int]:
     """Events recorded (processed_events) and dead-lettered (dead_letters), by type."""
-    events: Counter[tuple[str, str]] = Counter({(kind, outcome): 0 for kind in EVENT_TYPES for outcome in LEDGER_OUTCOMES})
-    recorded = await connection.execute(select(processed_events.c.event_type, func.count()).group_by(processed_events.c.event_type))
+    events: Counter[tuple[str, str]] = Counter(
+        {(kind, outcome): 0 for kind in EVENT_TYPES for outcome in LEDGER_OUTCOMES}
+    )
+    recorded = await connection.execute(
+        select(processed_events.c.event_type, func.count()).group_by(processed_events.c.event_type)
+    )
     for kind, count in recorded:
         events[(_known(kind), "recorded")] += count
     # SQLite has no regular-expression substring: there, every dead-lettered event is "unknown".

@@ -36,11 +36,16 @@ class CustomerFacts:
 async def find_customers(db: Database, wanted: str, limit: int = 20) -> list[CustomerFound]:
     """By sign-up email (as given, or normalised as the referral rules compare them) when
     ``wanted`` has an @; else the customer whose id it is, then ids starting with it."""
-    query = select(customers.c.customer_id, customer_profiles.c.contact_email, customer_profiles.c.email, customers.c.balance).select_from(
-        customers.outerjoin(customer_profiles, customer_profiles.c.customer_id == customers.c.customer_id)
-    )
+    query = select(
+        customers.c.customer_id, customer_profiles.c.contact_email, customer_profiles.c.email, customers.c.balance
+    ).select_from(customers.outerjoin(customer_profiles, customer_profiles.c.customer_id == customers.c.customer_id))
     if "@" in wanted:
-        query = query.where(or_(customer_profiles.c.email == normalize_email(wanted), func.lower(customer_profiles.c.contact_email) == wanted.strip().lower()))
+        query = query.where(
+            or_(
+                customer_profiles.c.email == normalize_email(wanted),
+                func.lower(customer_profiles.c.contact_email) == wanted.strip().lower(),
+            )
+        )
     else:
         prefix = wanted.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(customers.c.customer_id.like(prefix + "%", escape="\\"))
@@ -52,9 +57,21 @@ async def find_customers(db: Database, wanted: str, limit: int = 20) -> list[Cus
 
 async def customer_facts(db: Database, customer_id: str) -> CustomerFacts:
     async with db.connect() as connection:
-        profile = (await connection.execute(select(customer_profiles).where(customer_profiles.c.customer_id == customer_id))).first()
-        codes = list((await connection.execute(select(referral_codes.c.code).where(referral_codes.c.referrer_id == customer_id, referral_codes.c.active).order_by(referral_codes.c.created_at))).scalars())
-        note = (await connection.execute(select(customer_notes.c.note).where(customer_notes.c.customer_id == customer_id))).scalar_one_or_none()
+        profile = (
+            await connection.execute(select(customer_profiles).where(customer_profiles.c.customer_id == customer_id))
+        ).first()
+        codes = list(
+            (
+                await connection.execute(
+                    select(referral_codes.c.code)
+                    .where(referral_codes.c.referrer_id == customer_id, referral_codes.c.active)
+                    .order_by(referral_codes.c.created_at)
+                )
+            ).scalars()
+        )
+        note = (
+            await connection.execute(select(customer_notes.c.note).where(customer_notes.c.customer_id == customer_id))
+        ).scalar_one_or_none()
         case = (
             await connection.execute(
                 select(dunning_cases.c.status, dunning_cases.c.invoice_id, dunning_cases.c.next_retry_at)

@@ -22,5 +22,7 @@ class RetryLimited(Exception):
     """The customer asked for immediate charges too often; ``retry_after`` says when they may again."""
 
     def __init__(self, customer_id: str, retry_after) -> None:
-        super().__init__(f"customer {customer_id!r} may retry the payment again in {int(retry_after.total_seconds()) + 1} s")
+        super().__init__(
+            f"customer {customer_id!r} may retry the payment again in {int(retry_after.total_seconds()) + 1} s"
+        )
         self.retry_after = retry_after

@@ -43,6 +43,9 @@ from service_layer.ports import UnitOfWork
 
 log = structlog.get_logger("credits.handlers")
 
+#: The dunning rules when a caller gives none (frozen: one instance serves every call).
+DEFAULT_DUNNING = DunningRules()
+
 #: How long a batch waits for a lock before it splits into single events.
 BATCH_LOCK_WAIT = timedelta(seconds=1)
 
@@ -94,7 +97,9 @@ class Handler:
 HANDLERS: dict[type[Event], Handler] = {}
 
 
-def handles(*kinds: type[Event], needs: Callable[[Event], Needs] = lambda event: Needs(), alone: str | None = None) -> Callable[[Apply], Apply]:
+def handles(
+    *kinds: type[Event], needs: Callable[[Event], Needs] = lambda event: Needs(), alone: str | None = None
+) -> Callable[[Apply], Apply]:
     """Register a handler for ``kinds``, with what each event of them needs locked and loaded."""
 
     def register(apply: Apply) -> Apply:
@@ -135,24 +140,39 @@ async def _payment_succeeded(ctx: Context, event: PaymentSucceeded) -> bool:
     issued = ctx.account.payment_lot(event.payment_id) is None
     if issued:
         ctx.account.issue(
-            event.credits, event.occurred_at, event.event_id, ctx.rules.policy, note=f"payment {event.payment_id}", payment_id=event.payment_id, paid_cents=event.amount_cents
+            event.credits,
+            event.occurred_at,
+            event.event_id,
+            ctx.rules.policy,
+            note=f"payment {event.payment_id}",
+            payment_id=event.payment_id,
+            paid_cents=event.amount_cents,
         )
     case = await ctx.uow.dunning.get(event.payment_id)
     recovered = case is not None and case.paid(event.occurred_at)
     if recovered:
         await ctx.uow.dunning.save(case)
     if issued:
-        await referrals.payment_succeeded(ctx.uow, event.customer_id, event.payment_id, event.occurred_at, ctx.rules.referrals, event.amount_cents)
+        await referrals.payment_succeeded(
+            ctx.uow, event.customer_id, event.payment_id, event.occurred_at, ctx.rules.referrals, event.amount_cents
+        )
     return issued or recovered
 
 
 @handles(CreditsAdjusted)
 async def _credits_adjusted(ctx: Context, event: CreditsAdjusted) -> bool:
-    ctx.account.adjust(event.credits, event.occurred_at, event.event_id, ctx.rules.policy, note=f"{event.reason} (by {event.actor})")
+    ctx.account.adjust(
+        event.credits, event.occurred_at, event.event_id, ctx.rules.policy, note=f"{event.reason} (by {event.actor})"
+    )
     return True
 
 
-@handles(PaymentFailed, PaymentActionRequired, needs=lambda event: Needs(payment_ids=(event.invoice_id,)), alone=TOUCHES_PAYMENT_ROWS)
+@handles(
+    PaymentFailed,
+    PaymentActionRequired,
+    needs=lambda event: Needs(payment_ids=(event.invoice_id,)),
+    alone=TOUCHES_PAYMENT_ROWS,
+)
 async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequired) -> bool:
     """Open the invoice's dunning case at its first failure; later reports update it."""
     if ctx.account.payment_lot(event.invoice_id) is not None:
@@ -170,16 +190,26 @@ async def _payment_failed(ctx: Context, event: PaymentFailed | PaymentActionRequ
     await (ctx.uow.dunning.add(case) if is_new else ctx.uow.dunning.save(case))
     if case.owes:  # once per invoice (the key), whichever report came first
         reason = case.last_failure_message or case.last_decline_code
-        ctx.owed.append((notices.payment_failed(event.customer_id, event.invoice_id, reason, case.next_retry_at), event.occurred_at))
+        ctx.owed.append(
+            (notices.payment_failed(event.customer_id, event.invoice_id, reason, case.next_retry_at), event.occurred_at)
+        )
     return True
 
 
-@handles(PaymentMethodUpdated, alone="the worker enqueues the charges its transaction requested once that transaction commits")
+@handles(
+    PaymentMethodUpdated,
+    alone="the worker enqueues the charges its transaction requested once that transaction commits",
+)
 async def _payment_method_updated(ctx: Context, event: PaymentMethodUpdated) -> bool:
     """Charge every unpaid invoice at once with the new method (without using up a scheduled retry)."""
     try:
         requested = await payments.request_immediate_charges(
-            ctx.uow, event.customer_id, AttemptKind.PAYMENT_METHOD, event.occurred_at, ctx.rules.dunning, payment_method_id=event.payment_method_id
+            ctx.uow,
+            event.customer_id,
+            AttemptKind.PAYMENT_METHOD,
+            event.occurred_at,
+            ctx.rules.dunning,
+            payment_method_id=event.payment_method_id,
         )
     except NothingOwed as reason:
         log.info("payment_method_update_charges_nothing", reason=str(reason))
@@ -200,8 +230,12 @@ async def _invoice_voided(ctx: Context, event: InvoiceVoided) -> bool:
 @handles(PaymentReversed, needs=lambda event: Needs(payment_ids=(event.payment_id,)), alone=TOUCHES_PAYMENT_ROWS)
 async def _payment_reversed(ctx: Context, event: PaymentReversed) -> bool:
     note = f"payment {event.payment_id} {'refunded' if event.reason == 'refund' else 'disputed'}"
-    entry = ctx.account.reverse_payment(event.payment_id, event.total_credits_reversed, event.occurred_at, event.event_id, note)
-    await referrals.payment_reversed(ctx.uow, event.payment_id, "refunded" if event.reason == "refund" else "disputed", event.occurred_at)
+    entry = ctx.account.reverse_payment(
+        event.payment_id, event.total_credits_reversed, event.occurred_at, event.event_id, note
+    )
+    await referrals.payment_reversed(
+        ctx.uow, event.payment_id, "refunded" if event.reason == "refund" else "disputed", event.occurred_at
+    )
     return entry is not None
 
 
@@ -230,7 +264,9 @@ async def _customer_signed_up(ctx: Context, event: CustomerSignedUp) -> bool:
 
 @handles(ReferralSubmitted, alone=TOUCHES_PAYMENT_ROWS)
 async def _referral_submitted(ctx: Context, event: ReferralSubmitted) -> bool:
-    await referrals.submit_referral(ctx.uow, event.referred_customer_id, event.referral_code, event.occurred_at, ctx.rules.referrals)
+    await referrals.submit_referral(
+        ctx.uow, event.referred_customer_id, event.referral_code, event.occurred_at, ctx.rules.referrals
+    )
     return True
 
 
@@ -296,11 +332,15 @@ def plan_locks(events: Sequence[Event], create_own: bool) -> LockPlan:
     return plan
 
 
-async def lock_for(uow: UnitOfWork, events: Sequence[Event], create_own: bool, wait_at_most: timedelta | None) -> dict[str, Account]:
+async def lock_for(
+    uow: UnitOfWork, events: Sequence[Event], create_own: bool, wait_at_most: timedelta | None
+) -> dict[str, Account]:
     """Lock (in id order) and load every account the events need; refuse a missing one."""
     plan = plan_locks(events, create_own)
     create = None if plan.customers <= plan.create else plan.create  # None: one statement creates or locks them all
-    locked = await uow.accounts.lock_many(sorted(plan.customers), plan.job_ids, plan.payment_ids, wait_at_most=wait_at_most, create=create)
+    locked = await uow.accounts.lock_many(
+        sorted(plan.customers), plan.job_ids, plan.payment_ids, wait_at_most=wait_at_most, create=create
+    )
     accounts = {account.customer_id: account for account in locked}
     missing = plan.customers - accounts.keys()
     for event in events:
@@ -313,7 +353,13 @@ async def lock_for(uow: UnitOfWork, events: Sequence[Event], create_own: bool, w
 
 
 async def apply_in(
-    uow: UnitOfWork, events: Sequence[Event], rules: Rules, claim: Claim, *, create_own: bool = True, wait_at_most: timedelta | None = None
+    uow: UnitOfWork,
+    events: Sequence[Event],
+    rules: Rules,
+    claim: Claim,
+    *,
+    create_own: bool = True,
+    wait_at_most: timedelta | None = None,
 ) -> list[Outcome]:
     """Apply ``events`` in order inside an open unit of work (the caller commits): lock → claim →
     apply → collect → save. Raises EventConflict, BatchNotApplicable or a DomainError to refuse."""
@@ -330,7 +376,11 @@ async def apply_in(
 
 
 async def apply_event(
-    event: Event, uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules(), referral_rules: ReferralRules | None = None
+    event: Event,
+    uow: UnitOfWork,
+    policy: CreditPolicy,
+    dunning: DunningRules = DEFAULT_DUNNING,
+    referral_rules: ReferralRules | None = None,
 ) -> Outcome:
     """Apply one event exactly once (a batch of one). Raises EventConflict or a DomainError to refuse it."""
     async with uow:
@@ -340,7 +390,11 @@ async def apply_event(
 
 
 async def apply_events(
-    events: Sequence[Event], uow: UnitOfWork, policy: CreditPolicy, dunning: DunningRules = DunningRules(), referral_rules: ReferralRules | None = None
+    events: Sequence[Event],
+    uow: UnitOfWork,
+    policy: CreditPolicy,
+    dunning: DunningRules = DEFAULT_DUNNING,
+    referral_rules: ReferralRules | None = None,
 ) -> list[Outcome]:
     """Apply new events in one transaction, in order: all of them or none (a group commit).
 
@@ -350,10 +404,18 @@ async def apply_events(
     """
     alone = {type(event).__name__: HANDLERS[type(event)].alone for event in events if not batchable(event)}
     if alone:
-        raise ValueError("never share a transaction: " + "; ".join(f"{kind} ({why})" for kind, why in sorted(alone.items())))
+        raise ValueError(
+            "never share a transaction: " + "; ".join(f"{kind} ({why})" for kind, why in sorted(alone.items()))
+        )
     async with uow:
         # A batch waits only briefly for a customer another transaction holds: meanwhile it
         # holds the others' locks. Past that it fails, and its events go one at a time.
-        outcomes = await apply_in(uow, events, Rules(policy, dunning, referral_rules or ReferralRules()), claim_all, wait_at_most=BATCH_LOCK_WAIT)
+        outcomes = await apply_in(
+            uow,
+            events,
+            Rules(policy, dunning, referral_rules or ReferralRules()),
+            claim_all,
+            wait_at_most=BATCH_LOCK_WAIT,
+        )
         await uow.commit()
     return outcomes

@@ -7,7 +7,15 @@ actions in ``adjustments``, immediate charges in ``payments``.
 
 from service_layer.adjustments import admin_adjustment, apply_admin_event
 from service_layer.apply import Outcome, Rules
-from service_layer.events import BATCH_LOCK_WAIT, HANDLERS, BatchNotApplicable, apply_event, apply_events, apply_in, batchable
+from service_layer.events import (
+    BATCH_LOCK_WAIT,
+    HANDLERS,
+    BatchNotApplicable,
+    apply_event,
+    apply_events,
+    apply_in,
+    batchable,
+)
 from service_layer.holds import credit_view, place_hold, release_hold
 from service_layer.payments import request_immediate_charges
 from service_layer.ports import UnitOfWorkFactory

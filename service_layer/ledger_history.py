@@ -21,7 +21,7 @@ import io
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from infra.db import Database
 from infra.db import ledger_history as rows
@@ -29,7 +29,7 @@ from service_layer.errors import CustomerNotFound
 
 HOLD_KINDS = ("held", "released", "lapsed")
 CSV_COLUMNS = ("at", "kind", "credits", "balance_after", "event_id", "note")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CURSOR = re.compile(r"^v1\.(-?\d{1,18})\.(\d{1,19})$")
 MAX_ID = 2**63 - 1
 

@@ -28,7 +28,7 @@ from domain import CreditPolicy, DomainError
 from domain.legacy import BadRow, LegacyRow, parse_amount, parse_row, replay
 from infra.db.engine import Database
 from infra.db.legacy import LegacyLedgerWriter, Outcome, ReplayedMember, Settled
-from infra.legacy_staging import Staging, StagedMember
+from infra.legacy_staging import StagedMember, Staging
 
 #: A transaction holds this many members, or about this many rows, whichever comes first.
 GROUP_MEMBERS = 500
@@ -130,9 +130,17 @@ async def import_legacy(
             rules = _Rules(policy, now)
             progress.start("importing members", staging.member_count())
             if writer is None and not db.is_sqlite and request.processes > 1:
-                await _import_in_processes(staging, _Job(db.url, rules, request.dry_run, os.getpid(), staging.path), request.processes, progress, reports)
+                await _import_in_processes(
+                    staging,
+                    _Job(db.url, rules, request.dry_run, os.getpid(), staging.path),
+                    request.processes,
+                    progress,
+                    reports,
+                )
             else:
-                await _import_members(staging.members(), writer or LegacyLedgerWriter(db), rules, request.dry_run, progress, reports)
+                await _import_members(
+                    staging.members(), writer or LegacyLedgerWriter(db), rules, request.dry_run, progress, reports
+                )
             for member, balance, customer in staging.balances_without_history():
                 reports.no_history(member, customer or member, balance)
     progress.say(summary.describe())
@@ -164,12 +172,26 @@ def _rare_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def _import_members(members: Iterable[StagedMember], writer: LegacyLedgerWriter, rules: _Rules, dry_run: bool, progress: Progress, reports: _Reports) -> None:
+async def _import_members(
+    members: Iterable[StagedMember],
+    writer: LegacyLedgerWriter,
+    rules: _Rules,
+    dry_run: bool,
+    progress: Progress,
+    reports: _Reports,
+) -> None:
     with _rare_collections():
         await _replay_and_write(members, writer, rules, dry_run, progress, reports)
 
 
-async def _replay_and_write(members: Iterable[StagedMember], writer: LegacyLedgerWriter, rules: _Rules, dry_run: bool, progress: Progress, reports: _Reports) -> None:
+async def _replay_and_write(
+    members: Iterable[StagedMember],
+    writer: LegacyLedgerWriter,
+    rules: _Rules,
+    dry_run: bool,
+    progress: Progress,
+    reports: _Reports,
+) -> None:
     pending, writing = _Pending(), None
     for staged in members:
         reports.count_member()
@@ -226,14 +248,23 @@ def _expected_balance(staged: StagedMember, problems: list) -> int | None:
         return None
 
 
-async def _flush(pending: _Pending, writer: LegacyLedgerWriter, dry_run: bool, progress: Progress, reports: _Reports) -> None:
+async def _flush(
+    pending: _Pending, writer: LegacyLedgerWriter, dry_run: bool, progress: Progress, reports: _Reports
+) -> None:
     if not pending.members:
         return
     # Balances are read before writing: a successful write prunes spent lots from the accounts.
     balances = {member.membership_id: member.account.book_balance for member, _, _ in pending.members}
     settled = await writer.settle([member for member, _, _ in pending.members], dry_run)
     for member, expected, mismatches in pending.members:
-        reports.settled(member.membership_id, member.customer_id, settled[member.membership_id], balances[member.membership_id], expected, mismatches)
+        reports.settled(
+            member.membership_id,
+            member.customer_id,
+            settled[member.membership_id],
+            balances[member.membership_id],
+            expected,
+            mismatches,
+        )
     progress.advance(len(pending.members))
 
 
@@ -251,7 +282,9 @@ class _Reports:
         self._problems_handle = open(self.request.problems_file, "w", newline="", encoding="utf-8")
         self.problems = csv.writer(self._problems_handle)
         self.problems.writerow(self.PROBLEM_COLUMNS)
-        self._balances_handle = open(self.request.report, "w", newline="", encoding="utf-8") if self.request.balances else None
+        self._balances_handle = (
+            open(self.request.report, "w", newline="", encoding="utf-8") if self.request.balances else None
+        )
         self.balances = csv.writer(self._balances_handle) if self._balances_handle else None
         if self.balances:
             self.balances.writerow(self.BALANCE_COLUMNS)
@@ -261,14 +294,23 @@ class _Reports:
         self._problems_handle.close()
         if self._balances_handle:
             self._balances_handle.close()
-        more = [f"{kind}s: {self.printed[kind] - PRINTED} more" for kind in self.printed if self.printed[kind] > PRINTED]
+        more = [
+            f"{kind}s: {self.printed[kind] - PRINTED} more" for kind in self.printed if self.printed[kind] > PRINTED
+        ]
         if more:
             self.say(f"... ({'; '.join(more)}; all of them in the files)")
-        self.say(f"bad rows and left-out members: {self.request.problems_file}" + (f"; balance report: {self.request.report}" if self.balances else ""))
+        self.say(
+            f"bad rows and left-out members: {self.request.problems_file}"
+            + (f"; balance report: {self.request.report}" if self.balances else "")
+        )
 
     def problem(self, file: str, line: int | None, member: str, customer: str, row_id: str, text: str) -> None:
         self.problems.writerow((file, line or "", member, customer, row_id, text))
-        self._print("problem", f"{file} line {line}: " if line else f"{file}: ", f"{'member ' + member + ': ' if member else ''}{text}")
+        self._print(
+            "problem",
+            f"{file} line {line}: " if line else f"{file}: ",
+            f"{'member ' + member + ': ' if member else ''}{text}",
+        )
 
     def left_out(self, member: str, customer: str, problems: list) -> None:
         self.summary.left_out += 1
@@ -279,7 +321,9 @@ class _Reports:
     def count_member(self) -> None:
         self.summary.members += 1
 
-    def settled(self, member: str, customer: str, settled: Settled, balance: int, expected: int | None, mismatches: list) -> None:
+    def settled(
+        self, member: str, customer: str, settled: Settled, balance: int, expected: int | None, mismatches: list
+    ) -> None:
         if settled.outcome.left_out:
             self.left_out(member, customer, [("ledger", None, "", settled.reason or settled.outcome.value)])
             return
@@ -288,7 +332,14 @@ class _Reports:
         else:
             self.summary.imported += 1
         for mismatch in mismatches:
-            self.problem("transactions", mismatch.line, member, customer, mismatch.row_id, f"{mismatch.describe()} (imported by our rules)")
+            self.problem(
+                "transactions",
+                mismatch.line,
+                member,
+                customer,
+                mismatch.row_id,
+                f"{mismatch.describe()} (imported by our rules)",
+            )
         differs = expected is not None and expected != balance
         if differs:
             self._difference(member, customer, expected, balance)
@@ -334,7 +385,9 @@ class _Job:
     before: str | None = None
 
 
-async def _import_in_processes(staging: Staging, job: _Job, processes: int, progress: Progress, reports: _Reports) -> None:
+async def _import_in_processes(
+    staging: Staging, job: _Job, processes: int, progress: Progress, reports: _Reports
+) -> None:
     """Ranges of members to worker processes (replaying is CPU work; one core is not enough);
     their report calls come back here, in order per process, through a bounded queue."""
     bounds = staging.boundaries(processes)
@@ -389,7 +442,9 @@ async def _work_async(job: _Job, relayed: _Relayed) -> None:
     db = Database(job.url, pool_size=2)
     try:
         with Staging.reading(job.staging) as staging:
-            await _import_members(staging.members(job.first, job.before), LegacyLedgerWriter(db), job.rules, job.dry_run, relayed, relayed)
+            await _import_members(
+                staging.members(job.first, job.before), LegacyLedgerWriter(db), job.rules, job.dry_run, relayed, relayed
+            )
     finally:
         await db.dispose()
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import structlog
 
 from domain import notifications as notices
-from service_layer.ports import UnitOfWork, UnitOfWorkFactory
+from service_layer.ports import UnitOfWorkFactory
 
 log = structlog.get_logger("credits.notifications")
 
@@ -49,7 +49,12 @@ class Delivery:
 
 
 async def deliver(
-    new_uow: UnitOfWorkFactory, mailer: Mailer, now: Callable[[], datetime], batch: int = 50, max_batches: int = 20, budget: timedelta = timedelta(minutes=4)
+    new_uow: UnitOfWorkFactory,
+    mailer: Mailer,
+    now: Callable[[], datetime],
+    batch: int = 50,
+    max_batches: int = 20,
+    budget: timedelta = timedelta(minutes=4),
 ) -> Delivery:
     """Send due notifications. Each is marked `sending` and committed before it is sent.
 
@@ -86,7 +91,10 @@ async def deliver(
                     # Outages and our own settings never use up the tries a refused message gets.
                     refused = not failure.ours
                     if failure.retry and (failure.ours or row.refusals + 1 < MAX_ATTEMPTS):
-                        status, retry_at = "pending", now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX)
+                        status, retry_at = (
+                            "pending",
+                            now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX),
+                        )
                     else:
                         status = "failed"
             async with new_uow() as uow:
@@ -94,7 +102,12 @@ async def deliver(
                 await uow.commit()
             counter = "retrying" if status == "pending" else status
             setattr(result, counter, getattr(result, counter) + 1)
-            log.info("notification_" + ("retrying" if status == "pending" else status), key=row.key, kind=row.kind, error=error)
+            log.info(
+                "notification_" + ("retrying" if status == "pending" else status),
+                key=row.key,
+                kind=row.kind,
+                error=error,
+            )
     return result
 
 
@@ -109,7 +122,9 @@ async def warn_expiring_credits(new_uow: UnitOfWorkFactory, now: datetime, days_
     while True:
         async with new_uow() as uow:
             lots = await uow.notifications.lots_expiring(now, now + timedelta(days=days_before), batch)
-            warnings = [(notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now) for lot in lots]
+            warnings = [
+                (notices.credits_expiring(lot.customer_id, lot.id, lot.remaining, lot.expires_at), now) for lot in lots
+            ]
             queued += len(await uow.notifications.enqueue_many(warnings))
             await uow.notifications.mark_warned([(lot.id, lot.expires_at) for lot in lots], now)
             await uow.commit()

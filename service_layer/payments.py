@@ -14,15 +14,22 @@ from datetime import datetime, timedelta
 import structlog
 
 from domain import CreditPolicy
-from domain.referrals import ReferralRules
 from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus, RetrySchedule
+from domain.referrals import ReferralRules
 from infra.db.payments import Attempt
 from messages import PaymentSucceeded
 from service_layer import events
 from service_layer.apply import Rules, lock_existing
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
+
 # The provider port moved to ports.py; its names stay importable from here (the adapters, tests).
-from service_layer.ports import ChargeResult, PaidInvoice, PaymentProvider, ProviderUnavailable, UnitOfWork, UnitOfWorkFactory
+from service_layer.ports import (
+    ChargeResult,
+    PaymentProvider,
+    ProviderUnavailable,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
 
 log = structlog.get_logger("credits.payments")
 
@@ -44,7 +51,9 @@ class CollectionResult:
     cancelled_subscriptions: int = 0
 
 
-async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit: int = 500, schedule: RetrySchedule | None = None) -> int:
+async def schedule_due_retries(
+    new_uow: UnitOfWorkFactory, now: datetime, limit: int = 500, schedule: RetrySchedule | None = None
+) -> int:
     """Request the next scheduled attempt of every case whose retry is due (once per attempt), and
     mark past due the stopped cases whose schedule has ended."""
     schedule = schedule or RetrySchedule()
@@ -55,7 +64,12 @@ async def schedule_due_retries(new_uow: UnitOfWorkFactory, now: datetime, limit:
         for case in await uow.dunning.lock_stopped_before(now - timedelta(days=schedule.days[-1]), limit):
             if case.schedule_ended(now, schedule):
                 await uow.dunning.save(case)
-                log.info("dunning_past_due", invoice_id=case.invoice_id, customer_id=case.customer_id, stopped_as=case.last_decline_code)
+                log.info(
+                    "dunning_past_due",
+                    invoice_id=case.invoice_id,
+                    customer_id=case.customer_id,
+                    stopped_as=case.last_decline_code,
+                )
         await uow.commit()
     return sum(1 for attempt_id in requested if attempt_id is not None)
 
@@ -97,7 +111,7 @@ async def charge_pending(
 
 
 async def _postpone(new_uow: UnitOfWorkFactory, attempt: Attempt, at: datetime, reason: str) -> timedelta:
-    wait = min(PROVIDER_BACKOFF * 2 ** attempt.provider_errors, PROVIDER_BACKOFF_MAX)
+    wait = min(PROVIDER_BACKOFF * 2**attempt.provider_errors, PROVIDER_BACKOFF_MAX)
     async with new_uow() as uow:
         await uow.dunning.postpone_attempt(attempt.id, at + wait, reason[:2000])
         await uow.commit()
@@ -114,7 +128,9 @@ async def charge_attempt(
     referral_rules: ReferralRules | None = None,
 ) -> AttemptOutcome | None:
     """Charge one leased attempt. Returns its outcome, or None when the provider failed (postponed)."""
-    bound = log.bind(invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value)
+    bound = log.bind(
+        invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value
+    )
     async with new_uow() as uow:
         case = await uow.dunning.get_by_id(attempt.case_id)
         skip = _reason_not_to_charge(case, attempt)
@@ -162,7 +178,11 @@ def charge_key(attempt: Attempt) -> str:
     day. A second charge is impossible all the same — an invoice is paid once, and the retry
     reads the invoice's state before charging it again.
     """
-    return attempt.idempotency_key if attempt.provider_errors == 0 else f"{attempt.idempotency_key}:retry-{attempt.provider_errors}"
+    return (
+        attempt.idempotency_key
+        if attempt.provider_errors == 0
+        else f"{attempt.idempotency_key}:retry-{attempt.provider_errors}"
+    )
 
 
 async def record_charge(
@@ -194,9 +214,15 @@ async def record_charge(
                     currency=paid.currency,
                 )
                 # Issues once and ends the case, on the path every event takes.
-                await events.apply_in(uow, [event], Rules(policy, rules, referral_rules or ReferralRules()), events.claim_one)
+                await events.apply_in(
+                    uow, [event], Rules(policy, rules, referral_rules or ReferralRules()), events.claim_one
+                )
             else:
-                log.error("paid_invoice_without_credits", invoice_id=attempt.invoice_id, detail="no credits known for its prices; the invoice.paid webhook is parked for review")
+                log.error(
+                    "paid_invoice_without_credits",
+                    invoice_id=attempt.invoice_id,
+                    detail="no credits known for its prices; the invoice.paid webhook is parked for review",
+                )
                 case = await uow.dunning.get_by_id(attempt.case_id)
                 case.paid(at)
                 await uow.dunning.save(case)
@@ -209,7 +235,9 @@ async def record_charge(
         await uow.commit()
 
 
-async def cancel_past_due_subscriptions(new_uow: UnitOfWorkFactory, provider: PaymentProvider, now: Callable[[], datetime], limit: int = 100) -> int:
+async def cancel_past_due_subscriptions(
+    new_uow: UnitOfWorkFactory, provider: PaymentProvider, now: Callable[[], datetime], limit: int = 100
+) -> int:
     """End action ``cancel_subscription``: cancel the subscription of each case whose schedule ran out."""
     cancelled = 0
     async with new_uow() as uow:
@@ -224,12 +252,19 @@ async def cancel_past_due_subscriptions(new_uow: UnitOfWorkFactory, provider: Pa
             case.subscription_cancelled(now())
             await uow.dunning.save(case)
             cancelled += 1
-            log.info("subscription_cancelled", invoice_id=case.invoice_id, subscription_id=case.subscription_id, customer_id=case.customer_id)
+            log.info(
+                "subscription_cancelled",
+                invoice_id=case.invoice_id,
+                subscription_id=case.subscription_id,
+                customer_id=case.customer_id,
+            )
         await uow.commit()
     return cancelled
 
 
-async def request_retry_now(new_uow: UnitOfWorkFactory, customer_id: str, now: datetime, rules: DunningRules) -> list[int]:
+async def request_retry_now(
+    new_uow: UnitOfWorkFactory, customer_id: str, now: datetime, rules: DunningRules
+) -> list[int]:
     """The customer's "retry now": request an immediate charge of each unpaid invoice.
 
     Raises CustomerNotFound, NothingOwed or RetryLimited. Returns the attempts to charge.
@@ -242,7 +277,12 @@ async def request_retry_now(new_uow: UnitOfWorkFactory, customer_id: str, now: d
 
 
 async def request_immediate_charges(
-    uow: UnitOfWork, customer_id: str, kind: AttemptKind, now: datetime, rules: DunningRules, payment_method_id: str | None = None
+    uow: UnitOfWork,
+    customer_id: str,
+    kind: AttemptKind,
+    now: datetime,
+    rules: DunningRules,
+    payment_method_id: str | None = None,
 ) -> list[int]:
     """Ask for an immediate charge of each unpaid invoice of the customer (caller holds the account lock).
 
@@ -259,7 +299,10 @@ async def request_immediate_charges(
     if wait is not None and kind is not AttemptKind.PAYMENT_METHOD:
         raise RetryLimited(customer_id, wait)
     not_before = now + wait if wait is not None else None
-    requested = [await uow.dunning.add_attempt(case, kind, now, payment_method_id=payment_method_id, not_before=not_before) for case in cases]
+    requested = [
+        await uow.dunning.add_attempt(case, kind, now, payment_method_id=payment_method_id, not_before=not_before)
+        for case in cases
+    ]
     return [attempt_id for attempt_id in requested if attempt_id is not None]
 
 
@@ -281,7 +324,9 @@ class LoginBanner:
     can_retry: bool = False
 
 
-async def login_banner(uow: UnitOfWork, customer_id: str, now: datetime, rules: DunningRules, billing_portal_url: str | None) -> LoginBanner:
+async def login_banner(
+    uow: UnitOfWork, customer_id: str, now: datetime, rules: DunningRules, billing_portal_url: str | None
+) -> LoginBanner:
     """What the front end shows the customer on login; the most pressing matter wins."""
     async with uow:
         account = await uow.accounts.get(customer_id)
@@ -292,7 +337,9 @@ async def login_banner(uow: UnitOfWork, customer_id: str, now: datetime, rules: 
     case = _most_pressing(cases)
     if case is not None:
         url = case.hosted_invoice_url or billing_portal_url
-        reason = case.last_failure_message or (f"declined ({case.last_decline_code})" if case.last_decline_code else None)
+        reason = case.last_failure_message or (
+            f"declined ({case.last_decline_code})" if case.last_decline_code else None
+        )
         if case.status is DunningStatus.ACTION_REQUIRED:
             return LoginBanner(
                 "action_required",
@@ -313,12 +360,21 @@ async def login_banner(uow: UnitOfWork, customer_id: str, now: datetime, rules: 
             can_retry=True,
         )
     if not view.can_schedule:
-        return LoginBanner("no_credits", "You have no credits left. Your credits come back with your next payment.", payment_url=billing_portal_url)
+        return LoginBanner(
+            "no_credits",
+            "You have no credits left. Your credits come back with your next payment.",
+            payment_url=billing_portal_url,
+        )
     return LoginBanner("none", "")
 
 
 def _most_pressing(cases: list[DunningCase]) -> DunningCase | None:
-    order = [DunningStatus.ACTION_REQUIRED, DunningStatus.NEEDS_PAYMENT_METHOD, DunningStatus.PAST_DUE, DunningStatus.RETRYING]
+    order = [
+        DunningStatus.ACTION_REQUIRED,
+        DunningStatus.NEEDS_PAYMENT_METHOD,
+        DunningStatus.PAST_DUE,
+        DunningStatus.RETRYING,
+    ]
     open_cases = [case for case in cases if case.owes]
     return min(open_cases, key=lambda case: order.index(case.status), default=None)
 

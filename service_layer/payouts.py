@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -78,7 +78,7 @@ async def pay_referrals(
     method_gateways: Mapping[str, str],
     now: datetime,
     rules: ReferralRules,
-    wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> PayoutRun:
     """Release rewards whose hold is over, make today's payouts (same-day payees every day,
     everyone on Fridays), then send every payout not yet paid (failed ones again).
@@ -118,7 +118,9 @@ PAYEES_PER_TRANSACTION = 1000
 LOGGED_PAYEES = 20
 
 
-async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, run: PayoutRun) -> None:
+async def make_payouts(
+    new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, run: PayoutRun
+) -> None:
     friday = rules.calendar.is_payout_day(now)
     async with new_uow() as uow:
         # On other days only same-day payees can be paid: the rest are not even read.
@@ -143,7 +145,13 @@ async def make_payouts(new_uow: UnitOfWorkFactory, method_gateways: Mapping[str,
 
 
 async def _make_payouts(
-    new_uow: UnitOfWorkFactory, method_gateways: Mapping[str, str], now: datetime, rules: ReferralRules, payee_ids: list[str], friday: bool, run: PayoutRun
+    new_uow: UnitOfWorkFactory,
+    method_gateways: Mapping[str, str],
+    now: datetime,
+    rules: ReferralRules,
+    payee_ids: list[str],
+    friday: bool,
+    run: PayoutRun,
 ) -> None:
     """The payouts of ``payee_ids`` for ``now``, in one transaction of a constant number of
     statements (``run`` hears of them once committed)."""
@@ -163,19 +171,41 @@ async def _make_payouts(
             else:
                 period, minimum = rules.calendar.weekly_period(now), rules.minimum_payout_cents
             if payable.total_cents < minimum:
-                held_back.append({"payee_id": payable.payee_id, "total_cents": payable.total_cents, "minimum_cents": minimum, "period": period})
+                held_back.append(
+                    {
+                        "payee_id": payable.payee_id,
+                        "total_cents": payable.total_cents,
+                        "minimum_cents": minimum,
+                        "period": period,
+                    }
+                )
             else:
-                planned.append(NewPayout(payable, period, payee.payout_method, method_gateways.get(payee.payout_method, "manual")))
+                planned.append(
+                    NewPayout(payable, period, payee.payout_method, method_gateways.get(payee.payout_method, "manual"))
+                )
         made = await uow.referrals.create_payouts(planned, rules.currency, now)
         # A payee missing from ``made`` has this period's payout already (a rerun): what came since waits for the next period.
         planned = [new for new in planned if new.payable.payee_id in made]
-        await uow.referrals.save_many([pair for new in planned for pair in _moved(new.payable.rewards, lambda r: r.into_payout(made[r.referrer_id], now))])
+        await uow.referrals.save_many(
+            [
+                pair
+                for new in planned
+                for pair in _moved(new.payable.rewards, lambda r: r.into_payout(made[r.referrer_id], now))
+            ]
+        )
         await uow.commit()
     # Told only once committed: a chunk rolled back made nothing. One line per chunk, not per
     # payout (a Friday makes 100,000): each payout is in the table, GET /api/admin/payouts.
     ids = [made[new.payable.payee_id] for new in planned]
     if ids:
-        log.info("payouts_created", count=len(ids), first_id=min(ids), last_id=max(ids), amount_cents=sum(new.payable.total_cents for new in planned), periods=sorted({new.period for new in planned}))
+        log.info(
+            "payouts_created",
+            count=len(ids),
+            first_id=min(ids),
+            last_id=max(ids),
+            amount_cents=sum(new.payable.total_cents for new in planned),
+            periods=sorted({new.period for new in planned}),
+        )
     if held_back:
         log.info("payouts_held_back", count=len(held_back), payees=held_back[:LOGGED_PAYEES])
     run.created += ids
@@ -201,7 +231,10 @@ PAYOUTS_PER_LEASE = 100
 
 
 async def send_payouts(
-    new_uow: UnitOfWorkFactory, gateways: Mapping[str, PayoutGateway], wall_clock: Callable[[], datetime], run: PayoutRun
+    new_uow: UnitOfWorkFactory,
+    gateways: Mapping[str, PayoutGateway],
+    wall_clock: Callable[[], datetime],
+    run: PayoutRun,
 ) -> None:
     """Send every payout waiting (new or failed), each once per run, ``PAYOUTS_PER_LEASE`` at a time.
 
@@ -222,7 +255,9 @@ async def send_payouts(
             await uow.referrals.record_sent(outcomes, now)
             await _rewards_paid(uow, [o.payout_id for o in outcomes if o.status == "paid"], now)
             # Each payout once per run, and not while another run holds its lease.
-            rows = await uow.referrals.lease_payouts_to_send(PAYOUTS_PER_LEASE, now=now, until=now + SEND_LEASE, run_started=started, after=after)
+            rows = await uow.referrals.lease_payouts_to_send(
+                PAYOUTS_PER_LEASE, now=now, until=now + SEND_LEASE, run_started=started, after=after
+            )
             await uow.commit()
         if leased:
             _tell(run, [row for row, _ in leased], outcomes)
@@ -237,7 +272,16 @@ def _order(row) -> PayoutOrder:
     # After a failure, a fresh key: a provider may replay a saved error for a key (Stripe does, for a day).
     key = row.idempotency_key if row.failures == 0 else f"{row.idempotency_key}:retry-{row.failures}"
     return PayoutOrder(
-        row.id, row.payee_id, row.amount_cents, row.currency, row.period, row.idempotency_key, key, row.attempts, row.stripe_account_id, row.payout_address
+        row.id,
+        row.payee_id,
+        row.amount_cents,
+        row.currency,
+        row.period,
+        row.idempotency_key,
+        key,
+        row.attempts,
+        row.stripe_account_id,
+        row.payout_address,
     )
 
 
@@ -264,7 +308,14 @@ def _tell(run: PayoutRun, rows: list, outcomes: list[SendOutcome]) -> None:
         else:
             sent[outcome.status] = sent.get(outcome.status, 0) + 1
             run.sent[outcome.status] = run.sent.get(outcome.status, 0) + 1
-    log.info("payouts_sent", leased=len(rows), first_id=rows[0].id, last_id=rows[-1].id, sent=sent, failed=len(rows) - sum(sent.values()))
+    log.info(
+        "payouts_sent",
+        leased=len(rows),
+        first_id=rows[0].id,
+        last_id=rows[-1].id,
+        sent=sent,
+        failed=len(rows) - sum(sent.values()),
+    )
 
 
 async def record_paid(new_uow: UnitOfWorkFactory, payout_id: int, reference: str | None, at: datetime) -> bool:

@@ -54,15 +54,31 @@ async def list_referrals(db: Database, wanted: ListFilter, referral_id: int | No
     limit, offset = wanted.limit, wanted.offset
     async with db.connect() as connection:
         # The reward total counts rewards that stand: not rejected or voided ones.
-        standing = case((referrals.c.status.in_([ReferralStatus.REJECTED.value, ReferralStatus.VOIDED.value]), 0), else_=func.coalesce(referrals.c.reward_cents, 0))
+        standing = case(
+            (referrals.c.status.in_([ReferralStatus.REJECTED.value, ReferralStatus.VOIDED.value]), 0),
+            else_=func.coalesce(referrals.c.reward_cents, 0),
+        )
         total, cents = (
-            await connection.execute(select(func.count(), func.coalesce(func.sum(standing), 0)).select_from(referrals).where(*where))
+            await connection.execute(
+                select(func.count(), func.coalesce(func.sum(standing), 0)).select_from(referrals).where(*where)
+            )
         ).one()
-        rows = [dict(r._mapping) for r in await connection.execute(select(referrals).where(*where).order_by(referrals.c.submitted_at, referrals.c.id).limit(limit).offset(offset))]
+        rows = [
+            dict(r._mapping)
+            for r in await connection.execute(
+                select(referrals)
+                .where(*where)
+                .order_by(referrals.c.submitted_at, referrals.c.id)
+                .limit(limit)
+                .offset(offset)
+            )
+        ]
         ids = [r["id"] for r in rows]
         history: dict[int, list[dict]] = {}
         if ids:
-            for h in await connection.execute(select(referral_history).where(referral_history.c.referral_id.in_(ids)).order_by(referral_history.c.id)):
+            for h in await connection.execute(
+                select(referral_history).where(referral_history.c.referral_id.in_(ids)).order_by(referral_history.c.id)
+            ):
                 history.setdefault(h.referral_id, []).append({"status": h.status, "at": h.at, "reason": h.reason})
     for row in rows:
         row["history"] = history.get(row["id"], [])
@@ -71,7 +87,20 @@ async def list_referrals(db: Database, wanted: ListFilter, referral_id: int | No
 
 
 #: The payouts export operations pay from by hand (manual gateway), in this column order.
-PAYOUT_CSV_COLUMNS = ["id", "payee_id", "payee_name", "payout_address", "method", "period", "amount_cents", "currency", "status", "external_reference", "created_at", "paid_at"]
+PAYOUT_CSV_COLUMNS = [
+    "id",
+    "payee_id",
+    "payee_name",
+    "payout_address",
+    "method",
+    "period",
+    "amount_cents",
+    "currency",
+    "status",
+    "external_reference",
+    "created_at",
+    "paid_at",
+]
 
 
 def to_csv(rows: list[dict], columns: list[str]) -> str:
@@ -90,7 +119,11 @@ async def list_payouts(db: Database, wanted: ListFilter) -> Page:
     limit, offset = wanted.limit, wanted.offset
     async with db.connect() as connection:
         total, cents = (
-            await connection.execute(select(func.count(), func.coalesce(func.sum(payouts.c.amount_cents), 0)).select_from(payouts).where(*where))
+            await connection.execute(
+                select(func.count(), func.coalesce(func.sum(payouts.c.amount_cents), 0))
+                .select_from(payouts)
+                .where(*where)
+            )
         ).one()
         query = (
             select(payouts, referrers.c.payout_address, referrers.c.name.label("payee_name"))
@@ -108,7 +141,12 @@ async def payout_periods(db: Database, limit: int = 30) -> list[str]:
     """The latest periods that have payouts, newest first (what the admin filters by)."""
     async with db.connect() as connection:
         newest = func.max(payouts.c.created_at)
-        query = select(payouts.c.period).group_by(payouts.c.period).order_by(newest.desc(), payouts.c.period.desc()).limit(limit)
+        query = (
+            select(payouts.c.period)
+            .group_by(payouts.c.period)
+            .order_by(newest.desc(), payouts.c.period.desc())
+            .limit(limit)
+        )
         return list((await connection.execute(query)).scalars())
 
 
@@ -124,31 +162,58 @@ class ReferrerSummary:
     next_payout_date: date
 
 
-async def referrer_summary(db: Database, referrer_id: str, now: datetime, calendar: PayoutCalendar) -> ReferrerSummary | None:
+async def referrer_summary(
+    db: Database, referrer_id: str, now: datetime, calendar: PayoutCalendar
+) -> ReferrerSummary | None:
     async with db.connect() as connection:
         referrer = (await connection.execute(select(referrers).where(referrers.c.referrer_id == referrer_id))).first()
         if referrer is None:
             return None
         codes = [
             {"code": r.code, "active": r.active, "created_at": r.created_at}
-            for r in await connection.execute(select(referral_codes).where(referral_codes.c.referrer_id == referrer_id).order_by(referral_codes.c.created_at))
+            for r in await connection.execute(
+                select(referral_codes)
+                .where(referral_codes.c.referrer_id == referrer_id)
+                .order_by(referral_codes.c.created_at)
+            )
         ]
         counts = dict(
-            (await connection.execute(select(referrals.c.status, func.count()).where(referrals.c.referrer_id == referrer_id).group_by(referrals.c.status))).all()
+            (
+                await connection.execute(
+                    select(referrals.c.status, func.count())
+                    .where(referrals.c.referrer_id == referrer_id)
+                    .group_by(referrals.c.status)
+                )
+            ).all()
         )
         # Paid to date: what the payee's paid payouts brought them (net of clawbacks taken).
         paid = (
             await connection.execute(
-                select(func.coalesce(func.sum(payouts.c.amount_cents), 0)).where(payouts.c.payee_id == referrer_id, payouts.c.status == "paid")
+                select(func.coalesce(func.sum(payouts.c.amount_cents), 0)).where(
+                    payouts.c.payee_id == referrer_id, payouts.c.status == "paid"
+                )
             )
         ).scalar_one()
         _, upcoming = (
             await connection.execute(
                 select(
-                    func.coalesce(func.sum(case((referrals.c.status == ReferralStatus.PAID.value, referrals.c.reward_cents), else_=0)), 0),
                     func.coalesce(
                         func.sum(
-                            case((referrals.c.status.in_([ReferralStatus.APPROVED.value, ReferralStatus.IN_PAYOUT.value]), referrals.c.reward_cents), else_=0)
+                            case((referrals.c.status == ReferralStatus.PAID.value, referrals.c.reward_cents), else_=0)
+                        ),
+                        0,
+                    ),
+                    func.coalesce(
+                        func.sum(
+                            case(
+                                (
+                                    referrals.c.status.in_(
+                                        [ReferralStatus.APPROVED.value, ReferralStatus.IN_PAYOUT.value]
+                                    ),
+                                    referrals.c.reward_cents,
+                                ),
+                                else_=0,
+                            )
                         ),
                         0,
                     ),
@@ -163,4 +228,6 @@ async def referrer_summary(db: Database, referrer_id: str, now: datetime, calend
             )
         ).scalar_one()
     next_day = calendar.local_date(now) if referrer.same_day else calendar.next_payout_day(now)
-    return ReferrerSummary(referrer.referrer_id, referrer.kind, codes, counts, int(paid), int(upcoming), int(clawbacks), next_day)
+    return ReferrerSummary(
+        referrer.referrer_id, referrer.kind, codes, counts, int(paid), int(upcoming), int(clawbacks), next_day
+    )

@@ -29,7 +29,9 @@ async def customer_signed_up(uow: UnitOfWork, event: CustomerSignedUp, rules: Re
     """Remember who the customer is, make them a referrer with a code, attribute their referral."""
     repo = uow.referrals
     email, phone = normalize_email(event.email), normalize_phone(event.phone)
-    await repo.record_profile(event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at, contact_email=event.email.strip())
+    await repo.record_profile(
+        event.customer_id, email, phone, event.payment_fingerprint, event.occurred_at, contact_email=event.email.strip()
+    )
     if await repo.add_referrer(ReferrerDetails(event.customer_id, ReferrerKind.CUSTOMER, email=email, phone=phone)):
         # No name in the code: a customer's code is shared publicly and must not reveal them.
         await repo.add_code(event.customer_id, name_hint=None)
@@ -45,11 +47,26 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     if code_row is not None:
         await repo.lock_referrer(code_row.referrer_id)
     already_referred = await repo.attributed(customer_id) is not None
-    facts = await _facts(uow, customer_id, code_row.referrer_id if code_row else None, bool(code_row and code_row.active), at, already_referred)
+    facts = await _facts(
+        uow,
+        customer_id,
+        code_row.referrer_id if code_row else None,
+        bool(code_row and code_row.active),
+        at,
+        already_referred,
+    )
     verdict = judge_referral(facts, at, rules.fraud)
-    referral = Referral.submitted(customer_id, code_row.referrer_id if code_row else None, code_row.code if code_row else code, at, verdict)
+    referral = Referral.submitted(
+        customer_id, code_row.referrer_id if code_row else None, code_row.code if code_row else code, at, verdict
+    )
     await repo.add(referral)
-    log.info("referral_" + verdict.status.value, customer_id=customer_id, code=code, reason=verdict.reason, flags=list(verdict.flags))
+    log.info(
+        "referral_" + verdict.status.value,
+        customer_id=customer_id,
+        code=code,
+        reason=verdict.reason,
+        flags=list(verdict.flags),
+    )
     if referral.status is ReferralStatus.AWAITING_PAYMENT:
         # The first payment may have been applied before this (events from two producers).
         first = await repo.first_payment_since(customer_id, at)
@@ -58,7 +75,9 @@ async def submit_referral(uow: UnitOfWork, customer_id: str, code: str, at: date
     return referral
 
 
-async def _facts(uow: UnitOfWork, customer_id: str, referrer_id: str | None, code_active: bool, at: datetime, already_referred: bool) -> ReferralFacts:
+async def _facts(
+    uow: UnitOfWork, customer_id: str, referrer_id: str | None, code_active: bool, at: datetime, already_referred: bool
+) -> ReferralFacts:
     """What the referral rules judge, read as of ``at``."""
     repo = uow.referrals
     referrer = await repo.referrer(referrer_id) if referrer_id else None
@@ -70,12 +89,19 @@ async def _facts(uow: UnitOfWork, customer_id: str, referrer_id: str | None, cod
         already_referred=already_referred,
         paid_before=await repo.has_paid_before(customer_id, at),
         prior=await repo.prior_referrals(referrer.referrer_id, excluding=customer_id) if referrer else [],
-        other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(referred.payment_fingerprints, customer_id),
+        other_customers_with_fingerprint=await repo.referred_customers_with_fingerprint(
+            referred.payment_fingerprints, customer_id
+        ),
     )
 
 
 async def payment_succeeded(
-    uow: UnitOfWork, customer_id: str, payment_id: str, paid_at: datetime, rules: ReferralRules, amount_cents: int | None = None
+    uow: UnitOfWork,
+    customer_id: str,
+    payment_id: str,
+    paid_at: datetime,
+    rules: ReferralRules,
+    amount_cents: int | None = None,
 ) -> None:
     """The referred customer's first payment qualifies their referral's reward (held for refunds).
 
@@ -92,10 +118,14 @@ async def payment_succeeded(
         return
     await repo.lock_referrer(referral.referrer_id)
     before = len(referral.history)
-    if paid_at < referral.submitted_at or await repo.has_paid_before(customer_id, referral.submitted_at, except_payment=payment_id):
+    if paid_at < referral.submitted_at or await repo.has_paid_before(
+        customer_id, referral.submitted_at, except_payment=payment_id
+    ):
         referral.admin_reject(paid_at, "system", "the customer had already paid before being referred")
     else:
-        facts = await _facts(uow, customer_id, referral.referrer_id, True, referral.submitted_at, already_referred=False)
+        facts = await _facts(
+            uow, customer_id, referral.referrer_id, True, referral.submitted_at, already_referred=False
+        )
         verdict = judge_referral(facts, referral.submitted_at, rules.fraud)
         if verdict.status is ReferralStatus.REJECTED:
             referral.admin_reject(paid_at, "system", verdict.reason or "rejected")
@@ -108,6 +138,7 @@ async def payment_succeeded(
 
 def _merged_flags(earlier: tuple[str, ...], now: tuple[str, ...]) -> tuple[str, ...]:
     """Flags judged now (with everything known) replace earlier ones of the same rule; others stay."""
+
     def rule(flag: str) -> str:
         return flag.split(":")[0].split(" (")[0]
 
@@ -158,7 +189,9 @@ async def register_referrer(uow: UnitOfWork, details: ReferrerDetails) -> str:
     return code
 
 
-async def decide_flagged(uow: UnitOfWork, referral_id: int, approve: bool, admin: str, reason: str | None, now: datetime) -> Referral:
+async def decide_flagged(
+    uow: UnitOfWork, referral_id: int, approve: bool, admin: str, reason: str | None, now: datetime
+) -> Referral:
     """An admin approves (the hold still applies) or rejects a reward. Raises NotFound or ReferralRuleError."""
     async with uow:
         referral = await uow.referrals.by_id(referral_id)

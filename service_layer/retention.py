@@ -27,13 +27,17 @@ class AtRiskCustomer:
     note_updated_at: datetime | None
 
 
-async def at_risk_customers(db: Database, now: datetime, days: int, limit: int = 500) -> tuple[int, list[AtRiskCustomer]]:
+async def at_risk_customers(
+    db: Database, now: datetime, days: int, limit: int = 500
+) -> tuple[int, list[AtRiskCustomer]]:
     """Customers depleted for more than ``days`` days, longest first, with what the page shows."""
     at_risk = depleted_longer_than(now, days)
     on_page = depleted_page(now, days, limit)
     last_job = (
         select(func.max(ledger_entries.c.occurred_at))
-        .where(ledger_entries.c.customer_id == customers.c.customer_id, ledger_entries.c.kind.in_(["debited", "captured"]))
+        .where(
+            ledger_entries.c.customer_id == customers.c.customer_id, ledger_entries.c.kind.in_(["debited", "captured"])
+        )
         .correlate(customers)
         .scalar_subquery()
     )
@@ -59,8 +63,15 @@ async def at_risk_customers(db: Database, now: datetime, days: int, limit: int =
         )
         page = [
             AtRiskCustomer(
-                r.customer_id, r.credits_depleted_at, (now - r.credits_depleted_at).days, r.status, r.last_failure_at, r.failure,
-                r.last_job_at, r.note, r.note_updated_at,
+                r.customer_id,
+                r.credits_depleted_at,
+                (now - r.credits_depleted_at).days,
+                r.status,
+                r.last_failure_at,
+                r.failure,
+                r.last_job_at,
+                r.note,
+                r.note_updated_at,
             )
             for r in rows
         ]
@@ -71,11 +82,17 @@ async def save_note(uow: UnitOfWork, customer_id: str, note: str, now: datetime)
     """An admin's follow-up note on a customer (the latest one stands). False for an unknown customer."""
     async with uow:
         connection = uow.connection
-        known = (await connection.execute(select(customers.c.customer_id).where(customers.c.customer_id == customer_id))).first()
+        known = (
+            await connection.execute(select(customers.c.customer_id).where(customers.c.customer_id == customer_id))
+        ).first()
         if known is None:
             return False
         statement = upsert_into(connection, customer_notes).values(customer_id=customer_id, note=note, updated_at=now)
-        await connection.execute(statement.on_conflict_do_update(index_elements=[customer_notes.c.customer_id], set_={"note": note, "updated_at": now}))
+        await connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[customer_notes.c.customer_id], set_={"note": note, "updated_at": now}
+            )
+        )
         await uow.commit()
     return True
 

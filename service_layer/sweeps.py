@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
+from domain import Account
 from service_layer.apply import Step, settle
 from service_layer.ports import UnitOfWork, UnitOfWorkFactory
 
@@ -22,14 +24,25 @@ class SweepResult:
     more: bool = False
 
 
-async def expire_due_credits(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
+async def expire_due_credits(
+    new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None
+) -> SweepResult:
     """Write expiry entries for every lot past its expiry, a batch of customers per transaction."""
-    return await _sweep(new_uow, now, max_batches, lambda uow, busy: uow.accounts.customers_with_due_lots(now, batch_size, exclude=busy))
+    return await _sweep(
+        new_uow, now, max_batches, lambda uow, busy: uow.accounts.customers_with_due_lots(now, batch_size, exclude=busy)
+    )
 
 
-async def lapse_due_holds(new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None) -> SweepResult:
+async def lapse_due_holds(
+    new_uow: UnitOfWorkFactory, now: datetime, batch_size: int, max_batches: int | None = None
+) -> SweepResult:
     """Lapse every hold not captured within its time to live."""
-    return await _sweep(new_uow, now, max_batches, lambda uow, busy: uow.accounts.customers_with_due_holds(now, batch_size, exclude=busy))
+    return await _sweep(
+        new_uow,
+        now,
+        max_batches,
+        lambda uow, busy: uow.accounts.customers_with_due_holds(now, batch_size, exclude=busy),
+    )
 
 
 async def _sweep(
@@ -53,14 +66,16 @@ async def _sweep(
             accounts = await uow.accounts.lock_available(due)
             busy.update(set(due) - {account.customer_id for account in accounts})
 
-            async def catch_up() -> int:
-                for account in accounts:
-                    account.catch_up(now, event_id)
-                return sum(len(account.new_entries) for account in accounts)
-
-            [written] = await settle(uow, accounts, [Step(now, catch_up)])
+            [written] = await settle(uow, accounts, [Step(now, partial(_catch_up, accounts, now, event_id))])
             await uow.commit()
             entries += written
             customers += len(accounts)
             batches += 1
     return SweepResult(customers, entries, more=True)
+
+
+async def _catch_up(accounts: list[Account], now: datetime, event_id: str) -> int:
+    """Expire and lapse what is due in each account; how many entries that wrote."""
+    for account in accounts:
+        account.catch_up(now, event_id)
+    return sum(len(account.new_entries) for account in accounts)

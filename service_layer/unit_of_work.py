@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db import Database
-from infra.db.payments import SqlDunningRepository, SqlStripeRepository
 from infra.db.notifications import SqlNotificationOutbox
+from infra.db.payments import SqlDunningRepository, SqlStripeRepository
 from infra.db.referrals import SqlReferralRepository
 from infra.db.repository import SqlAccountRepository, SqlEventLog
 from service_layer.ports import UnitOfWork, UnitOfWorkFactory
@@ -24,7 +24,7 @@ class SqlUnitOfWork:
         self.read_only = read_only
         self._connection: AsyncConnection | None = None
 
-    async def __aenter__(self) -> "SqlUnitOfWork":
+    async def __aenter__(self) -> SqlUnitOfWork:
         await self.db.acquire_writer()
         try:
             self._connection = await self.db.engine.connect()

@@ -30,7 +30,10 @@ def _membership_column():
     past_due = dunning_cases.alias("past_due")
     is_past_due = (past_due.c.customer_id == customers.c.customer_id, past_due.c.status == DunningStatus.PAST_DUE.value)
     return case(
-        (exists().where(*is_past_due, past_due.c.subscription_cancelled_at.is_not(None)).correlate(customers), "cancelled"),
+        (
+            exists().where(*is_past_due, past_due.c.subscription_cancelled_at.is_not(None)).correlate(customers),
+            "cancelled",
+        ),
         (exists().where(*is_past_due).correlate(customers), "past_due"),
         else_="active",
     ).label("membership_status")
@@ -71,11 +74,17 @@ def latest_case_id():
     )
 
 
-async def depleted_customers(db: Database, now: datetime, days: int, limit: int, offset: int) -> tuple[int, list[DepletedCustomer]]:
+async def depleted_customers(
+    db: Database, now: datetime, days: int, limit: int, offset: int
+) -> tuple[int, list[DepletedCustomer]]:
     """Customers out of credits for more than ``days`` days, longest first, and how many in all."""
     latest_case = latest_case_id()
     async with db.connect() as connection:
-        total = (await connection.execute(select(func.count()).select_from(customers).where(*depleted_longer_than(now, days)))).scalar_one()
+        total = (
+            await connection.execute(
+                select(func.count()).select_from(customers).where(*depleted_longer_than(now, days))
+            )
+        ).scalar_one()
         if limit == 0:
             return total, []
         on_page = depleted_page(now, days, limit, offset)
@@ -88,7 +97,11 @@ async def depleted_customers(db: Database, now: datetime, days: int, limit: int,
                 dunning_cases.c.next_retry_at,
                 _membership_column(),
             )
-            .select_from(on_page.join(customers, customers.c.customer_id == on_page.c.customer_id).outerjoin(dunning_cases, dunning_cases.c.id == latest_case))
+            .select_from(
+                on_page.join(customers, customers.c.customer_id == on_page.c.customer_id).outerjoin(
+                    dunning_cases, dunning_cases.c.id == latest_case
+                )
+            )
             .order_by(customers.c.credits_depleted_at, customers.c.customer_id)
         )
         page = [
@@ -136,8 +149,16 @@ async def unpaid_invoices(db: Database, status: str | None, limit: int, offset: 
         )
         page = [
             UnpaidInvoice(
-                r.customer_id, r.invoice_id, r.status, r.first_failed_at, r.attempts_made, r.next_retry_at,
-                r.last_decline_code, r.last_failure_message, r.membership_status, r.balance,
+                r.customer_id,
+                r.invoice_id,
+                r.status,
+                r.first_failed_at,
+                r.attempts_made,
+                r.next_retry_at,
+                r.last_decline_code,
+                r.last_failure_message,
+                r.membership_status,
+                r.balance,
             )
             for r in rows
         ]

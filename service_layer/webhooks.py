@@ -55,12 +55,16 @@ class Receipt:
     linked_stripe_customer: str | None = None
 
 
-async def receive(uow: UnitOfWork, event: StripeEvent, publish: Publish, plan_credits: Mapping[str, int], now: datetime) -> Receipt:
+async def receive(
+    uow: UnitOfWork, event: StripeEvent, publish: Publish, plan_credits: Mapping[str, int], now: datetime
+) -> Receipt:
     """Record, translate and publish one verified delivery."""
     async with uow:
         obj = event.data.object
         stripe_customer = _stripe_customer(event.type, obj)
-        if not await uow.stripe.record_event(event.id, event.type, moment(event.created), stripe_customer, event.model_dump(mode="json"), now):
+        if not await uow.stripe.record_event(
+            event.id, event.type, moment(event.created), stripe_customer, event.model_dump(mode="json"), now
+        ):
             return Receipt(DUPLICATE, "already received")
         translation = await translate(uow, event, plan_credits)
         await uow.stripe.set_outcome(event.id, translation.outcome, translation.detail, now)
@@ -72,7 +76,12 @@ async def receive(uow: UnitOfWork, event: StripeEvent, publish: Publish, plan_cr
 
 
 async def relay_parked(
-    new_uow: UnitOfWorkFactory, publish: Publish, plan_credits: Mapping[str, int], now: datetime, stripe_customer_id: str | None = None, limit: int = 500
+    new_uow: UnitOfWorkFactory,
+    publish: Publish,
+    plan_credits: Mapping[str, int],
+    now: datetime,
+    stripe_customer_id: str | None = None,
+    limit: int = 500,
 ) -> list[Receipt]:
     """Translate parked events again (after a customer was linked, or the plan table fixed)."""
     receipts = []
@@ -80,7 +89,9 @@ async def relay_parked(
         rows = await uow.stripe.parked_events(stripe_customer_id, limit)
     for row in rows:
         async with new_uow() as uow:
-            [current] = await uow.stripe.parked_events(row.stripe_customer_id, 1, for_update=True, event_id=row.event_id) or [None]
+            [current] = await uow.stripe.parked_events(
+                row.stripe_customer_id, 1, for_update=True, event_id=row.event_id
+            ) or [None]
             if current is None:
                 continue  # relayed meanwhile by another run
             event = StripeEvent.model_validate(current.payload)
@@ -122,23 +133,39 @@ async def _customer_changed(uow: UnitOfWork, event: StripeEvent, obj: dict, plan
                 return Translation(PARKED, f"customer {ours!r} is already linked to another Stripe customer")
             linked = stripe_customer
         elif existing != ours:
-            log.warning("stripe_customer_metadata_disagrees", stripe_customer_id=stripe_customer, linked=existing, metadata=ours)
+            log.warning(
+                "stripe_customer_metadata_disagrees", stripe_customer_id=stripe_customer, linked=existing, metadata=ours
+            )
     previous = event.data.previous_attributes or {}
     method_changed = "default_payment_method" in (previous.get("invoice_settings") or {})
     new_method = object_id((obj.get("invoice_settings") or {}).get("default_payment_method"))
     if event.type == "customer.updated" and method_changed and new_method:
-        translation = await _for_customer(uow, event, stripe_customer, lambda customer_id: PaymentMethodUpdated(
-            **_envelope(event, customer_id), payment_method_id=new_method
-        ))
+        translation = await _for_customer(
+            uow,
+            event,
+            stripe_customer,
+            lambda customer_id: PaymentMethodUpdated(**_envelope(event, customer_id), payment_method_id=new_method),
+        )
         translation.linked_stripe_customer = linked
         return translation
-    return Translation(RELAYED if linked else IGNORED, f"linked to customer {ours!r}" if linked else "no change we use", linked_stripe_customer=linked)
+    return Translation(
+        RELAYED if linked else IGNORED,
+        f"linked to customer {ours!r}" if linked else "no change we use",
+        linked_stripe_customer=linked,
+    )
 
 
-async def _payment_method_attached(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
-    return await _for_customer(uow, event, object_id(obj.get("customer")), lambda customer_id: PaymentMethodUpdated(
-        **_envelope(event, customer_id), payment_method_id=_text(obj.get("id"))
-    ))
+async def _payment_method_attached(
+    uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]
+) -> Translation:
+    return await _for_customer(
+        uow,
+        event,
+        object_id(obj.get("customer")),
+        lambda customer_id: PaymentMethodUpdated(
+            **_envelope(event, customer_id), payment_method_id=_text(obj.get("id"))
+        ),
+    )
 
 
 async def _invoice_paid(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
@@ -157,14 +184,23 @@ async def _invoice_paid(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Ma
         paid_at=paid.paid_at,
     )
     if paid.credits is None:
-        return Translation(PARKED, "no credits known for the invoice's prices (or over 1,000,000): add them to STRIPE_PLAN_CREDITS or give the price `credits` metadata, then relay the parked events")
-    return Translation(RELAYED, None, [PaymentSucceeded(
-        **_envelope(event, customer_id, paid.paid_at),
-        payment_id=paid.invoice_id,
-        credits=paid.credits,
-        amount_cents=paid.amount_cents,
-        currency=paid.currency,
-    )])
+        return Translation(
+            PARKED,
+            "no credits known for the invoice's prices (or over 1,000,000): add them to STRIPE_PLAN_CREDITS or give the price `credits` metadata, then relay the parked events",
+        )
+    return Translation(
+        RELAYED,
+        None,
+        [
+            PaymentSucceeded(
+                **_envelope(event, customer_id, paid.paid_at),
+                payment_id=paid.invoice_id,
+                credits=paid.credits,
+                amount_cents=paid.amount_cents,
+                currency=paid.currency,
+            )
+        ],
+    )
 
 
 async def _invoice_payment_paid(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
@@ -174,42 +210,64 @@ async def _invoice_payment_paid(uow: UnitOfWork, event: StripeEvent, obj: dict, 
     if invoice_id is None:
         return Translation(IGNORED, "invoice payment without an invoice")
     await uow.stripe.record_payment(
-        invoice_id, None, payment_intent_id=object_id(payment.get("payment_intent")), charge_id=object_id(payment.get("charge"))
+        invoice_id,
+        None,
+        payment_intent_id=object_id(payment.get("payment_intent")),
+        charge_id=object_id(payment.get("charge")),
     )
     return Translation(RELAYED, "recorded the invoice's payment")
 
 
-async def _invoice_payment_failed(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
+async def _invoice_payment_failed(
+    uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]
+) -> Translation:
     decline_code, message = failure_of(obj)
-    return await _for_customer(uow, event, object_id(obj.get("customer")), lambda customer_id: PaymentFailed(
-        **_envelope(event, customer_id),
-        invoice_id=obj["id"],
-        decline_code=decline_code[:100] if decline_code else None,
-        failure_message=message,
-        hosted_invoice_url=https_or_none(obj.get("hosted_invoice_url")),
-        subscription_id=subscription_of(obj),
-    ))
+    return await _for_customer(
+        uow,
+        event,
+        object_id(obj.get("customer")),
+        lambda customer_id: PaymentFailed(
+            **_envelope(event, customer_id),
+            invoice_id=obj["id"],
+            decline_code=decline_code[:100] if decline_code else None,
+            failure_message=message,
+            hosted_invoice_url=https_or_none(obj.get("hosted_invoice_url")),
+            subscription_id=subscription_of(obj),
+        ),
+    )
 
 
-async def _invoice_action_required(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
-    return await _for_customer(uow, event, object_id(obj.get("customer")), lambda customer_id: PaymentActionRequired(
-        **_envelope(event, customer_id),
-        invoice_id=obj["id"],
-        hosted_invoice_url=https_or_none(obj.get("hosted_invoice_url")),
-        subscription_id=subscription_of(obj),
-    ))
+async def _invoice_action_required(
+    uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]
+) -> Translation:
+    return await _for_customer(
+        uow,
+        event,
+        object_id(obj.get("customer")),
+        lambda customer_id: PaymentActionRequired(
+            **_envelope(event, customer_id),
+            invoice_id=obj["id"],
+            hosted_invoice_url=https_or_none(obj.get("hosted_invoice_url")),
+            subscription_id=subscription_of(obj),
+        ),
+    )
 
 
 async def _invoice_voided(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
     reason = "uncollectible" if event.type == "invoice.marked_uncollectible" else "voided"
-    return await _for_customer(uow, event, object_id(obj.get("customer")), lambda customer_id: InvoiceVoided(
-        **_envelope(event, customer_id), invoice_id=obj["id"], reason=reason
-    ))
+    return await _for_customer(
+        uow,
+        event,
+        object_id(obj.get("customer")),
+        lambda customer_id: InvoiceVoided(**_envelope(event, customer_id), invoice_id=obj["id"], reason=reason),
+    )
 
 
 async def _charge_refunded(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
     payment = await uow.stripe.payment_for(
-        invoice_id=object_id(obj.get("invoice")), charge_id=object_id(obj.get("id")), payment_intent_id=object_id(obj.get("payment_intent"))
+        invoice_id=object_id(obj.get("invoice")),
+        charge_id=object_id(obj.get("id")),
+        payment_intent_id=object_id(obj.get("payment_intent")),
     )
     if payment is not None:
         payment = await uow.stripe.note_reversal(payment.invoice_id, refunded=obj.get("amount_refunded"))
@@ -217,7 +275,9 @@ async def _charge_refunded(uow: UnitOfWork, event: StripeEvent, obj: dict, plan:
 
 
 async def _dispute_created(uow: UnitOfWork, event: StripeEvent, obj: dict, plan: Mapping[str, int]) -> Translation:
-    payment = await uow.stripe.payment_for(charge_id=object_id(obj.get("charge")), payment_intent_id=object_id(obj.get("payment_intent")))
+    payment = await uow.stripe.payment_for(
+        charge_id=object_id(obj.get("charge")), payment_intent_id=object_id(obj.get("payment_intent"))
+    )
     if payment is not None:
         payment = await uow.stripe.note_reversal(payment.invoice_id, disputed=obj.get("amount"))
     return _reversal(event, payment, "dispute", None)
@@ -246,17 +306,31 @@ def _reversal(event: StripeEvent, payment, reason: str, charge_amount: Any) -> T
     """Take back the credits for everything refunded and disputed so far (both count: a dispute
     of what a partial refund left takes the rest)."""
     if payment is None or payment.customer_id is None:
-        return Translation(PARKED, "no paid invoice known for this charge: relay the parked events once its invoice.paid has arrived")
+        return Translation(
+            PARKED, "no paid invoice known for this charge: relay the parked events once its invoice.paid has arrived"
+        )
     if not payment.credits:
         # Its credits are not known yet (its invoice.paid is parked): wait with it, in order.
-        return Translation(PARKED, f"the credits of invoice {payment.invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed")
+        return Translation(
+            PARKED,
+            f"the credits of invoice {payment.invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed",
+        )
     paid = payment.amount_paid or (charge_amount if isinstance(charge_amount, int) else None)
     total = _proportion(payment.credits, (payment.amount_refunded or 0) + (payment.amount_disputed or 0), paid)
     if total == 0:
         return Translation(IGNORED, f"the {reason} amount takes back no whole credit")
-    return Translation(RELAYED, None, [PaymentReversed(
-        **_envelope(event, payment.customer_id), payment_id=payment.invoice_id, reason=reason, total_credits_reversed=total
-    )])
+    return Translation(
+        RELAYED,
+        None,
+        [
+            PaymentReversed(
+                **_envelope(event, payment.customer_id),
+                payment_id=payment.invoice_id,
+                reason=reason,
+                total_credits_reversed=total,
+            )
+        ],
+    )
 
 
 def _proportion(credits: int, amount: Any, of: int | None) -> int:
@@ -266,7 +340,9 @@ def _proportion(credits: int, amount: Any, of: int | None) -> int:
     return min(credits, (2 * credits * max(amount, 0) + of) // (2 * of))
 
 
-async def _for_customer(uow: UnitOfWork, event: StripeEvent, stripe_customer: str | None, build: Callable[[str], Event]) -> Translation:
+async def _for_customer(
+    uow: UnitOfWork, event: StripeEvent, stripe_customer: str | None, build: Callable[[str], Event]
+) -> Translation:
     customer_id = await uow.stripe.customer_for(stripe_customer) if stripe_customer else None
     if customer_id is None:
         return _unknown_customer({"customer": stripe_customer})
@@ -280,7 +356,10 @@ async def _customer_of(uow: UnitOfWork, obj: dict) -> str | None:
 
 def _unknown_customer(obj: dict) -> Translation:
     stripe_customer = object_id(obj.get("customer"))
-    return Translation(PARKED, f"unknown Stripe customer {stripe_customer!r}: link it to a customer (PUT /api/admin/stripe-customers/{stripe_customer})")
+    return Translation(
+        PARKED,
+        f"unknown Stripe customer {stripe_customer!r}: link it to a customer (PUT /api/admin/stripe-customers/{stripe_customer})",
+    )
 
 
 def _stripe_customer(event_type: str, obj: dict) -> str | None:
@@ -290,7 +369,11 @@ def _stripe_customer(event_type: str, obj: dict) -> str | None:
 
 
 def _envelope(event: StripeEvent, customer_id: str, occurred_at: datetime | None = None) -> dict:
-    return {"event_id": f"stripe:{event.id}", "occurred_at": occurred_at or moment(event.created), "customer_id": customer_id}
+    return {
+        "event_id": f"stripe:{event.id}",
+        "occurred_at": occurred_at or moment(event.created),
+        "customer_id": customer_id,
+    }
 
 
 def _text(value: Any) -> str | None:

@@ -19,7 +19,14 @@ from sqlalchemy import text
 
 from infra.db import Database
 from infra.db.engine import alembic_config
-from tests.support import LEDGER_TABLES, BrokerUnderTest, WorkerProcesses, rabbitmq_reset, rabbitmq_vhost, start_worker_processes
+from tests.support import (
+    LEDGER_TABLES,
+    BrokerUnderTest,
+    WorkerProcesses,
+    rabbitmq_reset,
+    rabbitmq_vhost,
+    start_worker_processes,
+)
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -153,9 +160,13 @@ def start_workers(service_env: dict[str, str], tmp_path: Path) -> Callable[..., 
     """Start real `dramatiq workers.actors` processes; all are stopped after the test."""
     started: list[WorkerProcesses] = []
 
-    def start(processes: int = 1, threads: int = 2, env: dict[str, str] | None = None, supervised: bool = False) -> WorkerProcesses:
+    def start(
+        processes: int = 1, threads: int = 2, env: dict[str, str] | None = None, supervised: bool = False
+    ) -> WorkerProcesses:
         log_path = tmp_path / f"workers-{len(started)}.log"
-        workers = start_worker_processes({**service_env, **(env or {})}, log_path, processes, threads, supervised=supervised)
+        workers = start_worker_processes(
+            {**service_env, **(env or {})}, log_path, processes, threads, supervised=supervised
+        )
         started.append(workers)
         return workers
 
@@ -176,4 +187,9 @@ def fake_stripe():
 @pytest.fixture
 def stripe_env(service_env: dict[str, str], fake_stripe) -> dict[str, str]:
     """`service_env` with the Stripe SDK pointed at the fake (a client timeout shorter than its delays)."""
-    return {**service_env, "STRIPE_API_KEY": "sk_test_" + uuid.uuid4().hex[:12], "STRIPE_API_BASE": fake_stripe.url, "STRIPE_TIMEOUT_SECONDS": "1"}
+    return {
+        **service_env,
+        "STRIPE_API_KEY": "sk_test_" + uuid.uuid4().hex[:12],
+        "STRIPE_API_BASE": fake_stripe.url,
+        "STRIPE_TIMEOUT_SECONDS": "1",
+    }

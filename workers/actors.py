@@ -18,10 +18,10 @@ import structlog
 from pydantic import ValidationError
 
 from domain import DomainError
+from infra.broker import enqueue_charges
 from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from infra.masking import shape_of
 from messages import parse_event
-from infra.broker import enqueue_charges
 from messages.wire import APPLY_EVENT_ACTOR, CHARGE_ATTEMPTS_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PAYMENTS_QUEUE
 from service_layer import events, notifications, payments, payouts, retention, sweeps
 from service_layer.errors import EventConflict
@@ -62,17 +62,31 @@ def _retry_options() -> dict:
 async def apply_event(*args: object, **kwargs: object) -> None:
     """Apply one domain event. Bad input and conflicts are rejected; anything else is retried."""
     if args or set(kwargs) != {EVENT_KWARG} or not isinstance(kwargs[EVENT_KWARG], (str, bytes)):
-        log.error("event_rejected", reason="malformed message", detail=f"expected kwargs {{{EVENT_KWARG!r}: <JSON string>}}, got args={len(args)} kwargs={sorted(kwargs)}")
-        raise Rejected(f"malformed message: expected exactly one keyword argument {EVENT_KWARG!r} holding the event as a JSON string")
+        log.error(
+            "event_rejected",
+            reason="malformed message",
+            detail=f"expected kwargs {{{EVENT_KWARG!r}: <JSON string>}}, got args={len(args)} kwargs={sorted(kwargs)}",
+        )
+        raise Rejected(
+            f"malformed message: expected exactly one keyword argument {EVENT_KWARG!r} holding the event as a JSON string"
+        )
     try:
         event = parse_event(kwargs[EVENT_KWARG])
     except ValidationError as error:
         # Where and what kind, never the input: a message may quote it (an email, a card number).
-        problems = [{"loc": e["loc"], "type": e["type"]} for e in error.errors(include_url=False, include_input=False, include_context=False)]
+        problems = [
+            {"loc": e["loc"], "type": e["type"]}
+            for e in error.errors(include_url=False, include_input=False, include_context=False)
+        ]
         log.error("event_rejected", reason="invalid event", errors=problems)
         # "type at field", not "field: type": a field named like a secret would mask its type.
-        raise Rejected("invalid event: " + "; ".join(f"{p['type']} at {'.'.join(map(str, p['loc'])) or 'the event'}" for p in problems)) from None
-    structlog.contextvars.bind_contextvars(customer_id=event.customer_id, event_id=event.event_id, event_type=event.type)
+        raise Rejected(
+            "invalid event: "
+            + "; ".join(f"{p['type']} at {'.'.join(map(str, p['loc'])) or 'the event'}" for p in problems)
+        ) from None
+    structlog.contextvars.bind_contextvars(
+        customer_id=event.customer_id, event_id=event.event_id, event_type=event.type
+    )
     runtime = get_runtime()
     problem = runtime.settings.event_window.problem(event.occurred_at, runtime.clock.now())
     if problem:
@@ -84,7 +98,9 @@ async def apply_event(*args: object, **kwargs: object) -> None:
             outcome = await runtime.event_batcher.apply(event)
         else:
             uow = runtime.new_uow()
-            outcome = await events.apply_event(event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals)
+            outcome = await events.apply_event(
+                event, uow, runtime.settings.policy, runtime.settings.dunning, runtime.settings.referrals
+            )
             new_attempt_ids = uow.dunning.new_attempt_ids
     except (EventConflict, DomainError, *PERMANENT_ERRORS) as error:
         detail = str(error.orig if isinstance(error, PERMANENT_ERRORS) else error)
@@ -105,7 +121,12 @@ async def charge_payment_attempts(attempt_ids: list[int]) -> None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
         return
     result = await payments.charge_pending(
-        runtime.new_uow, runtime.provider, runtime.clock.now, runtime.settings.policy, runtime.settings.dunning, attempt_ids=attempt_ids,
+        runtime.new_uow,
+        runtime.provider,
+        runtime.clock.now,
+        runtime.settings.policy,
+        runtime.settings.dunning,
+        attempt_ids=attempt_ids,
         referral_rules=runtime.settings.referrals,
     )
     log.info("payment_attempts_charged", attempt_ids=attempt_ids, charged=result.charged, postponed=result.postponed)
@@ -123,11 +144,20 @@ async def collect_payments(as_of: str | None = None) -> None:
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
-    result = await payments.charge_pending(runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning, referral_rules=settings.referrals)
+    result = await payments.charge_pending(
+        runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning, referral_rules=settings.referrals
+    )
     cancelled = 0
     if settings.dunning_end_action == "cancel_subscription":
         cancelled = await payments.cancel_past_due_subscriptions(runtime.new_uow, runtime.provider, clock)
-    log.info("payments_collected", as_of=now.isoformat(), scheduled=scheduled, charged=result.charged, postponed=result.postponed, subscriptions_cancelled=cancelled)
+    log.info(
+        "payments_collected",
+        as_of=now.isoformat(),
+        scheduled=scheduled,
+        charged=result.charged,
+        postponed=result.postponed,
+        subscriptions_cancelled=cancelled,
+    )
 
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
@@ -146,7 +176,14 @@ async def _sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:
     now = _sweep_time(as_of)
     runtime = get_runtime()
     result = await sweep(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)
-    log.info("sweep_done", sweep=actor.actor_name, as_of=now.isoformat(), customers=result.customers, entries=result.entries, more=result.more)
+    log.info(
+        "sweep_done",
+        sweep=actor.actor_name,
+        as_of=now.isoformat(),
+        customers=result.customers,
+        entries=result.entries,
+        more=result.more,
+    )
     if result.more:
         # Give the worker thread back; the rest is done by a fresh message.
         actor.send(as_of=now.isoformat())
@@ -182,8 +219,18 @@ async def pay_referrals(as_of: str | None = None) -> None:
         if not alone:
             log.info("referrals_not_paid", reason="another pay_referrals run is in progress")
             return
-        run = await payouts.pay_referrals(runtime.new_uow, runtime.payout_gateways, settings.payout_gateways, now, settings.referrals)
-    log.info("referrals_paid", as_of=now.isoformat(), released=run.released, payouts_created=len(run.created), held_back=len(run.held_back), sent=run.sent, failed=run.failed)
+        run = await payouts.pay_referrals(
+            runtime.new_uow, runtime.payout_gateways, settings.payout_gateways, now, settings.referrals
+        )
+    log.info(
+        "referrals_paid",
+        as_of=now.isoformat(),
+        released=run.released,
+        payouts_created=len(run.created),
+        held_back=len(run.held_back),
+        sent=run.sent,
+        failed=run.failed,
+    )
 
 
 NOTIFICATIONS_QUEUE = "credit_notifications"
@@ -198,7 +245,13 @@ async def send_notifications() -> None:
         log.debug("notifications_not_sent", reason="SMTP_HOST is not set; they wait in the outbox")
         return
     result = await notifications.deliver(runtime.new_uow, runtime.mailer, runtime.clock.now)
-    log.info("notifications_sent", sent=result.sent, retrying=result.retrying, failed=result.failed, uncertain=result.uncertain)
+    log.info(
+        "notifications_sent",
+        sent=result.sent,
+        retrying=result.retrying,
+        failed=result.failed,
+        uncertain=result.uncertain,
+    )
 
 
 @dramatiq.actor(queue_name=NOTIFICATIONS_QUEUE, **_retry_options())

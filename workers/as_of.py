@@ -13,7 +13,9 @@ def parse_as_of(text: object, now: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"as_of must be an ISO 8601 timestamp such as 2026-01-31T00:00:00Z, got {_quoted(text)}") from None
+        raise ValueError(
+            f"as_of must be an ISO 8601 timestamp such as 2026-01-31T00:00:00Z, got {_quoted(text)}"
+        ) from None
     if moment.tzinfo is None:
         raise ValueError(f"as_of must carry a timezone (e.g. a trailing Z for UTC), got {_quoted(text)}")
     if moment > now:

@@ -66,7 +66,9 @@ class EventBatcher:
             stranded, self._waiting = batch + self._waiting, []
             for _, future in stranded:
                 if not future.done():
-                    future.set_exception(error if isinstance(error, Exception) else RuntimeError("the event batcher was stopped"))
+                    future.set_exception(
+                        error if isinstance(error, Exception) else RuntimeError("the event batcher was stopped")
+                    )
             raise
         finally:
             # Leave the count of drains before yielding to the loop: an event queued after

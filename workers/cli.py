@@ -1,14 +1,14 @@
 """`credits`: the operator's command line.
 
-    credits demo                 the main job on the embedded default (SQLite + in-process Redis)
-    credits migrate              apply database migrations (before starting web, worker, scheduler)
-    credits web                  serve the HTTP API on $PORT
-    credits worker               run Dramatiq workers (needs REDIS_URL)
-    credits scheduler            enqueue periodic jobs on schedule
-    credits run <periodic-job>   enqueue one periodic job now
-    credits dead-letters list    show dead-lettered messages (archived in the database)
-    credits dead-letters show ID print one dead letter whole (personal data masked)
-    credits dead-letters replay ID...   re-enqueue archived dead letters
+credits demo                 the main job on the embedded default (SQLite + in-process Redis)
+credits migrate              apply database migrations (before starting web, worker, scheduler)
+credits web                  serve the HTTP API on $PORT
+credits worker               run Dramatiq workers (needs REDIS_URL)
+credits scheduler            enqueue periodic jobs on schedule
+credits run <periodic-job>   enqueue one periodic job now
+credits dead-letters list    show dead-lettered messages (archived in the database)
+credits dead-letters show ID print one dead letter whole (personal data masked)
+credits dead-letters replay ID...   re-enqueue archived dead letters
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC
 
 from workers import legacy_cli
 
@@ -36,44 +37,75 @@ WORKER_THREADS = 64
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="credits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="credits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="simulate months of customers through the real actors")
     demo.add_argument("--customers", type=int, default=30, help="how many simulated customers (default: %(default)s)")
-    demo.add_argument("--months", type=int, default=14, help="how many months of business, ending last month (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=7, help="random seed: the same seed tells the same story (default: %(default)s)")
-    demo.add_argument("--keep", action="store_true", help="keep the database, the payouts CSV and the mail file, and print where (default: all removed)")
+    demo.add_argument(
+        "--months", type=int, default=14, help="how many months of business, ending last month (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=7, help="random seed: the same seed tells the same story (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the database, the payouts CSV and the mail file, and print where (default: all removed)",
+    )
 
     commands.add_parser("migrate", help="apply database migrations (run it before starting the processes)")
 
     web = commands.add_parser("web", help="serve the HTTP API")
     web.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, every interface)")
-    web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="port to listen on (default: $PORT, else 8000; now %(default)s)")
+    web.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", "8000")),
+        help="port to listen on (default: $PORT, else 8000; now %(default)s)",
+    )
 
     worker = commands.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=int, default=WORKER_PROCESSES, help="worker processes (default: %(default)s)")
-    worker.add_argument("--threads", type=int, default=WORKER_THREADS, help="worker threads per process (default: %(default)s)")
+    worker.add_argument(
+        "--processes", type=int, default=WORKER_PROCESSES, help="worker processes (default: %(default)s)"
+    )
+    worker.add_argument(
+        "--threads", type=int, default=WORKER_THREADS, help="worker threads per process (default: %(default)s)"
+    )
 
     commands.add_parser("scheduler", help="enqueue periodic jobs on schedule")
 
     run = commands.add_parser("run", help="enqueue a periodic job now")
     run.add_argument("job", choices=PERIODIC_JOB_NAMES, metavar="JOB", help="the periodic job: %(choices)s")
     run.add_argument(
-        "--as-of", type=_as_of, metavar="TIME",
+        "--as-of",
+        type=_as_of,
+        metavar="TIME",
         help="run as of this ISO 8601 time with a timezone, not in the future, e.g. 2026-01-31T00:00:00Z, to catch up (default: now)",
     )
 
     dead = commands.add_parser("dead-letters", help="list, show or replay dead-lettered messages")
     dead_commands = dead.add_subparsers(dest="dead_letters_command", required=True)
     dead_list = dead_commands.add_parser("list", help="show dead letters not yet replayed, one line each")
-    dead_list.add_argument("--all", action="store_true", help="include those already replayed (default: not replayed only)")
-    dead_list.add_argument("--limit", type=int, default=100, help="show at most this many, oldest first (default: %(default)s)")
-    dead_show = dead_commands.add_parser("show", help="print one dead letter: its whole error and its message (personal data masked)")
+    dead_list.add_argument(
+        "--all", action="store_true", help="include those already replayed (default: not replayed only)"
+    )
+    dead_list.add_argument(
+        "--limit", type=int, default=100, help="show at most this many, oldest first (default: %(default)s)"
+    )
+    dead_show = dead_commands.add_parser(
+        "show", help="print one dead letter: its whole error and its message (personal data masked)"
+    )
     dead_show.add_argument("id", type=int, help="the dead letter's id, from `credits dead-letters list`")
     dead_replay = dead_commands.add_parser("replay", help="re-enqueue dead letters by id")
-    dead_replay.add_argument("ids", type=int, nargs="+", metavar="ID", help="dead letter ids, from `credits dead-letters list`")
-    dead_replay.add_argument("--force", action="store_true", help="replay even those replayed before (default: skip them)")
+    dead_replay.add_argument(
+        "ids", type=int, nargs="+", metavar="ID", help="dead letter ids, from `credits dead-letters list`"
+    )
+    dead_replay.add_argument(
+        "--force", action="store_true", help="replay even those replayed before (default: skip them)"
+    )
 
     legacy_cli.register(commands)
 
@@ -83,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _as_of(text: str) -> str:
     """Checked here, before anything is enqueued: a refused time is an exit status 2, not a dead letter."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from workers.as_of import parse_as_of
 
     try:
-        return parse_as_of(text, datetime.now(timezone.utc)).isoformat()
+        return parse_as_of(text, datetime.now(UTC)).isoformat()
     except ValueError as problem:
         raise argparse.ArgumentTypeError(str(problem)) from None
 
@@ -103,16 +135,18 @@ def _migrate(args) -> int:
     import structlog
     from alembic import command
 
-    from infra.db.engine import alembic_config
+    from infra.db.engine import alembic_config, head_revision
+    from infra.logging import configure_logging
     from infra.settings import get_settings
 
-    from infra.db.engine import head_revision
-    from infra.logging import configure_logging
-
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_max_value_chars)  # alembic's own lines too: JSON, warnings and above
+    configure_logging(
+        settings.log_level, settings.log_max_value_chars
+    )  # alembic's own lines too: JSON, warnings and above
     command.upgrade(alembic_config(settings.effective_database_url), "head")
-    structlog.get_logger("credits.migrate").info("database_migrated", head=head_revision(), message="database migrated to head")
+    structlog.get_logger("credits.migrate").info(
+        "database_migrated", head=head_revision(), message="database migrated to head"
+    )
     return 0
 
 
@@ -128,7 +162,14 @@ def _web(args) -> int:
     # Refuse here, in one readable line, rather than from inside uvicorn's lifespan.
     require_current_schema_now(settings.effective_database_url)
     limits = HeadLimits(settings.http_max_request_line_bytes, settings.http_max_header_bytes)
-    uvicorn.run(app_factory(), host=args.host, port=args.port, log_config=None, proxy_headers=True, http=head_limited_protocol(limits))
+    uvicorn.run(
+        app_factory(),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        proxy_headers=True,
+        http=head_limited_protocol(limits),
+    )
     return 0
 
 
@@ -141,13 +182,25 @@ def _worker(args) -> int:
 
     settings = get_settings()
     if not settings.broker_address:
-        print("credits worker needs BROKER_URL (or REDIS_URL): the embedded default runs in one process (`credits demo`)", file=sys.stderr)
+        print(
+            "credits worker needs BROKER_URL (or REDIS_URL): the embedded default runs in one process (`credits demo`)",
+            file=sys.stderr,
+        )
         return 2
     # Refuse here, once and readably: a group refused at boot would only be restarted.
     require_current_schema_now(settings.effective_database_url)
     configure_logging(settings.log_level, settings.log_max_value_chars)
     warn_unset_optional_settings(settings)  # once here, not once per worker process or per run
-    group = [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", str(args.processes), "--threads", str(args.threads)]
+    group = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.actors",
+        "--processes",
+        str(args.processes),
+        "--threads",
+        str(args.threads),
+    ]
     return Supervisor(group).run()
 
 
@@ -157,7 +210,10 @@ def _scheduler(args) -> int:
 
     if not get_settings().broker_address:
         # On the in-process Redis its messages would reach no worker: refuse instead of idling.
-        print("credits scheduler needs BROKER_URL (or REDIS_URL): on the embedded default run a sweep with `credits run <job>`", file=sys.stderr)
+        print(
+            "credits scheduler needs BROKER_URL (or REDIS_URL): on the embedded default run a sweep with `credits run <job>`",
+            file=sys.stderr,
+        )
         return 2
     run_scheduler(get_settings())
     return 0
@@ -178,7 +234,7 @@ def _run(args) -> int:
 
 def _dead_letters(args) -> int:
     import asyncio
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from infra.db import Database, require_current_schema_now
     from workers import dead_letters
@@ -195,7 +251,10 @@ def _dead_letters(args) -> int:
             await db.dispose()
         for row in rows:
             print(dead_letters.summary_line(row))
-        print(f"{len(rows)} dead letter(s); errors are cut at a word (…): `credits dead-letters show ID` prints one whole", file=sys.stderr)
+        print(
+            f"{len(rows)} dead letter(s); errors are cut at a word (…): `credits dead-letters show ID` prints one whole",
+            file=sys.stderr,
+        )
 
     async def showing() -> int:
         db = Database(settings.effective_database_url)
@@ -212,7 +271,7 @@ def _dead_letters(args) -> int:
     async def replaying(broker) -> None:
         db = Database(settings.effective_database_url)
         try:
-            for line in await dead_letters.replay(db, broker, args.ids, datetime.now(timezone.utc), force=args.force):
+            for line in await dead_letters.replay(db, broker, args.ids, datetime.now(UTC), force=args.force):
                 print(line)
         finally:
             await db.dispose()

@@ -46,7 +46,9 @@ class DeadLetter:
 
 
 def _dead_letter(row) -> DeadLetter:
-    return DeadLetter(row.id, row.message_id, row.actor_name, row.error, row.failed_at, row.replayed_at, row.queue_name, row.message)
+    return DeadLetter(
+        row.id, row.message_id, row.actor_name, row.error, row.failed_at, row.replayed_at, row.queue_name, row.message
+    )
 
 
 async def list_dead_letters(db: Database, include_replayed: bool = False, limit: int = 100) -> list[DeadLetter]:
@@ -124,18 +126,24 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines() or [""])
 
 
-async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now: datetime, force: bool = False) -> list[str]:
+async def replay(
+    db: Database, broker: dramatiq.Broker, ids: Sequence[int], now: datetime, force: bool = False
+) -> list[str]:
     """Re-enqueue the archived messages ``ids``. Returns one line per id saying what happened."""
     outcomes = []
     async with db.connect() as connection:
-        rows = {r.id: r for r in (await connection.execute(select(dead_letters).where(dead_letters.c.id.in_(ids)))).all()}
+        rows = {
+            r.id: r for r in (await connection.execute(select(dead_letters).where(dead_letters.c.id.in_(ids)))).all()
+        }
     for dead_letter_id in ids:
         row = rows.get(dead_letter_id)
         if row is None:
             outcomes.append(f"{dead_letter_id}: no such dead letter")
             continue
         if row.replayed_at is not None and not force:
-            outcomes.append(f"{dead_letter_id}: already replayed at {row.replayed_at.isoformat()} (use --force to replay again)")
+            outcomes.append(
+                f"{dead_letter_id}: already replayed at {row.replayed_at.isoformat()} (use --force to replay again)"
+            )
             continue
         original = dramatiq.Message.decode(row.message.encode())
         message = dramatiq.Message(
@@ -149,7 +157,9 @@ async def replay(db: Database, broker: dramatiq.Broker, ids: Sequence[int], now:
         # Enqueue first, then mark: a crash in between can only cause a harmless second replay.
         broker.enqueue(message)
         async with db.begin() as connection:
-            await connection.execute(update(dead_letters).where(dead_letters.c.id == dead_letter_id).values(replayed_at=now))
+            await connection.execute(
+                update(dead_letters).where(dead_letters.c.id == dead_letter_id).values(replayed_at=now)
+            )
         outcomes.append(f"{dead_letter_id}: re-enqueued message {message.message_id} to {message.queue_name}")
     return outcomes
 
@@ -183,7 +193,13 @@ async def archive_from_broker(db: Database, broker: dramatiq.Broker, queues: Seq
     if not found:
         return 0
     async with db.begin() as connection:
-        known = set((await connection.execute(select(dead_letters.c.message_id).where(dead_letters.c.message_id.in_(list(found))))).scalars())
+        known = set(
+            (
+                await connection.execute(
+                    select(dead_letters.c.message_id).where(dead_letters.c.message_id.in_(list(found)))
+                )
+            ).scalars()
+        )
         missing = [row for message_id, row in found.items() if message_id not in known]
         if missing:
             await connection.execute(insert(dead_letters), missing)

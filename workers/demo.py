@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -30,9 +30,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 
 from infra.simulated_payments import SimulatedPaymentProvider
-from workers import demo_report
-
 from messages import CreditsAdjusted, CustomerSignedUp, Event, JobCompleted, PaymentFailed, PaymentSucceeded, Publisher
+from workers import demo_report
 
 #: What one credit costs the customer in the story, in cents.
 CENTS_PER_CREDIT = 2_500
@@ -41,8 +40,50 @@ PAYMENT_FAILURE_RATE = 0.07
 UNRECOVERABLE_RATE = 0.25
 #: Chance that a new customer signs up with a referral code.
 REFERRED_RATE = 0.3
-FIRST_NAMES = ("ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hiro", "ines", "jon", "kemi", "liam", "maya", "noor", "omar", "priya", "quinn", "rosa", "sam", "tariq")
-LAST_NAMES = ("alvarez", "brooks", "chen", "diallo", "evans", "fischer", "garcia", "haddad", "ito", "jensen", "kowalski", "lopez", "mensah", "novak", "okafor", "patel", "quist", "rossi", "silva", "tanaka")
+FIRST_NAMES = (
+    "ana",
+    "ben",
+    "chloe",
+    "dev",
+    "emma",
+    "farid",
+    "grace",
+    "hiro",
+    "ines",
+    "jon",
+    "kemi",
+    "liam",
+    "maya",
+    "noor",
+    "omar",
+    "priya",
+    "quinn",
+    "rosa",
+    "sam",
+    "tariq",
+)
+LAST_NAMES = (
+    "alvarez",
+    "brooks",
+    "chen",
+    "diallo",
+    "evans",
+    "fischer",
+    "garcia",
+    "haddad",
+    "ito",
+    "jensen",
+    "kowalski",
+    "lopez",
+    "mensah",
+    "novak",
+    "okafor",
+    "patel",
+    "quist",
+    "rossi",
+    "silva",
+    "tanaka",
+)
 
 
 @dataclass
@@ -70,21 +111,30 @@ def _customers(rng: random.Random, count: int, months: int, prefix: str) -> list
         joined = 0 if rng.random() < 0.34 else rng.randrange(1, months)
         churn = rng.randrange(joined + 1, months + 1) if rng.random() < 0.3 else None
         email = f"{rng.choice(FIRST_NAMES)}.{rng.choice(LAST_NAMES)}{n}@example.com"
-        people.append(SimulatedCustomer(f"{prefix}{n:04d}", monthly, monthly * usage, rng.randrange(1, 29), joined, churn, email))
+        people.append(
+            SimulatedCustomer(f"{prefix}{n:04d}", monthly, monthly * usage, rng.randrange(1, 29), joined, churn, email)
+        )
     return people
 
 
-def _signups(rng: random.Random, people: list[SimulatedCustomer], month_start: datetime, month: int, run: str, codes: list[str]) -> list[Event]:
+def _signups(
+    rng: random.Random, people: list[SimulatedCustomer], month_start: datetime, month: int, run: str, codes: list[str]
+) -> list[Event]:
     """This month's new customers, an hour before their first payment; some with a referral code."""
     events: list[Event] = []
     for person in people:
         if person.join_month != month:
             continue
         code = rng.choice(codes) if codes and rng.random() < REFERRED_RATE else None
-        events.append(CustomerSignedUp(
-            event_id=f"{run}:signup:{person.customer_id}", customer_id=person.customer_id, email=person.email, referral_code=code,
-            occurred_at=month_start + timedelta(days=person.billing_day - 1, hours=7),
-        ))
+        events.append(
+            CustomerSignedUp(
+                event_id=f"{run}:signup:{person.customer_id}",
+                customer_id=person.customer_id,
+                email=person.email,
+                referral_code=code,
+                occurred_at=month_start + timedelta(days=person.billing_day - 1, hours=7),
+            )
+        )
     return events
 
 
@@ -95,20 +145,31 @@ def _payment(rng: random.Random, person: SimulatedCustomer, paid_at: datetime, m
     credits, cents = person.monthly_credits, person.monthly_credits * CENTS_PER_CREDIT
     if rng.random() >= PAYMENT_FAILURE_RATE:
         return PaymentSucceeded(
-            event_id=f"{run}:pay:{person.customer_id}:{month}", customer_id=person.customer_id,
-            occurred_at=paid_at, payment_id=payment_id, credits=credits, amount_cents=cents, currency="USD",
+            event_id=f"{run}:pay:{person.customer_id}:{month}",
+            customer_id=person.customer_id,
+            occurred_at=paid_at,
+            payment_id=payment_id,
+            credits=credits,
+            amount_cents=cents,
+            currency="USD",
         )
     never = rng.random() < UNRECOVERABLE_RATE
     provider.bill(payment_id, person.customer_id, credits, cents, None if never else rng.choice((0, 1, 2)))
     if never:
         person.churn_month = month + 1  # the card never works again: they stop paying
     return PaymentFailed(
-        event_id=f"{run}:failed:{person.customer_id}:{month}", customer_id=person.customer_id, occurred_at=paid_at,
-        invoice_id=payment_id, decline_code="insufficient_funds", failure_message="Your card has insufficient funds.",
+        event_id=f"{run}:failed:{person.customer_id}:{month}",
+        customer_id=person.customer_id,
+        occurred_at=paid_at,
+        invoice_id=payment_id,
+        decline_code="insufficient_funds",
+        failure_message="Your card has insufficient funds.",
     )
 
 
-def _month_events(rng: random.Random, people: list[SimulatedCustomer], month_start: datetime, month: int, run: str, provider) -> list[Event]:
+def _month_events(
+    rng: random.Random, people: list[SimulatedCustomer], month_start: datetime, month: int, run: str, provider
+) -> list[Event]:
     events: list[Event] = []
     month_end = _next_month(month_start)
     span = (month_end - month_start).total_seconds()
@@ -124,17 +185,27 @@ def _month_events(rng: random.Random, people: list[SimulatedCustomer], month_sta
         at = month_start + timedelta(seconds=rng.expovariate(rate))
         j = 0
         while at < month_end:
-            events.append(JobCompleted(
-                event_id=f"{run}:job:{person.customer_id}:{month}:{j}", customer_id=person.customer_id,
-                occurred_at=at, job_id=f"job-{month}-{j}",
-            ))
+            events.append(
+                JobCompleted(
+                    event_id=f"{run}:job:{person.customer_id}:{month}:{j}",
+                    customer_id=person.customer_id,
+                    occurred_at=at,
+                    job_id=f"job-{month}-{j}",
+                )
+            )
             j += 1
             at += timedelta(seconds=rng.expovariate(rate))
         if rng.random() < 0.01:
-            events.append(CreditsAdjusted(
-                event_id=f"{run}:adj:{person.customer_id}:{month}", customer_id=person.customer_id,
-                occurred_at=month_start + timedelta(days=10), credits=2, reason="goodwill after a late arrival", actor="demo-admin",
-            ))
+            events.append(
+                CreditsAdjusted(
+                    event_id=f"{run}:adj:{person.customer_id}:{month}",
+                    customer_id=person.customer_id,
+                    occurred_at=month_start + timedelta(days=10),
+                    credits=2,
+                    reason="goodwill after a late arrival",
+                    actor="demo-admin",
+                )
+            )
     events.sort(key=lambda e: e.occurred_at)
     # The real world: ~2% published twice, ~2% delayed past later events.
     delivered = []
@@ -196,11 +267,22 @@ def _story(months: int, workdir: Path) -> Story:
         # A fresh embedded database per run, so the story always starts from zero.
         settings = settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{workdir / 'credits.sqlite3'}"})
     # The story is set in the past: accept events as old as its first month.
-    settings = settings.model_copy(update={"event_max_age_days": max(settings.event_max_age_days, (months + 1) * 31), "dunning_end_action": "keep"})
+    settings = settings.model_copy(
+        update={"event_max_age_days": max(settings.event_max_age_days, (months + 1) * 31), "dunning_end_action": "keep"}
+    )
     run = uuid.uuid4().hex[:6]
-    story = Story(settings, SimulatedPaymentProvider(datetime.now(timezone.utc)), run, f"demo-{run}-", workdir, datetime.now(timezone.utc))
+    story = Story(
+        settings,
+        SimulatedPaymentProvider(datetime.now(UTC)),
+        run,
+        f"demo-{run}-",
+        workdir,
+        datetime.now(UTC),
+    )
     # The real actors, with the simulated provider for Stripe and a mailbox file for SMTP.
-    configure_runtime(Runtime(settings, _provider=story.provider, _mailer=MailboxFileMailer(story.mail_file, settings.smtp_from)))
+    configure_runtime(
+        Runtime(settings, _provider=story.provider, _mailer=MailboxFileMailer(story.mail_file, settings.smtp_from))
+    )
     return story
 
 
@@ -223,9 +305,13 @@ def _run_demo(customers: int, months: int, seed: int, workdir: Path, keep: bool)
     for _ in range(months):
         first_month = (first_month - timedelta(days=1)).replace(day=1)
 
-    where = "embedded SQLite + in-process Redis" if not story.settings.broker_address else "PostgreSQL + a message broker"
+    where = (
+        "embedded SQLite + in-process Redis" if not story.settings.broker_address else "PostgreSQL + a message broker"
+    )
     _say(f"credits demo: {customers} customers over {months} months, {where}")
-    _say(f"payments: {SimulatedPaymentProvider.name} (no network, no money); mail: a local mailbox file; payouts: the manual gateway's CSV")
+    _say(
+        f"payments: {SimulatedPaymentProvider.name} (no network, no money); mail: a local mailbox file; payouts: the manual gateway's CSV"
+    )
     _say(f"database: {story.url}")
     _say(demo_report.MONTH_HEADER)
     codes = asyncio.run(_register_referrers(story))
@@ -235,7 +321,9 @@ def _run_demo(customers: int, months: int, seed: int, workdir: Path, keep: bool)
     with running_worker(broker, threads=2) as worker:
         month_start = first_month
         for month in range(months):
-            events = _signups(rng, people, month_start, month, story.run, codes) + _month_events(rng, people, month_start, month, story.run, story.provider)
+            events = _signups(rng, people, month_start, month, story.run, codes) + _month_events(
+                rng, people, month_start, month, story.run, story.provider
+            )
             events = [e for e in events if e.occurred_at <= story.now]
             for event in events:
                 publisher.publish(event)
@@ -256,7 +344,13 @@ def _run_demo(customers: int, months: int, seed: int, workdir: Path, keep: bool)
 def _live_month(story: Story, broker, worker, month_start: datetime) -> None:
     """The month's events are applied; then each Friday the dunning retries and referral
     payouts run; with the last one, the month's expiry, expiry warnings and mail."""
-    from workers.actors import collect_payments, expire_credits, pay_referrals, send_notifications, warn_expiring_credits
+    from workers.actors import (
+        collect_payments,
+        expire_credits,
+        pay_referrals,
+        send_notifications,
+        warn_expiring_credits,
+    )
     from workers.inprocess import drain
 
     drain(broker, worker)
@@ -279,8 +373,11 @@ def _live_month(story: Story, broker, worker, month_start: datetime) -> None:
 def _fridays(month_start: datetime, zone: str) -> list[datetime]:
     """Each Friday of the month at noon in the business's time zone (its payout day), in UTC."""
     tz = ZoneInfo(zone)
-    days = (date.fromordinal(month_start.date().toordinal() + n) for n in range((_next_month(month_start) - month_start).days))
-    return [datetime.combine(day, dt_time(12), tz).astimezone(timezone.utc) for day in days if day.weekday() == 4]
+    days = (
+        date.fromordinal(month_start.date().toordinal() + n)
+        for n in range((_next_month(month_start) - month_start).days)
+    )
+    return [datetime.combine(day, dt_time(12), tz).astimezone(UTC) for day in days if day.weekday() == 4]
 
 
 async def _register_referrers(story: Story) -> list[str]:
@@ -293,12 +390,26 @@ async def _register_referrers(story: Story) -> list[str]:
     db = Database(story.url)
     try:
         return [
-            await register_referrer(SqlUnitOfWork(db), ReferrerDetails(
-                f"{story.prefix}employee-ana", ReferrerKind.EMPLOYEE, name="Ana (front desk)", payout_method="cash_app", payout_address="$AnaFrontDesk"
-            )),
-            await register_referrer(SqlUnitOfWork(db), ReferrerDetails(
-                f"{story.prefix}partner-gym", ReferrerKind.PARTNER, name="Northside Gym", payout_method="manual", payout_address="bank transfer, ref NORTHSIDE"
-            )),
+            await register_referrer(
+                SqlUnitOfWork(db),
+                ReferrerDetails(
+                    f"{story.prefix}employee-ana",
+                    ReferrerKind.EMPLOYEE,
+                    name="Ana (front desk)",
+                    payout_method="cash_app",
+                    payout_address="$AnaFrontDesk",
+                ),
+            ),
+            await register_referrer(
+                SqlUnitOfWork(db),
+                ReferrerDetails(
+                    f"{story.prefix}partner-gym",
+                    ReferrerKind.PARTNER,
+                    name="Northside Gym",
+                    payout_method="manual",
+                    payout_address="bank transfer, ref NORTHSIDE",
+                ),
+            ),
         ]
     finally:
         await db.dispose()
@@ -313,8 +424,11 @@ async def _customer_codes(story: Story, limit: int = 6) -> list[str]:
     try:
         async with db.connect() as conn:
             query = (
-                select(referral_codes.c.code).join(referrers, referrers.c.referrer_id == referral_codes.c.referrer_id)
-                .where(referrers.c.kind == "customer", referrers.c.referrer_id.startswith(story.prefix)).order_by(referrers.c.referrer_id).limit(limit)
+                select(referral_codes.c.code)
+                .join(referrers, referrers.c.referrer_id == referral_codes.c.referrer_id)
+                .where(referrers.c.kind == "customer", referrers.c.referrer_id.startswith(story.prefix))
+                .order_by(referrers.c.referrer_id)
+                .limit(limit)
             )
             return list((await conn.execute(query)).scalars())
     finally:
@@ -330,6 +444,7 @@ def _left_behind(story: Story, keep: bool) -> None:
         _say(f"  mail file         {story.mail_file}  (mbox: open it with any mail reader)")
     else:
         _say("nothing left behind (database, payouts CSV and mail file removed; --keep keeps them)")
+
 
 if __name__ == "__main__":
     sys.exit(run_demo())

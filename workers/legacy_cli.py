@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 COMMAND = "import-legacy"
@@ -25,15 +25,25 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("transactions", type=Path, help="CSV: Id,MembershipId,Type,Amount,CreatedAt,ExpiresAt")
-    parser.add_argument("--balances", type=Path, help="CSV: MembershipId,Balance as the old system showed them; compared, never 'fixed' (default: none, nothing compared)")
-    parser.add_argument("--customer-map", type=Path, help="CSV: MembershipId,CustomerId (default: the customer id is the MembershipId)")
+    parser.add_argument(
+        "--balances",
+        type=Path,
+        help="CSV: MembershipId,Balance as the old system showed them; compared, never 'fixed' (default: none, nothing compared)",
+    )
+    parser.add_argument(
+        "--customer-map", type=Path, help="CSV: MembershipId,CustomerId (default: the customer id is the MembershipId)"
+    )
     parser.add_argument(
         "--report",
         type=Path,
         default=Path("legacy-import-report.csv"),
         help="balance differences CSV (with --balances); the bad-row list goes beside it as <name>-problems.csv (default: %(default)s)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="check and replay everything, write nothing to the database (default: off, the import is written)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and replay everything, write nothing to the database (default: off, the import is written)",
+    )
     parser.add_argument(
         "--processes",
         type=int,
@@ -53,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"credits import-legacy: {unusable}; nothing imported", file=sys.stderr)
         return 2
     except ImportInterrupted as interrupted:
-        print(f"credits import-legacy: {interrupted}; the members written so far stay imported: run the same command again to finish", file=sys.stderr)
+        print(
+            f"credits import-legacy: {interrupted}; the members written so far stay imported: run the same command again to finish",
+            file=sys.stderr,
+        )
         return 3
 
 
@@ -71,12 +84,14 @@ async def _run(args: argparse.Namespace) -> int:
     if not args.report.parent.is_dir():
         raise UnusableInput(f"--report {args.report}: no such directory")
     settings = get_settings()
-    request = ImportRequest(args.transactions, args.balances, args.customer_map, args.report, args.dry_run, args.processes)
+    request = ImportRequest(
+        args.transactions, args.balances, args.customer_map, args.report, args.dry_run, args.processes
+    )
     db = Database(settings.effective_database_url)
     try:
         await require_current_schema(db)
         with _RichProgress() as progress:
-            summary = await import_legacy(request, db, settings.policy, datetime.now(timezone.utc), progress)
+            summary = await import_legacy(request, db, settings.policy, datetime.now(UTC), progress)
     finally:
         await db.dispose()
     return summary.exit_status
@@ -87,11 +102,24 @@ class _RichProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.out = Console(highlight=False, soft_wrap=True)
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
         )
         self.task = None
 

@@ -132,9 +132,13 @@ class _EventMetrics:
         events = catalogue.spec("credits_events_total", specs)
         self.events = prom.Counter(events.family, events.help, events.labels, registry=registry)
         apply = catalogue.spec("credits_event_apply_seconds", specs)
-        self.apply_seconds = prom.Histogram(apply.name, apply.help, apply.labels, buckets=catalogue.APPLY_SECONDS_BUCKETS, registry=registry)
+        self.apply_seconds = prom.Histogram(
+            apply.name, apply.help, apply.labels, buckets=catalogue.APPLY_SECONDS_BUCKETS, registry=registry
+        )
         lag = catalogue.spec("credits_event_lag_seconds", specs)
-        self.lag_seconds = prom.Histogram(lag.name, lag.help, lag.labels, buckets=catalogue.LAG_SECONDS_BUCKETS, registry=registry)
+        self.lag_seconds = prom.Histogram(
+            lag.name, lag.help, lag.labels, buckets=catalogue.LAG_SECONDS_BUCKETS, registry=registry
+        )
 
     def observe(self, message, started: float | None, what: str) -> None:
         kind = event_type(message)

@@ -89,8 +89,13 @@ class RedisHeartbeat(Middleware):
         self._thread: threading.Thread | None = None
 
     def after_worker_boot(self, broker, worker):
-        log.info("worker_heartbeat_started", broker_id=broker.broker_id, pid=os.getpid(),
-                 heartbeat_timeout_ms=broker.heartbeat_timeout, interval_seconds=self.interval)
+        log.info(
+            "worker_heartbeat_started",
+            broker_id=broker.broker_id,
+            pid=os.getpid(),
+            heartbeat_timeout_ms=broker.heartbeat_timeout,
+            interval_seconds=self.interval,
+        )
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(broker,), name="redis-heartbeat", daemon=True)
         self._thread.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import structlog
@@ -62,7 +62,7 @@ def fire(job: PeriodicJob, redis_client, owner: str, now: datetime | None = None
 
     ``redis_client`` None (RabbitMQ without REDIS_URL): no claim, so run one scheduler only.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     seconds = int(job.every.total_seconds())
     tick = int(now.timestamp()) // seconds
     key = f"{LOCK_PREFIX}:{job.name}:{tick}"
@@ -91,14 +91,14 @@ def run_scheduler(settings: Settings) -> None:
 
     owner = f"scheduler-{uuid.uuid4()}"
     claims = tick_claims(settings, broker)
-    scheduler = BlockingScheduler(timezone=timezone.utc)
+    scheduler = BlockingScheduler(timezone=UTC)
     for job in periodic_jobs(settings):
         scheduler.add_job(
             fire,
-            IntervalTrigger(seconds=int(job.every.total_seconds()), timezone=timezone.utc),
+            IntervalTrigger(seconds=int(job.every.total_seconds()), timezone=UTC),
             args=(job, claims, owner),
             id=job.name,
-            next_run_time=datetime.now(timezone.utc),
+            next_run_time=datetime.now(UTC),
             coalesce=True,
             max_instances=1,
             misfire_grace_time=60,

@@ -14,8 +14,16 @@ log = structlog.get_logger("credits.workers")
 
 #: (setting, event, what waits while it is unset)
 OPTIONAL_SETTINGS = (
-    ("smtp_host", "notifications_not_sent", "SMTP_HOST is not set: customer notifications wait in the outbox until it is"),
-    ("stripe_api_key", "payments_not_collected", "STRIPE_API_KEY is not set: due payment retries wait in the database until it is"),
+    (
+        "smtp_host",
+        "notifications_not_sent",
+        "SMTP_HOST is not set: customer notifications wait in the outbox until it is",
+    ),
+    (
+        "stripe_api_key",
+        "payments_not_collected",
+        "STRIPE_API_KEY is not set: due payment retries wait in the database until it is",
+    ),
 )
 
 

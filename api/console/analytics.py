@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,8 +24,10 @@ async def page(request: Request, since: MonthText = "", until: MonthText = ""):
     if start and end and start >= end:
         return back(request, "/admin/analytics", "The first month must not be after the last.", ok=False)
     found = await analytics.credits_analytics(request.app.state.db, request.app.state.clock.now(), start, end)
-    return await render(request, "analytics.html", "Analytics", found=found, chart=monthly_chart(found.months), since=since, until=until)
+    return await render(
+        request, "analytics.html", "Analytics", found=found, chart=monthly_chart(found.months), since=since, until=until
+    )
 
 
 def _month(text: str) -> datetime | None:
-    return datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=timezone.utc) if text else None
+    return datetime(int(text[:4]), int(text[5:7]), 1, tzinfo=UTC) if text else None

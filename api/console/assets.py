@@ -18,4 +18,8 @@ router = APIRouter(include_in_schema=False)
 @router.get("/admin/assets/{name}")
 async def asset(name: Literal["console.css", "console.js"]) -> Response:
     # Public (no session needed): the sign-in page may use them; nothing in them is secret.
-    return Response(CONTENT[name], media_type=TYPES[name], headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"})
+    return Response(
+        CONTENT[name],
+        media_type=TYPES[name],
+        headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"},
+    )

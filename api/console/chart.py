@@ -56,13 +56,20 @@ def monthly_chart(months: Sequence[Month]) -> Markup:
         centre = LEFT + index * slot + slot / 2
         points.append((centre, y(month.outstanding), month))
         if len(months) <= 18 or index % 2 == 0:
-            parts.append(f'<text x="{centre:.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle" font-size="12" fill="#3d4352">{escape(month.month)}</text>')
+            parts.append(
+                f'<text x="{centre:.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle" font-size="12" fill="#3d4352">{escape(month.month)}</text>'
+            )
     if points:
         path = " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{py:.1f}" for i, (x, py, _) in enumerate(points))
         parts.append(f'<path d="{path}" fill="none" stroke="{LINE}" stroke-width="2"/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{py:.1f}" r="3.5" fill="{LINE}"><title>{escape(m.month)} outstanding: {m.outstanding}</title></circle>' for x, py, m in points]
+        parts += [
+            f'<circle cx="{x:.1f}" cy="{py:.1f}" r="3.5" fill="{LINE}"><title>{escape(m.month)} outstanding: {m.outstanding}</title></circle>'
+            for x, py, m in points
+        ]
     else:
-        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#5b6478">No credits moved in this window.</text>')
+        parts.append(
+            f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" fill="#5b6478">No credits moved in this window.</text>'
+        )
     return Markup(
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="chart-title chart-desc">'
         '<title id="chart-title">Credits by month</title>'
@@ -76,8 +83,12 @@ def _grid(top: int, y, plot_w: float) -> str:
     lines = []
     for step in range(5):
         value = top * step // 4
-        lines.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#dfe3ea"/>')
-        lines.append(f'<text x="{LEFT - 8}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="12" fill="#3d4352">{value:,}</text>')
+        lines.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#dfe3ea"/>'
+        )
+        lines.append(
+            f'<text x="{LEFT - 8}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="12" fill="#3d4352">{value:,}</text>'
+        )
     return "".join(lines)
 
 

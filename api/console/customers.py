@@ -64,17 +64,29 @@ async def find(request: Request, q: Annotated[str, Query(max_length=320, pattern
 
 
 @router.get("/admin/customers/{customer_id}", dependencies=Signed)
-async def customer(customer_id: Identifier, request: Request, cursor: Annotated[str | None, Query(max_length=200)] = None):
+async def customer(
+    customer_id: Identifier, request: Request, cursor: Annotated[str | None, Query(max_length=200)] = None
+):
     state = request.app.state
     try:
         view = await holds.credit_view(SqlUnitOfWork(state.db, read_only=True), customer_id, state.clock.now())
     except CustomerNotFound:
-        return back(request, "/admin/customers?q=" + quote(customer_id, safe=""), f"No customer {customer_id!r}.", ok=False)
+        return back(
+            request, "/admin/customers?q=" + quote(customer_id, safe=""), f"No customer {customer_id!r}.", ok=False
+        )
     history = await page_or_error(request, customer_id, cursor, HISTORY_PAGE)
     facts = await customer_views.customer_facts(state.db, customer_id)
     return await render(
-        request, "customer.html", "Customers", view=view, facts=facts, history=history, cursor=cursor, now=state.clock.now(),
-        url=customer_url(customer_id), held=sum(h.credits for h in view.holds),
+        request,
+        "customer.html",
+        "Customers",
+        view=view,
+        facts=facts,
+        history=history,
+        cursor=cursor,
+        now=state.clock.now(),
+        url=customer_url(customer_id),
+        held=sum(h.credits for h in view.holds),
     )
 
 
@@ -87,11 +99,23 @@ async def ledger_csv(customer_id: Identifier, request: Request):
 async def adjust(customer_id: Identifier, request: Request, fields: Annotated[dict, Depends(form)]):
     wanted = parsed(AdjustIn, fields)
     if isinstance(wanted, str) or wanted.credits == 0:
-        return back(request, customer_url(customer_id), f"Not adjusted: {wanted if isinstance(wanted, str) else 'credits must not be zero'}", ok=False)
+        return back(
+            request,
+            customer_url(customer_id),
+            f"Not adjusted: {wanted if isinstance(wanted, str) else 'credits must not be zero'}",
+            ok=False,
+        )
     state = request.app.state
     try:
         outcome = await adjustments.admin_adjustment(
-            SqlUnitOfWork(state.db), state.settings.policy, customer_id, wanted.credits, wanted.reason, "admin console", state.clock.now(), wanted.idempotency_key
+            SqlUnitOfWork(state.db),
+            state.settings.policy,
+            customer_id,
+            wanted.credits,
+            wanted.reason,
+            "admin console",
+            state.clock.now(),
+            wanted.idempotency_key,
         )
     except CustomerNotFound as error:
         return back(request, "/admin/customers", str(error), ok=False)
@@ -103,12 +127,21 @@ async def note(customer_id: Identifier, request: Request, fields: Annotated[dict
     wanted = parsed(NoteIn, fields)
     if isinstance(wanted, str):
         return back(request, customer_url(customer_id), f"Note not saved: {wanted}", ok=False)
-    saved = await retention.save_note(SqlUnitOfWork(request.app.state.db), customer_id, wanted.note, request.app.state.clock.now())
-    return back(request, customer_url(customer_id), "Note saved." if saved else f"No customer {customer_id!r}.", ok=saved)
+    saved = await retention.save_note(
+        SqlUnitOfWork(request.app.state.db), customer_id, wanted.note, request.app.state.clock.now()
+    )
+    return back(
+        request, customer_url(customer_id), "Note saved." if saved else f"No customer {customer_id!r}.", ok=saved
+    )
 
 
 @router.post("/admin/customers/{customer_id}/{action}")
-async def membership(customer_id: Identifier, action: Annotated[str, Path(pattern="^(freeze|unfreeze|gift)$")], request: Request, fields: Annotated[dict, Depends(form)]):
+async def membership(
+    customer_id: Identifier,
+    action: Annotated[str, Path(pattern="^(freeze|unfreeze|gift)$")],
+    request: Request,
+    fields: Annotated[dict, Depends(form)],
+):
     model = GiftIn if action == "gift" else KeyIn
     wanted = parsed(model, fields)
     if isinstance(wanted, str):
@@ -121,12 +154,18 @@ async def membership(customer_id: Identifier, action: Annotated[str, Path(patter
             if isinstance(wanted, GiftIn)
             else (MembershipFrozen if action == "freeze" else MembershipUnfrozen)(**common)
         )
-        outcome = await adjustments.apply_admin_event(SqlUnitOfWork(request.app.state.db), request.app.state.settings.policy, event)
+        outcome = await adjustments.apply_admin_event(
+            SqlUnitOfWork(request.app.state.db), request.app.state.settings.policy, event
+        )
     except ValidationError as error:
-        return back(request, customer_url(customer_id), "Nothing done: " + "; ".join(e["msg"] for e in error.errors()), ok=False)
+        return back(
+            request, customer_url(customer_id), "Nothing done: " + "; ".join(e["msg"] for e in error.errors()), ok=False
+        )
     except (DomainError, CustomerNotFound) as error:
         return back(request, customer_url(customer_id), f"Nothing done: {error}", ok=False)
-    done = {"freeze": "Membership frozen.", "unfreeze": "Membership unfrozen."}.get(action) or f"Gave {fields.get('credits')} credits to {fields.get('to_customer_id')}."
+    done = {"freeze": "Membership frozen.", "unfreeze": "Membership unfrozen."}.get(
+        action
+    ) or f"Gave {fields.get('credits')} credits to {fields.get('to_customer_id')}."
     return _said(request, customer_id, outcome, done)
 
 

@@ -27,13 +27,25 @@ from api.same_origin import require_same_origin
 from service_layer import views
 
 #: The navigation bar: exactly these labels, in this order.
-NAV = (("Retention", "/admin"), ("Customers", "/admin/customers"), ("Referrals", "/admin/referrals"), ("Payouts", "/admin/payouts"), ("Payments", "/admin/payments"), ("Analytics", "/admin/analytics"))
+NAV = (
+    ("Retention", "/admin"),
+    ("Customers", "/admin/customers"),
+    ("Referrals", "/admin/referrals"),
+    ("Payouts", "/admin/payouts"),
+    ("Payments", "/admin/payments"),
+    ("Analytics", "/admin/analytics"),
+)
 MAX_FORM_BYTES = 16_384
 #: The one-shot message after a form (post/redirect/get): signed, read once, gone within a minute.
 FLASH_COOKIE = "credits_flash"
 FLASH_SECONDS = 60
 
-templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
+templates = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(default=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
 def _when(value: datetime | None) -> str:
@@ -50,7 +62,11 @@ def _cents(value: int | None) -> str:
 
 templates.filters.update(when=_when, day=_day, cents=_cents)
 # One key per form as rendered: a double click, or a resend, applies the action once.
-templates.globals.update(nav=NAV, new_key=lambda: uuid.uuid4().hex, query=lambda **kw: urlencode({k: v for k, v in kw.items() if v not in (None, "")}))
+templates.globals.update(
+    nav=NAV,
+    new_key=lambda: uuid.uuid4().hex,
+    query=lambda **kw: urlencode({k: v for k, v in kw.items() if v not in (None, "")}),
+)
 
 
 async def require_admin(request: Request) -> None:
@@ -92,7 +108,9 @@ def back(request: Request, to: str, text: str, ok: bool = True) -> RedirectRespo
     response = RedirectResponse(to, status_code=status.HTTP_303_SEE_OTHER)
     message = _flash_signer(request).dumps({"ok": ok, "text": text[:500]})
     secure = request.app.state.settings.admin_cookie_secure
-    response.set_cookie(FLASH_COOKIE, message, max_age=FLASH_SECONDS, path="/admin", secure=secure, httponly=True, samesite="strict")
+    response.set_cookie(
+        FLASH_COOKIE, message, max_age=FLASH_SECONDS, path="/admin", secure=secure, httponly=True, samesite="strict"
+    )
     return response
 
 

@@ -25,23 +25,39 @@ async def listing(
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
     db = request.app.state.db
-    page = await referral_views.list_payouts(db, referral_views.ListFilter(status=status or None, period=period or None, limit=PAGE, offset=offset))
+    page = await referral_views.list_payouts(
+        db, referral_views.ListFilter(status=status or None, period=period or None, limit=PAGE, offset=offset)
+    )
     failed = await referral_views.list_payouts(db, referral_views.ListFilter(status="failed", limit=PAGE))
     exported = await referral_views.list_payouts(db, referral_views.ListFilter(status="exported", limit=1))
     return await render(
-        request, "payouts.html", "Payouts", page=page, failed=failed, exported=exported.total, status=status or "", period=period,
-        statuses=STATUSES, periods=await referral_views.payout_periods(db), offset=offset, size=PAGE,
+        request,
+        "payouts.html",
+        "Payouts",
+        page=page,
+        failed=failed,
+        exported=exported.total,
+        status=status or "",
+        period=period,
+        statuses=STATUSES,
+        periods=await referral_views.payout_periods(db),
+        offset=offset,
+        size=PAGE,
     )
 
 
 @router.get("/admin/payouts/manual.csv", dependencies=Signed)
 async def manual_csv(request: Request):
     """What the manual gateway exported, for operations to pay by hand (the admin API's CSV)."""
-    return await referral_routes.admin_payouts(request, referral_routes.ListQuery(format="csv", limit=10_000), "exported")
+    return await referral_routes.admin_payouts(
+        request, referral_routes.ListQuery(format="csv", limit=10_000), "exported"
+    )
 
 
 @router.post("/admin/payouts/{payout_id}/reference")
-async def record_reference(payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], request: Request, fields: Annotated[dict, Depends(form)]):
+async def record_reference(
+    payout_id: Annotated[int, Path(ge=1, le=MAX_ID)], request: Request, fields: Annotated[dict, Depends(form)]
+):
     wanted = parsed(ReferenceIn, fields)
     to = "/admin/payouts?status=exported"
     if isinstance(wanted, str):

@@ -30,8 +30,19 @@ async def listing(
     status: Annotated[ReferralStatusName | Literal[""] | None, Query()] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
-    page = await referral_views.list_referrals(request.app.state.db, referral_views.ListFilter(status=status or None, limit=PAGE, offset=offset))
-    return await render(request, "referrals.html", "Referrals", page=page, status=status or "", statuses=STATUSES, offset=offset, size=PAGE)
+    page = await referral_views.list_referrals(
+        request.app.state.db, referral_views.ListFilter(status=status or None, limit=PAGE, offset=offset)
+    )
+    return await render(
+        request,
+        "referrals.html",
+        "Referrals",
+        page=page,
+        status=status or "",
+        statuses=STATUSES,
+        offset=offset,
+        size=PAGE,
+    )
 
 
 @router.post("/admin/referrals/{referral_id}/{decision}")
@@ -48,10 +59,16 @@ async def decide(
     if wanted.status:
         to += "?" + urlencode({"status": wanted.status})
     try:
-        await referrals.decide_flagged(SqlUnitOfWork(request.app.state.db), referral_id, decision == "approve", "admin console", wanted.reason, request.app.state.clock.now())
+        await referrals.decide_flagged(
+            SqlUnitOfWork(request.app.state.db),
+            referral_id,
+            decision == "approve",
+            "admin console",
+            wanted.reason,
+            request.app.state.clock.now(),
+        )
     except referrals.NotFound:
         return back(request, to, f"No referral {referral_id}.", ok=False)
     except ReferralRuleError as error:
         return back(request, to, f"Referral {referral_id} not changed: {error}", ok=False)
     return back(request, to, f"Referral {referral_id} {'approved' if decision == 'approve' else 'rejected'}.")
-

@@ -139,7 +139,9 @@ def lock_parameters(
     """LOCK_AND_LOAD's parameters; ``customer_ids`` sorted (locks are taken in id order)."""
     asked = set(customer_ids)
     jobs = [(customer_id, job) for customer_id, jobs in job_ids.items() if customer_id in asked for job in jobs]
-    payments = [(customer_id, payment) for customer_id, ids in payment_ids.items() if customer_id in asked for payment in ids]
+    payments = [
+        (customer_id, payment) for customer_id, ids in payment_ids.items() if customer_id in asked for payment in ids
+    ]
     timeout = None if wait_at_most is None else f"{int(wait_at_most.total_seconds() * 1000)}ms"
     return (
         list(customer_ids),
@@ -157,12 +159,26 @@ def account_from_row(row) -> Account:
     (customer_id, _, _, overdraft, depleted_at, frozen_since, unfrozen_at, *lot_columns) = row[:18]
     hold_columns = row[18:23]
     lots = [
-        Lot(amount, remaining, issued_at, expires_at, LotSource(source), event_id, id=lot_id, payment_id=payment_id, paid_cents=paid, reversed=rev, expired=exp)
-        for lot_id, amount, remaining, issued_at, expires_at, source, event_id, payment_id, paid, rev, exp in zip(*_columns(lot_columns))
+        Lot(
+            amount,
+            remaining,
+            issued_at,
+            expires_at,
+            LotSource(source),
+            event_id,
+            id=lot_id,
+            payment_id=payment_id,
+            paid_cents=paid,
+            reversed=rev,
+            expired=exp,
+        )
+        for lot_id, amount, remaining, issued_at, expires_at, source, event_id, payment_id, paid, rev, exp in zip(
+            *_columns(lot_columns), strict=True
+        )
     ]
     holds = {
         job_id: Hold(job_id, credits, placed_at, expires_at, HoldStatus.ACTIVE, None, id=hold_id)
-        for hold_id, job_id, credits, placed_at, expires_at in zip(*_columns(hold_columns))
+        for hold_id, job_id, credits, placed_at, expires_at in zip(*_columns(hold_columns), strict=True)
     }
     return Account(
         customer_id=customer_id,
@@ -204,14 +220,33 @@ def write_parameters(accounts: Sequence[Account], changed_lots: list, changed_ho
         *_arrays(stored_lots, lambda lot: (lot.id, lot.remaining, lot.reversed, lot.expired, lot.expires_at), 5),
         *_arrays(
             new_lots,
-            lambda pair: (pair[0].customer_id, pair[1].source.value, pair[1].event_id, pair[1].amount, pair[1].remaining, pair[1].issued_at,
-                          pair[1].expires_at, pair[1].payment_id, pair[1].paid_cents, pair[1].reversed, pair[1].expired),
+            lambda pair: (
+                pair[0].customer_id,
+                pair[1].source.value,
+                pair[1].event_id,
+                pair[1].amount,
+                pair[1].remaining,
+                pair[1].issued_at,
+                pair[1].expires_at,
+                pair[1].payment_id,
+                pair[1].paid_cents,
+                pair[1].reversed,
+                pair[1].expired,
+            ),
             11,
         ),
         *_arrays(stored_holds, lambda hold: (hold.id, hold.status.value, hold.closed_at), 3),
         *_arrays(
             new_holds,
-            lambda pair: (pair[0].customer_id, pair[1].job_id, pair[1].credits, pair[1].placed_at, pair[1].expires_at, pair[1].status.value, pair[1].closed_at),
+            lambda pair: (
+                pair[0].customer_id,
+                pair[1].job_id,
+                pair[1].credits,
+                pair[1].placed_at,
+                pair[1].expires_at,
+                pair[1].status.value,
+                pair[1].closed_at,
+            ),
             7,
         ),
         *_arrays(
@@ -232,8 +267,19 @@ def write_parameters(accounts: Sequence[Account], changed_lots: list, changed_ho
 def _entry_row(customer_id: str, entry, lot: Lot | None, position: dict[int, int]) -> tuple:
     lot_id = lot.id if lot is not None else None
     lot_new = position.get(id(lot)) if lot is not None and lot_id is None else None
-    return (customer_id, entry.kind.value, entry.credits, entry.balance_after, entry.overdraft_change, entry.occurred_at,
-            entry.event_id, entry.job_id, lot_id, lot_new, entry.note)
+    return (
+        customer_id,
+        entry.kind.value,
+        entry.credits,
+        entry.balance_after,
+        entry.overdraft_change,
+        entry.occurred_at,
+        entry.event_id,
+        entry.job_id,
+        lot_id,
+        lot_new,
+        entry.note,
+    )
 
 
 def _arrays(items: Sequence, row, width: int) -> list[list]:

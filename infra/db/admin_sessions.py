@@ -21,7 +21,11 @@ class SqlAdminSessions:
     async def open(self, session_hash: str, token_fingerprint: str, now: datetime, lifetime: timedelta) -> None:
         await self.connection.execute(
             insert(admin_sessions).values(
-                session_hash=session_hash, token_fingerprint=token_fingerprint, created_at=now, last_seen_at=now, expires_at=now + lifetime
+                session_hash=session_hash,
+                token_fingerprint=token_fingerprint,
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + lifetime,
             )
         )
 
@@ -38,7 +42,9 @@ class SqlAdminSessions:
     async def is_live(self, session_hash: str, token_fingerprint: str, now: datetime, idle: timedelta) -> bool:
         """The same check without counting as activity (the live stream's periodic re-check)."""
         found = await self.connection.execute(
-            select(admin_sessions.c.session_hash).where(admin_sessions.c.session_hash == session_hash, *_live(token_fingerprint, now, idle))
+            select(admin_sessions.c.session_hash).where(
+                admin_sessions.c.session_hash == session_hash, *_live(token_fingerprint, now, idle)
+            )
         )
         return found.first() is not None
 

@@ -26,7 +26,9 @@ async def customer_exists(connection: AsyncConnection, customer_id: str) -> bool
     return found.first() is not None
 
 
-async def entries_before(connection: AsyncConnection, customer_id: str, before: tuple[datetime, int] | None, limit: int) -> list:
+async def entries_before(
+    connection: AsyncConnection, customer_id: str, before: tuple[datetime, int] | None, limit: int
+) -> list:
     """Up to ``limit`` entries strictly older than ``before`` (time, id), newest first.
 
     A keyset, not an offset: entries written meanwhile never shift a page that follows."""
@@ -55,7 +57,13 @@ async def lots_moved(connection: AsyncConnection, entry_ids: Sequence[int]) -> d
     if not entry_ids:
         return {}
     rows = await connection.execute(
-        select(lot_movements.c.entry_id, lot_movements.c.credits, credit_lots.c.id, credit_lots.c.issued_at, credit_lots.c.expires_at)
+        select(
+            lot_movements.c.entry_id,
+            lot_movements.c.credits,
+            credit_lots.c.id,
+            credit_lots.c.issued_at,
+            credit_lots.c.expires_at,
+        )
         .select_from(lot_movements.join(credit_lots, credit_lots.c.id == lot_movements.c.lot_id))
         .where(lot_movements.c.entry_id.in_(list(entry_ids)))
         .order_by(lot_movements.c.entry_id, credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id)

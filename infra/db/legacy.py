@@ -110,7 +110,14 @@ class LegacyLedgerWriter:
 
 async def _classify(connection: AsyncConnection, members: Sequence[ReplayedMember]) -> dict[str, Settled]:
     """Which members an earlier run imported, which cannot be imported, and which are new."""
-    seen = dict(await _present(connection, processed_events.c.event_id, [row.event_id for m in members for row in m.rows], processed_events.c.fingerprint))
+    seen = dict(
+        await _present(
+            connection,
+            processed_events.c.event_id,
+            [row.event_id for m in members for row in m.rows],
+            processed_events.c.fingerprint,
+        )
+    )
     existing = {row[0] for row in await _present(connection, customers.c.customer_id, [m.customer_id for m in members])}
     settled: dict[str, Settled] = {}
     for member in members:
@@ -149,7 +156,9 @@ def _settled(member: ReplayedMember, seen: dict[str, str], existing: set[str]) -
 async def _insert(connection: AsyncConnection, members: Sequence[ReplayedMember]) -> None:
     """The live path's statements: a customer row, then `save_many` writes what the replay changed."""
     await connection.execute(insert(customers), [{"customer_id": member.customer_id} for member in members])
-    await connection.execute(insert(processed_events), [_processed(member, row) for member in members for row in member.rows])
+    await connection.execute(
+        insert(processed_events), [_processed(member, row) for member in members for row in member.rows]
+    )
     await SqlAccountRepository(connection).save_many([member.account for member in members])
 
 
@@ -163,9 +172,20 @@ async def _copy(connection: AsyncConnection, members: Sequence[ReplayedMember]) 
     driver = (await connection.get_raw_connection()).driver_connection
     await _copy_rows(driver, customers, [{"customer_id": m.customer_id, **customer_values(m.account)} for m in members])
     await _copy_rows(driver, credit_lots, [{"id": lot.id, **lot_values(m.customer_id, lot)} for m, lot in lots])
-    await _copy_rows(driver, ledger_entries, [{"id": entry_id, **entry_values(m.customer_id, e)} for entry_id, (m, e) in zip(entry_ids, entries, strict=True)])
+    await _copy_rows(
+        driver,
+        ledger_entries,
+        [
+            {"id": entry_id, **entry_values(m.customer_id, e)}
+            for entry_id, (m, e) in zip(entry_ids, entries, strict=True)
+        ],
+    )
     # The narrow tables as tuples straight away: millions of rows, no mapping function to share.
-    movements = [(entry_id, movement.lot.id, movement.credits) for entry_id, (_, entry) in zip(entry_ids, entries, strict=True) for movement in entry.movements]
+    movements = [
+        (entry_id, movement.lot.id, movement.credits)
+        for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
+        for movement in entry.movements
+    ]
     await _copy_tuples(driver, lot_movements, ("entry_id", "lot_id", "credits"), movements)
     # The JSON column takes the payload as JSON text through COPY.
     processed = [_processed_tuple(member, row) for member in members for row in member.rows]
@@ -196,7 +216,13 @@ _PROCESSED_COLUMNS = ("event_id", "event_type", "customer_id", "fingerprint", "p
 
 def _processed(member: ReplayedMember, row: LegacyRow) -> dict:
     """The idempotency record of one old row (its payload is the row, as replayed)."""
-    return dict(zip(_PROCESSED_COLUMNS, (row.event_id, row.event_type, member.customer_id, row.fingerprint, row.payload), strict=True))
+    return dict(
+        zip(
+            _PROCESSED_COLUMNS,
+            (row.event_id, row.event_type, member.customer_id, row.fingerprint, row.payload),
+            strict=True,
+        )
+    )
 
 
 def _processed_tuple(member: ReplayedMember, row: LegacyRow) -> tuple:

@@ -10,8 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain.notifications import Notice
 from infra.db.repository import upsert_into
-from infra.db.tables import NOTIFICATION_IS_PENDING, credit_lots, customer_profiles, customers, expiry_warnings, notifications
-
+from infra.db.tables import (
+    NOTIFICATION_IS_PENDING,
+    credit_lots,
+    customer_profiles,
+    customers,
+    expiry_warnings,
+    notifications,
+)
 
 #: The notices as arrays, each with the address its customer gave (a notice without one is kept,
 #: as ``no_address``). One statement however many, without per-parameter processing.
@@ -40,7 +46,9 @@ class SqlNotificationOutbox:
         if not queued:
             return set()
         if self.connection.dialect.name == "postgresql":
-            columns = list(zip(*((n.key, n.customer_id, n.kind.value, n.subject, n.body, at) for n, at in queued), strict=True))
+            columns = list(
+                zip(*((n.key, n.customer_id, n.kind.value, n.subject, n.body, at) for n, at in queued), strict=True)
+            )
             return set((await self.connection.exec_driver_sql(ENQUEUE_MANY, tuple(map(list, columns)))).scalars())
         # As the customer gave it: the normalised form (referral rules) may be another mailbox.
         emails = dict(
@@ -89,7 +97,13 @@ class SqlNotificationOutbox:
         return rows
 
     async def finish(
-        self, notification_id: int, status: str, now: datetime, error: str | None = None, retry_at: datetime | None = None, refused: bool = False
+        self,
+        notification_id: int,
+        status: str,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+        refused: bool = False,
     ) -> None:
         values: dict = {"status": status, "leased_until": None, "last_error": error}
         if refused:
@@ -98,7 +112,11 @@ class SqlNotificationOutbox:
             values["sent_at"] = now
         if retry_at is not None:
             values["send_after"] = retry_at
-        await self.connection.execute(update(notifications).where(notifications.c.id == notification_id, notifications.c.status == "sending").values(**values))
+        await self.connection.execute(
+            update(notifications)
+            .where(notifications.c.id == notification_id, notifications.c.status == "sending")
+            .values(**values)
+        )
 
     async def abandon_stale(self, now: datetime) -> int:
         """Sends whose worker died mid-way: whether the server got them is unknown, so they are

@@ -68,10 +68,14 @@ class SqlDunningRepository:
         return _case(row) if row else None
 
     async def get_by_id(self, case_id: int) -> DunningCase | None:
-        row = (await self.connection.execute(select(dunning_cases).where(dunning_cases.c.id == case_id).with_for_update())).first()
+        row = (
+            await self.connection.execute(select(dunning_cases).where(dunning_cases.c.id == case_id).with_for_update())
+        ).first()
         return _case(row) if row else None
 
-    async def cases_of(self, customer_id: str, *, open_only: bool = True, for_update: bool = False) -> list[DunningCase]:
+    async def cases_of(
+        self, customer_id: str, *, open_only: bool = True, for_update: bool = False
+    ) -> list[DunningCase]:
         """The customer's cases, newest first."""
         query = select(dunning_cases).where(dunning_cases.c.customer_id == customer_id)
         if open_only:
@@ -83,11 +87,15 @@ class SqlDunningRepository:
 
     async def add(self, case: DunningCase) -> None:
         values = {name: _plain(getattr(case, name)) for name in _CASE_FIELDS}
-        case.id = (await self.connection.execute(insert(dunning_cases).values(**values).returning(dunning_cases.c.id))).scalar_one()
+        case.id = (
+            await self.connection.execute(insert(dunning_cases).values(**values).returning(dunning_cases.c.id))
+        ).scalar_one()
 
     async def save(self, case: DunningCase) -> None:
         values = {name: _plain(getattr(case, name)) for name in _CASE_FIELDS}
-        await self.connection.execute(update(dunning_cases).where(dunning_cases.c.id == case.id).values(**values, updated_at=func.now()))
+        await self.connection.execute(
+            update(dunning_cases).where(dunning_cases.c.id == case.id).values(**values, updated_at=func.now())
+        )
 
     async def lock_due(self, now: datetime, limit: int) -> list[DunningCase]:
         """Cases whose scheduled retry is due, skipping those another worker holds."""
@@ -105,7 +113,9 @@ class SqlDunningRepository:
         query = (
             select(dunning_cases)
             .where(
-                dunning_cases.c.status.in_([DunningStatus.NEEDS_PAYMENT_METHOD.value, DunningStatus.ACTION_REQUIRED.value]),
+                dunning_cases.c.status.in_(
+                    [DunningStatus.NEEDS_PAYMENT_METHOD.value, DunningStatus.ACTION_REQUIRED.value]
+                ),
                 dunning_cases.c.first_failed_at <= first_failed_before,
             )
             .limit(limit)
@@ -130,7 +140,13 @@ class SqlDunningRepository:
     # ------------------------------------------------------------ attempts
 
     async def add_attempt(
-        self, case: DunningCase, kind: AttemptKind, now: datetime, *, payment_method_id: str | None = None, not_before: datetime | None = None
+        self,
+        case: DunningCase,
+        kind: AttemptKind,
+        now: datetime,
+        *,
+        payment_method_id: str | None = None,
+        not_before: datetime | None = None,
     ) -> int | None:
         """Request a charge of the case's invoice; returns its id, or None when it is already requested.
 
@@ -142,17 +158,25 @@ class SqlDunningRepository:
         if kind is AttemptKind.SCHEDULED:
             if await self._has_pending(case, kind):
                 return None
-            last = (await self.connection.execute(select(func.max(attempts.number)).where(attempts.case_id == case.id))).scalar_one()
+            last = (
+                await self.connection.execute(select(func.max(attempts.number)).where(attempts.case_id == case.id))
+            ).scalar_one()
             number = (last or 0) + 1
             key = f"dunning:{case.invoice_id}:{number}"
         else:
             number = None
             if kind is AttemptKind.PAYMENT_METHOD:
                 same_card = attempts.payment_method_id == payment_method_id if payment_method_id else ATTEMPT_IS_PENDING
-                query = select(attempts.id).where(attempts.case_id == case.id, attempts.kind == kind.value, same_card).limit(1)
+                query = (
+                    select(attempts.id)
+                    .where(attempts.case_id == case.id, attempts.kind == kind.value, same_card)
+                    .limit(1)
+                )
                 if (await self.connection.execute(query)).first() is not None:
                     return None  # a card change sends two events (attached, customer.updated): one charge
-            count = (await self.connection.execute(select(func.count()).where(attempts.case_id == case.id))).scalar_one()
+            count = (
+                await self.connection.execute(select(func.count()).where(attempts.case_id == case.id))
+            ).scalar_one()
             key = f"dunning:{case.invoice_id}:{kind.value}:{count + 1}"
         statement = (
             upsert_into(self.connection, payment_attempts)
@@ -174,7 +198,9 @@ class SqlDunningRepository:
         return attempt_id
 
     async def _has_pending(self, case: DunningCase, kind: AttemptKind) -> bool:
-        query = select(payment_attempts.c.id).where(payment_attempts.c.case_id == case.id, payment_attempts.c.kind == kind.value, ATTEMPT_IS_PENDING)
+        query = select(payment_attempts.c.id).where(
+            payment_attempts.c.case_id == case.id, payment_attempts.c.kind == kind.value, ATTEMPT_IS_PENDING
+        )
         return (await self.connection.execute(query.limit(1))).first() is not None
 
     async def immediate_attempt_times(self, customer_id: str, since: datetime) -> list[datetime]:
@@ -190,7 +216,9 @@ class SqlDunningRepository:
         )
         return list((await self.connection.execute(query)).scalars())
 
-    async def claim_attempts(self, now: datetime, lease: timedelta, limit: int, attempt_ids: list[int] | None = None) -> list[Attempt]:
+    async def claim_attempts(
+        self, now: datetime, lease: timedelta, limit: int, attempt_ids: list[int] | None = None
+    ) -> list[Attempt]:
         """Lease pending attempts no other worker is charging. A crash frees them when the lease ends."""
         pending = select(payment_attempts.c.id).where(
             ATTEMPT_IS_PENDING, or_(payment_attempts.c.leased_until.is_(None), payment_attempts.c.leased_until <= now)
@@ -201,7 +229,9 @@ class SqlDunningRepository:
         ids = list((await self.connection.execute(pending)).scalars())
         if not ids:
             return []
-        await self.connection.execute(update(payment_attempts).where(payment_attempts.c.id.in_(ids)).values(leased_until=now + lease))
+        await self.connection.execute(
+            update(payment_attempts).where(payment_attempts.c.id.in_(ids)).values(leased_until=now + lease)
+        )
         rows = await self.connection.execute(
             select(payment_attempts, dunning_cases.c.customer_id, dunning_cases.c.invoice_id)
             .join(dunning_cases, dunning_cases.c.id == payment_attempts.c.case_id)
@@ -209,16 +239,39 @@ class SqlDunningRepository:
             .order_by(payment_attempts.c.requested_at)
         )
         return [
-            Attempt(r.id, r.case_id, r.customer_id, r.invoice_id, AttemptKind(r.kind), r.number, r.idempotency_key, r.provider_errors, r.payment_method_id)
+            Attempt(
+                r.id,
+                r.case_id,
+                r.customer_id,
+                r.invoice_id,
+                AttemptKind(r.kind),
+                r.number,
+                r.idempotency_key,
+                r.provider_errors,
+                r.payment_method_id,
+            )
             for r in rows
         ]
 
-    async def finish_attempt(self, attempt_id: int, now: datetime, outcome: AttemptOutcome, decline_code: str | None = None, message: str | None = None) -> bool:
+    async def finish_attempt(
+        self,
+        attempt_id: int,
+        now: datetime,
+        outcome: AttemptOutcome,
+        decline_code: str | None = None,
+        message: str | None = None,
+    ) -> bool:
         """Record an attempt's outcome once. False if it was already recorded (a second worker after a lease ran out)."""
         result = await self.connection.execute(
             update(payment_attempts)
             .where(payment_attempts.c.id == attempt_id, ATTEMPT_IS_PENDING)
-            .values(finished_at=now, leased_until=None, outcome=outcome.value, decline_code=decline_code, failure_message=message)
+            .values(
+                finished_at=now,
+                leased_until=None,
+                outcome=outcome.value,
+                decline_code=decline_code,
+                failure_message=message,
+            )
         )
         return result.rowcount == 1
 
@@ -237,7 +290,15 @@ class SqlStripeRepository:
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
 
-    async def record_event(self, event_id: str, type_: str, created_at: datetime, stripe_customer_id: str | None, payload: dict, now: datetime) -> bool:
+    async def record_event(
+        self,
+        event_id: str,
+        type_: str,
+        created_at: datetime,
+        stripe_customer_id: str | None,
+        payload: dict,
+        now: datetime,
+    ) -> bool:
         """Record a delivery. False if this event id was recorded before (a redelivery)."""
         statement = (
             upsert_into(self.connection, stripe_events)
@@ -259,9 +320,18 @@ class SqlStripeRepository:
         values = {"outcome": outcome, "detail": detail}
         if outcome != "parked" and now is not None:
             values["resolved_at"] = now
-        await self.connection.execute(update(stripe_events).where(stripe_events.c.event_id == event_id).values(**values))
+        await self.connection.execute(
+            update(stripe_events).where(stripe_events.c.event_id == event_id).values(**values)
+        )
 
-    async def parked_events(self, stripe_customer_id: str | None = None, limit: int = 100, *, for_update: bool = False, event_id: str | None = None) -> list:
+    async def parked_events(
+        self,
+        stripe_customer_id: str | None = None,
+        limit: int = 100,
+        *,
+        for_update: bool = False,
+        event_id: str | None = None,
+    ) -> list:
         query = select(stripe_events).where(STRIPE_EVENT_IS_PARKED)
         if stripe_customer_id is not None:
             query = query.where(stripe_events.c.stripe_customer_id == stripe_customer_id)
@@ -273,7 +343,9 @@ class SqlStripeRepository:
         return list(await self.connection.execute(query))
 
     async def customer_for(self, stripe_customer_id: str) -> str | None:
-        query = select(stripe_customers.c.customer_id).where(stripe_customers.c.stripe_customer_id == stripe_customer_id)
+        query = select(stripe_customers.c.customer_id).where(
+            stripe_customers.c.stripe_customer_id == stripe_customer_id
+        )
         return (await self.connection.execute(query)).scalar_one_or_none()
 
     async def map_customer(self, stripe_customer_id: str, customer_id: str) -> str:
@@ -289,21 +361,32 @@ class SqlStripeRepository:
         """Remember an invoice's payment; fields learnt later (the charge, say) fill in, none is erased."""
         known = {name: value for name, value in {"customer_id": customer_id, **known}.items() if value is not None}
         statement = upsert_into(self.connection, stripe_payments).values(invoice_id=invoice_id, **known)
-        statement = statement.on_conflict_do_update(index_elements=[stripe_payments.c.invoice_id], set_=known) if known else statement.on_conflict_do_nothing()
+        statement = (
+            statement.on_conflict_do_update(index_elements=[stripe_payments.c.invoice_id], set_=known)
+            if known
+            else statement.on_conflict_do_nothing()
+        )
         await self.connection.execute(statement)
 
     async def note_reversal(self, invoice_id: str, *, refunded: int | None = None, disputed: int | None = None):
         """Record the cumulative amount refunded or disputed (never lowered: reports come out of
         order) and return the payment with both."""
         values = {}
-        for column, amount in ((stripe_payments.c.amount_refunded, refunded), (stripe_payments.c.amount_disputed, disputed)):
+        for column, amount in (
+            (stripe_payments.c.amount_refunded, refunded),
+            (stripe_payments.c.amount_disputed, disputed),
+        ):
             if isinstance(amount, int) and amount > 0:
                 values[column.name] = case((func.coalesce(column, 0) < amount, amount), else_=column)
         if values:
-            await self.connection.execute(update(stripe_payments).where(stripe_payments.c.invoice_id == invoice_id).values(**values))
+            await self.connection.execute(
+                update(stripe_payments).where(stripe_payments.c.invoice_id == invoice_id).values(**values)
+            )
         return await self.payment_for(invoice_id=invoice_id)
 
-    async def payment_for(self, *, invoice_id: str | None = None, charge_id: str | None = None, payment_intent_id: str | None = None):
+    async def payment_for(
+        self, *, invoice_id: str | None = None, charge_id: str | None = None, payment_intent_id: str | None = None
+    ):
         """The paid invoice a charge, payment intent or invoice id belongs to, if known."""
         for column, value in (
             (stripe_payments.c.invoice_id, invoice_id),

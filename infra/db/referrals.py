@@ -8,18 +8,48 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import BigInteger, Boolean, Integer, Row, String, Table, Text, and_, bindparam, column, delete, func, insert, or_, select, tuple_, union, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Integer,
+    Row,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    column,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    union,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from domain.referrals import Change, Party, PriorReferral, Referral, ReferralStatus, Referrer, ReferrerDetails, ReferrerKind, code_lookup_key, new_code
+from domain.referrals import (
+    Change,
+    Party,
+    PriorReferral,
+    Referral,
+    ReferralStatus,
+    Referrer,
+    ReferrerDetails,
+    ReferrerKind,
+    code_lookup_key,
+    new_code,
+)
 from infra.db.repository import upsert_into
 from infra.db.tables import (
     PAYOUT_IS_TO_SEND,
-    UtcDateTime,
     REFERRAL_IS_ATTRIBUTED,
+    UtcDateTime,
     credit_lots,
     customer_profiles,
     payout_items,
@@ -93,11 +123,22 @@ class SqlReferralRepository:
     # ------------------------------------------------------------ profiles
 
     async def record_profile(
-        self, customer_id: str, email: str | None, phone: str | None, fingerprint: str | None, at: datetime, contact_email: str | None = None
+        self,
+        customer_id: str,
+        email: str | None,
+        phone: str | None,
+        fingerprint: str | None,
+        at: datetime,
+        contact_email: str | None = None,
     ) -> None:
         """The first sign-up stands; a card fingerprint learnt later fills in."""
         statement = upsert_into(self.connection, customer_profiles).values(
-            customer_id=customer_id, email=email, contact_email=contact_email, phone=phone, payment_fingerprint=fingerprint, signed_up_at=at
+            customer_id=customer_id,
+            email=email,
+            contact_email=contact_email,
+            phone=phone,
+            payment_fingerprint=fingerprint,
+            signed_up_at=at,
         )
         if fingerprint:
             statement = statement.on_conflict_do_update(
@@ -111,10 +152,19 @@ class SqlReferralRepository:
     async def party(self, customer_id: str | None) -> Party:
         if customer_id is None:
             return Party(None)
-        row = (await self.connection.execute(select(customer_profiles).where(customer_profiles.c.customer_id == customer_id))).first()
+        row = (
+            await self.connection.execute(
+                select(customer_profiles).where(customer_profiles.c.customer_id == customer_id)
+            )
+        ).first()
         if row is None:
             return Party(customer_id)
-        return Party(customer_id, row.email, row.phone, frozenset([row.payment_fingerprint]) if row.payment_fingerprint else frozenset())
+        return Party(
+            customer_id,
+            row.email,
+            row.phone,
+            frozenset([row.payment_fingerprint]) if row.payment_fingerprint else frozenset(),
+        )
 
     # ------------------------------------------------------------ referrers and codes
 
@@ -132,7 +182,9 @@ class SqlReferralRepository:
         values = {name: value for name, value in values.items() if value is not None}
         if not values:
             return await self.referrer_row(referrer_id) is not None
-        result = await self.connection.execute(update(referrers).where(referrers.c.referrer_id == referrer_id).values(**values))
+        result = await self.connection.execute(
+            update(referrers).where(referrers.c.referrer_id == referrer_id).values(**values)
+        )
         return result.rowcount == 1
 
     async def referrer_row(self, referrer_id: str):
@@ -157,7 +209,11 @@ class SqlReferralRepository:
             candidate = code or new_code(name_hint)
             try:
                 async with self.connection.begin_nested():
-                    await self.connection.execute(insert(referral_codes).values(code=candidate, lookup=code_lookup_key(candidate), referrer_id=referrer_id))
+                    await self.connection.execute(
+                        insert(referral_codes).values(
+                            code=candidate, lookup=code_lookup_key(candidate), referrer_id=referrer_id
+                        )
+                    )
                 return candidate
             except IntegrityError:
                 if code is not None:
@@ -166,11 +222,17 @@ class SqlReferralRepository:
 
     async def code(self, code: str):
         """The code as typed (case, spaces and hyphens do not matter)."""
-        return (await self.connection.execute(select(referral_codes).where(referral_codes.c.lookup == code_lookup_key(code)))).first()
+        return (
+            await self.connection.execute(
+                select(referral_codes).where(referral_codes.c.lookup == code_lookup_key(code))
+            )
+        ).first()
 
     async def set_code_active(self, code: str, active: bool, at: datetime) -> bool:
         result = await self.connection.execute(
-            update(referral_codes).where(referral_codes.c.lookup == code_lookup_key(code)).values(active=active, deactivated_at=None if active else at)
+            update(referral_codes)
+            .where(referral_codes.c.lookup == code_lookup_key(code))
+            .values(active=active, deactivated_at=None if active else at)
         )
         return result.rowcount == 1
 
@@ -187,14 +249,20 @@ class SqlReferralRepository:
         return self._load(row) if row else None
 
     async def by_qualifying_payment(self, payment_id: str) -> Referral | None:
-        query = select(referrals).where(referrals.c.qualifying_payment_id == payment_id, REFERRAL_IS_ATTRIBUTED).with_for_update()
+        query = (
+            select(referrals)
+            .where(referrals.c.qualifying_payment_id == payment_id, REFERRAL_IS_ATTRIBUTED)
+            .with_for_update()
+        )
         row = (await self.connection.execute(query)).first()
         return self._load(row) if row else None
 
     async def add(self, referral: Referral) -> None:
         values = _values(referral)
         values["attributed"] = referral.status is not ReferralStatus.REJECTED
-        referral.id = (await self.connection.execute(insert(referrals).values(**values).returning(referrals.c.id))).scalar_one()
+        referral.id = (
+            await self.connection.execute(insert(referrals).values(**values).returning(referrals.c.id))
+        ).scalar_one()
         await self._insert_history([(referral, referral.history)])
 
     async def save(self, referral: Referral, new_changes: Iterable[Change]) -> None:
@@ -219,14 +287,22 @@ class SqlReferralRepository:
 
     async def _insert_history(self, changed: Sequence[tuple[Referral, Sequence[Change]]]) -> None:
         history = [
-            {"referral_id": referral.id, "status": c.status.value, "at": c.at, "reason": c.reason} for referral, changes in changed for c in changes
+            {"referral_id": referral.id, "status": c.status.value, "at": c.at, "reason": c.reason}
+            for referral, changes in changed
+            for c in changes
         ]
         await _insert_rows(self.connection, referral_history, history)
 
     async def history(self, referral_ids: list[int]) -> dict[int, list]:
-        rows = await self.connection.execute(
-            select(referral_history).where(referral_history.c.referral_id.in_(referral_ids)).order_by(referral_history.c.id)
-        ) if referral_ids else []
+        rows = (
+            await self.connection.execute(
+                select(referral_history)
+                .where(referral_history.c.referral_id.in_(referral_ids))
+                .order_by(referral_history.c.id)
+            )
+            if referral_ids
+            else []
+        )
         out: dict[int, list] = {}
         for row in rows:
             out.setdefault(row.referral_id, []).append(row)
@@ -234,19 +310,35 @@ class SqlReferralRepository:
 
     async def lock_referrer(self, referrer_id: str) -> None:
         """Serialise referrals of one referrer: the velocity and look-alike rules read their siblings."""
-        await self.connection.execute(select(referrers.c.referrer_id).where(referrers.c.referrer_id == referrer_id).with_for_update())
+        await self.connection.execute(
+            select(referrers.c.referrer_id).where(referrers.c.referrer_id == referrer_id).with_for_update()
+        )
 
     async def prior_referrals(self, referrer_id: str, excluding: str | None = None) -> list[PriorReferral]:
         query = (
-            select(referrals.c.referred_customer_id, referrals.c.submitted_at, customer_profiles.c.email, customer_profiles.c.payment_fingerprint)
-            .select_from(referrals.outerjoin(customer_profiles, customer_profiles.c.customer_id == referrals.c.referred_customer_id))
+            select(
+                referrals.c.referred_customer_id,
+                referrals.c.submitted_at,
+                customer_profiles.c.email,
+                customer_profiles.c.payment_fingerprint,
+            )
+            .select_from(
+                referrals.outerjoin(
+                    customer_profiles, customer_profiles.c.customer_id == referrals.c.referred_customer_id
+                )
+            )
             .where(referrals.c.referrer_id == referrer_id, REFERRAL_IS_ATTRIBUTED)
         )
         if excluding is not None:
             query = query.where(referrals.c.referred_customer_id != excluding)
         rows = await self.connection.execute(query)
         return [
-            PriorReferral(r.referred_customer_id, r.submitted_at, r.email, frozenset([r.payment_fingerprint]) if r.payment_fingerprint else frozenset())
+            PriorReferral(
+                r.referred_customer_id,
+                r.submitted_at,
+                r.email,
+                frozenset([r.payment_fingerprint]) if r.payment_fingerprint else frozenset(),
+            )
             for r in rows
         ]
 
@@ -255,15 +347,23 @@ class SqlReferralRepository:
             return 0
         query = (
             select(func.count())
-            .select_from(referrals.join(customer_profiles, customer_profiles.c.customer_id == referrals.c.referred_customer_id))
-            .where(REFERRAL_IS_ATTRIBUTED, customer_profiles.c.payment_fingerprint.in_(fingerprints), referrals.c.referred_customer_id != excluding)
+            .select_from(
+                referrals.join(customer_profiles, customer_profiles.c.customer_id == referrals.c.referred_customer_id)
+            )
+            .where(
+                REFERRAL_IS_ATTRIBUTED,
+                customer_profiles.c.payment_fingerprint.in_(fingerprints),
+                referrals.c.referred_customer_id != excluding,
+            )
         )
         return (await self.connection.execute(query)).scalar_one()
 
     async def has_paid_before(self, customer_id: str, before: datetime, except_payment: str | None = None) -> bool:
         """Whether the customer had a successful payment before ``before``."""
         query = select(credit_lots.c.id).where(
-            credit_lots.c.customer_id == customer_id, credit_lots.c.payment_id.is_not(None), credit_lots.c.issued_at < before
+            credit_lots.c.customer_id == customer_id,
+            credit_lots.c.payment_id.is_not(None),
+            credit_lots.c.issued_at < before,
         )
         if except_payment is not None:
             query = query.where(credit_lots.c.payment_id != except_payment)
@@ -311,7 +411,9 @@ class SqlReferralRepository:
     async def payees_with_payable(self, *, same_day_only: bool = False) -> list[str]:
         """Payees with an approved reward or an open clawback, in id order (not locked: each
         chunk locks its own with ``payable``); only same-day payees if asked."""
-        approved = select(referrals.c.referrer_id.label("payee_id")).where(referrals.c.status == ReferralStatus.APPROVED.value)
+        approved = select(referrals.c.referrer_id.label("payee_id")).where(
+            referrals.c.status == ReferralStatus.APPROVED.value
+        )
         clawbacks = select(referral_clawbacks.c.payee_id).where(referral_clawbacks.c.payout_id.is_(None))
         if same_day_only:
             same_day = select(referrers.c.referrer_id).where(referrers.c.same_day.is_(True))
@@ -322,14 +424,18 @@ class SqlReferralRepository:
 
     async def payable(self, payee_ids: list[str]) -> list[Payable]:
         """The payees' approved rewards and open clawbacks, locked (other runs skip them): two statements."""
-        approved = select(referrals).where(referrals.c.status == ReferralStatus.APPROVED.value, referrals.c.referrer_id.in_(payee_ids))
-        clawbacks = select(referral_clawbacks.c.id, referral_clawbacks.c.payee_id, referral_clawbacks.c.amount_cents).where(
-            referral_clawbacks.c.payout_id.is_(None), referral_clawbacks.c.payee_id.in_(payee_ids)
+        approved = select(referrals).where(
+            referrals.c.status == ReferralStatus.APPROVED.value, referrals.c.referrer_id.in_(payee_ids)
         )
+        clawbacks = select(
+            referral_clawbacks.c.id, referral_clawbacks.c.payee_id, referral_clawbacks.c.amount_cents
+        ).where(referral_clawbacks.c.payout_id.is_(None), referral_clawbacks.c.payee_id.in_(payee_ids))
         by_payee: dict[str, Payable] = {}
         for row in await self.connection.execute(approved.order_by(referrals.c.id).with_for_update(skip_locked=True)):
             by_payee.setdefault(row.referrer_id, Payable(row.referrer_id)).rewards.append(self._load(row))
-        for row in await self.connection.execute(clawbacks.order_by(referral_clawbacks.c.id).with_for_update(skip_locked=True)):
+        for row in await self.connection.execute(
+            clawbacks.order_by(referral_clawbacks.c.id).with_for_update(skip_locked=True)
+        ):
             by_payee.setdefault(row.payee_id, Payable(row.payee_id)).clawbacks.append((row.id, row.amount_cents))
         return [by_payee[payee] for payee in sorted(by_payee)]
 
@@ -338,13 +444,18 @@ class SqlReferralRepository:
         wanted = sorted(set(referrer_ids))
         if not wanted:
             return {}
-        return {row.referrer_id: row for row in await self.connection.execute(select(referrers).where(referrers.c.referrer_id.in_(wanted)))}
+        return {
+            row.referrer_id: row
+            for row in await self.connection.execute(select(referrers).where(referrers.c.referrer_id.in_(wanted)))
+        }
 
     async def last_period_numbers(self, payee_ids: list[str], period_prefix: str) -> dict[str, int]:
         """Each payee's highest n of its ``<prefix>-<n>`` periods (absent: none): numbers are never reused."""
         if not payee_ids:
             return {}
-        query = select(payouts.c.payee_id, payouts.c.period).where(payouts.c.payee_id.in_(payee_ids), payouts.c.period.like(f"{period_prefix}-%"))
+        query = select(payouts.c.payee_id, payouts.c.period).where(
+            payouts.c.payee_id.in_(payee_ids), payouts.c.period.like(f"{period_prefix}-%")
+        )
         numbers: dict[str, int] = {}
         for row in await self.connection.execute(query):
             number = row.period.rsplit("-", 1)[1]
@@ -360,27 +471,48 @@ class SqlReferralRepository:
             return {}
         rows = [
             {
-                "payee_id": n.payable.payee_id, "period": n.period, "method": n.method, "gateway": n.gateway, "amount_cents": n.payable.total_cents,
-                "currency": currency, "status": "pending", "idempotency_key": payout_key(n.payable.payee_id, n.period), "created_at": now,
+                "payee_id": n.payable.payee_id,
+                "period": n.period,
+                "method": n.method,
+                "gateway": n.gateway,
+                "amount_cents": n.payable.total_cents,
+                "currency": currency,
+                "status": "pending",
+                "idempotency_key": payout_key(n.payable.payee_id, n.period),
+                "created_at": now,
             }
             for n in new
         ]
-        inserted = await _insert_rows(self.connection, payouts, rows, skip_conflicts=True, returning=(payouts.c.id, payouts.c.payee_id))
+        inserted = await _insert_rows(
+            self.connection, payouts, rows, skip_conflicts=True, returning=(payouts.c.id, payouts.c.payee_id)
+        )
         made = {row.payee_id: row.id for row in inserted}
         items, linked = [], []
         for n in new:
             payout_id = made.get(n.payable.payee_id)
             if payout_id is None:
                 continue
-            items += [{"payout_id": payout_id, "referral_id": r.id, "clawback_id": None, "amount_cents": r.reward_cents or 0} for r in n.payable.rewards]
-            items += [{"payout_id": payout_id, "referral_id": None, "clawback_id": c, "amount_cents": -amount} for c, amount in n.payable.clawbacks]
+            items += [
+                {"payout_id": payout_id, "referral_id": r.id, "clawback_id": None, "amount_cents": r.reward_cents or 0}
+                for r in n.payable.rewards
+            ]
+            items += [
+                {"payout_id": payout_id, "referral_id": None, "clawback_id": c, "amount_cents": -amount}
+                for c, amount in n.payable.clawbacks
+            ]
             linked += [{"id": c, "payout_id": payout_id} for c, _ in n.payable.clawbacks]
         await _insert_rows(self.connection, payout_items, items)
         await _update_rows(self.connection, referral_clawbacks, linked, ["payout_id"])
         return made
 
     async def lease_payouts_to_send(
-        self, limit: int, *, now: datetime, until: datetime, run_started: datetime, after: tuple[datetime, int] | None = None
+        self,
+        limit: int,
+        *,
+        now: datetime,
+        until: datetime,
+        run_started: datetime,
+        after: tuple[datetime, int] | None = None,
     ) -> list:
         """Up to ``limit`` payouts not paid yet (new or failed), not leased by another run, each
         once per run, marked tried and leased until ``until``: two statements.
@@ -389,19 +521,29 @@ class SqlReferralRepository:
         payee's ``stripe_account_id`` and ``payout_address`` (the gateway's order needs them).
         ``after``: the (created_at, id) of the run's last payout, so a run walks the queue once
         instead of stepping again over every payout it already tried."""
-        query = select(payouts, referrers.c.stripe_account_id, referrers.c.payout_address).select_from(
-            payouts.outerjoin(referrers, referrers.c.referrer_id == payouts.c.payee_id)
-        ).where(
-            PAYOUT_IS_TO_SEND,
-            or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
-            or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
+        query = (
+            select(payouts, referrers.c.stripe_account_id, referrers.c.payout_address)
+            .select_from(payouts.outerjoin(referrers, referrers.c.referrer_id == payouts.c.payee_id))
+            .where(
+                PAYOUT_IS_TO_SEND,
+                or_(payouts.c.leased_until.is_(None), payouts.c.leased_until <= now),
+                or_(payouts.c.last_tried_at.is_(None), payouts.c.last_tried_at < run_started),
+            )
         )
         if after is not None:
             query = query.where(tuple_(payouts.c.created_at, payouts.c.id) > after)
-        rows = list(await self.connection.execute(query.order_by(payouts.c.created_at, payouts.c.id).limit(limit).with_for_update(skip_locked=True, of=payouts)))
+        rows = list(
+            await self.connection.execute(
+                query.order_by(payouts.c.created_at, payouts.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=payouts)
+            )
+        )
         if rows:
             await self.connection.execute(
-                update(payouts).where(payouts.c.id.in_([row.id for row in rows])).values(attempts=payouts.c.attempts + 1, last_tried_at=now, leased_until=until)
+                update(payouts)
+                .where(payouts.c.id.in_([row.id for row in rows]))
+                .values(attempts=payouts.c.attempts + 1, last_tried_at=now, leased_until=until)
             )
         return rows
 
@@ -412,10 +554,33 @@ class SqlReferralRepository:
         exported = [o.payout_id for o in outcomes if o.status == "exported"]
         failed = [{"id": o.payout_id, "last_error": o.error} for o in outcomes if o.status == "failed"]
         unpaid = payouts.c.status != "paid"
-        await _update_rows(self.connection, payouts, paid, ["external_reference"], unpaid, status="paid", paid_at=at, last_error=None, leased_until=None)
+        await _update_rows(
+            self.connection,
+            payouts,
+            paid,
+            ["external_reference"],
+            unpaid,
+            status="paid",
+            paid_at=at,
+            last_error=None,
+            leased_until=None,
+        )
         if exported:
-            await self.connection.execute(update(payouts).where(payouts.c.id.in_(exported), unpaid).values(status="exported", last_error=None, leased_until=None))
-        await _update_rows(self.connection, payouts, failed, ["last_error"], unpaid, status="failed", failures=payouts.c.failures + 1, leased_until=None)
+            await self.connection.execute(
+                update(payouts)
+                .where(payouts.c.id.in_(exported), unpaid)
+                .values(status="exported", last_error=None, leased_until=None)
+            )
+        await _update_rows(
+            self.connection,
+            payouts,
+            failed,
+            ["last_error"],
+            unpaid,
+            status="failed",
+            failures=payouts.c.failures + 1,
+            leased_until=None,
+        )
 
     async def payout(self, payout_id: int, *, for_update: bool = True):
         query = select(payouts).where(payouts.c.id == payout_id)
@@ -427,13 +592,23 @@ class SqlReferralRepository:
         row = await self.payout(referral.payout_id) if referral.payout_id is not None else None
         if row is None or row.status not in ("pending", "failed") or row.attempts > 0:
             return False
-        await self.connection.execute(delete(payout_items).where(payout_items.c.payout_id == row.id, payout_items.c.referral_id == referral.id))
-        remaining = (await self.connection.execute(select(func.coalesce(func.sum(payout_items.c.amount_cents), 0)).where(payout_items.c.payout_id == row.id))).scalar_one()
+        await self.connection.execute(
+            delete(payout_items).where(payout_items.c.payout_id == row.id, payout_items.c.referral_id == referral.id)
+        )
+        remaining = (
+            await self.connection.execute(
+                select(func.coalesce(func.sum(payout_items.c.amount_cents), 0)).where(
+                    payout_items.c.payout_id == row.id
+                )
+            )
+        ).scalar_one()
         if remaining > 0:
             await self.connection.execute(update(payouts).where(payouts.c.id == row.id).values(amount_cents=remaining))
         else:
             # Nothing (or only clawbacks) left: the payout goes; its clawbacks wait for the next one.
-            await self.connection.execute(update(referral_clawbacks).where(referral_clawbacks.c.payout_id == row.id).values(payout_id=None))
+            await self.connection.execute(
+                update(referral_clawbacks).where(referral_clawbacks.c.payout_id == row.id).values(payout_id=None)
+            )
             await self.connection.execute(delete(payout_items).where(payout_items.c.payout_id == row.id))
             await self.connection.execute(delete(payouts).where(payouts.c.id == row.id))
         return True
@@ -442,8 +617,12 @@ class SqlReferralRepository:
         """The rewards of these payouts, locked: one statement."""
         if not payout_ids:
             return []
-        joined = referrals.join(payout_items, and_(payout_items.c.referral_id == referrals.c.id, payout_items.c.payout_id.in_(payout_ids)))
-        rows = await self.connection.execute(select(referrals).select_from(joined).order_by(referrals.c.id).with_for_update(of=referrals))
+        joined = referrals.join(
+            payout_items, and_(payout_items.c.referral_id == referrals.c.id, payout_items.c.payout_id.in_(payout_ids))
+        )
+        rows = await self.connection.execute(
+            select(referrals).select_from(joined).order_by(referrals.c.id).with_for_update(of=referrals)
+        )
         return [self._load(row) for row in rows]
 
 
@@ -486,11 +665,25 @@ def _unnested(connection: AsyncConnection, table: Table, rows: Sequence[dict], n
     kinds = [_array_type(table.c[name].type) for name in names]
     if connection.dialect.name != "postgresql" or None in kinds:
         return None
-    arrays = [bindparam(f"u_{name}", [row[name] for row in rows], type_=ARRAY(kind)) for name, kind in zip(names, kinds, strict=True)]
-    return func.unnest(*arrays).table_valued(*(column(name, kind) for name, kind in zip(names, kinds, strict=True))).render_derived(name="v")
+    arrays = [
+        bindparam(f"u_{name}", [row[name] for row in rows], type_=ARRAY(kind))
+        for name, kind in zip(names, kinds, strict=True)
+    ]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*(column(name, kind) for name, kind in zip(names, kinds, strict=True)))
+        .render_derived(name="v")
+    )
 
 
-async def _insert_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict], *, skip_conflicts: bool = False, returning: Sequence = ()) -> list:
+async def _insert_rows(
+    connection: AsyncConnection,
+    table: Table,
+    rows: Sequence[dict],
+    *,
+    skip_conflicts: bool = False,
+    returning: Sequence = (),
+) -> list:
     """INSERT ``rows`` (dicts with the same keys) in one statement; the ``returning`` columns of those inserted."""
     if not rows:
         return []
@@ -508,14 +701,24 @@ async def _insert_rows(connection: AsyncConnection, table: Table, rows: Sequence
     return list(result) if returning else []
 
 
-async def _update_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict], names: Sequence[str], *conditions, **values) -> None:
+async def _update_rows(
+    connection: AsyncConnection, table: Table, rows: Sequence[dict], names: Sequence[str], *conditions, **values
+) -> None:
     """UPDATE each row's ``names`` by its ``id`` (and ``conditions``), and ``values`` for all, in one statement."""
     if not rows:
         return
     source = _unnested(connection, table, rows, ["id", *names])
     if source is not None:
-        statement = update(table).where(table.c.id == source.c.id, *conditions).values({**{name: source.c[name] for name in names}, **values})
+        statement = (
+            update(table)
+            .where(table.c.id == source.c.id, *conditions)
+            .values({**{name: source.c[name] for name in names}, **values})
+        )
         await connection.execute(statement)
         return
-    statement = update(table).where(table.c.id == bindparam("b_id"), *conditions).values({**{name: bindparam(f"b_{name}") for name in names}, **values})
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"), *conditions)
+        .values({**{name: bindparam(f"b_{name}") for name in names}, **values})
+    )
     await connection.execute(statement, [{f"b_{key}": value for key, value in row.items()} for row in rows])

@@ -11,7 +11,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from domain import Account, Entry, Hold, HoldStatus, Lot, LotSource
-from infra.db.account_statements import LOCK_AND_LOAD, LOCK_AVAILABLE_AND_LOAD, WRITE, account_from_row, lock_parameters, write_parameters
+from infra.db.account_statements import (
+    LOCK_AND_LOAD,
+    LOCK_AVAILABLE_AND_LOAD,
+    WRITE,
+    account_from_row,
+    lock_parameters,
+    write_parameters,
+)
 from infra.db.tables import (
     ENTRY_IS_CHARGE,
     HOLD_IS_ACTIVE,
@@ -26,6 +33,7 @@ from infra.db.tables import (
 from messages import Event
 from service_layer.errors import EventConflict
 
+
 def upsert_into(connection: AsyncConnection, table):
     """An INSERT that takes ON CONFLICT clauses, in the connection's dialect."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
@@ -36,7 +44,12 @@ def upsert_into(connection: AsyncConnection, table):
 NO_IDS: Mapping[str, Iterable[str]] = MappingProxyType({})
 
 #: The customer row's part of the aggregate (the rest are its lots and holds).
-CUSTOMER_STATE = (customers.c.overdraft, customers.c.credits_depleted_at, customers.c.frozen_since, customers.c.unfrozen_at)
+CUSTOMER_STATE = (
+    customers.c.overdraft,
+    customers.c.credits_depleted_at,
+    customers.c.frozen_since,
+    customers.c.unfrozen_at,
+)
 
 
 class SqlAccountRepository:
@@ -48,9 +61,13 @@ class SqlAccountRepository:
         self.connection = connection
         self._postgres = connection.dialect.name == "postgresql"
 
-    async def lock(self, customer_id: str, *, create: bool, job_ids: Iterable[str] = (), payment_ids: Iterable[str] = ()) -> Account | None:
+    async def lock(
+        self, customer_id: str, *, create: bool, job_ids: Iterable[str] = (), payment_ids: Iterable[str] = ()
+    ) -> Account | None:
         """Load an account holding its row lock until the transaction ends (serialises its writers)."""
-        accounts = await self.lock_many([customer_id], {customer_id: job_ids}, {customer_id: payment_ids}, create=None if create else ())
+        accounts = await self.lock_many(
+            [customer_id], {customer_id: job_ids}, {customer_id: payment_ids}, create=None if create else ()
+        )
         return accounts[0] if accounts else None
 
     async def lock_many(
@@ -133,7 +150,9 @@ class SqlAccountRepository:
 
     async def _load_charged_jobs(self, accounts: Sequence[Account], job_ids: Mapping[str, Iterable[str]]) -> None:
         """Which of the given jobs each account has already been charged for (one statement)."""
-        pairs = [(account.customer_id, job_id) for account in accounts for job_id in job_ids.get(account.customer_id, ())]
+        pairs = [
+            (account.customer_id, job_id) for account in accounts for job_id in job_ids.get(account.customer_id, ())
+        ]
         if not pairs:
             return
         rows = await self.connection.execute(
@@ -145,13 +164,21 @@ class SqlAccountRepository:
         for row in rows:
             by_id[row.customer_id].charged_jobs.add(row.job_id)
 
-    async def _load_spent_payment_lots(self, accounts: Sequence[Account], payment_ids: Mapping[str, Iterable[str]]) -> None:
+    async def _load_spent_payment_lots(
+        self, accounts: Sequence[Account], payment_ids: Mapping[str, Iterable[str]]
+    ) -> None:
         # Spent payment lots too: whether a payment issued credits, and what, is decided on them.
-        pairs = [(account.customer_id, payment_id) for account in accounts for payment_id in payment_ids.get(account.customer_id, ())]
+        pairs = [
+            (account.customer_id, payment_id)
+            for account in accounts
+            for payment_id in payment_ids.get(account.customer_id, ())
+        ]
         if not pairs:
             return
         rows = await self.connection.execute(
-            select(credit_lots).where(tuple_(credit_lots.c.customer_id, credit_lots.c.payment_id).in_(pairs), credit_lots.c.remaining == 0)
+            select(credit_lots).where(
+                tuple_(credit_lots.c.customer_id, credit_lots.c.payment_id).in_(pairs), credit_lots.c.remaining == 0
+            )
         )
         by_id = {account.customer_id: account for account in accounts}
         for row in rows:
@@ -161,7 +188,9 @@ class SqlAccountRepository:
         """Accounts for ``customer_ids`` in three statements, whatever their number (the portable path)."""
         if not customer_ids:
             return []
-        rows = await self.connection.execute(select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids)))
+        rows = await self.connection.execute(
+            select(customers.c.customer_id, *CUSTOMER_STATE).where(customers.c.customer_id.in_(customer_ids))
+        )
         customer_rows = {row.customer_id: row for row in rows}
         lots_of: dict[str, list[Lot]] = {customer_id: [] for customer_id in customer_ids}
         lot_rows = await self.connection.execute(
@@ -172,8 +201,12 @@ class SqlAccountRepository:
         for r in lot_rows:
             lots_of[r.customer_id].append(_lot(r))
         holds_of: dict[str, dict[str, Hold]] = {customer_id: {} for customer_id in customer_ids}
-        for r in await self.connection.execute(select(holds).where(holds.c.customer_id.in_(customer_ids), HOLD_IS_ACTIVE)):
-            holds_of[r.customer_id][r.job_id] = Hold(r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id)
+        for r in await self.connection.execute(
+            select(holds).where(holds.c.customer_id.in_(customer_ids), HOLD_IS_ACTIVE)
+        ):
+            holds_of[r.customer_id][r.job_id] = Hold(
+                r.job_id, r.credits, r.placed_at, r.expires_at, HoldStatus(r.status), r.closed_at, id=r.id
+            )
         return [
             Account(
                 customer_id=customer_id,
@@ -209,7 +242,10 @@ class SqlAccountRepository:
     async def _write(self, accounts: Sequence[Account], lots: list, changed_holds: list) -> None:
         """The one write statement; new lots and holds get their ids from it."""
         writes = write_parameters(accounts, lots, changed_holds)
-        new_ids = {(kind, position): new_id for kind, position, new_id in await self.connection.exec_driver_sql(WRITE, writes.parameters)}
+        new_ids = {
+            (kind, position): new_id
+            for kind, position, new_id in await self.connection.exec_driver_sql(WRITE, writes.parameters)
+        }
         for kind, items in (("lot", writes.new_lots), ("hold", writes.new_holds)):
             for position, item in enumerate(items, start=1):
                 item.id = new_ids[kind, position]
@@ -218,15 +254,34 @@ class SqlAccountRepository:
         await self._insert_new(credit_lots, lots, lambda account, lot: lot_values(account.customer_id, lot))
         await self._update_each(
             credit_lots,
-            [{"id": lot.id, "remaining": lot.remaining, "reversed": lot.reversed, "expired": lot.expired, "expires_at": lot.expires_at} for _, lot in lots if lot.id is not None],
+            [
+                {
+                    "id": lot.id,
+                    "remaining": lot.remaining,
+                    "reversed": lot.reversed,
+                    "expired": lot.expired,
+                    "expires_at": lot.expires_at,
+                }
+                for _, lot in lots
+                if lot.id is not None
+            ],
         )
         # Closed holds first: a job booked again after its hold lapsed (in memory, before the
         # sweep) would otherwise meet its old row still active in the one-active-hold index.
-        await self._update_each(holds, [{"id": h.id, "status": h.status.value, "closed_at": h.closed_at} for _, h in changed_holds if h.id is not None])
+        await self._update_each(
+            holds,
+            [
+                {"id": h.id, "status": h.status.value, "closed_at": h.closed_at}
+                for _, h in changed_holds
+                if h.id is not None
+            ],
+        )
         await self._insert_new(holds, changed_holds, lambda account, hold: hold_values(account.customer_id, hold))
         entries = [(account, entry) for account in accounts for entry in account.new_entries]
         if entries:
-            entry_ids = await self._insert_returning_ids(ledger_entries, [entry_values(account.customer_id, entry) for account, entry in entries])
+            entry_ids = await self._insert_returning_ids(
+                ledger_entries, [entry_values(account.customer_id, entry) for account, entry in entries]
+            )
             movements = [
                 {"entry_id": entry_id, "lot_id": movement.lot.id, "credits": movement.credits}
                 for entry_id, (_, entry) in zip(entry_ids, entries, strict=True)
@@ -234,7 +289,9 @@ class SqlAccountRepository:
             ]
             if movements:
                 await self.connection.execute(insert(lot_movements), movements)
-        await self._update_each(customers, [{"customer_id": a.customer_id, **customer_values(a)} for a in accounts], updated_at=func.now())
+        await self._update_each(
+            customers, [{"customer_id": a.customer_id, **customer_values(a)} for a in accounts], updated_at=func.now()
+        )
 
     async def _update_each(self, table, rows: list[dict], **fixed) -> None:
         """One UPDATE of ``table`` per row, in one executemany: each row's first key picks the row,
@@ -242,7 +299,11 @@ class SqlAccountRepository:
         if not rows:
             return
         key, *columns = rows[0]
-        statement = update(table).where(table.c[key] == bindparam(f"b_{key}")).values({**{name: bindparam(f"b_{name}") for name in columns}, **fixed})
+        statement = (
+            update(table)
+            .where(table.c[key] == bindparam(f"b_{key}"))
+            .values({**{name: bindparam(f"b_{name}") for name in columns}, **fixed})
+        )
         await self.connection.execute(statement, [{f"b_{name}": value for name, value in row.items()} for row in rows])
 
     async def _insert_new(self, table, items: list[tuple[Account, Lot | Hold]], row) -> None:
@@ -317,7 +378,19 @@ def customer_values(account: Account) -> dict:
 
 
 def _lot(row) -> Lot:
-    return Lot(row.amount, row.remaining, row.issued_at, row.expires_at, LotSource(row.source), row.event_id, id=row.id, payment_id=row.payment_id, paid_cents=row.paid_cents, reversed=row.reversed, expired=row.expired)
+    return Lot(
+        row.amount,
+        row.remaining,
+        row.issued_at,
+        row.expires_at,
+        LotSource(row.source),
+        row.event_id,
+        id=row.id,
+        payment_id=row.payment_id,
+        paid_cents=row.paid_cents,
+        reversed=row.reversed,
+        expired=row.expired,
+    )
 
 
 def _unique(items: list) -> list:
@@ -356,7 +429,9 @@ class SqlEventLog:
     async def claim_new(self, events: Sequence[Event]) -> set[str]:
         """Record the events in one statement; the ids that were new (the others were seen before)."""
         inserted = await self.connection.execute(
-            upsert_into(self.connection, processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id),
+            upsert_into(self.connection, processed_events)
+            .on_conflict_do_nothing()
+            .returning(processed_events.c.event_id),
             [
                 {
                     "event_id": event.event_id,

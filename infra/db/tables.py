@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -47,13 +47,13 @@ class UtcDateTime(TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetimes are not stored; pass a timezone-aware one")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _sql_literal(value: str | int):
@@ -106,14 +106,28 @@ credit_lots = Table(
 )
 # Consumption order for one customer, open lots only.
 LOT_IS_OPEN = credit_lots.c.remaining > _sql_literal(0)
-Index("ix_credit_lots_open", credit_lots.c.customer_id, credit_lots.c.expires_at, credit_lots.c.issued_at, credit_lots.c.id, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
+Index(
+    "ix_credit_lots_open",
+    credit_lots.c.customer_id,
+    credit_lots.c.expires_at,
+    credit_lots.c.issued_at,
+    credit_lots.c.id,
+    postgresql_where=LOT_IS_OPEN,
+    sqlite_where=LOT_IS_OPEN,
+)
 # The expiry sweep: due lots across all customers.
 Index("ix_credit_lots_due", credit_lots.c.expires_at, postgresql_where=LOT_IS_OPEN, sqlite_where=LOT_IS_OPEN)
 # Every lot of a customer (history, reconciliation).
 Index("ix_credit_lots_customer", credit_lots.c.customer_id)
 # A payment issues credits once, to one customer, whatever the event ids say.
 LOT_HAS_PAYMENT = credit_lots.c.payment_id.is_not(None)
-Index("uq_credit_lots_payment", credit_lots.c.payment_id, unique=True, postgresql_where=LOT_HAS_PAYMENT, sqlite_where=LOT_HAS_PAYMENT)
+Index(
+    "uq_credit_lots_payment",
+    credit_lots.c.payment_id,
+    unique=True,
+    postgresql_where=LOT_HAS_PAYMENT,
+    sqlite_where=LOT_HAS_PAYMENT,
+)
 
 ledger_entries = Table(
     "ledger_entries",
@@ -141,7 +155,14 @@ ledger_entries = Table(
 )
 # A job is charged once, whatever the event ids say.
 ENTRY_IS_CHARGE = ledger_entries.c.kind.in_([_sql_literal("debited"), _sql_literal("captured")])
-Index("uq_ledger_entries_job_charge", ledger_entries.c.customer_id, ledger_entries.c.job_id, unique=True, postgresql_where=ENTRY_IS_CHARGE, sqlite_where=ENTRY_IS_CHARGE)
+Index(
+    "uq_ledger_entries_job_charge",
+    ledger_entries.c.customer_id,
+    ledger_entries.c.job_id,
+    unique=True,
+    postgresql_where=ENTRY_IS_CHARGE,
+    sqlite_where=ENTRY_IS_CHARGE,
+)
 
 lot_movements = Table(
     "lot_movements",
@@ -169,7 +190,14 @@ holds = Table(
 HOLD_IS_ACTIVE = holds.c.status == _sql_literal("active")
 Index("ix_holds_due", holds.c.expires_at, postgresql_where=HOLD_IS_ACTIVE, sqlite_where=HOLD_IS_ACTIVE)
 # One active hold per job; a job may be booked again after its hold is released.
-Index("uq_holds_active_job", holds.c.customer_id, holds.c.job_id, unique=True, postgresql_where=HOLD_IS_ACTIVE, sqlite_where=HOLD_IS_ACTIVE)
+Index(
+    "uq_holds_active_job",
+    holds.c.customer_id,
+    holds.c.job_id,
+    unique=True,
+    postgresql_where=HOLD_IS_ACTIVE,
+    sqlite_where=HOLD_IS_ACTIVE,
+)
 
 processed_events = Table(
     "processed_events",
@@ -227,7 +255,13 @@ stripe_events = Table(
     CheckConstraint("outcome IN ('relayed', 'ignored', 'parked')", name="known_outcome"),
 )
 STRIPE_EVENT_IS_PARKED = stripe_events.c.outcome == _sql_literal("parked")
-Index("ix_stripe_events_parked", stripe_events.c.stripe_customer_id, stripe_events.c.received_at, postgresql_where=STRIPE_EVENT_IS_PARKED, sqlite_where=STRIPE_EVENT_IS_PARKED)
+Index(
+    "ix_stripe_events_parked",
+    stripe_events.c.stripe_customer_id,
+    stripe_events.c.received_at,
+    postgresql_where=STRIPE_EVENT_IS_PARKED,
+    sqlite_where=STRIPE_EVENT_IS_PARKED,
+)
 
 # Paid invoices and the charges that paid them: a refund or dispute names a charge or a
 # payment intent, and is traced back to the invoice (our payment id) through this table.
@@ -275,7 +309,12 @@ dunning_cases = Table(
     Index("ix_dunning_cases_status", "status"),
 )
 CASE_IS_RETRYING = dunning_cases.c.status == _sql_literal("retrying")
-Index("ix_dunning_cases_due", dunning_cases.c.next_retry_at, postgresql_where=CASE_IS_RETRYING, sqlite_where=CASE_IS_RETRYING)
+Index(
+    "ix_dunning_cases_due",
+    dunning_cases.c.next_retry_at,
+    postgresql_where=CASE_IS_RETRYING,
+    sqlite_where=CASE_IS_RETRYING,
+)
 
 payment_attempts = Table(
     "payment_attempts",
@@ -298,14 +337,28 @@ payment_attempts = Table(
     Column("decline_code", String(100), nullable=True),
     Column("failure_message", Text, nullable=True),
     CheckConstraint("kind IN ('scheduled', 'customer', 'payment_method')", name="known_kind"),
-    CheckConstraint("outcome IS NULL OR outcome IN ('succeeded', 'declined', 'action_required', 'closed')", name="known_outcome"),
+    CheckConstraint(
+        "outcome IS NULL OR outcome IN ('succeeded', 'declined', 'action_required', 'closed')", name="known_outcome"
+    ),
     Index("ix_payment_attempts_case", "case_id", "requested_at"),
 )
 ATTEMPT_IS_PENDING = payment_attempts.c.finished_at.is_(None)
-Index("ix_payment_attempts_pending", payment_attempts.c.leased_until, postgresql_where=ATTEMPT_IS_PENDING, sqlite_where=ATTEMPT_IS_PENDING)
+Index(
+    "ix_payment_attempts_pending",
+    payment_attempts.c.leased_until,
+    postgresql_where=ATTEMPT_IS_PENDING,
+    sqlite_where=ATTEMPT_IS_PENDING,
+)
 # One scheduled attempt per number per case: two collectors cannot both make attempt 2.
 ATTEMPT_IS_SCHEDULED = payment_attempts.c.number.is_not(None)
-Index("uq_payment_attempts_number", payment_attempts.c.case_id, payment_attempts.c.number, unique=True, postgresql_where=ATTEMPT_IS_SCHEDULED, sqlite_where=ATTEMPT_IS_SCHEDULED)
+Index(
+    "uq_payment_attempts_number",
+    payment_attempts.c.case_id,
+    payment_attempts.c.number,
+    unique=True,
+    postgresql_where=ATTEMPT_IS_SCHEDULED,
+    sqlite_where=ATTEMPT_IS_SCHEDULED,
+)
 
 
 # ---------------------------------------------------------------- referrals and payouts
@@ -380,7 +433,13 @@ referrals = Table(
     Index("ix_referrals_customer", "referred_customer_id"),
 )
 REFERRAL_IS_ATTRIBUTED = referrals.c.attributed.is_(True)
-Index("uq_referrals_attributed_customer", referrals.c.referred_customer_id, unique=True, postgresql_where=REFERRAL_IS_ATTRIBUTED, sqlite_where=REFERRAL_IS_ATTRIBUTED)
+Index(
+    "uq_referrals_attributed_customer",
+    referrals.c.referred_customer_id,
+    unique=True,
+    postgresql_where=REFERRAL_IS_ATTRIBUTED,
+    sqlite_where=REFERRAL_IS_ATTRIBUTED,
+)
 
 referral_history = Table(
     "referral_history",
@@ -437,7 +496,13 @@ payouts = Table(
 )
 # The send queue, oldest first: without it each payout sent sorts every waiting one.
 PAYOUT_IS_TO_SEND = payouts.c.status.in_([_sql_literal("pending"), _sql_literal("failed")])
-Index("ix_payouts_to_send", payouts.c.created_at, payouts.c.id, postgresql_where=PAYOUT_IS_TO_SEND, sqlite_where=PAYOUT_IS_TO_SEND)
+Index(
+    "ix_payouts_to_send",
+    payouts.c.created_at,
+    payouts.c.id,
+    postgresql_where=PAYOUT_IS_TO_SEND,
+    sqlite_where=PAYOUT_IS_TO_SEND,
+)
 
 payout_items = Table(
     "payout_items",
@@ -452,8 +517,20 @@ payout_items = Table(
 # A reward or a clawback is in one payout, ever: a rerun cannot pay an item twice.
 ITEM_HAS_REFERRAL = payout_items.c.referral_id.is_not(None)
 ITEM_HAS_CLAWBACK = payout_items.c.clawback_id.is_not(None)
-Index("uq_payout_items_referral", payout_items.c.referral_id, unique=True, postgresql_where=ITEM_HAS_REFERRAL, sqlite_where=ITEM_HAS_REFERRAL)
-Index("uq_payout_items_clawback", payout_items.c.clawback_id, unique=True, postgresql_where=ITEM_HAS_CLAWBACK, sqlite_where=ITEM_HAS_CLAWBACK)
+Index(
+    "uq_payout_items_referral",
+    payout_items.c.referral_id,
+    unique=True,
+    postgresql_where=ITEM_HAS_REFERRAL,
+    sqlite_where=ITEM_HAS_REFERRAL,
+)
+Index(
+    "uq_payout_items_clawback",
+    payout_items.c.clawback_id,
+    unique=True,
+    postgresql_where=ITEM_HAS_CLAWBACK,
+    sqlite_where=ITEM_HAS_CLAWBACK,
+)
 
 
 # ---------------------------------------------------------------- notifications and retention
@@ -480,10 +557,17 @@ notifications = Table(
     Column("refusals", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
     Column("sent_at", UtcDateTime, nullable=True),
-    CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed', 'uncertain', 'no_address')", name="known_status"),
+    CheckConstraint(
+        "status IN ('pending', 'sending', 'sent', 'failed', 'uncertain', 'no_address')", name="known_status"
+    ),
 )
 NOTIFICATION_IS_PENDING = notifications.c.status == _sql_literal("pending")
-Index("ix_notifications_due", notifications.c.send_after, postgresql_where=NOTIFICATION_IS_PENDING, sqlite_where=NOTIFICATION_IS_PENDING)
+Index(
+    "ix_notifications_due",
+    notifications.c.send_after,
+    postgresql_where=NOTIFICATION_IS_PENDING,
+    sqlite_where=NOTIFICATION_IS_PENDING,
+)
 
 customer_notes = Table(
     "customer_notes",

@@ -5,7 +5,7 @@ the older (``invoice.subscription``, ``line.price`` object, ``charge.invoice``) 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from messages.events import MAX_AMOUNT_CENTS, MAX_CREDITS
@@ -22,7 +22,7 @@ def object_id(value: Any) -> str | None:
 
 
 def moment(epoch: Any) -> datetime | None:
-    return datetime.fromtimestamp(epoch, timezone.utc) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    return datetime.fromtimestamp(epoch, UTC) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None:
@@ -52,7 +52,11 @@ def invoice_credits(invoice: Obj, plan_credits: Mapping[str, int]) -> int | None
 
 
 def _is_proration(line: Obj) -> bool:
-    item = ((line.get("parent") or {}).get("subscription_item_details") or {}) if isinstance(line.get("parent"), Mapping) else {}
+    item = (
+        ((line.get("parent") or {}).get("subscription_item_details") or {})
+        if isinstance(line.get("parent"), Mapping)
+        else {}
+    )
     return bool(line.get("proration") or (isinstance(item, Mapping) and item.get("proration")))
 
 
@@ -79,7 +83,9 @@ def subscription_of(invoice: Obj) -> str | None:
     )
 
 
-def paid_invoice(invoice: Obj, customer_id: str, plan_credits: Mapping[str, int], fallback_time: datetime) -> PaidInvoice:
+def paid_invoice(
+    invoice: Obj, customer_id: str, plan_credits: Mapping[str, int], fallback_time: datetime
+) -> PaidInvoice:
     paid_at = moment((invoice.get("status_transitions") or {}).get("paid_at")) or fallback_time
     currency = invoice.get("currency")
     amount = invoice.get("amount_paid")

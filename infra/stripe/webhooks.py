@@ -53,7 +53,9 @@ def verify(payload: bytes, signature_header: str | None, secrets: Sequence[str],
             reasons.append(_reason(str(error._message or error)))
     else:
         # The most telling reason: a stale timestamp says more than "no match" would.
-        raise WebhookRejected(next((r for r in reasons if "timestamp" in r), reasons[0] if reasons else "no secret configured"))
+        raise WebhookRejected(
+            next((r for r in reasons if "timestamp" in r), reasons[0] if reasons else "no secret configured")
+        )
     # The SDK refuses old timestamps only; one far ahead is as suspect as one long past.
     stamps = [part[2:] for part in signature_header.split(",") if part.startswith("t=")]
     if stamps and stamps[0].isdigit() and int(stamps[0]) > time.time() + tolerance_seconds:
@@ -62,7 +64,9 @@ def verify(payload: bytes, signature_header: str | None, secrets: Sequence[str],
         return StripeEvent.model_validate_json(text)
     except ValidationError as error:
         # Where and what kind only: a message may quote the input.
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in error.errors(include_url=False, include_input=False))
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in error.errors(include_url=False, include_input=False)
+        )
         raise WebhookRejected(f"malformed event: {problems}") from None
 
 

@@ -15,7 +15,7 @@ import json
 import shutil
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -23,17 +23,17 @@ from playwright.async_api import Page, async_playwright
 from sqlalchemy import select
 
 from api.app import create_app
+from domain.referrals import ReferrerDetails, ReferrerKind
 from infra.clock import FixedClock
 from infra.db.tables import customers, ledger_entries, payouts, referrals
 from infra.settings import load_settings
 from messages import CustomerSignedUp, JobCompleted, PaymentFailed, PaymentSucceeded, Publisher
-from domain.referrals import ReferrerDetails, ReferrerKind
 from service_layer import referrals as referral_cases
 from service_layer.unit_of_work import SqlUnitOfWork
+from tests.support import ROOT, InProcessServer, eventually
 from tests.support.fake_stripe import event as stripe_event
 from tests.support.fake_stripe import invoice, mark_paid, signed
 from tests.support.referrals import pay_referrals_as_of
-from tests.support import ROOT, InProcessServer, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +45,21 @@ NAV = ["Retention", "Customers", "Referrals", "Payouts", "Payments", "Analytics"
 
 def at(month: int, day: int, hour: int = 12) -> datetime:
     """The referral stories are set in October 2026 (in the past: pay_referrals refuses the future)."""
-    return datetime(2026, month, day, hour, tzinfo=timezone.utc)
+    return datetime(2026, month, day, hour, tzinfo=UTC)
 
 
 class Console:
     """A signed-in admin's browser tab on the app, and the publisher producers use."""
 
     def __init__(self, page: Page, base_url: str, publisher: Publisher, clock: FixedClock, workers, tmp_path) -> None:
-        self.page, self.base_url, self.publisher, self.clock, self.workers, self.tmp_path = page, base_url, publisher, clock, workers, tmp_path
+        self.page, self.base_url, self.publisher, self.clock, self.workers, self.tmp_path = (
+            page,
+            base_url,
+            publisher,
+            clock,
+            workers,
+            tmp_path,
+        )
         self.dialogs: list[str] = []
         self.answer = True
 
@@ -64,7 +71,10 @@ class Console:
 
     async def open(self, path: str) -> None:
         await self.page.goto(self.base_url + path)
-        labels = [(await link.inner_text()).split("\n")[0].strip() for link in await self.page.locator("nav.top ul > li > a").all()]
+        labels = [
+            (await link.inner_text()).split("\n")[0].strip()
+            for link in await self.page.locator("nav.top ul > li > a").all()
+        ]
         assert [label.rstrip("0123456789… ").strip() for label in labels] == NAV
         assert await self.page.get_by_test_id("at-risk-bubble").count() == 1
 
@@ -86,8 +96,14 @@ class Console:
 async def console_for(pg_url, redis_url, workers_env, start_workers, tmp_path, now: datetime, **settings):
     workers = start_workers(env=workers_env)
     app_settings = load_settings(
-        database_url=pg_url, redis_url=redis_url, admin_api_token=ADMIN_TOKEN, frontend_api_token="front-" + uuid.uuid4().hex,
-        admin_cookie_secure=False, admin_live_interval_seconds=0.3, event_max_age_days=36500, **settings,
+        database_url=pg_url,
+        redis_url=redis_url,
+        admin_api_token=ADMIN_TOKEN,
+        frontend_api_token="front-" + uuid.uuid4().hex,
+        admin_cookie_secure=False,
+        admin_live_interval_seconds=0.3,
+        event_max_age_days=36500,
+        **settings,
     )
     clock = FixedClock(now)
     publisher = Publisher.from_url(redis_url)
@@ -112,21 +128,41 @@ async def scalar(db, query):
 
 async def entries_of(db, customer_id: str) -> list:
     async with db.connect() as connection:
-        return list(await connection.execute(select(ledger_entries).where(ledger_entries.c.customer_id == customer_id).order_by(ledger_entries.c.id)))
+        return list(
+            await connection.execute(
+                select(ledger_entries).where(ledger_entries.c.customer_id == customer_id).order_by(ledger_entries.c.id)
+            )
+        )
 
 
 # ---------------------------------------------------------------- Customers
 
 
-async def test_customers_find_read_the_history_and_act_once(db, pg_url, redis_url, service_env, start_workers, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+async def test_customers_find_read_the_history_and_act_once(
+    db, pg_url, redis_url, service_env, start_workers, tmp_path
+):
+    now = datetime.now(UTC).replace(microsecond=0)
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now) as admin:
         start = now - timedelta(days=60)
-        admin.publisher.publish(CustomerSignedUp(event_id="signup-ann", occurred_at=start, customer_id="ann", email="Ann.Lee@Example.com"))
-        admin.publisher.publish(CustomerSignedUp(event_id="signup-bo", occurred_at=start, customer_id="bo", email="bo@example.com"))
-        admin.publisher.publish(PaymentSucceeded(event_id="pay-ann", occurred_at=start, customer_id="ann", payment_id="in-ann", credits=40))
+        admin.publisher.publish(
+            CustomerSignedUp(event_id="signup-ann", occurred_at=start, customer_id="ann", email="Ann.Lee@Example.com")
+        )
+        admin.publisher.publish(
+            CustomerSignedUp(event_id="signup-bo", occurred_at=start, customer_id="bo", email="bo@example.com")
+        )
+        admin.publisher.publish(
+            PaymentSucceeded(event_id="pay-ann", occurred_at=start, customer_id="ann", payment_id="in-ann", credits=40)
+        )
         for n in range(24):
-            admin.publisher.publish(JobCompleted(event_id=f"job-ann-{n}", occurred_at=start + timedelta(days=1, hours=n), customer_id="ann", job_id=f"job-{n}", credits=1))
+            admin.publisher.publish(
+                JobCompleted(
+                    event_id=f"job-ann-{n}",
+                    occurred_at=start + timedelta(days=1, hours=n),
+                    customer_id="ann",
+                    job_id=f"job-{n}",
+                    credits=1,
+                )
+            )
         await eventually(lambda: _count(db, "ann", 25), timeout=60, message="ann's 25 entries")
 
         # Found by the address she signed up with, however it is typed.
@@ -197,19 +233,55 @@ async def _gift(admin: Console, to: str, credits: int) -> None:
 # ---------------------------------------------------------------- Referrals
 
 
-async def test_a_flagged_referral_approved_in_the_page_is_paid_on_the_next_friday(db, pg_url, redis_url, stripe_env, fake_stripe, start_workers, tmp_path):
+async def test_a_flagged_referral_approved_in_the_page_is_paid_on_the_next_friday(
+    db, pg_url, redis_url, stripe_env, fake_stripe, start_workers, tmp_path
+):
     workers_env = {**stripe_env, "PAYOUT_MINIMUM_CENTS": "100", "REFERRAL_VELOCITY_LIMIT": "3"}
-    async with console_for(pg_url, redis_url, workers_env, start_workers, tmp_path, at(10, 2), payout_minimum_cents=100, referral_velocity_limit=3) as admin:
+    async with console_for(
+        pg_url,
+        redis_url,
+        workers_env,
+        start_workers,
+        tmp_path,
+        at(10, 2),
+        payout_minimum_cents=100,
+        referral_velocity_limit=3,
+    ) as admin:
         code = await referral_cases.register_referrer(
-            SqlUnitOfWork(db), ReferrerDetails("partner-vic", ReferrerKind.PARTNER, name="Vic", payout_method="stripe_connect", stripe_account_id="acct_vic123")
+            SqlUnitOfWork(db),
+            ReferrerDetails(
+                "partner-vic",
+                ReferrerKind.PARTNER,
+                name="Vic",
+                payout_method="stripe_connect",
+                stripe_account_id="acct_vic123",
+            ),
         )
         # Velocity: the fourth referral of a code within 24 hours is flagged.
         for n in range(1, 5):
             customer = f"v{n}"
-            admin.publisher.publish(CustomerSignedUp(event_id=f"signup-{customer}", occurred_at=at(10, 1, 8 + n), customer_id=customer, email=f"{customer}@{customer}.example.com", referral_code=code))
+            admin.publisher.publish(
+                CustomerSignedUp(
+                    event_id=f"signup-{customer}",
+                    occurred_at=at(10, 1, 8 + n),
+                    customer_id=customer,
+                    email=f"{customer}@{customer}.example.com",
+                    referral_code=code,
+                )
+            )
         await eventually(lambda: _referrals(db, 4), timeout=60, message="four referrals")
         for n in range(1, 5):
-            admin.publisher.publish(PaymentSucceeded(event_id=f"paid-v{n}", occurred_at=at(10, 1, 14), customer_id=f"v{n}", payment_id=f"pay-v{n}", credits=10, amount_cents=4900, currency="USD"))
+            admin.publisher.publish(
+                PaymentSucceeded(
+                    event_id=f"paid-v{n}",
+                    occurred_at=at(10, 1, 14),
+                    customer_id=f"v{n}",
+                    payment_id=f"pay-v{n}",
+                    credits=10,
+                    amount_cents=4900,
+                    currency="USD",
+                )
+            )
         await eventually(lambda: _referral_status(db, "v4", "flagged"), timeout=60, message="v4 to be flagged")
 
         await admin.open("/admin/referrals")
@@ -244,21 +316,50 @@ async def _referral_status(db, customer_id: str, status: str) -> bool:
 # ---------------------------------------------------------------- Payouts
 
 
-async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(db, pg_url, redis_url, service_env, start_workers, tmp_path):
+async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(
+    db, pg_url, redis_url, service_env, start_workers, tmp_path
+):
     # No Stripe key: the Stripe Connect payee's payout fails, and the page shows why.
     workers_env = {**service_env, "PAYOUT_MINIMUM_CENTS": "100"}
-    async with console_for(pg_url, redis_url, workers_env, start_workers, tmp_path, at(10, 16, 15), payout_minimum_cents=100) as admin:
+    async with console_for(
+        pg_url, redis_url, workers_env, start_workers, tmp_path, at(10, 16, 15), payout_minimum_cents=100
+    ) as admin:
         codes = {}
-        for referrer, method, extra in (("emp-jo", "manual", {"payout_address": "jo@bank.example"}), ("partner-zed", "stripe_connect", {"stripe_account_id": "acct_zed123"})):
+        for referrer, method, extra in (
+            ("emp-jo", "manual", {"payout_address": "jo@bank.example"}),
+            ("partner-zed", "stripe_connect", {"stripe_account_id": "acct_zed123"}),
+        ):
             kind = ReferrerKind.EMPLOYEE if method == "manual" else ReferrerKind.PARTNER
-            details = ReferrerDetails(referrer, kind, name=referrer.split("-")[1].title(), payout_method=method, **extra)
+            details = ReferrerDetails(
+                referrer, kind, name=referrer.split("-")[1].title(), payout_method=method, **extra
+            )
             codes[referrer] = await referral_cases.register_referrer(SqlUnitOfWork(db), details)
         for customer, referrer in (("r-jo", "emp-jo"), ("r-zed", "partner-zed")):
-            admin.publisher.publish(CustomerSignedUp(event_id=f"signup-{customer}", occurred_at=at(10, 1, 9), customer_id=customer, email=f"{customer}@{customer}.example.com", referral_code=codes[referrer]))
+            admin.publisher.publish(
+                CustomerSignedUp(
+                    event_id=f"signup-{customer}",
+                    occurred_at=at(10, 1, 9),
+                    customer_id=customer,
+                    email=f"{customer}@{customer}.example.com",
+                    referral_code=codes[referrer],
+                )
+            )
         await eventually(lambda: _referrals(db, 2), timeout=60, message="two referrals")
         for customer in ("r-jo", "r-zed"):
-            admin.publisher.publish(PaymentSucceeded(event_id=f"paid-{customer}", occurred_at=at(10, 1, 14), customer_id=customer, payment_id=f"pay-{customer}", credits=10, amount_cents=4900, currency="USD"))
-        await eventually(lambda: _referral_status(db, "r-zed", "pending"), timeout=60, message="the referrals to qualify")
+            admin.publisher.publish(
+                PaymentSucceeded(
+                    event_id=f"paid-{customer}",
+                    occurred_at=at(10, 1, 14),
+                    customer_id=customer,
+                    payment_id=f"pay-{customer}",
+                    credits=10,
+                    amount_cents=4900,
+                    currency="USD",
+                )
+            )
+        await eventually(
+            lambda: _referral_status(db, "r-zed", "pending"), timeout=60, message="the referrals to qualify"
+        )
         run = await pay_referrals_as_of(workers_env, admin.workers, at(10, 16, 14))
         assert (run["payouts_created"], run["sent"]) == (2, {"exported": 1})
 
@@ -268,7 +369,13 @@ async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(db, pg_url,
         async with admin.page.expect_download() as download_info:
             await admin.page.get_by_role("link", name="Download the manual gateway's CSV").click()
         [line] = list(csv.DictReader(io.StringIO((await (await download_info.value).path()).read_text())))
-        assert (line["payee_id"], line["payout_address"], line["period"], line["amount_cents"], line["status"]) == ("emp-jo", "jo@bank.example", "week-2026-10-16", "1000", "exported")
+        assert (line["payee_id"], line["payout_address"], line["period"], line["amount_cents"], line["status"]) == (
+            "emp-jo",
+            "jo@bank.example",
+            "week-2026-10-16",
+            "1000",
+            "exported",
+        )
 
         await admin.page.get_by_label("Period").select_option("week-2026-10-16")
         await admin.page.get_by_label("Status").select_option("exported")
@@ -287,11 +394,22 @@ async def test_a_payout_reference_recorded_in_the_page_marks_it_paid(db, pg_url,
 # ---------------------------------------------------------------- Payments
 
 
-async def test_payments_show_dunning_and_a_parked_event_linked_in_the_page_is_relayed(db, pg_url, redis_url, service_env, start_workers, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+async def test_payments_show_dunning_and_a_parked_event_linked_in_the_page_is_relayed(
+    db, pg_url, redis_url, service_env, start_workers, tmp_path
+):
+    now = datetime.now(UTC).replace(microsecond=0)
     settings = {"stripe_webhook_secrets": WEBHOOK_SECRET, "stripe_plan_credits": json.dumps({"price_basic": 10})}
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now, **settings) as admin:
-        admin.publisher.publish(PaymentFailed(event_id="failed-cara", occurred_at=now - timedelta(days=2), customer_id="cara", invoice_id="in_cara", decline_code="insufficient_funds", failure_message="Your card has insufficient funds."))
+        admin.publisher.publish(
+            PaymentFailed(
+                event_id="failed-cara",
+                occurred_at=now - timedelta(days=2),
+                customer_id="cara",
+                invoice_id="in_cara",
+                decline_code="insufficient_funds",
+                failure_message="Your card has insufficient funds.",
+            )
+        )
         # Stripe pays an invoice of a Stripe customer we cannot place yet: parked for review.
         body, headers = signed(stripe_event("invoice.paid", mark_paid(invoice("in_dee", "cus_dee"))), WEBHOOK_SECRET)
         async with httpx.AsyncClient(base_url=admin.base_url) as http:
@@ -324,17 +442,37 @@ async def _balance(db, customer_id: str, expected: int) -> bool:
 # ---------------------------------------------------------------- Analytics
 
 
-async def test_analytics_chart_and_table_agree_with_the_ledger(db, pg_url, redis_url, service_env, start_workers, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+async def test_analytics_chart_and_table_agree_with_the_ledger(
+    db, pg_url, redis_url, service_env, start_workers, tmp_path
+):
+    now = datetime.now(UTC).replace(microsecond=0)
     first = (now.replace(day=1) - timedelta(days=430)).replace(day=15, hour=12, minute=0, second=0)
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now) as admin:
-        events = [PaymentSucceeded(event_id="pay-old", occurred_at=first, customer_id="old", payment_id="in-old", credits=6)]
+        events = [
+            PaymentSucceeded(event_id="pay-old", occurred_at=first, customer_id="old", payment_id="in-old", credits=6)
+        ]
         for n in range(6):
             moment = first + timedelta(days=62 * n + 20)
-            events.append(PaymentSucceeded(event_id=f"pay-{n}", occurred_at=moment, customer_id=f"c{n}", payment_id=f"in-{n}", credits=8 + n))
-            events.append(JobCompleted(event_id=f"job-{n}", occurred_at=moment + timedelta(days=25), customer_id=f"c{n}", job_id=f"job-{n}", credits=3))
+            events.append(
+                PaymentSucceeded(
+                    event_id=f"pay-{n}", occurred_at=moment, customer_id=f"c{n}", payment_id=f"in-{n}", credits=8 + n
+                )
+            )
+            events.append(
+                JobCompleted(
+                    event_id=f"job-{n}",
+                    occurred_at=moment + timedelta(days=25),
+                    customer_id=f"c{n}",
+                    job_id=f"job-{n}",
+                    credits=3,
+                )
+            )
         # "old" books nothing until after its credits expired: the expiry is written then.
-        events.append(JobCompleted(event_id="job-old", occurred_at=now - timedelta(days=1), customer_id="old", job_id="job-old", credits=1))
+        events.append(
+            JobCompleted(
+                event_id="job-old", occurred_at=now - timedelta(days=1), customer_id="old", job_id="job-old", credits=1
+            )
+        )
         for event in events:
             admin.publisher.publish(event)
         await eventually(lambda: _entries_total(db, 1 + 12 + 2), timeout=60, message="every event applied")
@@ -342,9 +480,20 @@ async def test_analytics_chart_and_table_agree_with_the_ledger(db, pg_url, redis
         since = first.strftime("%Y-%m")
         await admin.open(f"/admin/analytics?since={since}")
         async with httpx.AsyncClient(base_url=admin.base_url) as http:
-            expected = (await http.get("/api/admin/credits/analytics", params={"since": first.replace(day=1, hour=0).isoformat()}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})).json()
-        rows = [[cell.strip() for cell in (await row.inner_text()).split("\t")] for row in await admin.page.get_by_test_id("months").locator("tbody tr").all()]
-        assert [[r[0], int(r[1]), int(r[2]), int(r[3]), int(r[6])] for r in rows] == [[m["month"], m["issued"], m["used"], m["expired"], m["outstanding"]] for m in expected["months"]]
+            expected = (
+                await http.get(
+                    "/api/admin/credits/analytics",
+                    params={"since": first.replace(day=1, hour=0).isoformat()},
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                )
+            ).json()
+        rows = [
+            [cell.strip() for cell in (await row.inner_text()).split("\t")]
+            for row in await admin.page.get_by_test_id("months").locator("tbody tr").all()
+        ]
+        assert [[r[0], int(r[1]), int(r[2]), int(r[3]), int(r[6])] for r in rows] == [
+            [m["month"], m["issued"], m["used"], m["expired"], m["outstanding"]] for m in expected["months"]
+        ]
         assert expected["totals"]["expired"] == 6 and expected["breakage_rate"] is not None
         assert await admin.page.get_by_test_id("breakage").inner_text() == f"{expected['breakage_rate']:.1%}"
         chart = admin.page.get_by_test_id("chart").locator("svg")
@@ -355,33 +504,58 @@ async def test_analytics_chart_and_table_agree_with_the_ledger(db, pg_url, redis
         titles = await chart.evaluate("svg => Array.from(svg.querySelectorAll('circle title'), t => t.textContent)")
         assert {f"{m['month']} outstanding: {m['outstanding']}" for m in expected["months"]} <= set(titles)
         upcoming = await admin.page.get_by_test_id("upcoming").inner_text()
-        assert all(month in upcoming for month, _ in [(u["month"], u["credits"]) for u in expected["upcoming_expirations"]])
+        assert all(
+            month in upcoming for month, _ in [(u["month"], u["credits"]) for u in expected["upcoming_expirations"]]
+        )
         await admin.screenshot_and_narrow("analytics")
 
 
 async def _entries_total(db, expected: int) -> bool:
     async with db.connect() as connection:
-        return len((await connection.execute(select(ledger_entries.c.id).where(ledger_entries.c.kind != "held"))).all()) >= expected
+        return (
+            len((await connection.execute(select(ledger_entries.c.id).where(ledger_entries.c.kind != "held"))).all())
+            >= expected
+        )
 
 
 # ---------------------------------------------------------------- Retention, with the others' navigation
 
 
-async def test_the_navigation_fits_768_works_by_keyboard_and_its_bubble_is_live_on_every_page(db, pg_url, redis_url, service_env, start_workers, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+async def test_the_navigation_fits_768_works_by_keyboard_and_its_bubble_is_live_on_every_page(
+    db, pg_url, redis_url, service_env, start_workers, tmp_path
+):
+    now = datetime.now(UTC).replace(microsecond=0)
     async with console_for(pg_url, redis_url, service_env, start_workers, tmp_path, now) as admin:
         # A customer out of credits for 13½ days: on the line in half a day, with no event.
         # One after the other: applied the other way round, the job would overdraw and the payment
         # would end the depletion at its own time, and "almost" would never cross the line.
-        admin.publisher.publish(PaymentSucceeded(event_id="pay-almost", occurred_at=now - timedelta(days=40), customer_id="almost", payment_id="in-almost", credits=1))
+        admin.publisher.publish(
+            PaymentSucceeded(
+                event_id="pay-almost",
+                occurred_at=now - timedelta(days=40),
+                customer_id="almost",
+                payment_id="in-almost",
+                credits=1,
+            )
+        )
         await eventually(lambda: _count(db, "almost", 1), timeout=60, message="almost's payment")
-        admin.publisher.publish(JobCompleted(event_id="job-almost", occurred_at=now - timedelta(days=13, hours=12), customer_id="almost", job_id="j", credits=1))
+        admin.publisher.publish(
+            JobCompleted(
+                event_id="job-almost",
+                occurred_at=now - timedelta(days=13, hours=12),
+                customer_id="almost",
+                job_id="j",
+                credits=1,
+            )
+        )
         await eventually(lambda: _count(db, "almost", 2), timeout=60, message="almost's entries")
         await admin.open("/admin/analytics")
         await admin.page.evaluate("window.__noReload = 'still here'")
         assert await admin.page.get_by_test_id("at-risk-bubble").inner_text() == "0"
         admin.clock.move_to(now + timedelta(hours=12, minutes=1))
-        await admin.page.wait_for_function("() => document.getElementById('bubble').textContent === '1'", timeout=15_000)
+        await admin.page.wait_for_function(
+            "() => document.getElementById('bubble').textContent === '1'", timeout=15_000
+        )
         assert await admin.page.evaluate("window.__noReload") == "still here"
 
         await admin.open("/admin")
@@ -399,7 +573,14 @@ async def test_the_navigation_fits_768_works_by_keyboard_and_its_bubble_is_live_
         await admin.page.wait_for_url("**/admin/customers?q=nobody-here")
         assert "No customer has that id" in await admin.page.inner_text("main")
         await admin.page.set_viewport_size({"width": 768, "height": 900})
-        for path in ("/admin", "/admin/customers", "/admin/referrals", "/admin/payouts", "/admin/payments", "/admin/analytics"):
+        for path in (
+            "/admin",
+            "/admin/customers",
+            "/admin/referrals",
+            "/admin/payouts",
+            "/admin/payments",
+            "/admin/analytics",
+        ):
             await admin.open(path)
             widths = await admin.page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
             assert widths[0] <= widths[1], (path, widths)

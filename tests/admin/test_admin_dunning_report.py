@@ -10,7 +10,7 @@ exactly as the workers make them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -27,7 +27,7 @@ from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support.fake_stripe import FakeStripe, invoice
 from tests.support.web import ADMIN, ADMIN_TOKEN, FRONT, FRONTEND_TOKEN
 
-UTC = timezone.utc
+UTC = UTC
 POLICY = CreditPolicy()
 RULES = DunningRules()
 REPORT = "/api/admin/dunning-report"
@@ -51,18 +51,49 @@ async def apply(db, event) -> Outcome:
     return await handlers.apply_event(event, SqlUnitOfWork(db), POLICY, RULES)
 
 
-async def failed(db, fake: FakeStripe, customer: str, invoice_id: str, at: datetime, decline_code: str, subscription: str | None = None) -> None:
+async def failed(
+    db,
+    fake: FakeStripe,
+    customer: str,
+    invoice_id: str,
+    at: datetime,
+    decline_code: str,
+    subscription: str | None = None,
+) -> None:
     fake.add_invoice(invoice(invoice_id, f"cus_{customer}", subscription=subscription))
     event = PaymentFailed(
-        event_id=f"evt_failed_{invoice_id}", occurred_at=at, customer_id=customer, invoice_id=invoice_id, decline_code=decline_code, subscription_id=subscription
+        event_id=f"evt_failed_{invoice_id}",
+        occurred_at=at,
+        customer_id=customer,
+        invoice_id=invoice_id,
+        decline_code=decline_code,
+        subscription_id=subscription,
     )
     assert await apply(db, event) is Outcome.APPLIED
 
 
 async def bought_and_spent(db, customer: str, credits: int, spent: int, at: datetime) -> None:
-    await apply(db, PaymentSucceeded(event_id=f"evt_paid_{customer}", occurred_at=at, customer_id=customer, payment_id=f"in_paid_{customer}", credits=credits))
+    await apply(
+        db,
+        PaymentSucceeded(
+            event_id=f"evt_paid_{customer}",
+            occurred_at=at,
+            customer_id=customer,
+            payment_id=f"in_paid_{customer}",
+            credits=credits,
+        ),
+    )
     if spent:
-        await apply(db, JobCompleted(event_id=f"evt_job_{customer}", occurred_at=at + timedelta(days=1), customer_id=customer, job_id=f"job_{customer}", credits=spent))
+        await apply(
+            db,
+            JobCompleted(
+                event_id=f"evt_job_{customer}",
+                occurred_at=at + timedelta(days=1),
+                customer_id=customer,
+                job_id=f"job_{customer}",
+                credits=spent,
+            ),
+        )
 
 
 async def report(client: httpx.AsyncClient, **params) -> dict:
@@ -73,12 +104,16 @@ async def report(client: httpx.AsyncClient, **params) -> dict:
 
 async def test_the_dunning_report_lists_every_unpaid_invoice_and_the_membership(db, client, fake):
     now = datetime.now(UTC)
-    provider = StripeProvider(load_settings(stripe_api_key="sk_test_report", stripe_api_base=fake.url, stripe_timeout_seconds=2))
+    provider = StripeProvider(
+        load_settings(stripe_api_key="sk_test_report", stripe_api_base=fake.url, stripe_timeout_seconds=2)
+    )
     new_uow = lambda: SqlUnitOfWork(db)  # noqa: E731
 
     # A customer whose card was lost 20 days ago: past due when the schedule ended, then the end action cancelled the subscription.
     await bought_and_spent(db, "cx-cancelled", 5, 5, now - timedelta(days=40))
-    await failed(db, fake, "cx-cancelled", "in_cancelled", now - timedelta(days=20), "lost_card", subscription="sub_cancelled")
+    await failed(
+        db, fake, "cx-cancelled", "in_cancelled", now - timedelta(days=20), "lost_card", subscription="sub_cancelled"
+    )
     assert await payments.schedule_due_retries(new_uow, now) == 0
     assert await payments.cancel_past_due_subscriptions(new_uow, provider, lambda: now) == 1
     assert fake.subscriptions["sub_cancelled"]["status"] == "canceled"
@@ -94,9 +129,23 @@ async def test_the_dunning_report_lists_every_unpaid_invoice_and_the_membership(
     await failed(db, fake, "cx-retrying", "in_retrying", now - timedelta(hours=2), "insufficient_funds")
     # Settled: paid, and voided.
     await failed(db, fake, "cx-paid", "in_paid_later", now - timedelta(days=3), "insufficient_funds")
-    await apply(db, PaymentSucceeded(event_id="evt_paid_later", occurred_at=now - timedelta(days=2), customer_id="cx-paid", payment_id="in_paid_later", credits=7))
+    await apply(
+        db,
+        PaymentSucceeded(
+            event_id="evt_paid_later",
+            occurred_at=now - timedelta(days=2),
+            customer_id="cx-paid",
+            payment_id="in_paid_later",
+            credits=7,
+        ),
+    )
     await failed(db, fake, "cx-void", "in_void", now - timedelta(days=4), "insufficient_funds")
-    await apply(db, InvoiceVoided(event_id="evt_void", occurred_at=now - timedelta(days=3), customer_id="cx-void", invoice_id="in_void"))
+    await apply(
+        db,
+        InvoiceVoided(
+            event_id="evt_void", occurred_at=now - timedelta(days=3), customer_id="cx-void", invoice_id="in_void"
+        ),
+    )
     assert await payments.schedule_due_retries(new_uow, now) == 0  # in_rich and in_mixed_old: past due
 
     # Admin only.
@@ -105,11 +154,28 @@ async def test_the_dunning_report_lists_every_unpaid_invoice_and_the_membership(
     assert (await client.get(REPORT, params={"status": "bogus"}, headers=ADMIN)).status_code == 422
 
     everything = await report(client)
-    assert (everything["total"], everything["limit"], everything["offset"], everything["next_offset"]) == (5, 100, 0, None)
+    assert (everything["total"], everything["limit"], everything["offset"], everything["next_offset"]) == (
+        5,
+        100,
+        0,
+        None,
+    )
     rows = {row["invoice_id"]: row for row in everything["invoices"]}
-    assert list(rows) == ["in_cancelled", "in_rich", "in_mixed_old", "in_retrying", "in_mixed_new"]  # oldest failure first
+    assert list(rows) == [
+        "in_cancelled",
+        "in_rich",
+        "in_mixed_old",
+        "in_retrying",
+        "in_mixed_new",
+    ]  # oldest failure first
     seen = {
-        invoice_id: (row["customer_id"], row["dunning_status"], row["membership_status"], row["balance"], row["last_decline_code"])
+        invoice_id: (
+            row["customer_id"],
+            row["dunning_status"],
+            row["membership_status"],
+            row["balance"],
+            row["last_decline_code"],
+        )
         for invoice_id, row in rows.items()
     }
     assert seen == {
@@ -146,4 +212,7 @@ async def test_the_dunning_report_lists_every_unpaid_invoice_and_the_membership(
     listed = {c["customer_id"]: c for c in credits.json()["customers"]}
     assert set(listed) == {"cx-cancelled", "cx-mixed"}  # cx-rich owes but has credits: only in the dunning report
     assert (listed["cx-mixed"]["dunning_status"], listed["cx-mixed"]["membership_status"]) == ("retrying", "past_due")
-    assert (listed["cx-cancelled"]["dunning_status"], listed["cx-cancelled"]["membership_status"]) == ("past_due", "cancelled")
+    assert (listed["cx-cancelled"]["dunning_status"], listed["cx-cancelled"]["membership_status"]) == (
+        "past_due",
+        "cancelled",
+    )

@@ -26,7 +26,6 @@ from infra.db.tables import customers, ledger_entries
 from messages import PaymentSucceeded
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support.delivery import ledger_snapshot
 from tests.support.console import (
     ADMIN_TOKEN,
     COOKIE,
@@ -37,6 +36,8 @@ from tests.support.console import (
     serving,
     set_cookie,
 )
+from tests.support.delivery import ledger_snapshot
+
 
 @pytest.fixture
 async def page(db, pg_url):
@@ -94,7 +95,10 @@ async def test_the_right_token_sets_a_strict_httponly_session_cookie_and_redirec
     response = await page.sign_in()
     assert response.headers["location"] == "/admin"
     [cookie_header] = set_cookie(response)
-    attributes = {part.strip().split("=", 1)[0].lower(): (part.strip().split("=", 1) + [""])[1] for part in cookie_header.split(";")[1:]}
+    attributes = {
+        part.strip().split("=", 1)[0].lower(): (part.strip().split("=", 1) + [""])[1]
+        for part in cookie_header.split(";")[1:]
+    }
     assert cookie_header.startswith(f"{COOKIE}=")
     assert "httponly" in attributes
     assert attributes["samesite"].lower() == "strict"
@@ -155,7 +159,9 @@ async def test_a_login_body_over_4_kb_is_refused_with_413(page):
         for _ in range(10):
             yield b"y" * 1_000
 
-    streamed = await page.http.post("/admin/login", content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    streamed = await page.http.post(
+        "/admin/login", content=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert "content-length" not in streamed.request.headers
     assert streamed.status_code == 413, streamed.text
     assert set_cookie(streamed) == []
@@ -165,14 +171,20 @@ async def test_a_login_body_over_4_kb_is_refused_with_413(page):
     async def big():
         yield b"token=" + b"z" * 5_000
 
-    lying = await page.http.post("/admin/login", content=big(), headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "10"})
+    lying = await page.http.post(
+        "/admin/login",
+        content=big(),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "10"},
+    )
     assert lying.status_code in (400, 413), lying.text
     assert set_cookie(lying) == []
 
     # Exactly 4 KB is read (and judged on the token).
     body = f"token=wrong&pad={'p' * (4_096 - len('token=wrong&pad='))}"
     assert len(body) == 4_096
-    at_limit = await page.http.post("/admin/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    at_limit = await page.http.post(
+        "/admin/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert at_limit.status_code == 401
 
 
@@ -186,7 +198,11 @@ async def test_data_calls_and_the_live_stream_need_a_session(db, page):
         ("GET", "/admin/data/at-risk", None),
         ("GET", "/admin/live", None),
         ("POST", "/admin/data/customers/cust-nosession/note", {"note": "x"}),
-        ("POST", "/admin/data/customers/cust-nosession/adjustments", {"credits": 5, "reason": "x", "idempotency_key": "nosession-0001"}),
+        (
+            "POST",
+            "/admin/data/customers/cust-nosession/adjustments",
+            {"credits": 5, "reason": "x", "idempotency_key": "nosession-0001"},
+        ),
     ):
         response = await page.http.request(method, path, json=body)
         assert response.status_code == 401, (path, response.text)
@@ -202,7 +218,10 @@ async def test_the_at_risk_list_for_a_signed_in_admin(db, page):
     await page.sign_in()
     found = (await page.http.get("/admin/data/at-risk")).json()
     assert (found["days"], found["count"]) == (14, 2)
-    assert [(c["customer_id"], c["days_depleted"]) for c in found["customers"]] == [("cust-long", 40), ("cust-lapsed", 20)]
+    assert [(c["customer_id"], c["days_depleted"]) for c in found["customers"]] == [
+        ("cust-long", 40),
+        ("cust-lapsed", 20),
+    ]
 
 
 async def test_note_and_adjustment_accept_only_json_415_otherwise(db, page):
@@ -210,11 +229,21 @@ async def test_note_and_adjustment_accept_only_json_415_otherwise(db, page):
     await depleted(db, "cust-ct", NOW - timedelta(days=20))
     await page.sign_in()
     before = await ledger_snapshot(db)
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None, "application/jsonp", "text/json"):
+    for content_type in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+        "application/jsonp",
+        "text/json",
+    ):
         headers = {"Content-Type": content_type} if content_type else {}
         for path, body in (
             ("/admin/data/customers/cust-ct/note", {"note": "called"}),
-            ("/admin/data/customers/cust-ct/adjustments", {"credits": 5, "reason": "goodwill", "idempotency_key": "content-type-0001"}),
+            (
+                "/admin/data/customers/cust-ct/adjustments",
+                {"credits": 5, "reason": "goodwill", "idempotency_key": "content-type-0001"},
+            ),
         ):
             response = await page.http.post(path, content=json.dumps(body).encode(), headers=headers)
             assert response.status_code == 415, (path, content_type, response.text)
@@ -222,7 +251,11 @@ async def test_note_and_adjustment_accept_only_json_415_otherwise(db, page):
     assert await ledger_snapshot(db) == before
 
     # JSON (with a charset parameter too) is taken.
-    saved = await page.http.post("/admin/data/customers/cust-ct/note", content=json.dumps({"note": "called"}).encode(), headers={"Content-Type": "application/json; charset=utf-8"})
+    saved = await page.http.post(
+        "/admin/data/customers/cust-ct/note",
+        content=json.dumps({"note": "called"}).encode(),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
     assert saved.status_code == 200, saved.text
     assert await notes(db) == {"cust-ct": "called"}
 
@@ -233,7 +266,9 @@ async def test_a_note_is_saved_the_latest_stands_and_an_unknown_customer_is_404(
     first = await page.http.post("/admin/data/customers/cust-note/note", json={"note": "called on Monday"})
     assert first.json() == {"customer_id": "cust-note", "note": "called on Monday"}
     page.clock.move_to(NOW + timedelta(hours=1))
-    assert (await page.http.post("/admin/data/customers/cust-note/note", json={"note": "renewing next week ✓"})).status_code == 200
+    assert (
+        await page.http.post("/admin/data/customers/cust-note/note", json={"note": "renewing next week ✓"})
+    ).status_code == 200
     assert await notes(db) == {"cust-note": "renewing next week ✓"}
     listed = (await page.http.get("/admin/data/at-risk")).json()["customers"]
     assert [(c["customer_id"], c["note"]) for c in listed] == [("cust-note", "renewing next week ✓")]
@@ -248,13 +283,19 @@ async def test_a_note_with_a_lone_surrogate_is_refused_with_422_not_500(db, page
     """Valid JSON text, but not Unicode text PostgreSQL can store."""
     await depleted(db, "cust-surrogate", NOW - timedelta(days=20))
     await page.sign_in()
-    for raw in (b'{"note": "\\ud800"}', b'{"note": "before \\udfff after"}', b'{"note": "\\udc00\\ud800"}'):  # lone high, lone low, a pair reversed
+    for raw in (
+        b'{"note": "\\ud800"}',
+        b'{"note": "before \\udfff after"}',
+        b'{"note": "\\udc00\\ud800"}',
+    ):  # lone high, lone low, a pair reversed
         response = await page.http.post("/admin/data/customers/cust-surrogate/note", content=raw, headers=JSON)
         assert response.status_code == 422, (raw, response.text)
         assert "Unicode" in response.json()["detail"]
     assert await notes(db) == {}
     # The app is fine afterwards, and a real pair (an emoji) is ordinary text.
-    emoji = await page.http.post("/admin/data/customers/cust-surrogate/note", content=b'{"note": "\\ud83d\\ude00 called"}', headers=JSON)
+    emoji = await page.http.post(
+        "/admin/data/customers/cust-surrogate/note", content=b'{"note": "\\ud83d\\ude00 called"}', headers=JSON
+    )
     assert emoji.status_code == 200, emoji.text
     assert await notes(db) == {"cust-surrogate": "\U0001f600 called"}
 
@@ -269,7 +310,8 @@ async def test_an_adjustment_with_a_lone_surrogate_in_its_reason_is_refused_with
     assert await ledger_snapshot(db) == before
     # The same key with a storable reason is a new request, not a duplicate of the refused one.
     fixed = await page.http.post(
-        "/admin/data/customers/cust-surrogate-adj/adjustments", json={"credits": 5, "reason": "goodwill", "idempotency_key": "surrogate-0001"}
+        "/admin/data/customers/cust-surrogate-adj/adjustments",
+        json={"credits": 5, "reason": "goodwill", "idempotency_key": "surrogate-0001"},
     )
     assert fixed.json()["outcome"] == "applied", fixed.text
 
@@ -316,12 +358,21 @@ async def test_page_adjustments_require_an_idempotency_key_and_apply_once_per_ke
                 .order_by(ledger_entries.c.id)
             )
         ).all()
-        balance = (await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-adj"))).scalar_one()
-    assert [(a.credits, a.event_id) for a in adjusted] == [(6, "admin-adjustment:page-form-9c1e44"), (-1, "admin-adjustment:page-form-9c1e45")]
+        balance = (
+            await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-adj"))
+        ).scalar_one()
+    assert [(a.credits, a.event_id) for a in adjusted] == [
+        (6, "admin-adjustment:page-form-9c1e44"),
+        (-1, "admin-adjustment:page-form-9c1e45"),
+    ]
     assert "sorry for the outage" in adjusted[0].note and "admin page" in adjusted[0].note
     assert balance == 5
 
-    assert (await page.http.post("/admin/data/customers/nobody/adjustments", json={**body, "idempotency_key": "unknown-0001"})).status_code == 404
+    assert (
+        await page.http.post(
+            "/admin/data/customers/nobody/adjustments", json={**body, "idempotency_key": "unknown-0001"}
+        )
+    ).status_code == 404
 
 
 # ---------------------------------------------------------------- the live count
@@ -389,7 +440,13 @@ async def test_the_live_count_leaves_out_customers_whose_credits_came_back(db, p
     await depleted(db, "cust-back", NOW - timedelta(days=30))
     await depleted(db, "cust-out", NOW - timedelta(days=30))
     await handlers.apply_event(
-        PaymentSucceeded(event_id="pay-back-again", occurred_at=NOW - timedelta(days=1), customer_id="cust-back", payment_id="in-back-again", credits=3),
+        PaymentSucceeded(
+            event_id="pay-back-again",
+            occurred_at=NOW - timedelta(days=1),
+            customer_id="cust-back",
+            payment_id="in-back-again",
+            credits=3,
+        ),
         SqlUnitOfWork(db),
         CreditPolicy(),
     )
@@ -411,7 +468,11 @@ async def test_signing_out_clears_the_session(db, page):
     assert response.status_code == 303
     assert response.headers["location"] == "/admin/login"
     [cleared] = set_cookie(response)
-    assert cleared.startswith(f"{COOKIE}=null") or "max-age=0" in cleared.lower() or "expires=thu, 01 jan 1970" in cleared.lower(), cleared
+    assert (
+        cleared.startswith(f"{COOKIE}=null")
+        or "max-age=0" in cleared.lower()
+        or "expires=thu, 01 jan 1970" in cleared.lower()
+    ), cleared
     assert COOKIE not in page.http.cookies
 
     assert (await page.http.get("/admin")).status_code == 303

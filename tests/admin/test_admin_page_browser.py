@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -35,12 +35,34 @@ SCREENSHOT = ROOT / "docs" / "admin-retention.png"
 async def depleted(db, customer_id: str, since: datetime, credits: int = 2) -> None:
     """A customer whose credits ran out at ``since``."""
     policy = CreditPolicy()
-    await handlers.apply_event(PaymentSucceeded(event_id=f"pay-{customer_id}", occurred_at=since - timedelta(days=30), customer_id=customer_id, payment_id=f"in-{customer_id}", credits=credits), SqlUnitOfWork(db), policy)
-    await handlers.apply_event(JobCompleted(event_id=f"job-{customer_id}", occurred_at=since, customer_id=customer_id, job_id=f"job-{customer_id}", credits=credits), SqlUnitOfWork(db), policy)
+    await handlers.apply_event(
+        PaymentSucceeded(
+            event_id=f"pay-{customer_id}",
+            occurred_at=since - timedelta(days=30),
+            customer_id=customer_id,
+            payment_id=f"in-{customer_id}",
+            credits=credits,
+        ),
+        SqlUnitOfWork(db),
+        policy,
+    )
+    await handlers.apply_event(
+        JobCompleted(
+            event_id=f"job-{customer_id}",
+            occurred_at=since,
+            customer_id=customer_id,
+            job_id=f"job-{customer_id}",
+            credits=credits,
+        ),
+        SqlUnitOfWork(db),
+        policy,
+    )
 
 
-async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db, pg_url, redis_url, start_workers, tmp_path):
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(
+    db, pg_url, redis_url, start_workers, tmp_path
+):
+    now = datetime.now(UTC).replace(microsecond=0)
     clock = FixedClock(now)
     await depleted(db, "long-gone", now - timedelta(days=40))
     await depleted(db, "lapsed", now - timedelta(days=20))
@@ -65,7 +87,10 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
             # The page runs under its Content-Security-Policy (no bypass): anything it blocks is reported here.
             # (Expressions below are passed as functions: Playwright evaluates a bare expression with eval, which the CSP forbids.)
             blocked = []
-            page.on("console", lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None)
+            page.on(
+                "console",
+                lambda message: blocked.append(message.text) if "Content Security Policy" in message.text else None,
+            )
             # Not signed in: the page sends us to sign in; the token goes in a form, never a URL.
             await page.goto(f"{server.base_url}/admin")
             assert page.url.endswith("/admin/login")
@@ -80,7 +105,10 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
             bubble = page.get_by_test_id("at-risk-bubble")
             await page.wait_for_function("() => document.getElementById('bubble').textContent === '2'", timeout=10_000)
             # Styles and script come from our own files (/admin/static): the red bubble is styled.
-            assert await page.evaluate("() => getComputedStyle(document.getElementById('bubble')).backgroundColor") == "rgb(229, 72, 77)"
+            assert (
+                await page.evaluate("() => getComputedStyle(document.getElementById('bubble')).backgroundColor")
+                == "rgb(229, 72, 77)"
+            )
             rows = page.locator("#rows tr")
             assert await rows.count() == 2
             assert await rows.nth(0).get_attribute("data-customer") == "long-gone"
@@ -90,7 +118,15 @@ async def test_the_bubble_follows_the_pipeline_and_the_clock_without_a_reload(db
             await page.evaluate("window.__noReload = 'still here'")
 
             # Credits come back through the real pipeline: producer → Redis → worker → PostgreSQL.
-            publisher.publish(PaymentSucceeded(event_id=f"restore-{uuid.uuid4()}", occurred_at=now, customer_id="lapsed", payment_id="in-restore", credits=4))
+            publisher.publish(
+                PaymentSucceeded(
+                    event_id=f"restore-{uuid.uuid4()}",
+                    occurred_at=now,
+                    customer_id="lapsed",
+                    payment_id="in-restore",
+                    credits=4,
+                )
+            )
             await page.wait_for_function("() => document.getElementById('bubble').textContent === '1'", timeout=30_000)
             assert await page.evaluate("window.__noReload") == "still here"
             await eventually(lambda: _row_count(page, 1), timeout=10, message="the list to drop the restored customer")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -26,7 +26,7 @@ ORIGIN = {"Origin": "http://credits.test"}
 
 
 def session_clock(page) -> FixedClock:
-    clock = FixedClock(datetime.now(timezone.utc))
+    clock = FixedClock(datetime.now(UTC))
     page.app.state.session_clock = clock
     return clock
 
@@ -65,7 +65,9 @@ async def test_an_open_live_stream_ends_when_its_session_is_signed_out(db, pg_ur
 
         async def sign_out_elsewhere():
             await asyncio.sleep(0.6)
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=page.app), base_url="http://credits.test", headers=ORIGIN) as other:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=page.app), base_url="http://credits.test", headers=ORIGIN
+            ) as other:
                 other.cookies.set(COOKIE, cookie, domain="credits.test")
                 assert (await other.post("/admin/logout")).status_code == 303
 
@@ -113,7 +115,9 @@ async def test_rotating_the_admin_token_ends_every_session(db, pg_url):
         assert await status_of(rotated, "/admin") == 303
         # The old token does not sign in any more; the new one does.
         assert (await rotated.http.post("/admin/login", data={"token": ADMIN_TOKEN})).status_code == 401
-        assert (await rotated.http.post("/admin/login", data={"token": "rotated-admin-token-0123456789abcdef"})).status_code == 303
+        assert (
+            await rotated.http.post("/admin/login", data={"token": "rotated-admin-token-0123456789abcdef"})
+        ).status_code == 303
         assert await status_of(rotated, "/admin/data/at-risk") == 200
 
 
@@ -142,7 +146,9 @@ async def test_sign_in_is_limited_per_address_and_in_all_with_429_and_retry_afte
     async with serving(db, pg_url, **limits) as page:
         clock = session_clock(page)
         async with from_address(page, "203.0.113.7") as first, from_address(page, "198.51.100.9") as second:
-            assert [(await first.post("/admin/login", data={"token": "guess"})).status_code for _ in range(3)] == [401] * 3
+            assert [(await first.post("/admin/login", data={"token": "guess"})).status_code for _ in range(3)] == [
+                401
+            ] * 3
             later(clock, minutes=5)
             refused = await first.post("/admin/login", data={"token": ADMIN_TOKEN})  # even the right token
             assert refused.status_code == 429, refused.text
@@ -165,7 +171,9 @@ async def test_sign_in_is_limited_per_address_and_in_all_with_429_and_retry_afte
 async def test_concurrent_guesses_from_one_address_get_exactly_the_allowance(db, pg_url):
     async with serving(db, pg_url, admin_sign_in_limit_per_address=3) as page:
         async with from_address(page, "203.0.113.8") as guesser:
-            answers = await asyncio.gather(*[guesser.post("/admin/login", data={"token": f"guess-{n}"}) for n in range(20)])
+            answers = await asyncio.gather(
+                *[guesser.post("/admin/login", data={"token": f"guess-{n}"}) for n in range(20)]
+            )
     assert sorted(answer.status_code for answer in answers) == [401] * 3 + [429] * 17
 
 
@@ -207,14 +215,20 @@ async def test_state_changing_admin_requests_need_this_servers_origin(db, pg_url
             response = await page.http.post(url, json={"note": "forged"}, headers=headers)
             assert response.status_code == 403, (headers, response.text)
             adjusted = await page.http.post(
-                "/admin/data/customers/cust-origin/adjustments", json={"credits": 5, "reason": "x", "idempotency_key": "forged-0001"}, headers=headers
+                "/admin/data/customers/cust-origin/adjustments",
+                json={"credits": 5, "reason": "x", "idempotency_key": "forged-0001"},
+                headers=headers,
             )
             assert adjusted.status_code == 403, headers
             assert (await page.http.post("/admin/logout", headers=headers)).status_code == 403
         assert await notes(db) == {}
         assert await status_of(page, "/admin/data/at-risk") == 200  # the forged sign-out did nothing
 
-        for headers in ({"Origin": "http://credits.test"}, {"Referer": "http://credits.test/admin"}, {"Origin": "https://credits.test"}):
+        for headers in (
+            {"Origin": "http://credits.test"},
+            {"Referer": "http://credits.test/admin"},
+            {"Origin": "https://credits.test"},
+        ):
             assert (await page.http.post(url, json={"note": "ok"}, headers=headers)).status_code == 200, headers
         assert (await page.http.post("/admin/logout", headers=ORIGIN)).status_code == 303
 
@@ -224,8 +238,12 @@ async def test_configured_origins_are_the_only_ones_accepted(db, pg_url):
         await depleted(db, "cust-configured", NOW - timedelta(days=20))
         await page.sign_in()
         url = "/admin/data/customers/cust-configured/note"
-        assert (await page.http.post(url, json={"note": "x"}, headers={"Origin": "http://credits.test"})).status_code == 403
-        assert (await page.http.post(url, json={"note": "x"}, headers={"Origin": "https://admin.example.com"})).status_code == 200
+        assert (
+            await page.http.post(url, json={"note": "x"}, headers={"Origin": "http://credits.test"})
+        ).status_code == 403
+        assert (
+            await page.http.post(url, json={"note": "x"}, headers={"Origin": "https://admin.example.com"})
+        ).status_code == 200
 
 
 # ---------------------------------------------------------------- security headers
@@ -248,7 +266,11 @@ def assert_security_headers(response: httpx.Response, hsts: bool) -> None:
 @pytest.mark.parametrize("secure", [False, True])
 async def test_every_response_carries_the_security_headers_and_hsts_when_the_cookie_is_secure(db, pg_url, secure):
     async with serving(db, pg_url, admin_cookie_secure=secure) as page:
-        responses = [await page.http.get("/admin/login"), await page.http.get("/admin"), await page.http.get("/healthz")]
+        responses = [
+            await page.http.get("/admin/login"),
+            await page.http.get("/admin"),
+            await page.http.get("/healthz"),
+        ]
         responses.append(await page.http.post("/admin/login", data={"token": "wrong"}))
         await page.sign_in()
         if secure:  # httpx keeps a Secure cookie for https only: hand it over as a browser on https would
@@ -272,5 +294,9 @@ async def test_the_pages_need_no_inline_script_or_style_and_their_files_are_ours
             for src in re.findall(r'(?:src|href)="(/admin/static/[^"]+)"', html):
                 served = await page.http.get(src)
                 assert served.status_code == 200, src
-        assert (await page.http.get("/admin/static/admin.js")).headers["content-type"].startswith(("text/javascript", "application/javascript"))
+        assert (
+            (await page.http.get("/admin/static/admin.js"))
+            .headers["content-type"]
+            .startswith(("text/javascript", "application/javascript"))
+        )
         assert (await page.http.get("/admin/static/../app.py")).status_code == 404

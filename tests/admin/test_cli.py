@@ -7,7 +7,7 @@ import argparse
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dramatiq
@@ -16,8 +16,8 @@ import pytest
 import workers.cli
 from messages import CustomerSignedUp
 from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
-from tests.support.delivery import archive
 from tests.support import ROOT
+from tests.support.delivery import archive
 
 CREDITS = str(Path(sys.executable).with_name("credits"))
 SWEEPS = "dramatiq:credit_sweeps"
@@ -69,7 +69,7 @@ def test_dead_letters_help_lists_show():
 @pytest.mark.parametrize(
     ("as_of", "says"),
     [
-        ((datetime.now(timezone.utc) + timedelta(days=365)).isoformat(), "is in the future"),
+        ((datetime.now(UTC) + timedelta(days=365)).isoformat(), "is in the future"),
         ("2030-01-01T00:00:00Z", "is in the future"),
         ("2025-06-01T00:00:00", "must carry a timezone"),
         ("yesterday", "must be an ISO 8601 timestamp"),
@@ -78,7 +78,7 @@ def test_dead_letters_help_lists_show():
 def test_a_bad_as_of_is_refused_before_anything_is_enqueued(service_env, redis_client, as_of, says):
     result = credits(["run", "expire_credits", "--as-of", as_of], service_env)
     assert result.returncode == 2, result.stderr
-    assert f"argument --as-of: as_of" in result.stderr and says in result.stderr, result.stderr
+    assert "argument --as-of: as_of" in result.stderr and says in result.stderr, result.stderr
     assert "enqueued" not in result.stderr
     assert redis_client.llen(SWEEPS) == 0 and redis_client.hlen(f"{SWEEPS}.msgs") == 0
 
@@ -100,9 +100,19 @@ LONG_ERROR = (
 
 async def dead_letter_with_personal_data(db) -> int:
     event = CustomerSignedUp(
-        event_id="signup-1", customer_id="cust-dl", occurred_at=datetime(2026, 1, 5, tzinfo=timezone.utc), email="jane.doe@example.com", phone="+1 555 0100"
+        event_id="signup-1",
+        customer_id="cust-dl",
+        occurred_at=datetime(2026, 1, 5, tzinfo=UTC),
+        email="jane.doe@example.com",
+        phone="+1 555 0100",
     )
-    message = dramatiq.Message(queue_name=EVENTS_QUEUE, actor_name=APPLY_EVENT_ACTOR, args=(), kwargs={EVENT_KWARG: event.model_dump_json()}, options={})
+    message = dramatiq.Message(
+        queue_name=EVENTS_QUEUE,
+        actor_name=APPLY_EVENT_ACTOR,
+        args=(),
+        kwargs={EVENT_KWARG: event.model_dump_json()},
+        options={},
+    )
     return await archive(db, message, LONG_ERROR)
 
 

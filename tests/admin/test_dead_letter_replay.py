@@ -1,25 +1,31 @@
 """Operators re-enqueue archived dead letters with `credits dead-letters replay`: nothing is stuck for good."""
 
-
 import dramatiq
 from sqlalchemy import func, select
 
 from infra.db.tables import customers, processed_events
 from messages import PaymentSucceeded
 from messages.wire import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE
-from tests.support.delivery import T0
 from tests.support import eventually
 from tests.support.delivery import (
+    T0,
     archive,
     credits_cli,
 )
 
 
-async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_once(db, message_broker, service_env, start_workers):
+async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_once(
+    db, message_broker, service_env, start_workers
+):
     service_env = {**service_env, **message_broker.env}
-    event = PaymentSucceeded(event_id="pay-outage", customer_id="cust-replay", occurred_at=T0, payment_id="in_9", credits=5)
+    event = PaymentSucceeded(
+        event_id="pay-outage", customer_id="cust-replay", occurred_at=T0, payment_id="in_9", credits=5
+    )
     message = dramatiq.Message(
-        queue_name=f"{EVENTS_QUEUE}.DQ", actor_name=APPLY_EVENT_ACTOR, args=(), kwargs={EVENT_KWARG: event.model_dump_json()},
+        queue_name=f"{EVENTS_QUEUE}.DQ",
+        actor_name=APPLY_EVENT_ACTOR,
+        args=(),
+        kwargs={EVENT_KWARG: event.model_dump_json()},
         options={"retries": 20, "eta": 1, "redis_message_id": "old", "traceback": "ConnectionRefusedError"},
     )
     dead_letter_id = await archive(db, message, "ConnectionRefusedError: [Errno 111] Connect call failed")
@@ -36,7 +42,9 @@ async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_on
 
     async def applied() -> bool:
         async with db.connect() as connection:
-            return (await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-replay"))).scalar() == 5
+            return (
+                await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-replay"))
+            ).scalar() == 5
 
     await eventually(applied, message="the replayed payment to be applied")
 
@@ -52,7 +60,9 @@ async def test_a_message_that_ran_out_of_retries_is_replayed_once_and_applied_on
 
     await eventually(drained, message="the forced replay to be consumed")
     async with db.connect() as connection:
-        balance = (await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-replay"))).scalar_one()
+        balance = (
+            await connection.execute(select(customers.c.balance).where(customers.c.customer_id == "cust-replay"))
+        ).scalar_one()
         applied_count = (await connection.execute(select(func.count()).select_from(processed_events))).scalar_one()
     assert (balance, applied_count) == (5, 1)  # a second replay is a harmless duplicate
 

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from infra.db.tables import processed_events
 from messages import Publisher
+from tests.support import reconciliation
 from tests.support.delivery import (
     T0,
     customer_row,
@@ -32,7 +33,6 @@ from tests.support.delivery import (
     wait_for_dead_letter_rows,
     wait_for_outcomes,
 )
-from tests.support import reconciliation
 
 CUSTOMER = "cust-bad-input"
 
@@ -58,17 +58,33 @@ BAD_MESSAGES: dict[str, tuple[tuple, dict, str]] = {
     "invalid JSON": ((), {"event": '{"type": "job.completed", "event_id": "bad-json"'}, "json_invalid"),
     "not a JSON object": ((), {"event": "[1, 2, 3]"}, "invalid event"),
     "missing field": ((), {"event": event_json(event_id="bad-missing", job_id=None)}, "missing"),
-    "extra field": ((), {"event": event_json(event_id="bad-extra", **PAYMENT_FIELDS, coupon="SPRING")}, "extra_forbidden"),
+    "extra field": (
+        (),
+        {"event": event_json(event_id="bad-extra", **PAYMENT_FIELDS, coupon="SPRING")},
+        "extra_forbidden",
+    ),
     "zero credits": ((), {"event": event_json(event_id="bad-zero", credits=0)}, "greater_than"),
-    "negative payment": ((), {"event": event_json(event_id="bad-negative", **{**PAYMENT_FIELDS, "credits": -5})}, "greater_than"),
+    "negative payment": (
+        (),
+        {"event": event_json(event_id="bad-negative", **{**PAYMENT_FIELDS, "credits": -5})},
+        "greater_than",
+    ),
     "zero adjustment": (
         (),
-        {"event": event_json(event_id="bad-adjust", type="credits.adjusted", job_id=None, credits=0, reason="oops", actor="ops")},
+        {
+            "event": event_json(
+                event_id="bad-adjust", type="credits.adjusted", job_id=None, credits=0, reason="oops", actor="ops"
+            )
+        },
         "value_error",
     ),
     "credits as a string": ((), {"event": event_json(event_id="bad-str", credits="1")}, "int_type"),
     # The producer's first try of this event; the corrected one follows with the same event_id.
-    "naive datetime": ((), {"event": event_json(event_id="fixed-later", job_id="job-fixed", occurred_at="2026-03-02T10:00:00")}, "timezone_aware"),
+    "naive datetime": (
+        (),
+        {"event": event_json(event_id="fixed-later", job_id="job-fixed", occurred_at="2026-03-02T10:00:00")},
+        "timezone_aware",
+    ),
     "unknown type": ((), {"event": event_json(event_id="bad-type", type="job.exploded")}, "union_tag_invalid"),
     "no type": ((), {"event": event_json(event_id="bad-no-type", type=None)}, "union_tag_not_found"),
     "positional argument": ((event_json(event_id="bad-args"),), {}, "malformed message"),
@@ -115,7 +131,9 @@ async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db,
                 assert expected in {error["type"] for error in line["errors"]}, (name, line["errors"])
         assert retry_lines(workers, message_id) == [], f"{name} was retried"
         assert sum(r.get("event") == f"Aborting message '{message_id}'." for r in records) == 1, name
-    missing = next(r for r in records if r.get("message_id") == bad["missing field"] and r.get("event") == "event_rejected")
+    missing = next(
+        r for r in records if r.get("message_id") == bad["missing field"] and r.get("event") == "event_rejected"
+    )
     assert {"type": "missing", "loc": ["job.completed", "job_id"]} in missing["errors"]
 
     # The broker's dead-letter queue: exactly the bad messages, with their original content.
@@ -157,7 +175,9 @@ async def test_bad_messages_are_dead_lettered_once_and_the_good_ones_applied(db,
     raw.close()
 
 
-async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_and_the_rest_go_through(db, redis_client, redis_url, start_workers):
+async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_and_the_rest_go_through(
+    db, redis_client, redis_url, start_workers
+):
     """A producer in another language writes garbage into the queue itself, not just the event."""
     workers = start_workers(processes=1, threads=2)
     good = Publisher.from_url(redis_url)
@@ -179,7 +199,9 @@ async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_and_t
     good.close()
 
 
-async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_on_rabbitmq_too(db, rabbitmq_url, start_workers):
+async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_on_rabbitmq_too(
+    db, rabbitmq_url, start_workers
+):
     """The same garbage written straight to RabbitMQ: Dramatiq's RabbitMQ consumer rejects it to
     `credit_events.XQ`, and the events around it are applied."""
     import pika
@@ -195,7 +217,13 @@ async def test_an_envelope_that_is_not_a_dramatiq_message_is_dead_lettered_on_ra
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     channel = connection.channel()
     channel.confirm_delivery()
-    channel.basic_publish(exchange="", routing_key="credit_events", body=b"{not json at all", properties=pika.BasicProperties(delivery_mode=2), mandatory=True)
+    channel.basic_publish(
+        exchange="",
+        routing_key="credit_events",
+        body=b"{not json at all",
+        properties=pika.BasicProperties(delivery_mode=2),
+        mandatory=True,
+    )
     connection.close()
     after = [good.publish(job(f"job-envelope-{n}", "cust-envelope", f"j-{n}")) for n in range(2)]
     assert set(wait_for_outcomes(workers, [first, *after]).values()) == {"event_applied"}

@@ -23,7 +23,10 @@ def settings_for(database_url: str, redis_url: str) -> Settings:
 
 
 async def test_ready_when_the_database_is_migrated_and_redis_answers(pg_url, redis_url):
-    async with InProcessServer(create_app(settings_for(pg_url, redis_url))) as server, httpx.AsyncClient(base_url=server.base_url) as http:
+    async with (
+        InProcessServer(create_app(settings_for(pg_url, redis_url))) as server,
+        httpx.AsyncClient(base_url=server.base_url) as http,
+    ):
         alive = await http.get("/healthz")
         ready = await http.get("/readyz")
     assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
@@ -33,7 +36,10 @@ async def test_ready_when_the_database_is_migrated_and_redis_answers(pg_url, red
 
 async def test_not_ready_while_redis_is_unreachable(pg_url):
     closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    async with InProcessServer(create_app(settings_for(pg_url, closed))) as server, httpx.AsyncClient(base_url=server.base_url) as http:
+    async with (
+        InProcessServer(create_app(settings_for(pg_url, closed))) as server,
+        httpx.AsyncClient(base_url=server.base_url) as http,
+    ):
         alive = await http.get("/healthz")
         ready = await http.get("/readyz")
     assert alive.status_code == 200  # alive: restarting it would not help
@@ -63,7 +69,10 @@ async def test_not_ready_on_a_database_behind_on_migrations(empty_database, redi
 
 
 async def test_docs_load_everything_from_our_own_origin(pg_url, redis_url):
-    async with InProcessServer(create_app(settings_for(pg_url, redis_url))) as server, httpx.AsyncClient(base_url=server.base_url) as http:
+    async with (
+        InProcessServer(create_app(settings_for(pg_url, redis_url))) as server,
+        httpx.AsyncClient(base_url=server.base_url) as http,
+    ):
         page = await http.get("/docs")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         html = page.text

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -33,6 +33,7 @@ from tests.support.web import (
     clean_env,
     start_web_server,
 )
+
 
 @pytest.fixture(scope="module")
 def web(pg_url: str, redis_url: str, tmp_path_factory) -> WebServer:
@@ -59,17 +60,23 @@ async def client(web: WebServer):
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def payment(customer_id: str, credits: int, at: datetime) -> PaymentSucceeded:
     return PaymentSucceeded(
-        event_id=f"pay-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=at, payment_id=f"in_{uuid.uuid4().hex[:12]}", credits=credits
+        event_id=f"pay-{uuid.uuid4().hex}",
+        customer_id=customer_id,
+        occurred_at=at,
+        payment_id=f"in_{uuid.uuid4().hex[:12]}",
+        credits=credits,
     )
 
 
 def job_done(customer_id: str, job_id: str, at: datetime, credits: int = 1) -> JobCompleted:
-    return JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=at, job_id=job_id, credits=credits)
+    return JobCompleted(
+        event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=at, job_id=job_id, credits=credits
+    )
 
 
 async def apply(db, *events: Event) -> None:
@@ -93,7 +100,9 @@ async def credits_of(client: httpx.AsyncClient, customer_id: str) -> dict:
 async def test_credits_show_balance_lots_and_holds(db, client):
     t = now()
     first, second = t - timedelta(days=60), t - timedelta(days=10)
-    await apply(db, payment("alice", 3, first), payment("alice", 2, second), job_done("alice", "j-old", t - timedelta(days=5)))
+    await apply(
+        db, payment("alice", 3, first), payment("alice", 2, second), job_done("alice", "j-old", t - timedelta(days=5))
+    )
     placed = await client.post("/api/customers/alice/holds", json={"job_id": "j-next", "credits": 1}, headers=FRONT)
     assert placed.status_code == 201, placed.text
 
@@ -107,7 +116,10 @@ async def test_credits_show_balance_lots_and_holds(db, client):
     # Oldest lot first, and the completed job was taken from it (FIFO).
     assert [lot["remaining"] for lot in body["lots"]] == [2, 2]
     assert [parse_time(lot["issued_at"]) for lot in body["lots"]] == [first, second]
-    assert [parse_time(lot["expires_at"]) for lot in body["lots"]] == [first + relativedelta(months=12), second + relativedelta(months=12)]
+    assert [parse_time(lot["expires_at"]) for lot in body["lots"]] == [
+        first + relativedelta(months=12),
+        second + relativedelta(months=12),
+    ]
     [hold] = body["holds"]
     assert hold["job_id"] == "j-next" and hold["credits"] == 1
     assert parse_time(hold["expires_at"]) - parse_time(hold["placed_at"]) == timedelta(days=30)
@@ -133,7 +145,9 @@ async def test_expired_credit_is_not_counted_before_the_sweep_ran(db, client):
     assert parse_time(body["credits_depleted_at"]) == issued + relativedelta(months=12)
     # The view applied the expiry in memory only: no sweep ran, the stored lot still has its credit.
     async with db.connect() as connection:
-        stored = (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "old-timer"))).scalar_one()
+        stored = (
+            await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "old-timer"))
+        ).scalar_one()
     assert stored == 5
     refused = await client.post("/api/customers/old-timer/holds", json={"job_id": "j-1", "credits": 1}, headers=FRONT)
     assert refused.status_code == 409
@@ -252,7 +266,11 @@ async def test_bad_hold_bodies_are_422(db, client, body):
 
 async def _depleted(db, customer_id: str, days_ago: int) -> None:
     t = now()
-    await apply(db, payment(customer_id, 1, t - timedelta(days=days_ago + 5)), job_done(customer_id, "j", t - timedelta(days=days_ago)))
+    await apply(
+        db,
+        payment(customer_id, 1, t - timedelta(days=days_ago + 5)),
+        job_done(customer_id, "j", t - timedelta(days=days_ago)),
+    )
 
 
 async def test_credits_report_lists_long_depleted_customers_oldest_first(db, client):
@@ -268,14 +286,22 @@ async def test_credits_report_lists_long_depleted_customers_oldest_first(db, cli
     assert full.status_code == 200, full.text
     report = full.json()
     assert report["days"] == 14 and report["total"] == 3 and report["next_offset"] is None
-    assert [(c["customer_id"], c["days_depleted"]) for c in report["customers"]] == [("d30", 30), ("d20", 20), ("d15", 15)]
+    assert [(c["customer_id"], c["days_depleted"]) for c in report["customers"]] == [
+        ("d30", 30),
+        ("d20", 20),
+        ("d15", 15),
+    ]
     depleted_at = [parse_time(c["credits_depleted_at"]) for c in report["customers"]]
     assert depleted_at == sorted(depleted_at)
 
     first = (await client.get("/api/admin/credits-report", params={"days": 14, "limit": 2}, headers=ADMIN)).json()
     assert [c["customer_id"] for c in first["customers"]] == ["d30", "d20"]
     assert (first["total"], first["limit"], first["offset"], first["next_offset"]) == (3, 2, 0, 2)
-    second = (await client.get("/api/admin/credits-report", params={"days": 14, "limit": 2, "offset": first["next_offset"]}, headers=ADMIN)).json()
+    second = (
+        await client.get(
+            "/api/admin/credits-report", params={"days": 14, "limit": 2, "offset": first["next_offset"]}, headers=ADMIN
+        )
+    ).json()
     assert [c["customer_id"] for c in second["customers"]] == ["d15"]
     assert (second["total"], second["next_offset"]) == (3, None)
 

@@ -92,8 +92,19 @@ async def seed(pg_url: str, redis_url: str) -> dict[str, str]:
         now = datetime.now(UTC)
         s = make_settings(pg_url, redis_url)
         for ev in (
-            CustomerSignedUp(event_id=f"signup-{uuid.uuid4().hex}", customer_id=CUSTOMER, occurred_at=now - timedelta(days=2), email="fuzz@example.com"),
-            PaymentSucceeded(event_id=f"pay-{uuid.uuid4().hex}", customer_id=CUSTOMER, occurred_at=now - timedelta(days=1), payment_id=f"in_{uuid.uuid4().hex}", credits=50),
+            CustomerSignedUp(
+                event_id=f"signup-{uuid.uuid4().hex}",
+                customer_id=CUSTOMER,
+                occurred_at=now - timedelta(days=2),
+                email="fuzz@example.com",
+            ),
+            PaymentSucceeded(
+                event_id=f"pay-{uuid.uuid4().hex}",
+                customer_id=CUSTOMER,
+                occurred_at=now - timedelta(days=1),
+                payment_id=f"in_{uuid.uuid4().hex}",
+                credits=50,
+            ),
         ):
             await handlers.apply_event(ev, SqlUnitOfWork(db), s.policy, s.dunning, referral_rules=s.referrals)
         try:
@@ -101,14 +112,23 @@ async def seed(pg_url: str, redis_url: str) -> dict[str, str]:
         except DomainError:
             pass  # seeded before, and fuzzed since (the balance may be far below zero): no new hold
         app = create_app(s, db=db)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://seed") as http:
-            created = await http.post("/api/admin/referrers", headers=ADMIN, json={"referrer_id": REFERRER, "kind": "partner", "name": "Fuzz"})
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://seed") as http,
+        ):
+            created = await http.post(
+                "/api/admin/referrers", headers=ADMIN, json={"referrer_id": REFERRER, "kind": "partner", "name": "Fuzz"}
+            )
             if created.status_code == 409:  # seeded by an earlier test of this session
-                code = (await http.post(f"/api/admin/referrers/{REFERRER}/codes", headers=ADMIN, json={})).json()["code"]
+                code = (await http.post(f"/api/admin/referrers/{REFERRER}/codes", headers=ADMIN, json={})).json()[
+                    "code"
+                ]
             else:
                 assert created.status_code == 201, created.text
                 code = created.json()["code"]
-            linked = await http.put(f"/api/admin/stripe-customers/{STRIPE_CUSTOMER}", headers=ADMIN, json={"customer_id": CUSTOMER})
+            linked = await http.put(
+                f"/api/admin/stripe-customers/{STRIPE_CUSTOMER}", headers=ADMIN, json={"customer_id": CUSTOMER}
+            )
             assert linked.status_code in (200, 409), linked.text
         return {
             "customer_id": CUSTOMER,
@@ -150,7 +170,14 @@ class Tally:
         self.failures: list[str] = []
         self.unsatisfiable: list[str] = []
 
-    def record(self, label: str, case, response=None, error: BaseException | None = None, check_failure: BaseException | None = None) -> None:
+    def record(
+        self,
+        label: str,
+        case,
+        response=None,
+        error: BaseException | None = None,
+        check_failure: BaseException | None = None,
+    ) -> None:
         self.cases += 1
         self.per_operation[label] += 1
         if error is not None:
@@ -162,7 +189,9 @@ class Tally:
                 return
             detail = f"{response.status_code} {response.text[:300]!r} {str(check_failure or '')[:200]}"
         if len(self.failures) < 200:
-            self.failures.append(f"{label}: {case.as_curl_command(headers=auth_for(case.operation.path))}\n    -> {detail}")
+            self.failures.append(
+                f"{label}: {case.as_curl_command(headers=auth_for(case.operation.path))}\n    -> {detail}"
+            )
 
 
 def fuzz_operation(operation, tally: Tally, label: str, mode: GenerationMode, **fixed) -> None:
@@ -217,7 +246,9 @@ def test_every_operation_answers_bad_input_with_a_4xx_never_a_5xx(fuzz_app, caps
             fuzz_operation(operation, tally, f"{operation.label} [{mode.value}]", mode)
         pinned = {p.name: known[p.name] for p in operation.path_parameters if p.name in known}
         if pinned:
-            fuzz_operation(operation, tally, f"{operation.label} [known ids]", GenerationMode.POSITIVE, path_parameters=pinned)
+            fuzz_operation(
+                operation, tally, f"{operation.label} [known ids]", GenerationMode.POSITIVE, path_parameters=pinned
+            )
     elapsed = time.monotonic() - started
     figures = {
         "test": "schemathesis",
@@ -245,24 +276,36 @@ async def http(pg_url: str, redis_url: str):
     db = Database(pg_url)
     app = create_app(make_settings(pg_url, redis_url), db=db)
     try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-            # The Origin a browser sends with the page's POSTs (api/same_origin.py).
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://credits.test", timeout=20,
-            headers={"Origin": "http://credits.test"},
-        ) as client:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                # The Origin a browser sends with the page's POSTs (api/same_origin.py).
+                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                base_url="http://credits.test",
+                timeout=20,
+                headers={"Origin": "http://credits.test"},
+            ) as client,
+        ):
             yield client
     finally:
         await db.dispose()
 
 
 async def signed_in(http: httpx.AsyncClient) -> None:
-    response = await http.post("/admin/login", content=f"token={ADMIN_TOKEN}", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = await http.post(
+        "/admin/login", content=f"token={ADMIN_TOKEN}", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert response.status_code == 303, response.text
     assert "credits_admin" in http.cookies
 
 
 def assert_4xx(response: httpx.Response, *expected: int) -> None:
-    assert 400 <= response.status_code < 500, (response.request.method, response.request.url, response.status_code, response.text[:300])
+    assert 400 <= response.status_code < 500, (
+        response.request.method,
+        response.request.url,
+        response.status_code,
+        response.text[:300],
+    )
     if expected:
         assert response.status_code in expected, (response.request.url, response.status_code, response.text[:300])
 
@@ -270,7 +313,15 @@ def assert_4xx(response: httpx.Response, *expected: int) -> None:
 async def test_admin_page_routes_refuse_garbage_without_a_session(http: httpx.AsyncClient, capsys):
     tried = 0
     # No session, a forged cookie, a cookie that is not even base64: 401, never a 500.
-    for cookie in (None, "garbage", "eyJhZG1pbiI6IHRydWV9.ZZZZ.bad-signature", "%%%", "\x7f" * 10, "a" * 8000, '"quoted"'):
+    for cookie in (
+        None,
+        "garbage",
+        "eyJhZG1pbiI6IHRydWV9.ZZZZ.bad-signature",
+        "%%%",
+        "\x7f" * 10,
+        "a" * 8000,
+        '"quoted"',
+    ):
         cookies = {"credits_admin": cookie} if cookie is not None else None
         http.cookies.clear()
         for method, path in (
@@ -279,15 +330,28 @@ async def test_admin_page_routes_refuse_garbage_without_a_session(http: httpx.As
             ("POST", "/admin/data/customers/cust-x/note"),
             ("POST", "/admin/data/customers/cust-x/adjustments"),
         ):
-            response = await http.request(method, path, headers={"Cookie": f"credits_admin={cookie}"} if cookies else {}, json={"note": "x"})
+            response = await http.request(
+                method, path, headers={"Cookie": f"credits_admin={cookie}"} if cookies else {}, json={"note": "x"}
+            )
             tried += 1
             assert_4xx(response, 401)
         page = await http.get("/admin", headers={"Cookie": f"credits_admin={cookie}"} if cookies else {})
         tried += 1
         assert page.status_code == 303 and page.headers["location"] == "/admin/login"
     # The login form: wrong tokens, non-UTF-8, broken percent-encoding, NULs, oversized.
-    for body in (b"", b"token=", b"token=wrong", b"\xff\xfe\x00token", b"token=%ZZ%", b"token=" + b"\x00" * 50, b"&&&==&", b"token=" + ADMIN_TOKEN.encode() + b"\x00"):
-        response = await http.post("/admin/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    for body in (
+        b"",
+        b"token=",
+        b"token=wrong",
+        b"\xff\xfe\x00token",
+        b"token=%ZZ%",
+        b"token=" + b"\x00" * 50,
+        b"&&&==&",
+        b"token=" + ADMIN_TOKEN.encode() + b"\x00",
+    ):
+        response = await http.post(
+            "/admin/login", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
         tried += 1
         assert_4xx(response, 401)
     response = await http.post("/admin/login", content=b"token=" + b"a" * 10_000)
@@ -327,18 +391,34 @@ async def test_admin_page_data_routes_refuse_bad_input_with_a_4xx(http: httpx.As
         (adjust, {"json": {"credits": "1e400", "reason": "r", "idempotency_key": "k" * 10}}, (422,)),
         (adjust, {"json": {"credits": 1e300, "reason": "r", "idempotency_key": "k" * 10}}, (422,)),
         (adjust, {"json": {"credits": 1, "reason": "r\x00", "idempotency_key": "k" * 10}}, (422,)),
-        (adjust, {"content": b'{"credits": 1, "reason": "\\udfff", "idempotency_key": "kkkkkkkkkk"}', "headers": {"Content-Type": "application/json"}}, (422,)),
+        (
+            adjust,
+            {
+                "content": b'{"credits": 1, "reason": "\\udfff", "idempotency_key": "kkkkkkkkkk"}',
+                "headers": {"Content-Type": "application/json"},
+            },
+            (422,),
+        ),
         (adjust, {"json": {"credits": 1, "reason": "r", "idempotency_key": "short"}}, (422,)),
         (adjust, {"json": {"credits": 1, "reason": "r", "idempotency_key": "bad key with spaces"}}, (422,)),
         (adjust, {"json": {"credits": 1, "reason": "r"}}, (422,)),
         (adjust, {"json": [1, 2, 3]}, (422,)),
-        ("/admin/data/customers/no-such-customer/adjustments", {"json": {"credits": 1, "reason": "r", "idempotency_key": uuid.uuid4().hex}}, (404,)),
+        (
+            "/admin/data/customers/no-such-customer/adjustments",
+            {"json": {"credits": 1, "reason": "r", "idempotency_key": uuid.uuid4().hex}},
+            (404,),
+        ),
     ]
     for path, kwargs, expected in cases:
         response = await http.post(path, **kwargs)
         tried += 1
         assert_4xx(response, *expected)
-    for method, path in (("GET", "/admin/nope"), ("DELETE", "/admin/data/at-risk"), ("PUT", "/admin/login"), ("GET", "/admin/data/customers/x/note")):
+    for method, path in (
+        ("GET", "/admin/nope"),
+        ("DELETE", "/admin/data/at-risk"),
+        ("PUT", "/admin/login"),
+        ("GET", "/admin/data/customers/x/note"),
+    ):
         response = await http.request(method, path)
         tried += 1
         assert_4xx(response, 404, 405)
@@ -358,7 +438,9 @@ async def test_stripe_webhook_answers_garbage_with_a_400(http: httpx.AsyncClient
 
     before = await events_stored()
     now = int(time.time())
-    genuine, genuine_headers = signed(event("customer.created", {"id": "cus_garbage", "object": "customer", "metadata": {}}), WEBHOOK_SECRET)
+    genuine, genuine_headers = signed(
+        event("customer.created", {"id": "cus_garbage", "object": "customer", "metadata": {}}), WEBHOOK_SECRET
+    )
     garbage_headers = [
         {},
         {"Stripe-Signature": ""},
@@ -382,17 +464,40 @@ async def test_stripe_webhook_answers_garbage_with_a_400(http: httpx.AsyncClient
         {"Stripe-Signature": "\t t=1 \t"},
         {"stripe-signature": genuine_headers["Stripe-Signature"].replace("t=", "t= ")},
     ]
-    bodies = [b"", b"{}", b"null", b"[]", b"\x00\x01\x02", b"\xff" * 100, b"{" * 10_000, json.dumps({"id": "evt_x", "type": "x"}).encode(), genuine[:-1], b"A" * 200_000]
+    bodies = [
+        b"",
+        b"{}",
+        b"null",
+        b"[]",
+        b"\x00\x01\x02",
+        b"\xff" * 100,
+        b"{" * 10_000,
+        json.dumps({"id": "evt_x", "type": "x"}).encode(),
+        genuine[:-1],
+        b"A" * 200_000,
+    ]
     tried = 0
     for headers in garbage_headers:
         for body in bodies:
-            response = await http.post("/webhooks/stripe", content=body, headers={"Content-Type": "application/json", **headers})
+            response = await http.post(
+                "/webhooks/stripe", content=body, headers={"Content-Type": "application/json", **headers}
+            )
             tried += 1
             assert_4xx(response, 400)
     # Signed by the right secret, yet not a Stripe event we can read: still a 400, never a 500.
-    for text in ("", "null", "[]", "{}", "{" * 10_000, '{"id": "evt_1"}', json.dumps({**json.loads(genuine), "id": "evt_\u0000"}),
-                 json.dumps({**json.loads(genuine), "created": 10**30}), json.dumps({**json.loads(genuine), "data": []}),
-                 json.dumps({**json.loads(genuine), "type": "x" * 300}), '{"id": "evt_\\ud800"}'):
+    for text in (
+        "",
+        "null",
+        "[]",
+        "{}",
+        "{" * 10_000,
+        '{"id": "evt_1"}',
+        json.dumps({**json.loads(genuine), "id": "evt_\u0000"}),
+        json.dumps({**json.loads(genuine), "created": 10**30}),
+        json.dumps({**json.loads(genuine), "data": []}),
+        json.dumps({**json.loads(genuine), "type": "x" * 300}),
+        '{"id": "evt_\\ud800"}',
+    ):
         payload, headers = signed(text, WEBHOOK_SECRET)
         response = await http.post("/webhooks/stripe", content=payload, headers=headers)
         tried += 1
@@ -415,7 +520,9 @@ async def test_stripe_webhook_answers_garbage_with_a_400(http: httpx.AsyncClient
         for _ in range(30):
             yield b" " * 50_000
 
-    response = await http.post("/webhooks/stripe", content=chunks(), headers=genuine_headers)  # chunked: no Content-Length
+    response = await http.post(
+        "/webhooks/stripe", content=chunks(), headers=genuine_headers
+    )  # chunked: no Content-Length
     tried += 1
     assert_4xx(response, 413)
     # Wrong methods.
@@ -437,10 +544,22 @@ async def test_every_schema_operation_refuses_a_missing_or_wrong_token_with_a_40
         url = path
         for name in ("customer_id", "job_id", "referrer_id", "code", "stripe_customer_id"):
             url = url.replace("{" + name + "}", "x")
-        url = url.replace("{action}", "activate").replace("{decision}", "approve").replace("{referral_id}", "1").replace("{payout_id}", "1")
+        url = (
+            url.replace("{action}", "activate")
+            .replace("{decision}", "approve")
+            .replace("{referral_id}", "1")
+            .replace("{payout_id}", "1")
+        )
         other = FRONT if path.startswith("/api/admin") else ADMIN
         for method in operations:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp4"}, {"Authorization": "Bearer"}, {"Authorization": b"Bearer \xe9"}, other):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": "Basic eDp4"},
+                {"Authorization": "Bearer"},
+                {"Authorization": b"Bearer \xe9"},
+                other,
+            ):
                 response = await http.request(method.upper(), url, headers=headers, json={})
                 tried += 1
                 assert_4xx(response, 401)
@@ -456,7 +575,12 @@ NON_FINITE_BODIES = [
     ("POST", f"/api/customers/{CUSTOMER}/holds", FRONT, b'{"job_id": "job-inf", "credits": 1e400}'),
     ("POST", f"/api/customers/{CUSTOMER}/holds", FRONT, b'{"job_id": Infinity}'),
     ("POST", f"/api/customers/{CUSTOMER}/holds", FRONT, b"NaN"),
-    ("POST", f"/api/admin/customers/{CUSTOMER}/adjustments", ADMIN, b'{"credits": -Infinity, "reason": "r", "admin": "a"}'),
+    (
+        "POST",
+        f"/api/admin/customers/{CUSTOMER}/adjustments",
+        ADMIN,
+        b'{"credits": -Infinity, "reason": "r", "admin": "a"}',
+    ),
     ("POST", "/api/admin/referrers", ADMIN, b'{"referrer_id": NaN, "kind": "partner"}'),
     ("PATCH", f"/api/admin/referrers/{REFERRER}", ADMIN, b'{"same_day": NaN}'),
     ("PUT", "/api/admin/stripe-customers/cus_nan", ADMIN, b'{"customer_id": NaN}'),
@@ -479,7 +603,10 @@ async def test_a_non_finite_number_on_the_admin_page_is_a_422_not_a_500(http: ht
     """The same, on the admin page's JSON routes (signed-in session)."""
     await signed_in(http)
     for path, body in (
-        (f"/admin/data/customers/{CUSTOMER}/adjustments", b'{"credits": 1e400, "reason": "r", "idempotency_key": "kkkkkkkkkk"}'),
+        (
+            f"/admin/data/customers/{CUSTOMER}/adjustments",
+            b'{"credits": 1e400, "reason": "r", "idempotency_key": "kkkkkkkkkk"}',
+        ),
         (f"/admin/data/customers/{CUSTOMER}/note", b'{"note": NaN}'),
     ):
         response = await http.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -490,7 +617,9 @@ OUT_OF_RANGE_MOMENTS = ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"
 
 
 @pytest.mark.parametrize("route", ["/api/admin/referrals", "/api/admin/payouts"])
-async def test_a_since_or_until_beyond_the_datetime_range_in_utc_is_a_422_not_a_500(http: httpx.AsyncClient, route: str):
+async def test_a_since_or_until_beyond_the_datetime_range_in_utc_is_a_422_not_a_500(
+    http: httpx.AsyncClient, route: str
+):
     """Regression. A valid ISO datetime whose UTC equivalent falls outside years 1-9999 passes
     AwareDatetime; TZDateTime.process_bind_param (infra/db/tables.py:50) calls
     .astimezone(timezone.utc) -> OverflowError "date value out of range", wrapped in a
@@ -514,7 +643,9 @@ async def test_concurrent_admin_adjustments_with_one_idempotency_key_apply_once_
     for attempt in range(3):
         key = f"double-click-{uuid.uuid4().hex}"
         body = {"credits": 1, "reason": "goodwill", "admin": "ops", "idempotency_key": key}
-        responses = await asyncio.gather(*[http.post(f"/api/admin/customers/{CUSTOMER}/adjustments", headers=ADMIN, json=body) for _ in range(4)])
+        responses = await asyncio.gather(
+            *[http.post(f"/api/admin/customers/{CUSTOMER}/adjustments", headers=ADMIN, json=body) for _ in range(4)]
+        )
         statuses = [r.status_code for r in responses]
         assert all(s == 201 for s in statuses), (attempt, statuses, [r.text[:120] for r in responses])
         assert sorted(r.json()["outcome"] for r in responses) == ["applied", "duplicate", "duplicate", "duplicate"]
@@ -524,9 +655,15 @@ async def test_concurrent_admin_page_adjustments_with_one_idempotency_key_do_not
     """The same race through the admin page's form (api/admin_page.py adjust)."""
     await signed_in(http)
     key = f"page-double-click-{uuid.uuid4().hex}"
-    responses = await asyncio.gather(*[
-        http.post(f"/admin/data/customers/{CUSTOMER}/adjustments", json={"credits": 1, "reason": "goodwill", "idempotency_key": key}) for _ in range(4)
-    ])
+    responses = await asyncio.gather(
+        *[
+            http.post(
+                f"/admin/data/customers/{CUSTOMER}/adjustments",
+                json={"credits": 1, "reason": "goodwill", "idempotency_key": key},
+            )
+            for _ in range(4)
+        ]
+    )
     assert [r.status_code for r in responses] == [200] * 4, [(r.status_code, r.text[:120]) for r in responses]
 
 
@@ -539,7 +676,9 @@ SIGNED_BUT_UNREADABLE = {
 
 
 @pytest.mark.parametrize("case", list(SIGNED_BUT_UNREADABLE), ids=list(SIGNED_BUT_UNREADABLE))
-async def test_a_signed_invoice_paid_that_cannot_be_stored_is_parked_or_refused_not_a_500(http: httpx.AsyncClient, case: str):
+async def test_a_signed_invoice_paid_that_cannot_be_stored_is_parked_or_refused_not_a_500(
+    http: httpx.AsyncClient, case: str
+):
     """Regression (needs the webhook secret, so low severity). _invoice_paid
     (service_layer/webhooks.py:150) hands the invoice's id and amount to record_payment
     (infra/db/payments.py:301) unchecked; PostgreSQL refuses them (DBAPIError: int64 range,
@@ -549,7 +688,13 @@ async def test_a_signed_invoice_paid_that_cannot_be_stored_is_parked_or_refused_
     from tests.support.fake_stripe import invoice, mark_paid
 
     overrides = SIGNED_BUT_UNREADABLE[case]
-    body = mark_paid(invoice(overrides.get("invoice_id", f"in_{uuid.uuid4().hex[:12]}"), STRIPE_CUSTOMER, amount=overrides.get("amount", 4900)))
+    body = mark_paid(
+        invoice(
+            overrides.get("invoice_id", f"in_{uuid.uuid4().hex[:12]}"),
+            STRIPE_CUSTOMER,
+            amount=overrides.get("amount", 4900),
+        )
+    )
     payload, headers = signed(event("invoice.paid", body, event_id=f"evt_{uuid.uuid4().hex}"), WEBHOOK_SECRET)
     response = await http.post("/webhooks/stripe", content=payload, headers=headers)
     assert response.status_code < 500, (response.status_code, response.text[:200])

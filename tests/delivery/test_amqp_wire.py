@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from tests.support.delivery import customer_row, wait_for_outcomes
 from tests.support import ROOT, wait_until
+from tests.support.delivery import customer_row, wait_for_outcomes
 
 
 def documented_amqp_example() -> str:
@@ -33,9 +33,9 @@ async def test_the_documented_raw_amqp_publish_is_applied(db, rabbitmq_url, serv
 
 
 def test_publish_to_rabbitmq_that_is_not_there_raises_publish_failed():
-    from messages import JobCompleted, PublishFailed, Publisher
-    from tests.support.delivery import T0
+    from messages import JobCompleted, Publisher, PublishFailed
     from tests.support import free_port
+    from tests.support.delivery import T0
 
     publisher = Publisher.from_url(f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     try:

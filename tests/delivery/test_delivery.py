@@ -74,10 +74,16 @@ async def test_an_event_published_many_times_changes_the_ledger_once(db, message
     # So does the same event as another producer might spell it: other key order, another
     # UTC offset for the same instant, optional fields left out. Same event, same fingerprint.
     raw = raw_broker(message_broker)
-    respelled = json.dumps({
-        "credits": 10, "payment_id": "in_pay-1", "type": "payment.succeeded", "customer_id": "cust-dup",
-        "occurred_at": "2026-03-02T10:00:00+01:00", "event_id": "pay-1",
-    })
+    respelled = json.dumps(
+        {
+            "credits": 10,
+            "payment_id": "in_pay-1",
+            "type": "payment.succeeded",
+            "customer_id": "cust-dup",
+            "occurred_at": "2026-03-02T10:00:00+01:00",
+            "event_id": "pay-1",
+        }
+    )
     other = publish_raw(raw, kwargs={"event": respelled})
     assert wait_for_outcomes(workers, [other]) == {other: "event_duplicate"}
     raw.close()
@@ -146,7 +152,12 @@ async def test_a_job_is_charged_once_even_under_a_second_event_id(db, message_br
     charges = [e for e in await entries_of(db, "cust-twice") if e["job_id"] == "job-x"]
     assert [(e["kind"], e["credits"], e["event_id"]) for e in charges] == [("debited", -2, "done-a")]
     assert (await customer_row(db, "cust-twice"))["balance"] == 3
-    assert await scalar(db, select(func.count()).select_from(processed_events).where(processed_events.c.event_id == "done-b")) == 0
+    assert (
+        await scalar(
+            db, select(func.count()).select_from(processed_events).where(processed_events.c.event_id == "done-b")
+        )
+        == 0
+    )
     publisher.close()
 
 
@@ -179,7 +190,11 @@ async def test_late_events_are_applied_at_their_own_time(db, message_broker, sta
     row = await customer_row(db, "cust-early")
     assert (row["balance"], row["overdraft"]) == (2, 0)
     async with db.connect() as connection:
-        remaining = (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "cust-early"))).scalars().all()
+        remaining = (
+            (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "cust-early")))
+            .scalars()
+            .all()
+        )
     assert remaining == [2]
     assert await reconciliation(db) == []
     assert dead_lettered(message_broker) == {}

@@ -107,7 +107,9 @@ async def tasks():
         task.cancel()
     await asyncio.gather(*started, return_exceptions=True)
     # Drain tasks stranded by a failing test: cancel those too.
-    leftovers = [t for t in before if t is not asyncio.current_task() and not t.done() and "_drain" in repr(t.get_coro())]
+    leftovers = [
+        t for t in before if t is not asyncio.current_task() and not t.done() and "_drain" in repr(t.get_coro())
+    ]
     for task in leftovers:
         task.cancel()
     await asyncio.gather(*leftovers, return_exceptions=True)

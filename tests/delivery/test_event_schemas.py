@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +31,7 @@ from messages.events import (
     parse_event,
 )
 
-UTC = timezone.utc
+UTC = UTC
 
 BASE = {"event_id": "evt-1", "occurred_at": "2025-03-01T10:00:00Z", "customer_id": "cust-1"}
 VALID = {
@@ -55,12 +55,36 @@ VALID = {
         "hosted_invoice_url": "https://invoice.stripe.com/i/in_1",
         "subscription_id": "sub_1",
     },
-    "payment.action_required": {**BASE, "type": "payment.action_required", "invoice_id": "in_1", "hosted_invoice_url": None, "subscription_id": None},
+    "payment.action_required": {
+        **BASE,
+        "type": "payment.action_required",
+        "invoice_id": "in_1",
+        "hosted_invoice_url": None,
+        "subscription_id": None,
+    },
     "payment_method.updated": {**BASE, "type": "payment_method.updated", "payment_method_id": "pm_1"},
-    "payment.reversed": {**BASE, "type": "payment.reversed", "payment_id": "in_1", "reason": "refund", "total_credits_reversed": 4},
+    "payment.reversed": {
+        **BASE,
+        "type": "payment.reversed",
+        "payment_id": "in_1",
+        "reason": "refund",
+        "total_credits_reversed": 4,
+    },
     "invoice.voided": {**BASE, "type": "invoice.voided", "invoice_id": "in_1", "reason": "uncollectible"},
-    "customer.signed_up": {**BASE, "type": "customer.signed_up", "email": "jane@example.com", "phone": "+1 555 0100", "referral_code": "JANE-7K3PQ", "payment_fingerprint": "fp_1"},
-    "referral.submitted": {**BASE, "type": "referral.submitted", "referral_code": "JANE-7K3PQ", "referred_customer_id": "cust-1"},
+    "customer.signed_up": {
+        **BASE,
+        "type": "customer.signed_up",
+        "email": "jane@example.com",
+        "phone": "+1 555 0100",
+        "referral_code": "JANE-7K3PQ",
+        "payment_fingerprint": "fp_1",
+    },
+    "referral.submitted": {
+        **BASE,
+        "type": "referral.submitted",
+        "referral_code": "JANE-7K3PQ",
+        "referred_customer_id": "cust-1",
+    },
     "membership.frozen": {**BASE, "type": "membership.frozen"},
     "membership.unfrozen": {**BASE, "type": "membership.unfrozen"},
     "credits.gifted": {**BASE, "type": "credits.gifted", "to_customer_id": "cust-2", "credits": 3},
@@ -150,7 +174,9 @@ def test_event_types_registry_lists_every_type():
 def test_defaults_apply_when_fields_are_omitted():
     completed = parse_event(raw(without("job.completed", "credits")))
     assert completed.credits == 1
-    payment = parse_event(raw({k: v for k, v in VALID["payment.succeeded"].items() if k not in ("amount_cents", "currency")}))
+    payment = parse_event(
+        raw({k: v for k, v in VALID["payment.succeeded"].items() if k not in ("amount_cents", "currency")})
+    )
     assert payment.amount_cents is None and payment.currency is None
 
 
@@ -221,7 +247,18 @@ def test_common_fields_are_required(kind, field):
     assert any(e["type"] == "missing" and e["loc"][-1] == missing for e in error.errors())
 
 
-@pytest.mark.parametrize(("kind", "field"), [("job.completed", "job_id"), ("job.cancelled", "job_id"), ("payment.succeeded", "payment_id"), ("payment.succeeded", "credits"), ("credits.adjusted", "credits"), ("credits.adjusted", "reason"), ("credits.adjusted", "actor")])
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        ("job.completed", "job_id"),
+        ("job.cancelled", "job_id"),
+        ("payment.succeeded", "payment_id"),
+        ("payment.succeeded", "credits"),
+        ("credits.adjusted", "credits"),
+        ("credits.adjusted", "reason"),
+        ("credits.adjusted", "actor"),
+    ],
+)
 def test_type_specific_fields_are_required(kind, field):
     refused(without(kind, field))
 
@@ -346,7 +383,9 @@ def test_adjustment_reason_and_actor_are_checked(field, bad):
     refused(with_("credits.adjusted", **{field: bad}))
 
 
-@pytest.mark.parametrize(("field", "bad"), [("currency", "eur"), ("currency", "EURO"), ("amount_cents", -1), ("payment_id", "")])
+@pytest.mark.parametrize(
+    ("field", "bad"), [("currency", "eur"), ("currency", "EURO"), ("amount_cents", -1), ("payment_id", "")]
+)
 def test_payment_fields_are_checked(field, bad):
     refused(with_("payment.succeeded", **{field: bad}))
 

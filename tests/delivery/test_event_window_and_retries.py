@@ -1,6 +1,6 @@
 """Which event times are accepted, and which failures are retried for how long."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -10,7 +10,7 @@ from domain import EventWindow
 from infra.db.errors import PERMANENT_ERRORS, is_connectivity_error
 from infra.settings import load_settings
 
-NOW = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, tzinfo=UTC)
 
 
 def test_the_window_accepts_now_small_skew_and_the_recent_past():
@@ -24,7 +24,7 @@ def test_the_window_refuses_a_future_typo_and_an_ancient_date():
     assert "in the future" in window.problem(NOW + timedelta(minutes=5, seconds=1), NOW)
     assert "in the future" in window.problem(NOW.replace(year=2036), NOW)
     assert "400 days old" in window.problem(NOW - timedelta(days=400, seconds=1), NOW)
-    assert "400 days old" in window.problem(datetime(1970, 1, 1, tzinfo=timezone.utc), NOW)
+    assert "400 days old" in window.problem(datetime(1970, 1, 1, tzinfo=UTC), NOW)
 
 
 def test_settings_build_the_window():

@@ -54,14 +54,15 @@ from tests.support.faults import (
     CREDITS_CLI,
     EVENT_QUEUES,
     FAST_RETRIES,
-    Janitor,
     SWEEPS_QUEUE,
     T0,
+    Janitor,
+    PrivateRedis,
     ack_set_sizes,
-    drained,
     assert_ledger_as_expected,
     dead_letter_bodies,
     deliveries_per_event,
+    drained,
     expected_ledger,
     leftovers,
     outcome_counts,
@@ -72,9 +73,6 @@ from tests.support.faults import (
     worker_children,
     workload,
 )
-from tests.support.faults import (
-    PrivateRedis,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +80,9 @@ WORKER_CRASH_EVENTS = int(os.environ.get("FAULTS_WORKER_CRASH_EVENTS", "10000"))
 WORKER_CRASH_KILLS = 5
 
 
-async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_url, message_broker, start_workers, tmp_path):
+async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(
+    db, pg_url, message_broker, start_workers, tmp_path
+):
     on_redis = message_broker.kind == "redis"
     redis_client = redis.Redis.from_url(message_broker.url) if on_redis else None
     started = time.monotonic()
@@ -91,7 +91,14 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
     rng = random.Random(2202)
     # A reversal of a payment that never arrives: not a rule violation (it may be a few
     # messages behind) but never succeeds: retried EVENT_MAX_RETRIES times, then dead-lettered.
-    poison = PaymentReversed(event_id=f"{prefix}-poison", customer_id=f"{prefix}-poison-customer", occurred_at=T0, payment_id="never-paid", reason="refund", total_credits_reversed=1)
+    poison = PaymentReversed(
+        event_id=f"{prefix}-poison",
+        customer_id=f"{prefix}-poison-customer",
+        occurred_at=T0,
+        payment_id="never-paid",
+        reason="refund",
+        total_credits_reversed=1,
+    )
 
     publisher = Publisher.from_url(message_broker.url)
     poison_id = publisher.publish(poison)
@@ -110,7 +117,9 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
     try:
         deadline = time.monotonic() + 150
         while True:
-            assert time.monotonic() < deadline, f"not done: {await processed_count(connection, prefix)} of {len(events)} processed, {message_broker.waiting(EVENTS_QUEUE)} waiting"
+            assert time.monotonic() < deadline, (
+                f"not done: {await processed_count(connection, prefix)} of {len(events)} processed, {message_broker.waiting(EVENTS_QUEUE)} waiting"
+            )
             processed = await processed_count(connection, prefix)
             if janitor:
                 janitor.sweep()
@@ -125,10 +134,16 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
                 # a supervisor restarts it. Here, the test does.
                 await asyncio.to_thread(workers.process.wait, 60)
                 # The survivor requeued what it had fetched; what is left in ack sets is the dead one's.
-                kills[-1]["stranded"] = sum(ack_set_sizes(redis_client, EVENT_QUEUES)) if on_redis else "not visible on RabbitMQ"
+                kills[-1]["stranded"] = (
+                    sum(ack_set_sizes(redis_client, EVENT_QUEUES)) if on_redis else "not visible on RabbitMQ"
+                )
                 runs.append(await asyncio.to_thread(start_workers, 2, 4, env))
                 continue
-            if processed == len(events) and set(message_broker.dead_lettered(EVENTS_QUEUE)) == {poison_id} and drained(message_broker, redis_client):
+            if (
+                processed == len(events)
+                and set(message_broker.dead_lettered(EVENTS_QUEUE)) == {poison_id}
+                and drained(message_broker, redis_client)
+            ):
                 break
             await asyncio.sleep(0.25)
         drained_at = time.monotonic()
@@ -141,8 +156,12 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
         assert body["options"]["retries"] == 2  # EVENT_MAX_RETRIES: three attempts, then the dead letters
         rows = await connection.fetch("SELECT message_id, error FROM dead_letters")
         assert [(r["message_id"], r["error"].split(":")[0]) for r in rows] == [(poison_id, "PaymentNotApplied")]
-        assert await connection.fetchval("SELECT count(*) FROM processed_events WHERE event_id = $1", poison.event_id) == 0
-        assert await connection.fetchval("SELECT count(*) FROM customers WHERE customer_id = $1", poison.customer_id) == 0
+        assert (
+            await connection.fetchval("SELECT count(*) FROM processed_events WHERE event_id = $1", poison.event_id) == 0
+        )
+        assert (
+            await connection.fetchval("SELECT count(*) FROM customers WHERE customer_id = $1", poison.customer_id) == 0
+        )
     finally:
         await connection.close()
         if janitor:
@@ -178,7 +197,9 @@ async def test_workers_killed_mid_stream_lose_nothing_and_double_nothing(db, pg_
 PG_KILL_EVENTS = 1_000
 
 
-async def test_postgres_connections_killed_mid_stream_lose_nothing_and_half_apply_nothing(db, pg_url, redis_client, redis_url, start_workers, tmp_path):
+async def test_postgres_connections_killed_mid_stream_lose_nothing_and_half_apply_nothing(
+    db, pg_url, redis_client, redis_url, start_workers, tmp_path
+):
     from tests.conftest import POSTGRES_ADMIN_DSN
 
     started = time.monotonic()
@@ -202,24 +223,39 @@ async def test_postgres_connections_killed_mid_stream_lose_nothing_and_half_appl
             await asyncio.sleep(rng.uniform(0.1, 0.4))
             terminated += await killer.fetchval(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> $2",
-                database, watcher_pid,
+                database,
+                watcher_pid,
             )
             rounds += 1
         killed_until = await processed_count(watcher, prefix)
         deadline = time.monotonic() + 60
-        while (await processed_count(watcher, prefix) < len(events) or leftovers(redis_client, EVENT_QUEUES)) and time.monotonic() < deadline:
+        while (
+            await processed_count(watcher, prefix) < len(events) or leftovers(redis_client, EVENT_QUEUES)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        assert await processed_count(watcher, prefix) == len(events), f"{len(events) - await processed_count(watcher, prefix)} event(s) never applied; dead letters: {await watcher.fetch('SELECT error FROM dead_letters LIMIT 5')}"
+        assert await processed_count(watcher, prefix) == len(events), (
+            f"{len(events) - await processed_count(watcher, prefix)} event(s) never applied; dead letters: {await watcher.fetch('SELECT error FROM dead_letters LIMIT 5')}"
+        )
         assert not leftovers(redis_client, EVENT_QUEUES)
 
         lost, doubled = await assert_ledger_as_expected(watcher, events, prefix)
         assert await reconciliation(db) == []
         # Nothing half-applied: every processed event has its entry, every entry its processed event.
-        by_type = dict(await watcher.fetch("SELECT event_type, count(*) FROM processed_events WHERE event_id LIKE $1 GROUP BY event_type", f"{prefix}-%"))
-        by_kind = dict(await watcher.fetch("SELECT kind, count(*) FROM ledger_entries WHERE event_id LIKE $1 GROUP BY kind", f"{prefix}-%"))
+        by_type = dict(
+            await watcher.fetch(
+                "SELECT event_type, count(*) FROM processed_events WHERE event_id LIKE $1 GROUP BY event_type",
+                f"{prefix}-%",
+            )
+        )
+        by_kind = dict(
+            await watcher.fetch(
+                "SELECT kind, count(*) FROM ledger_entries WHERE event_id LIKE $1 GROUP BY kind", f"{prefix}-%"
+            )
+        )
         assert by_kind == {"issued": by_type["payment.succeeded"], "debited": by_type["job.completed"]}
         orphans = await watcher.fetchval(
-            "SELECT count(*) FROM ledger_entries e WHERE e.event_id LIKE $1 AND NOT EXISTS (SELECT 1 FROM processed_events p WHERE p.event_id = e.event_id)", f"{prefix}-%"
+            "SELECT count(*) FROM ledger_entries e WHERE e.event_id LIKE $1 AND NOT EXISTS (SELECT 1 FROM processed_events p WHERE p.event_id = e.event_id)",
+            f"{prefix}-%",
         )
         assert orphans == 0
         assert await watcher.fetchval("SELECT count(*) FROM dead_letters") == 0
@@ -279,18 +315,62 @@ async def test_redis_restarted_empty_loses_only_unapplied_messages_and_republish
         failed_at, signed_at, paid_at = now - timedelta(days=3), now - timedelta(days=31), now - timedelta(days=30)
         fake_stripe.add_invoice(invoice("in_rs", "cus_rs", subscription="sub_rs"))
         fake_stripe.script("in_rs", "succeed")
-        publish_all(publisher, [
-            PaymentFailed(event_id="rs-failed", customer_id="rs-dunning", occurred_at=failed_at, invoice_id="in_rs", decline_code="insufficient_funds"),
-            CustomerSignedUp(event_id="rs-signup-referrer", customer_id="rs-referrer", occurred_at=signed_at, email="erin@referrer.example.com"),
-        ])
-        await _eventually(lambda: _scalar(connection, "SELECT count(*) FROM referral_codes WHERE referrer_id = 'rs-referrer'"), 1)
+        publish_all(
+            publisher,
+            [
+                PaymentFailed(
+                    event_id="rs-failed",
+                    customer_id="rs-dunning",
+                    occurred_at=failed_at,
+                    invoice_id="in_rs",
+                    decline_code="insufficient_funds",
+                ),
+                CustomerSignedUp(
+                    event_id="rs-signup-referrer",
+                    customer_id="rs-referrer",
+                    occurred_at=signed_at,
+                    email="erin@referrer.example.com",
+                ),
+            ],
+        )
+        await _eventually(
+            lambda: _scalar(connection, "SELECT count(*) FROM referral_codes WHERE referrer_id = 'rs-referrer'"), 1
+        )
         code = await connection.fetchval("SELECT code FROM referral_codes WHERE referrer_id = 'rs-referrer'")
-        publish_all(publisher, [
-            CustomerSignedUp(event_id="rs-signup-referred", customer_id="rs-referred", occurred_at=signed_at + timedelta(hours=1), email="sam@referred.example.org", referral_code=code),
-            PaymentSucceeded(event_id="rs-paid", customer_id="rs-referred", occurred_at=paid_at, payment_id="in_rs_paid", credits=10, amount_cents=4900, currency="USD"),
-        ])
-        await _eventually(lambda: _scalar(connection, "SELECT count(*) FROM referrals WHERE referred_customer_id = 'rs-referred' AND status = 'pending'"), 1)
-        await _eventually(lambda: _scalar(connection, "SELECT count(*) FROM dunning_cases WHERE invoice_id = 'in_rs' AND status = 'retrying'"), 1)
+        publish_all(
+            publisher,
+            [
+                CustomerSignedUp(
+                    event_id="rs-signup-referred",
+                    customer_id="rs-referred",
+                    occurred_at=signed_at + timedelta(hours=1),
+                    email="sam@referred.example.org",
+                    referral_code=code,
+                ),
+                PaymentSucceeded(
+                    event_id="rs-paid",
+                    customer_id="rs-referred",
+                    occurred_at=paid_at,
+                    payment_id="in_rs_paid",
+                    credits=10,
+                    amount_cents=4900,
+                    currency="USD",
+                ),
+            ],
+        )
+        await _eventually(
+            lambda: _scalar(
+                connection,
+                "SELECT count(*) FROM referrals WHERE referred_customer_id = 'rs-referred' AND status = 'pending'",
+            ),
+            1,
+        )
+        await _eventually(
+            lambda: _scalar(
+                connection, "SELECT count(*) FROM dunning_cases WHERE invoice_id = 'in_rs' AND status = 'retrying'"
+            ),
+            1,
+        )
 
         # ---- the stream; Redis dies (kill -9, no persistence) while it is being consumed
         prefix = "rb"
@@ -306,7 +386,9 @@ async def test_redis_restarted_empty_loses_only_unapplied_messages_and_republish
         lost_in_redis = len(events) - settled
         assert 0 < lost_in_redis < len(events), (at_kill, settled)
         client = redis.Redis.from_url(private_redis.url)
-        assert client.llen(f"dramatiq:{EVENTS_QUEUE}") == 0 and client.hlen(f"dramatiq:{EVENTS_QUEUE}.msgs") == 0  # nothing comes back by itself
+        assert (
+            client.llen(f"dramatiq:{EVENTS_QUEUE}") == 0 and client.hlen(f"dramatiq:{EVENTS_QUEUE}.msgs") == 0
+        )  # nothing comes back by itself
         await asyncio.sleep(1.0)
         assert await processed_count(connection, prefix) == settled
 
@@ -329,17 +411,30 @@ async def test_redis_restarted_empty_loses_only_unapplied_messages_and_republish
         # ---- scheduled work survived the restart: it is in PostgreSQL, and a periodic run on the new Redis finds it
         case = await connection.fetchrow("SELECT status, next_retry_at FROM dunning_cases WHERE invoice_id = 'in_rs'")
         assert (case["status"], case["next_retry_at"]) == ("retrying", failed_at + timedelta(days=1))
-        referral = await connection.fetchrow("SELECT status, approve_after FROM referrals WHERE referred_customer_id = 'rs-referred'")
+        referral = await connection.fetchrow(
+            "SELECT status, approve_after FROM referrals WHERE referred_customer_id = 'rs-referred'"
+        )
         assert (referral["status"], referral["approve_after"]) == ("pending", paid_at + timedelta(days=14))
         friday = _first_friday_after(referral["approve_after"] + timedelta(hours=1))
         assert friday < now
-        for job_name, as_of in (("collect_payments", failed_at + timedelta(days=1, minutes=1)), ("pay_referrals", friday)):
+        for job_name, as_of in (
+            ("collect_payments", failed_at + timedelta(days=1, minutes=1)),
+            ("pay_referrals", friday),
+        ):
             await asyncio.to_thread(_credits_run, env, job_name, as_of.isoformat())
-        await _eventually(lambda: _scalar(connection, "SELECT count(*) FROM dunning_cases WHERE invoice_id = 'in_rs' AND status = 'recovered'"), 1)
+        await _eventually(
+            lambda: _scalar(
+                connection, "SELECT count(*) FROM dunning_cases WHERE invoice_id = 'in_rs' AND status = 'recovered'"
+            ),
+            1,
+        )
         await _eventually(lambda: _scalar(connection, "SELECT count(*) FROM payouts WHERE payee_id = 'rs-referrer'"), 1)
         assert [r.idempotency_key for r in fake_stripe.pay_requests("in_rs")] == ["dunning:in_rs:1"]
         assert await connection.fetchval("SELECT balance FROM customers WHERE customer_id = 'rs-dunning'") == 10
-        assert await connection.fetchval("SELECT status FROM referrals WHERE referred_customer_id = 'rs-referred'") in ("in_payout", "paid")
+        assert await connection.fetchval("SELECT status FROM referrals WHERE referred_customer_id = 'rs-referred'") in (
+            "in_payout",
+            "paid",
+        )
         client.close()
     finally:
         await connection.close()
@@ -361,7 +456,10 @@ async def test_redis_restarted_empty_loses_only_unapplied_messages_and_republish
         deliveries_per_event=deliveries_per_event(runs, prefix),
         lost=lost,
         doubled=doubled,
-        scheduled_work_survived={"dunning_retry": "charged on the new Redis", "referral_payout": "made on the new Redis"},
+        scheduled_work_survived={
+            "dunning_retry": "charged on the new Redis",
+            "referral_payout": "made on the new Redis",
+        },
         recovery_seconds=round(recovered_at - republished_at, 1),
         seconds=round(time.monotonic() - started, 1),
     )
@@ -373,7 +471,9 @@ async def test_redis_restarted_empty_loses_only_unapplied_messages_and_republish
 SWEEP_CUSTOMERS = 600
 
 
-async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db, pg_url, redis_client, redis_url, service_env, start_workers, tmp_path):
+async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(
+    db, pg_url, redis_client, redis_url, service_env, start_workers, tmp_path
+):
     from domain import CreditPolicy
     from service_layer import handlers
     from service_layer.unit_of_work import SqlUnitOfWork
@@ -384,12 +484,20 @@ async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db
     as_of = "2025-12-01T00:00:00+00:00"
 
     async def pay(n: int, at: datetime, suffix: str = "") -> None:
-        event = PaymentSucceeded(event_id=f"sw-pay-{n}{suffix}", customer_id=f"sw-c{n:04d}", occurred_at=at, payment_id=f"sw-in-{n}{suffix}", credits=1 + n % 7)
+        event = PaymentSucceeded(
+            event_id=f"sw-pay-{n}{suffix}",
+            customer_id=f"sw-c{n:04d}",
+            occurred_at=at,
+            payment_id=f"sw-in-{n}{suffix}",
+            credits=1 + n % 7,
+        )
         await handlers.apply_event(event, SqlUnitOfWork(db), policy)
 
     # Every customer has one lot due (expired in 2025); every tenth also one that is not (expires 2026-06).
     for start in range(0, SWEEP_CUSTOMERS, 5):
-        await asyncio.gather(*(pay(n, issued + timedelta(hours=n)) for n in range(start, min(start + 5, SWEEP_CUSTOMERS))))
+        await asyncio.gather(
+            *(pay(n, issued + timedelta(hours=n)) for n in range(start, min(start + 5, SWEEP_CUSTOMERS)))
+        )
     await asyncio.gather(*(pay(n, datetime(2025, 6, 1, tzinfo=UTC), "-fresh") for n in range(0, SWEEP_CUSTOMERS, 10)))
     due = SWEEP_CUSTOMERS
 
@@ -400,7 +508,9 @@ async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db
     connection = await asyncpg.connect(plain_dsn(pg_url))
 
     async def expired() -> int:
-        return await connection.fetchval("SELECT count(*) FROM ledger_entries WHERE kind = 'expired' AND customer_id LIKE 'sw-%'")
+        return await connection.fetchval(
+            "SELECT count(*) FROM ledger_entries WHERE kind = 'expired' AND customer_id LIKE 'sw-%'"
+        )
 
     try:
         first = await asyncio.to_thread(_credits_run, service_env, "expire_credits", as_of)
@@ -426,9 +536,16 @@ async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db
             janitor.sweep()
             done = sweeps_done()
             redelivered = any(r.get("message_id") == first for r in done)
-            if redelivered and any(r.get("message_id") == second for r in done) and not leftovers(redis_client, (SWEEPS_QUEUE,)) and not any(r["more"] for r in done[-1:]):
+            if (
+                redelivered
+                and any(r.get("message_id") == second for r in done)
+                and not leftovers(redis_client, (SWEEPS_QUEUE,))
+                and not any(r["more"] for r in done[-1:])
+            ):
                 break
-            assert time.monotonic() < deadline, f"sweeps not done: {done}, Redis {leftovers(redis_client, (SWEEPS_QUEUE,))}"
+            assert time.monotonic() < deadline, (
+                f"sweeps not done: {done}, Redis {leftovers(redis_client, (SWEEPS_QUEUE,))}"
+            )
             await asyncio.sleep(0.5)
 
         lots = await connection.fetch(
@@ -478,7 +595,9 @@ async def test_expiry_sweep_killed_mid_batch_then_rerun_expires_each_lot_once(db
 # --------------------------------------------------------------------------- 5. a refusal during a database outage
 
 
-async def test_a_message_refused_during_a_database_outage_is_still_archived_in_postgres(db, pg_url, redis_client, redis_url, start_workers, tmp_path):
+async def test_a_message_refused_during_a_database_outage_is_still_archived_in_postgres(
+    db, pg_url, redis_client, redis_url, start_workers, tmp_path
+):
     """Refused messages are kept in Redis's dead-letter queue *and* in the `dead_letters` table
     (docs/WIRE_CONTRACT.md, "What happens to a message"); Redis loses its copy on a restart.
     A message refused on its content is refused before the database is touched, so it is
@@ -494,13 +613,38 @@ async def test_a_message_refused_during_a_database_outage_is_still_archived_in_p
     try:
         workers = start_workers(processes=1, threads=2, env={"DATABASE_URL": proxy.url(pg_url)})
         proxy.stop()  # PostgreSQL is unreachable from the workers
-        invalid = json.dumps({"type": "payment.succeeded", "event_id": "db-down-bad", "customer_id": "c", "occurred_at": T0.isoformat(), "payment_id": "p", "credits": -5})
+        invalid = json.dumps(
+            {
+                "type": "payment.succeeded",
+                "event_id": "db-down-bad",
+                "customer_id": "c",
+                "occurred_at": T0.isoformat(),
+                "payment_id": "p",
+                "credits": -5,
+            }
+        )
         refused = publish_raw(broker, kwargs={"event": invalid})
-        wait_until(lambda: refused in dead_letter_bodies(redis_client, EVENTS_QUEUE), timeout=30, message="the invalid event in the Redis dead-letter queue")
-        wait_until(lambda: any(r.get("event") == "dead_letter_archive_failed" for r in workers.records()), timeout=30, message="the archive attempt")
+        wait_until(
+            lambda: refused in dead_letter_bodies(redis_client, EVENTS_QUEUE),
+            timeout=30,
+            message="the invalid event in the Redis dead-letter queue",
+        )
+        wait_until(
+            lambda: any(r.get("event") == "dead_letter_archive_failed" for r in workers.records()),
+            timeout=30,
+            message="the archive attempt",
+        )
         proxy.start()  # the database is back
-        after = publisher.publish(PaymentSucceeded(event_id="db-back-pay", customer_id="db-back", occurred_at=T0, payment_id="db-back-in", credits=1))
-        wait_until(lambda: any(r.get("event") == "event_applied" and r.get("message_id") == after for r in workers.records()), timeout=60, message="an event applied after the outage")
+        after = publisher.publish(
+            PaymentSucceeded(
+                event_id="db-back-pay", customer_id="db-back", occurred_at=T0, payment_id="db-back-in", credits=1
+            )
+        )
+        wait_until(
+            lambda: any(r.get("event") == "event_applied" and r.get("message_id") == after for r in workers.records()),
+            timeout=60,
+            message="an event applied after the outage",
+        )
         await asyncio.sleep(2.0)
         # The periodic catch-up (`archive_dead_letters`) copies what only Redis holds.
         from workers.dead_letters import archive_from_redis
@@ -509,9 +653,17 @@ async def test_a_message_refused_during_a_database_outage_is_still_archived_in_p
         assert await archive_from_redis(db, broker, [EVENTS_QUEUE]) == 0  # once
         async with db.connect() as connection:
             archived = (await connection.exec_driver_sql("SELECT message_id FROM dead_letters")).scalars().all()
-        report(tmp_path, "refused_during_database_outage", events=2, faults_injected=1, fault="database unreachable (TCP proxy stopped) while an invalid event is refused",
-               in_redis_dead_letters=int(refused in dead_letter_bodies(redis_client, EVENTS_QUEUE)), in_postgres_dead_letters=archived.count(refused),
-               lost=0 if refused in archived else "the PostgreSQL copy (Redis's own copy is lost on a restart)", doubled=0)
+        report(
+            tmp_path,
+            "refused_during_database_outage",
+            events=2,
+            faults_injected=1,
+            fault="database unreachable (TCP proxy stopped) while an invalid event is refused",
+            in_redis_dead_letters=int(refused in dead_letter_bodies(redis_client, EVENTS_QUEUE)),
+            in_postgres_dead_letters=archived.count(refused),
+            lost=0 if refused in archived else "the PostgreSQL copy (Redis's own copy is lost on a restart)",
+            doubled=0,
+        )
         assert archived == [refused], "the refused message is only in Redis: its dead_letters row was never written"
     finally:
         proxy.stop()
@@ -573,6 +725,14 @@ def _credits_run(env: dict[str, str], job_name: str, as_of: str) -> str:
     """`credits run <job> --as-of ...`, the operator's command; returns the message id it enqueued."""
     import re
 
-    done = subprocess.run([CREDITS_CLI, "run", job_name, "--as-of", as_of], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [CREDITS_CLI, "run", job_name, "--as-of", as_of],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return re.search(r"enqueued \w+ as message (?P<id>[0-9a-f-]{36})", done.stdout + done.stderr)["id"]

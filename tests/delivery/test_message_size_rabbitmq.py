@@ -44,17 +44,33 @@ def rabbitmq_queue():
     broker.close()
 
 
-def test_an_oversized_message_is_dead_lettered_unread_by_dramatiqs_rabbitmq_consumer(bounded_encoder, rabbitmq_queue, caplog):
+def test_an_oversized_message_is_dead_lettered_unread_by_dramatiqs_rabbitmq_consumer(
+    bounded_encoder, rabbitmq_queue, caplog
+):
     broker, queue = rabbitmq_queue
     secret = "bob.pii@example.com " * 50_000  # 1 MB
-    body = json.dumps({"queue_name": queue, "actor_name": "apply_event", "args": [], "kwargs": {"event": secret}, "options": {},
-                       "message_id": str(uuid.uuid4()), "message_timestamp": int(time.time() * 1000)}).encode()
-    broker.channel.basic_publish(exchange="", routing_key=queue, body=body, properties=pika.BasicProperties(delivery_mode=2))
+    body = json.dumps(
+        {
+            "queue_name": queue,
+            "actor_name": "apply_event",
+            "args": [],
+            "kwargs": {"event": secret},
+            "options": {},
+            "message_id": str(uuid.uuid4()),
+            "message_timestamp": int(time.time() * 1000),
+        }
+    ).encode()
+    broker.channel.basic_publish(
+        exchange="", routing_key=queue, body=body, properties=pika.BasicProperties(delivery_mode=2)
+    )
 
     consumer = broker.consume(queue, prefetch=1, timeout=1000)
     with caplog.at_level(logging.INFO):
         deadline = time.monotonic() + 10
-        while not any("Failed to decode message" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        while (
+            not any("Failed to decode message" in r.getMessage() for r in caplog.records)
+            and time.monotonic() < deadline
+        ):
             assert next(consumer) is None  # never handed on as a message
     consumer.close()
 

@@ -11,15 +11,30 @@ import json
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from messages import EVENTS_QUEUE, PaymentSucceeded, Publisher, parse_event
 from tests.support import ROOT
 
-BLOCKED = ("sqlalchemy", "asyncpg", "aiosqlite", "fastapi", "starlette", "uvicorn", "structlog", "alembic", "fakeredis", "stripe",
-           "domain", "infra", "workers", "service_layer", "api")
+BLOCKED = (
+    "sqlalchemy",
+    "asyncpg",
+    "aiosqlite",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "structlog",
+    "alembic",
+    "fakeredis",
+    "stripe",
+    "domain",
+    "infra",
+    "workers",
+    "service_layer",
+    "api",
+)
 
 PRODUCER = textwrap.dedent(
     """
@@ -63,7 +78,11 @@ PRODUCER = textwrap.dedent(
 
 def test_producer_publishes_with_only_pydantic_dramatiq_and_redis(redis_client, redis_url):
     result = subprocess.run(
-        [sys.executable, "-c", PRODUCER, redis_url, ",".join(BLOCKED)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", PRODUCER, redis_url, ",".join(BLOCKED)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -72,7 +91,9 @@ def test_producer_publishes_with_only_pydantic_dramatiq_and_redis(redis_client, 
 
     # The raw message, as a worker (or a producer in another language) sees it: the hash holds
     # each envelope under its Redis id, the list queues those ids in publish order.
-    stored = {key.decode(): json.loads(raw) for key, raw in redis_client.hgetall(f"dramatiq:{EVENTS_QUEUE}.msgs").items()}
+    stored = {
+        key.decode(): json.loads(raw) for key, raw in redis_client.hgetall(f"dramatiq:{EVENTS_QUEUE}.msgs").items()
+    }
     queue = [raw.decode() for raw in redis_client.lrange(f"dramatiq:{EVENTS_QUEUE}", 0, -1)]
     assert len(stored) == 4 and sorted(queue) == sorted(stored)
     by_message_id = {message["message_id"]: message for message in stored.values()}
@@ -93,8 +114,13 @@ def test_producer_publishes_with_only_pydantic_dramatiq_and_redis(redis_client, 
 
     first = parse_event(by_message_id[report["ids"][0]]["kwargs"]["event"])
     assert first == PaymentSucceeded(
-        event_id="p-1", customer_id="c-1", occurred_at=datetime(2026, 5, 1, 9, 30, tzinfo=timezone.utc),
-        payment_id="in_1", credits=4, amount_cents=10000, currency="USD",
+        event_id="p-1",
+        customer_id="c-1",
+        occurred_at=datetime(2026, 5, 1, 9, 30, tzinfo=UTC),
+        payment_id="in_1",
+        credits=4,
+        amount_cents=10000,
+        currency="USD",
     )
 
 

@@ -73,7 +73,9 @@ def _stranded(client, broker_id: str) -> dict[str, str]:
     return stranded
 
 
-async def test_a_killed_worker_process_messages_are_applied_within_the_documented_bound(db, pg_url, redis_client, redis_url, service_env, start_workers, tmp_path):
+async def test_a_killed_worker_process_messages_are_applied_within_the_documented_bound(
+    db, pg_url, redis_client, redis_url, service_env, start_workers, tmp_path
+):
     assert not {k for k in service_env if k.startswith("REDIS_HEARTBEAT") or k.startswith("REDIS_MAINTENANCE")}
     shipped = Settings()
     requeue_bound = shipped.redis_heartbeat_timeout_seconds + shipped.redis_maintenance_interval_seconds + SLACK_SECONDS
@@ -89,8 +91,14 @@ async def test_a_killed_worker_process_messages_are_applied_within_the_documente
         while await processed_count(connection, prefix) < EVENTS // 10:
             await asyncio.sleep(0.05)
         main = _main_process(workers.process.pid)
-        broker_ids = {r["pid"]: r["broker_id"] for r in workers.records() if r.get("event") == "worker_heartbeat_started"}
-        victim = next(pid for pid in worker_children(main) if redis_client.scard(f"dramatiq:__acks__.{broker_ids[pid]}.{EVENTS_QUEUE}"))
+        broker_ids = {
+            r["pid"]: r["broker_id"] for r in workers.records() if r.get("event") == "worker_heartbeat_started"
+        }
+        victim = next(
+            pid
+            for pid in worker_children(main)
+            if redis_client.scard(f"dramatiq:__acks__.{broker_ids[pid]}.{EVENTS_QUEUE}")
+        )
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         stranded = _stranded(redis_client, broker_ids[victim])
@@ -98,17 +106,23 @@ async def test_a_killed_worker_process_messages_are_applied_within_the_documente
         at_kill = await processed_count(connection, prefix)
 
         async def all_applied() -> bool:
-            done = await connection.fetchval("SELECT count(*) FROM processed_events WHERE event_id = ANY($1::text[])", list(stranded.values()))
+            done = await connection.fetchval(
+                "SELECT count(*) FROM processed_events WHERE event_id = ANY($1::text[])", list(stranded.values())
+            )
             return done == len(stranded)
 
         def requeued() -> bool:  # Dramatiq's maintenance put them back on the queue (or acknowledged)
-            return not redis_client.exists(*(f"dramatiq:__acks__.{broker_ids[victim]}.{q}" for q in (EVENTS_QUEUE, f"{EVENTS_QUEUE}.DQ")))
+            return not redis_client.exists(
+                *(f"dramatiq:__acks__.{broker_ids[victim]}.{q}" for q in (EVENTS_QUEUE, f"{EVENTS_QUEUE}.DQ"))
+            )
 
         applied_after = requeued_after = None
         while applied_after is None or requeued_after is None:
             elapsed = time.monotonic() - killed_at
             assert requeued_after is not None or elapsed < requeue_bound, f"not requeued after {elapsed:.0f}s"
-            assert elapsed < APPLIED_BOUND_SECONDS, f"after {elapsed:.0f}s: not all {len(stranded)} stranded events applied"
+            assert elapsed < APPLIED_BOUND_SECONDS, (
+                f"after {elapsed:.0f}s: not all {len(stranded)} stranded events applied"
+            )
             if requeued_after is None and requeued():
                 requeued_after = elapsed
             if applied_after is None and await all_applied():
@@ -117,7 +131,9 @@ async def test_a_killed_worker_process_messages_are_applied_within_the_documente
 
         # The group was started again (by the supervisor) and everything else was applied too.
         while await processed_count(connection, prefix) < EVENTS or leftovers(redis_client, [EVENTS_QUEUE]):
-            assert time.monotonic() - killed_at < 180, f"{await processed_count(connection, prefix)} of {EVENTS} applied, Redis {leftovers(redis_client, [EVENTS_QUEUE])}"
+            assert time.monotonic() - killed_at < 180, (
+                f"{await processed_count(connection, prefix)} of {EVENTS} applied, Redis {leftovers(redis_client, [EVENTS_QUEUE])}"
+            )
             await asyncio.sleep(0.2)
         assert _main_process(workers.process.pid) != main, "the supervisor did not start a new group"
         lost, doubled = await assert_ledger_as_expected(connection, events, prefix)

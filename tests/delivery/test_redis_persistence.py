@@ -19,11 +19,12 @@ import asyncpg
 import pytest
 import yaml
 
-from messages import JobCompleted, PublishFailed, Publisher
+from messages import JobCompleted, Publisher, PublishFailed
+from tests.support import ROOT, free_port
 from tests.support.faults import (
     EVENT_QUEUES,
-    PrivateRedis,
     T0,
+    PrivateRedis,
     assert_ledger_as_expected,
     deliveries_per_event,
     leftovers,
@@ -32,7 +33,6 @@ from tests.support.faults import (
     report,
     workload,
 )
-from tests.support import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,9 @@ class Producer(threading.Thread):
 
 
 @pytest.mark.timeout(900)
-async def test_redis_with_the_compose_persistence_restarted_mid_stream_loses_nothing(db, pg_url, start_workers, tmp_path):
+async def test_redis_with_the_compose_persistence_restarted_mid_stream_loses_nothing(
+    db, pg_url, start_workers, tmp_path
+):
     options = compose_redis_persistence()
     server = PrivateRedis(tmp_path, persistence=options)
     server.start()
@@ -110,7 +112,9 @@ async def test_redis_with_the_compose_persistence_restarted_mid_stream_loses_not
         client = redis.Redis.from_url(server.url)
         deadline = time.monotonic() + 600
         while await processed_count(connection, prefix) < EVENTS or leftovers(client, EVENT_QUEUES):
-            assert time.monotonic() < deadline, f"{await processed_count(connection, prefix)} of {EVENTS} applied; Redis {leftovers(client, EVENT_QUEUES)}"
+            assert time.monotonic() < deadline, (
+                f"{await processed_count(connection, prefix)} of {EVENTS} applied; Redis {leftovers(client, EVENT_QUEUES)}"
+            )
             await asyncio.sleep(0.5)
         lost, doubled = await assert_ledger_as_expected(connection, events, prefix)
         assert await connection.fetchval("SELECT count(*) FROM dead_letters") == 0

@@ -9,17 +9,17 @@ with pg_terminate_backend while it waits on a lock the test holds.
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import signal
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import func, select, text
 
 from infra.db.tables import dead_letters, ledger_entries, processed_events
 from messages import Publisher
+from tests.support import ROOT, eventually, reconciliation, wait_until
 from tests.support.delivery import (
     customer_row,
     dead_lettered,
@@ -32,7 +32,6 @@ from tests.support.delivery import (
     scalar,
     wait_for_outcomes,
 )
-from tests.support import ROOT, eventually, reconciliation, wait_until
 from tests.support.faults import (
     RETRY_DELAY,
     TcpProxy,
@@ -43,7 +42,9 @@ def retry_delays(workers, message_id: str) -> list[int]:
     return [int(RETRY_DELAY.match(line)["ms"]) for line in retry_lines(workers, message_id)]
 
 
-async def test_database_outage_is_retried_with_backoff_then_applied_once(db, redis_client, redis_url, pg_url, start_workers):
+async def test_database_outage_is_retried_with_backoff_then_applied_once(
+    db, redis_client, redis_url, pg_url, start_workers
+):
     proxy = TcpProxy()
     proxy.start()
     try:
@@ -55,12 +56,24 @@ async def test_database_outage_is_retried_with_backoff_then_applied_once(db, red
 
         proxy.stop()  # PostgreSQL is now unreachable from the workers (and every pooled connection is dead)
         during = publisher.publish(job("outage-done", "cust-outage", "outage-job", credits=2))
-        wait_until(lambda: len(retry_lines(workers, during)) >= 4, timeout=30, message="four retries while the database is down")
+        wait_until(
+            lambda: len(retry_lines(workers, during)) >= 4,
+            timeout=30,
+            message="four retries while the database is down",
+        )
         # Still nothing applied, nothing dead-lettered: the event is waiting in Redis, not lost.
         assert during not in outcomes_of(workers)
-        assert await scalar(db, select(func.count()).select_from(processed_events).where(processed_events.c.event_id == "outage-done")) == 0
+        assert (
+            await scalar(
+                db,
+                select(func.count()).select_from(processed_events).where(processed_events.c.event_id == "outage-done"),
+            )
+            == 0
+        )
         assert dead_lettered(redis_client) == {}
-        failures = [r for r in log_records(workers) if r.get("level") == "error" and "unhandled exception" in r.get("event", "")]
+        failures = [
+            r for r in log_records(workers) if r.get("level") == "error" and "unhandled exception" in r.get("event", "")
+        ]
         assert failures and all("exception" in r for r in failures), "the failed attempts should log their error"
 
         proxy.start()  # the database is back
@@ -85,7 +98,9 @@ async def test_database_outage_is_retried_with_backoff_then_applied_once(db, red
     publisher.close()
 
 
-async def test_connection_killed_inside_a_transaction_is_retried_and_applied_once(db, redis_client, redis_url, start_workers):
+async def test_connection_killed_inside_a_transaction_is_retried_and_applied_once(
+    db, redis_client, redis_url, start_workers
+):
     workers = start_workers(processes=1, threads=2)
     publisher = Publisher.from_url(redis_url)
     first = publisher.publish(payment("kill-pay", "cust-kill", 5))
@@ -97,7 +112,13 @@ async def test_connection_killed_inside_a_transaction_is_retried_and_applied_onc
         # locked and touched the customer row, waits on it mid-transaction.
         await blocker.begin()
         await blocker.execute(
-            processed_events.insert().values(event_id="kill-done", event_type=event.type, customer_id="cust-kill", fingerprint=event.fingerprint(), payload={})
+            processed_events.insert().values(
+                event_id="kill-done",
+                event_type=event.type,
+                customer_id="cust-kill",
+                fingerprint=event.fingerprint(),
+                payload={},
+            )
         )
         message_id = publisher.publish(event)
 
@@ -109,7 +130,11 @@ async def test_connection_killed_inside_a_transaction_is_retried_and_applied_onc
         # The retry, on a new connection, waits on the same key again; nothing of either attempt is visible.
         await eventually(lambda: _waiters(admin, exclude=killed), message="the retry waiting on the key")
         async with db.connect() as reader:
-            assert (await reader.execute(select(func.count()).select_from(ledger_entries).where(ledger_entries.c.event_id == "kill-done"))).scalar() == 0
+            assert (
+                await reader.execute(
+                    select(func.count()).select_from(ledger_entries).where(ledger_entries.c.event_id == "kill-done")
+                )
+            ).scalar() == 0
         await blocker.rollback()  # let it through
 
     assert wait_for_outcomes(workers, [message_id]) == {message_id: "event_applied"}
@@ -125,10 +150,18 @@ async def test_connection_killed_inside_a_transaction_is_retried_and_applied_onc
 
 async def _waiters(admin, exclude: int | None) -> list[int]:
     """Backends blocked on a lock while writing processed_events (the worker's claim), but not ``exclude``."""
-    pids = (await admin.execute(text(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND wait_event_type = 'Lock' AND query ILIKE '%processed_events%'"
-    ))).scalars().all()
+    pids = (
+        (
+            await admin.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND wait_event_type = 'Lock' AND query ILIKE '%processed_events%'"
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
     await admin.commit()  # pg_stat_activity is a snapshot per transaction: end it to see changes
     return [pid for pid in pids if pid != exclude]
 
@@ -137,7 +170,12 @@ def _start_refused_worker(env: dict[str, str], timeout: float = 60.0) -> tuple[i
     """Run a worker that should refuse to boot; returns its exit code and output."""
     process = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1", "--threads", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = process.communicate(timeout=timeout)

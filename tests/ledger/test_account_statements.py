@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import event, select
 
@@ -19,7 +19,7 @@ from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import reconciliation
 
 POLICY = CreditPolicy()
-START = datetime(2025, 1, 6, tzinfo=timezone.utc)
+START = datetime(2025, 1, 6, tzinfo=UTC)
 
 
 async def apply(db: Database, *events) -> None:
@@ -46,8 +46,16 @@ async def test_lock_many_loads_live_state_only(db):
     await apply(
         db,
         PaymentSucceeded(event_id="pay-spent", occurred_at=START, customer_id="c", payment_id="in_spent", credits=2),
-        PaymentSucceeded(event_id="pay-open", occurred_at=START + timedelta(hours=1), customer_id="c", payment_id="in_open", credits=10),
-        JobCompleted(event_id="job-a", occurred_at=START + timedelta(hours=2), customer_id="c", job_id="a", credits=2),  # spends in_spent
+        PaymentSucceeded(
+            event_id="pay-open",
+            occurred_at=START + timedelta(hours=1),
+            customer_id="c",
+            payment_id="in_open",
+            credits=10,
+        ),
+        JobCompleted(
+            event_id="job-a", occurred_at=START + timedelta(hours=2), customer_id="c", job_id="a", credits=2
+        ),  # spends in_spent
     )
     async with SqlUnitOfWork(db) as uow:
         [account] = await uow.accounts.lock_many(["c"], {})
@@ -69,14 +77,20 @@ async def test_lock_many_loads_live_state_only(db):
 
 
 async def test_lock_many_creates_only_the_ids_in_create(db):
-    await apply(db, PaymentSucceeded(event_id="pay", occurred_at=START, customer_id="known", payment_id="in_1", credits=3))
+    await apply(
+        db, PaymentSucceeded(event_id="pay", occurred_at=START, customer_id="known", payment_id="in_1", credits=3)
+    )
     async with SqlUnitOfWork(db) as uow:
         accounts = await uow.accounts.lock_many(["unknown", "new", "known"], {}, create=["new"])
         assert [(a.customer_id, a.book_balance) for a in accounts] == [("known", 3), ("new", 0)]
         assert await uow.accounts.lock("unknown", create=False) is None
         await uow.commit()
     async with db.connect() as connection:
-        stored = (await connection.execute(select(customers.c.customer_id).order_by(customers.c.customer_id))).scalars().all()
+        stored = (
+            (await connection.execute(select(customers.c.customer_id).order_by(customers.c.customer_id)))
+            .scalars()
+            .all()
+        )
     assert stored == ["known", "new"]
 
 
@@ -86,15 +100,29 @@ async def test_a_batch_of_twenty_costs_the_statements_of_a_batch_of_one(db):
     for n in range(20):
         customer = f"c{n}"
         history += [
-            PaymentSucceeded(event_id=f"pay-{n}", occurred_at=START, customer_id=customer, payment_id=f"in_{n}", credits=5),
-            JobCompleted(event_id=f"old-{n}", occurred_at=START + timedelta(hours=1), customer_id=customer, job_id=f"old-{n}", credits=1),
+            PaymentSucceeded(
+                event_id=f"pay-{n}", occurred_at=START, customer_id=customer, payment_id=f"in_{n}", credits=5
+            ),
+            JobCompleted(
+                event_id=f"old-{n}",
+                occurred_at=START + timedelta(hours=1),
+                customer_id=customer,
+                job_id=f"old-{n}",
+                credits=1,
+            ),
         ]
     await apply(db, *history)
     at = START + timedelta(days=1)
 
     async def batch(customers_: range, tag: str) -> int:
-        events = [JobCompleted(event_id=f"{tag}-{n}", occurred_at=at, customer_id=f"c{n}", job_id=f"{tag}-{n}", credits=1) for n in customers_]
-        events += [JobCancelled(event_id=f"{tag}-x-{n}", occurred_at=at, customer_id=f"c{n}", job_id="none") for n in customers_]
+        events = [
+            JobCompleted(event_id=f"{tag}-{n}", occurred_at=at, customer_id=f"c{n}", job_id=f"{tag}-{n}", credits=1)
+            for n in customers_
+        ]
+        events += [
+            JobCancelled(event_id=f"{tag}-x-{n}", occurred_at=at, customer_id=f"c{n}", job_id="none")
+            for n in customers_
+        ]
         with statements(db) as sent:
             await handlers.apply_events(events, SqlUnitOfWork(db), POLICY)
         return len(sent)
@@ -105,7 +133,15 @@ async def test_a_batch_of_twenty_costs_the_statements_of_a_batch_of_one(db):
 
 
 async def test_a_sweep_batch_costs_the_same_statements_whatever_its_size(db):
-    await apply(db, *[PaymentSucceeded(event_id=f"pay-{n}", occurred_at=START, customer_id=f"c{n}", payment_id=f"in_{n}", credits=2) for n in range(41)])
+    await apply(
+        db,
+        *[
+            PaymentSucceeded(
+                event_id=f"pay-{n}", occurred_at=START, customer_id=f"c{n}", payment_id=f"in_{n}", credits=2
+            )
+            for n in range(41)
+        ],
+    )
     now = START + timedelta(days=400)
 
     async def one_batch(size: int) -> int:

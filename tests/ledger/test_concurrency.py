@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 
 from infra.db.tables import credit_lots, customers, dead_letters, ledger_entries, processed_events
 from messages import CreditsAdjusted, Publisher
-from tests.support.delivery import T0, dead_lettered, job, payment, scalar, wait_for_outcomes
 from tests.support import assert_serial_chain, entries_by_customer, reconciliation, wait_until
+from tests.support.delivery import T0, dead_lettered, job, payment, scalar, wait_for_outcomes
 
 CHARGE_KINDS = ("debited", "captured")
 
@@ -27,7 +27,11 @@ def both_processes_busy(message_broker, redis_client: redis.Redis) -> bool:
     RabbitMQ: both processes are attached as consumers while the queue still has work."""
     if message_broker.kind == "rabbitmq":
         return message_broker.consumers("credit_events") == 2 and message_broker.waiting("credit_events") > 0
-    holding = {key.decode().split(".")[1] for key in redis_client.scan_iter("dramatiq:__acks__.*.credit_events") if redis_client.scard(key) > 0}
+    holding = {
+        key.decode().split(".")[1]
+        for key in redis_client.scan_iter("dramatiq:__acks__.*.credit_events")
+        if redis_client.scard(key) > 0
+    }
     return len(holding) == 2
 
 
@@ -43,17 +47,27 @@ async def test_hundreds_of_jobs_for_one_customer_on_two_processes(db, message_br
     ]
     # Both processes really are consuming at the same time (each holds fetched, unacked messages).
     redis_client = redis.Redis.from_url(message_broker.url) if message_broker.kind == "redis" else None
-    wait_until(lambda: both_processes_busy(message_broker, redis_client), timeout=30, message="both worker processes busy at once")
+    wait_until(
+        lambda: both_processes_busy(message_broker, redis_client),
+        timeout=30,
+        message="both worker processes busy at once",
+    )
     outcomes = wait_for_outcomes(workers, message_ids, timeout=90)
     assert Counter(outcomes.values()) == {"event_applied": jobs + 1}
 
     async with db.connect() as connection:
-        customer = (await connection.execute(select(customers).where(customers.c.customer_id == "cust-hot"))).mappings().one()
+        customer = (
+            (await connection.execute(select(customers).where(customers.c.customer_id == "cust-hot"))).mappings().one()
+        )
         lots = (await connection.execute(select(credit_lots.c.amount, credit_lots.c.remaining))).all()
         charges = Counter(
-            (await connection.execute(
-                select(ledger_entries.c.job_id).where(ledger_entries.c.kind.in_(CHARGE_KINDS), ledger_entries.c.credits == -1)
-            )).scalars()
+            (
+                await connection.execute(
+                    select(ledger_entries.c.job_id).where(
+                        ledger_entries.c.kind.in_(CHARGE_KINDS), ledger_entries.c.credits == -1
+                    )
+                )
+            ).scalars()
         )
         lowest = (await connection.execute(select(func.min(credit_lots.c.remaining)))).scalar()
     # Exactly issued − jobs, the shortfall held as overdraft, the lot spent to zero and no further.
@@ -82,13 +96,29 @@ async def test_many_customers_interleaved_with_redeliveries(db, message_broker, 
         paid = [rng.randint(1, 30), rng.randint(1, 30)]
         spent = [rng.randint(1, 5) for _ in range(12)]
         adjusted = rng.choice([-7, -2, 3, 9])
-        events += [payment(f"{customer}-pay-{i}", customer, credits, at=T0 + timedelta(days=5 * i)) for i, credits in enumerate(paid)]
         events += [
-            job(f"{customer}-done-{j}", customer, f"{customer}-job-{j}", at=T0 + timedelta(days=1, hours=j), credits=credits)
+            payment(f"{customer}-pay-{i}", customer, credits, at=T0 + timedelta(days=5 * i))
+            for i, credits in enumerate(paid)
+        ]
+        events += [
+            job(
+                f"{customer}-done-{j}",
+                customer,
+                f"{customer}-job-{j}",
+                at=T0 + timedelta(days=1, hours=j),
+                credits=credits,
+            )
             for j, credits in enumerate(spent)
         ]
         events.append(
-            CreditsAdjusted(event_id=f"{customer}-adj", customer_id=customer, occurred_at=T0 + timedelta(days=2), credits=adjusted, reason="goodwill", actor="ops")
+            CreditsAdjusted(
+                event_id=f"{customer}-adj",
+                customer_id=customer,
+                occurred_at=T0 + timedelta(days=2),
+                credits=adjusted,
+                reason="goodwill",
+                actor="ops",
+            )
         )
         expected[customer] = sum(paid) + adjusted - sum(spent)
     # At-least-once delivery: a fifth of the events arrive twice; everything arrives shuffled.
@@ -96,12 +126,21 @@ async def test_many_customers_interleaved_with_redeliveries(db, message_broker, 
     rng.shuffle(deliveries)
     message_ids = [publisher.publish(event) for event in deliveries]
     outcomes = wait_for_outcomes(workers, message_ids, timeout=90)
-    assert Counter(outcomes.values()) == {"event_applied": len(events), "event_duplicate": len(deliveries) - len(events)}
+    assert Counter(outcomes.values()) == {
+        "event_applied": len(events),
+        "event_duplicate": len(deliveries) - len(events),
+    }
 
     async with db.connect() as connection:
         rows = {r.customer_id: r for r in (await connection.execute(select(customers))).all()}
         remaining = dict(
-            (await connection.execute(select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(credit_lots.c.customer_id))).all()
+            (
+                await connection.execute(
+                    select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(
+                        credit_lots.c.customer_id
+                    )
+                )
+            ).all()
         )
         lowest = (await connection.execute(select(func.min(credit_lots.c.remaining)))).scalar()
     assert {c: rows[c].balance for c in expected} == expected

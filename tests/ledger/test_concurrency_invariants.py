@@ -37,7 +37,14 @@ from service_layer import handlers
 from service_layer.errors import CustomerNotFound
 from service_layer.handlers import Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support import assert_serial_chain, entries_by_customer, HOLD_KINDS, WorkerProcesses, eventually, reconciliation
+from tests.support import (
+    HOLD_KINDS,
+    WorkerProcesses,
+    assert_serial_chain,
+    entries_by_customer,
+    eventually,
+    reconciliation,
+)
 
 CHARGE_KINDS = ("debited", "captured")
 OUTCOMES = ("event_applied", "event_duplicate", "event_rejected")
@@ -55,14 +62,26 @@ async def count(db: Database, table) -> int:
 
 def queue_drained(redis_client: redis.Redis) -> bool:
     """No event message waiting, in flight (fetched, unacked) or delayed for a retry."""
-    return redis_client.hlen(f"dramatiq:{EVENTS_QUEUE}.msgs") == 0 and redis_client.hlen(f"dramatiq:{EVENTS_QUEUE}.DQ.msgs") == 0
+    return (
+        redis_client.hlen(f"dramatiq:{EVENTS_QUEUE}.msgs") == 0
+        and redis_client.hlen(f"dramatiq:{EVENTS_QUEUE}.DQ.msgs") == 0
+    )
 
 
 async def wait_drained(db: Database, redis_client: redis.Redis, processed: int, dead: int, timeout: float) -> None:
     async def done() -> bool:
-        return await count(db, processed_events) >= processed and await count(db, dead_letters) >= dead and queue_drained(redis_client)
+        return (
+            await count(db, processed_events) >= processed
+            and await count(db, dead_letters) >= dead
+            and queue_drained(redis_client)
+        )
 
-    await eventually(done, timeout=timeout, interval=0.2, message=f"{processed} processed events, {dead} dead letter(s), an empty queue")
+    await eventually(
+        done,
+        timeout=timeout,
+        interval=0.2,
+        message=f"{processed} processed events, {dead} dead letter(s), an empty queue",
+    )
     await asyncio.sleep(0.3)  # anything still finishing would show in the counts below
 
 
@@ -87,7 +106,9 @@ async def test_concurrent_bookings_never_hold_more_than_is_available(db: Databas
 
     async def book(n: int) -> str:
         try:
-            _, created = await handlers.place_hold(SqlUnitOfWork(db), policy, "cust-ds", f"ds-job-{n}", 9, at + timedelta(minutes=1))
+            _, created = await handlers.place_hold(
+                SqlUnitOfWork(db), policy, "cust-ds", f"ds-job-{n}", 9, at + timedelta(minutes=1)
+            )
         except InsufficientCredits as refusal:
             assert (refusal.wanted, refusal.available) == (9, 1)
             return "refused"
@@ -113,8 +134,25 @@ async def test_a_job_completed_concurrently_many_times_is_charged_once(db: Datab
     at = datetime(2026, 3, 2, 9, tzinfo=UTC)
     pay = PaymentSucceeded(event_id="dc-pay", occurred_at=at, customer_id="cust-dc", payment_id="dc-pay", credits=10)
     await handlers.apply_event(pay, SqlUnitOfWork(db), policy)
-    same_job = [JobCompleted(event_id=f"dc-done-{n}", occurred_at=at + timedelta(minutes=1), customer_id="cust-dc", job_id="dc-job", credits=3) for n in range(32)]
-    one_event = [JobCompleted(event_id="dc-once", occurred_at=at + timedelta(minutes=2), customer_id="cust-dc", job_id="dc-other", credits=2)] * 32
+    same_job = [
+        JobCompleted(
+            event_id=f"dc-done-{n}",
+            occurred_at=at + timedelta(minutes=1),
+            customer_id="cust-dc",
+            job_id="dc-job",
+            credits=3,
+        )
+        for n in range(32)
+    ]
+    one_event = [
+        JobCompleted(
+            event_id="dc-once",
+            occurred_at=at + timedelta(minutes=2),
+            customer_id="cust-dc",
+            job_id="dc-other",
+            credits=2,
+        )
+    ] * 32
 
     async def apply(event) -> str:
         try:
@@ -138,7 +176,13 @@ async def test_sweeps_racing_events_expire_and_lapse_each_thing_once(db: Databas
     now = start + timedelta(days=70)
     people = [f"sweep-{n:02d}" for n in range(20)]
     for customer in people:
-        pay = PaymentSucceeded(event_id=f"{customer}-pay", occurred_at=start, customer_id=customer, payment_id=f"{customer}-pay", credits=10)
+        pay = PaymentSucceeded(
+            event_id=f"{customer}-pay",
+            occurred_at=start,
+            customer_id=customer,
+            payment_id=f"{customer}-pay",
+            credits=10,
+        )
         await handlers.apply_event(pay, SqlUnitOfWork(db), policy)
         await handlers.place_hold(SqlUnitOfWork(db), policy, customer, f"{customer}-a", 4, start)
 
@@ -146,8 +190,16 @@ async def test_sweeps_racing_events_expire_and_lapse_each_thing_once(db: Databas
         return SqlUnitOfWork(db)
 
     async def customer_side(customer: str) -> None:
-        debit = JobCompleted(event_id=f"{customer}-done", occurred_at=now, customer_id=customer, job_id=f"{customer}-c", credits=3)
-        top_up = PaymentSucceeded(event_id=f"{customer}-pay-2", occurred_at=now, customer_id=customer, payment_id=f"{customer}-pay-2", credits=5)
+        debit = JobCompleted(
+            event_id=f"{customer}-done", occurred_at=now, customer_id=customer, job_id=f"{customer}-c", credits=3
+        )
+        top_up = PaymentSucceeded(
+            event_id=f"{customer}-pay-2",
+            occurred_at=now,
+            customer_id=customer,
+            payment_id=f"{customer}-pay-2",
+            credits=5,
+        )
         for event in random.Random(customer).sample([debit, top_up], 2):
             await handlers.apply_event(event, uow(), policy)
 
@@ -179,7 +231,9 @@ async def test_sweeps_racing_events_expire_and_lapse_each_thing_once(db: Databas
 # --------------------------------------------------------------------------- duplicates through the workers
 
 
-async def test_redelivered_events_take_effect_once(db: Database, redis_client: redis.Redis, redis_url: str, start_workers) -> None:
+async def test_redelivered_events_take_effect_once(
+    db: Database, redis_client: redis.Redis, redis_url: str, start_workers
+) -> None:
     """300 events, each published 1–5 times, shuffled, on 2 processes × 4 threads: every effect once;
     an event id reused with another payload is dead-lettered (EventConflict) and changes nothing."""
     rng = random.Random(20261121)
@@ -191,11 +245,23 @@ async def test_redelivered_events_take_effect_once(db: Database, redis_client: r
         paid = [rng.randint(5, 30) for _ in range(2)]
         spent = [rng.randint(1, 5) for _ in range(8)]
         events += [
-            PaymentSucceeded(event_id=f"{customer}-pay-{i}", occurred_at=base + timedelta(minutes=i), customer_id=customer, payment_id=f"{customer}-pay-{i}", credits=credits)
+            PaymentSucceeded(
+                event_id=f"{customer}-pay-{i}",
+                occurred_at=base + timedelta(minutes=i),
+                customer_id=customer,
+                payment_id=f"{customer}-pay-{i}",
+                credits=credits,
+            )
             for i, credits in enumerate(paid)
         ]
         events += [
-            JobCompleted(event_id=f"{customer}-done-{j}", occurred_at=base + timedelta(minutes=5 + j), customer_id=customer, job_id=f"{customer}-job-{j}", credits=credits)
+            JobCompleted(
+                event_id=f"{customer}-done-{j}",
+                occurred_at=base + timedelta(minutes=5 + j),
+                customer_id=customer,
+                job_id=f"{customer}-job-{j}",
+                credits=credits,
+            )
             for j, credits in enumerate(spent)
         ]
         expected[customer] = sum(paid) - sum(spent)
@@ -231,14 +297,18 @@ async def test_redelivered_events_take_effect_once(db: Database, redis_client: r
     assert kinds == {"issued": 60, "debited": 240}
     for customer, entries in grouped.items():
         assert_serial_chain(customer, entries)
-        assert Counter(e["job_id"] for e in entries if e["kind"] in CHARGE_KINDS) == {f"{customer}-job-{j}": 1 for j in range(8)}
+        assert Counter(e["job_id"] for e in entries if e["kind"] in CHARGE_KINDS) == {
+            f"{customer}-job-{j}": 1 for j in range(8)
+        }
     assert await count(db, processed_events) == 300
     assert await reconciliation(db) == []
 
 
 async def _applied(db: Database, event_id: str) -> bool:
     async with db.connect() as connection:
-        return (await connection.execute(select(processed_events.c.event_id).where(processed_events.c.event_id == event_id))).first() is not None
+        return (
+            await connection.execute(select(processed_events.c.event_id).where(processed_events.c.event_id == event_id))
+        ).first() is not None
 
 
 # --------------------------------------------------------------------------- conservation while reading
@@ -251,7 +321,11 @@ async def snapshot_of_one(db: Database, customer_id: str, at: datetime) -> bool:
         account = await uow.accounts.get(customer_id)
         if account is None:
             return False
-        row = (await uow.connection.execute(select(customers.c.balance, customers.c.overdraft).where(customers.c.customer_id == customer_id))).one()
+        row = (
+            await uow.connection.execute(
+                select(customers.c.balance, customers.c.overdraft).where(customers.c.customer_id == customer_id)
+            )
+        ).one()
         summed = (
             await uow.connection.execute(
                 select(func.coalesce(func.sum(ledger_entries.c.credits), 0)).where(
@@ -304,24 +378,64 @@ async def test_every_snapshot_is_consistent_while_workers_apply_events(
         for i in range(4):
             credits = rng.randint(5, 25)
             balance += credits
-            events.append(PaymentSucceeded(event_id=f"{customer}-pay-{i}", occurred_at=base + timedelta(minutes=10 * i), customer_id=customer, payment_id=f"{customer}-pay-{i}", credits=credits))
+            events.append(
+                PaymentSucceeded(
+                    event_id=f"{customer}-pay-{i}",
+                    occurred_at=base + timedelta(minutes=10 * i),
+                    customer_id=customer,
+                    payment_id=f"{customer}-pay-{i}",
+                    credits=credits,
+                )
+            )
         for i in range(4):
             credits = rng.choice([-5, -2, 3, 8])
             balance += credits
-            events.append(CreditsAdjusted(event_id=f"{customer}-adj-{i}", occurred_at=base + timedelta(minutes=10 * i + 5), customer_id=customer, credits=credits, reason="load", actor="test"))
+            events.append(
+                CreditsAdjusted(
+                    event_id=f"{customer}-adj-{i}",
+                    occurred_at=base + timedelta(minutes=10 * i + 5),
+                    customer_id=customer,
+                    credits=credits,
+                    reason="load",
+                    actor="test",
+                )
+            )
         for j in range(24):
             credits = rng.randint(1, 4)
             balance -= credits
-            events.append(JobCompleted(event_id=f"{customer}-done-{j}", occurred_at=base + timedelta(minutes=j + 1), customer_id=customer, job_id=f"{customer}-job-{j}", credits=credits))
+            events.append(
+                JobCompleted(
+                    event_id=f"{customer}-done-{j}",
+                    occurred_at=base + timedelta(minutes=j + 1),
+                    customer_id=customer,
+                    job_id=f"{customer}-job-{j}",
+                    credits=credits,
+                )
+            )
         # Booked jobs (this process places their holds meanwhile): 0-3 complete, 2-5 are cancelled.
         for k in range(6):
             credits = rng.randint(1, 3)
             booked.append((customer, f"{customer}-booked-{k}", credits))
             if k < 4:
                 balance -= credits
-                events.append(JobCompleted(event_id=f"{customer}-booked-done-{k}", occurred_at=base + timedelta(minutes=30 + k), customer_id=customer, job_id=f"{customer}-booked-{k}", credits=credits))
+                events.append(
+                    JobCompleted(
+                        event_id=f"{customer}-booked-done-{k}",
+                        occurred_at=base + timedelta(minutes=30 + k),
+                        customer_id=customer,
+                        job_id=f"{customer}-booked-{k}",
+                        credits=credits,
+                    )
+                )
             if k >= 2:
-                events.append(JobCancelled(event_id=f"{customer}-booked-cancel-{k}", occurred_at=base + timedelta(minutes=31 + k), customer_id=customer, job_id=f"{customer}-booked-{k}"))
+                events.append(
+                    JobCancelled(
+                        event_id=f"{customer}-booked-cancel-{k}",
+                        occurred_at=base + timedelta(minutes=31 + k),
+                        customer_id=customer,
+                        job_id=f"{customer}-booked-{k}",
+                    )
+                )
         expected[customer] = balance
     assert len(events) == 2000
     rng.shuffle(events)

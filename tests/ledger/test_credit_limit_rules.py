@@ -8,7 +8,17 @@ from datetime import timedelta
 import pytest
 from pydantic import ValidationError
 
-from domain import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT, Account, CreditLimitExceeded, CreditPolicy, DomainError, Lot, LotSource
+from domain import (
+    MAX_BALANCE,
+    MAX_CREDITS_PER_EVENT,
+    MAX_OVERDRAFT,
+    Account,
+    CreditLimitExceeded,
+    CreditPolicy,
+    DomainError,
+    Lot,
+    LotSource,
+)
 from messages import PaymentSucceeded
 from messages.events import MAX_AMOUNT_CENTS, MAX_CREDITS
 from tests.support import t

@@ -16,9 +16,16 @@ from sqlalchemy import insert, select
 from domain import MAX_BALANCE, MAX_CREDITS_PER_EVENT
 from infra.db.tables import credit_lots, customers, ledger_entries, lot_movements
 from messages import CreditsAdjusted, JobCompleted, Publisher
-from tests.support.console import ADMIN_TOKEN, NOW, serving
-from tests.support.delivery import T0, dead_lettered, outcomes_of, retry_lines, wait_for_dead_letter_rows, wait_for_outcomes
 from tests.support import reconciliation
+from tests.support.console import ADMIN_TOKEN, NOW, serving
+from tests.support.delivery import (
+    T0,
+    dead_lettered,
+    outcomes_of,
+    retry_lines,
+    wait_for_dead_letter_rows,
+    wait_for_outcomes,
+)
 
 BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 JUST_BELOW_INT32 = 2**31 - 1 - 483_647  # 2,147,000,000: the next +1,000,000 passes int32
@@ -31,16 +38,31 @@ async def seed(db, customer_id: str, balance: int, at: datetime) -> None:
         lot_id = (
             await connection.execute(
                 insert(credit_lots)
-                .values(customer_id=customer_id, source="adjustment", event_id=f"seed-{customer_id}", amount=balance, remaining=balance,
-                        issued_at=at - timedelta(days=1), expires_at=at + timedelta(days=300))
+                .values(
+                    customer_id=customer_id,
+                    source="adjustment",
+                    event_id=f"seed-{customer_id}",
+                    amount=balance,
+                    remaining=balance,
+                    issued_at=at - timedelta(days=1),
+                    expires_at=at + timedelta(days=300),
+                )
                 .returning(credit_lots.c.id)
             )
         ).scalar_one()
         entry_id = (
             await connection.execute(
                 insert(ledger_entries)
-                .values(customer_id=customer_id, kind="adjusted", credits=balance, balance_after=balance, occurred_at=at - timedelta(days=1),
-                        event_id=f"seed-{customer_id}", lot_id=lot_id, note="seeded")
+                .values(
+                    customer_id=customer_id,
+                    kind="adjusted",
+                    credits=balance,
+                    balance_after=balance,
+                    occurred_at=at - timedelta(days=1),
+                    event_id=f"seed-{customer_id}",
+                    lot_id=lot_id,
+                    note="seeded",
+                )
                 .returning(ledger_entries.c.id)
             )
         ).scalar_one()
@@ -49,7 +71,9 @@ async def seed(db, customer_id: str, balance: int, at: datetime) -> None:
 
 async def balance_of(db, customer_id: str) -> int:
     async with db.connect() as connection:
-        return (await connection.execute(select(customers.c.balance).where(customers.c.customer_id == customer_id))).scalar_one()
+        return (
+            await connection.execute(select(customers.c.balance).where(customers.c.customer_id == customer_id))
+        ).scalar_one()
 
 
 def adjustment(credits: int, key: str) -> dict:
@@ -63,7 +87,9 @@ async def test_adjustments_past_int32_are_applied_over_http(db, pg_url):
     await seed(db, "cust-int32", JUST_BELOW_INT32, NOW)
     async with serving(db, pg_url) as page:
         for key in ("past-int32-0001", "past-int32-0002"):
-            response = await page.http.post("/api/admin/customers/cust-int32/adjustments", json=adjustment(1_000_000, key), headers=BEARER)
+            response = await page.http.post(
+                "/api/admin/customers/cust-int32/adjustments", json=adjustment(1_000_000, key), headers=BEARER
+            )
             assert response.status_code == 201, response.text
     assert await balance_of(db, "cust-int32") == JUST_BELOW_INT32 + 2_000_000 > 2**31
     assert await reconciliation(db) == []
@@ -85,7 +111,8 @@ async def test_an_adjustment_past_the_largest_balance_is_409_over_http_and_the_e
         # The admin page's own route says the same, signed in by its session.
         await page.sign_in()
         from_page = await page.http.post(
-            "/admin/data/customers/cust-max/adjustments", json={"credits": 1, "reason": "goodwill", "idempotency_key": "page-past-max-01"}
+            "/admin/data/customers/cust-max/adjustments",
+            json={"credits": 1, "reason": "goodwill", "idempotency_key": "page-past-max-01"},
         )
         assert from_page.status_code == 409, from_page.text
 
@@ -99,14 +126,18 @@ async def test_an_adjustment_past_the_largest_balance_is_409_over_http_and_the_e
 # ---------------------------------------------------------------- through the workers
 
 
-async def test_events_past_int32_apply_and_past_the_bound_are_dead_lettered_at_once(db, redis_client, redis_url, start_workers):
+async def test_events_past_int32_apply_and_past_the_bound_are_dead_lettered_at_once(
+    db, redis_client, redis_url, start_workers
+):
     await seed(db, "cust-int32", JUST_BELOW_INT32, T0)
     await seed(db, "cust-max", MAX_BALANCE - MAX_CREDITS_PER_EVENT, T0)
     workers = start_workers(processes=1, threads=2)
     publisher = Publisher.from_url(redis_url)
 
     def adjusted(event_id: str, customer_id: str, credits: int) -> str:
-        event = CreditsAdjusted(event_id=event_id, customer_id=customer_id, occurred_at=T0, credits=credits, reason="goodwill", actor="ops")
+        event = CreditsAdjusted(
+            event_id=event_id, customer_id=customer_id, occurred_at=T0, credits=credits, reason="goodwill", actor="ops"
+        )
         return publisher.publish(event)
 
     past_int32 = [adjusted(f"int32-{n}", "cust-int32", 1_000_000) for n in range(2)]
@@ -115,7 +146,11 @@ async def test_events_past_int32_apply_and_past_the_bound_are_dead_lettered_at_o
 
     past_max = adjusted("past-the-max", "cust-max", 1)
     # The customer is not stuck: their next event is applied.
-    job = publisher.publish(JobCompleted(event_id="job-after", customer_id="cust-max", occurred_at=T0 + timedelta(hours=1), job_id="job-1", credits=3))
+    job = publisher.publish(
+        JobCompleted(
+            event_id="job-after", customer_id="cust-max", occurred_at=T0 + timedelta(hours=1), job_id="job-1", credits=3
+        )
+    )
     outcomes = wait_for_outcomes(workers, [past_max, job])
     assert outcomes == {past_max: "event_rejected", job: "event_applied"}
 

@@ -34,7 +34,10 @@ def test_expiry_during_a_catch_up_is_recorded_at_the_lot_s_own_expiry():
 
 def test_the_net_change_of_a_step_compares_its_end_with_its_beginning():
     d1, d2 = CreditsDepleted("c", T0), CreditsDepleted("c", T0 + timedelta(days=2))
-    r1, r2 = CreditsRestored("c", T0, T0 + timedelta(days=1)), CreditsRestored("c", T0 + timedelta(days=2), T0 + timedelta(days=3))
+    r1, r2 = (
+        CreditsRestored("c", T0, T0 + timedelta(days=1)),
+        CreditsRestored("c", T0 + timedelta(days=2), T0 + timedelta(days=3)),
+    )
     assert net_change([]) is None
     assert net_change([d1]) == d1
     assert net_change([d1, r1]) is None

@@ -53,12 +53,6 @@ from service_layer import handlers
 from service_layer.errors import CustomerNotFound
 from service_layer.handlers import BatchNotApplicable, Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support.delivery import (
-    dead_letter_rows,
-    dead_lettered,
-    ledger_snapshot,
-    wait_for_dead_letter_rows,
-)
 from tests.support import (
     WorkerProcesses,
     assert_serial_chain,
@@ -66,6 +60,12 @@ from tests.support import (
     eventually,
     reconciliation,
     wait_until,
+)
+from tests.support.delivery import (
+    dead_letter_rows,
+    dead_lettered,
+    ledger_snapshot,
+    wait_for_dead_letter_rows,
 )
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -119,14 +119,39 @@ def scenarios(draw) -> Scenario:
     # Paid up to 35 days before T0 and living a month: some lots expired before the sequence,
     # most expire during its 40 days.
     seeds = tuple(
-        draw(st.lists(st.builds(Seed, customer, st.integers(1, 8), st.integers(0, 35 * 24 * 60)), min_size=n, max_size=3 * n))
+        draw(
+            st.lists(
+                st.builds(Seed, customer, st.integers(1, 8), st.integers(0, 35 * 24 * 60)), min_size=n, max_size=3 * n
+            )
+        )
     )
-    holds_ = draw(st.lists(st.builds(HoldSpec, customer, st.sampled_from(HELD_JOBS), st.integers(1, 3)), min_size=1, max_size=2 * n, unique_by=lambda h: (h.customer, h.job)))
+    holds_ = draw(
+        st.lists(
+            st.builds(HoldSpec, customer, st.sampled_from(HELD_JOBS), st.integers(1, 3)),
+            min_size=1,
+            max_size=2 * n,
+            unique_by=lambda h: (h.customer, h.job),
+        )
+    )
     # Mostly within the holds' four days, some weeks later (after lots expired, holds lapsed); not in order.
     minutes = st.integers(0, 4 * 24 * 60) | st.integers(0, 40 * 24 * 60)
     op = st.one_of(
-        st.builds(Op, st.just("complete"), customer, st.sampled_from([*HELD_JOBS, *HELD_JOBS, None]), st.integers(1, 4), minutes),
-        st.builds(Op, st.just("cancel"), customer, st.sampled_from([*HELD_JOBS, *HELD_JOBS, "job-0", "job-1", "never-booked"]), st.just(0), minutes),
+        st.builds(
+            Op,
+            st.just("complete"),
+            customer,
+            st.sampled_from([*HELD_JOBS, *HELD_JOBS, None]),
+            st.integers(1, 4),
+            minutes,
+        ),
+        st.builds(
+            Op,
+            st.just("cancel"),
+            customer,
+            st.sampled_from([*HELD_JOBS, *HELD_JOBS, "job-0", "job-1", "never-booked"]),
+            st.just(0),
+            minutes,
+        ),
         st.builds(Op, st.just("adjust"), customer, st.none(), st.integers(-6, 6).filter(bool), minutes),
     )
     ops = tuple(draw(st.lists(op, min_size=4, max_size=24)))
@@ -147,7 +172,11 @@ def op_events(scenario: Scenario, prefix: str) -> list[Event]:
     charged: set[tuple[int, str]] = set()
     events: list[Event] = []
     for n, op in enumerate(scenario.ops):
-        common = {"event_id": f"{prefix}ev-{n}", "customer_id": customer_id(prefix, op.customer), "occurred_at": T0 + timedelta(minutes=op.minutes)}
+        common = {
+            "event_id": f"{prefix}ev-{n}",
+            "customer_id": customer_id(prefix, op.customer),
+            "occurred_at": T0 + timedelta(minutes=op.minutes),
+        }
         if op.kind == "complete":
             job = op.job if op.job is not None and (op.customer, op.job) not in charged else f"job-{n}"
             charged.add((op.customer, job))
@@ -161,7 +190,9 @@ def op_events(scenario: Scenario, prefix: str) -> list[Event]:
         elif op.kind == "gift":  # ``job`` names the receiver's index
             events.append(CreditsGifted(**common, to_customer_id=customer_id(prefix, int(op.job)), credits=op.credits))
         else:
-            events.append(CreditsAdjusted(**common, credits=op.credits, reason=f"correction {n}", actor="admin@example.com"))
+            events.append(
+                CreditsAdjusted(**common, credits=op.credits, reason=f"correction {n}", actor="admin@example.com")
+            )
     return events
 
 
@@ -179,12 +210,18 @@ async def prepare(db: Database, scenario: Scenario, prefix: str) -> list:
         results.append(await handlers.apply_event(paid, SqlUnitOfWork(db), POLICY))
     for spec in scenario.holds:
         try:
-            hold, created = await handlers.place_hold(SqlUnitOfWork(db), POLICY, customer_id(prefix, spec.customer), spec.job, spec.credits, T0)
+            hold, created = await handlers.place_hold(
+                SqlUnitOfWork(db), POLICY, customer_id(prefix, spec.customer), spec.job, spec.credits, T0
+            )
             results.append(("held", hold.credits, created))
         except (InsufficientCredits, CustomerNotFound) as refused:
             results.append(type(refused).__name__)
     for n, (customer, minutes) in enumerate(scenario.freezes):
-        frozen = MembershipFrozen(event_id=f"{prefix}freeze-{n}", customer_id=customer_id(prefix, customer), occurred_at=T0 + timedelta(minutes=minutes))
+        frozen = MembershipFrozen(
+            event_id=f"{prefix}freeze-{n}",
+            customer_id=customer_id(prefix, customer),
+            occurred_at=T0 + timedelta(minutes=minutes),
+        )
         results.append(await handlers.apply_event(frozen, SqlUnitOfWork(db), POLICY))
     return results
 
@@ -216,32 +253,77 @@ async def ledger_state(db: Database, prefix: str) -> dict[str, dict]:
     mine = f"{prefix}%"
     async with db.connect() as connection:
         customer_rows = (
-            await connection.execute(select(customers).where(customers.c.customer_id.like(mine)).order_by(customers.c.customer_id))
-        ).mappings().all()
-        lot_rows = (await connection.execute(select(credit_lots).where(credit_lots.c.customer_id.like(mine)).order_by(credit_lots.c.id))).mappings().all()
-        hold_rows = (await connection.execute(select(holds).where(holds.c.customer_id.like(mine)).order_by(holds.c.id))).mappings().all()
-        entry_rows = (
-            await connection.execute(select(ledger_entries).where(ledger_entries.c.customer_id.like(mine)).order_by(ledger_entries.c.id))
-        ).mappings().all()
-        movement_rows = (
-            await connection.execute(
-                select(lot_movements).join(ledger_entries, ledger_entries.c.id == lot_movements.c.entry_id).where(ledger_entries.c.customer_id.like(mine))
+            (
+                await connection.execute(
+                    select(customers).where(customers.c.customer_id.like(mine)).order_by(customers.c.customer_id)
+                )
             )
-        ).mappings().all()
+            .mappings()
+            .all()
+        )
+        lot_rows = (
+            (
+                await connection.execute(
+                    select(credit_lots).where(credit_lots.c.customer_id.like(mine)).order_by(credit_lots.c.id)
+                )
+            )
+            .mappings()
+            .all()
+        )
+        hold_rows = (
+            (await connection.execute(select(holds).where(holds.c.customer_id.like(mine)).order_by(holds.c.id)))
+            .mappings()
+            .all()
+        )
+        entry_rows = (
+            (
+                await connection.execute(
+                    select(ledger_entries).where(ledger_entries.c.customer_id.like(mine)).order_by(ledger_entries.c.id)
+                )
+            )
+            .mappings()
+            .all()
+        )
+        movement_rows = (
+            (
+                await connection.execute(
+                    select(lot_movements)
+                    .join(ledger_entries, ledger_entries.c.id == lot_movements.c.entry_id)
+                    .where(ledger_entries.c.customer_id.like(mine))
+                )
+            )
+            .mappings()
+            .all()
+        )
         notice_rows = (
-            await connection.execute(select(notifications).where(notifications.c.customer_id.like(mine)).order_by(notifications.c.id))
-        ).mappings().all()
+            (
+                await connection.execute(
+                    select(notifications).where(notifications.c.customer_id.like(mine)).order_by(notifications.c.id)
+                )
+            )
+            .mappings()
+            .all()
+        )
         claimed = (
             await connection.execute(
-                select(processed_events.c.event_id, processed_events.c.event_type, processed_events.c.customer_id, processed_events.c.fingerprint).where(
-                    processed_events.c.customer_id.like(mine)
-                )
+                select(
+                    processed_events.c.event_id,
+                    processed_events.c.event_type,
+                    processed_events.c.customer_id,
+                    processed_events.c.fingerprint,
+                ).where(processed_events.c.customer_id.like(mine))
             )
         ).all()
 
     state: dict[str, dict] = {
         plain(row["customer_id"]): {
-            "row": (row["balance"], row["overdraft"], row["credits_depleted_at"], row["frozen_since"], row["unfrozen_at"]),
+            "row": (
+                row["balance"],
+                row["overdraft"],
+                row["credits_depleted_at"],
+                row["frozen_since"],
+                row["unfrozen_at"],
+            ),
             "lots": [],
             "holds": [],
             "entries": [],
@@ -256,10 +338,22 @@ async def ledger_state(db: Database, prefix: str) -> dict[str, dict]:
         lots = state[plain(row["customer_id"])]["lots"]
         lot_names[row["id"]] = len(lots)
         lots.append(
-            (row["source"], plain(row["event_id"]), row["amount"], row["remaining"], row["issued_at"], row["expires_at"], plain(row["payment_id"]), row["reversed"], row["expired"])
+            (
+                row["source"],
+                plain(row["event_id"]),
+                row["amount"],
+                row["remaining"],
+                row["issued_at"],
+                row["expires_at"],
+                plain(row["payment_id"]),
+                row["reversed"],
+                row["expired"],
+            )
         )
     for row in hold_rows:
-        state[plain(row["customer_id"])]["holds"].append((row["job_id"], row["credits"], row["placed_at"], row["expires_at"], row["status"], row["closed_at"]))
+        state[plain(row["customer_id"])]["holds"].append(
+            (row["job_id"], row["credits"], row["placed_at"], row["expires_at"], row["status"], row["closed_at"])
+        )
     moved: dict[int, list] = {}
     for row in movement_rows:
         moved.setdefault(row["entry_id"], []).append((lot_names[row["lot_id"]], row["credits"]))
@@ -280,9 +374,17 @@ async def ledger_state(db: Database, prefix: str) -> dict[str, dict]:
         )
     for row in notice_rows:
         state[plain(row["customer_id"])]["notifications"].append(
-            (row["kind"], plain(row["key"]), row["subject"], row["body"], row["created_at"], row["status"], row["send_after"])
+            (
+                row["kind"],
+                plain(row["key"]),
+                row["subject"],
+                row["body"],
+                row["created_at"],
+                row["status"],
+                row["send_after"],
+            )
         )
-    for event_id, event_type, customer, fingerprint in claimed:
+    for event_id, event_type, customer, _fingerprint in claimed:
         state[plain(customer)]["processed"].append((plain(event_id), event_type))
     for customer_state in state.values():
         customer_state["processed"].sort()
@@ -303,7 +405,9 @@ async def run_both_ways(db: Database, scenario: Scenario) -> tuple[dict, dict, l
     assert serial_outcomes == [Outcome.APPLIED] * len(scenario.ops)
 
     one, other = await ledger_state(db, serial), await ledger_state(db, batched)
-    touched = [s.customer for s in scenario.seeds] + [o.customer for o in scenario.ops] + [c for c, _ in scenario.freezes]
+    touched = (
+        [s.customer for s in scenario.seeds] + [o.customer for o in scenario.ops] + [c for c, _ in scenario.freezes]
+    )
     assert set(one) == set(other) == {f"c{k}" for k in touched}
     for customer in sorted(one):
         for part in ("row", "entries", "lots", "holds", "notifications", "processed"):
@@ -373,7 +477,14 @@ async def test_expiry_lapse_depletion_and_restoration_inside_one_batch(db):
     assert ("expired", -4, T0 + timedelta(days=8)) in c0
     assert [kind for kind, *_ in state["c0"]["notifications"]] == ["credits_depleted", "credits_restored"]
     assert [kind for kind, *_ in state["c1"]["notifications"]] == ["credits_depleted", "credits_restored"]
-    assert [kind for kind, *_ in state["c1"]["entries"]] == ["issued", "held", "captured", "expired", "debited", "adjusted"]
+    assert [kind for kind, *_ in state["c1"]["entries"]] == [
+        "issued",
+        "held",
+        "captured",
+        "expired",
+        "debited",
+        "adjusted",
+    ]
     assert state["c0"]["row"][:2] == (5 + 4 - 1 - 4 - 3 - 10 + 20, 0)
     assert state["c1"]["row"][:2] == (3 - 1 - 2 - 1 + 5, 0)
 
@@ -400,18 +511,34 @@ async def test_freezes_unfreezes_and_gifts_inside_one_batch(db):
     )
     state, _, outcomes = await run_both_ways(db, scenario)
     assert outcomes == [Outcome.APPLIED] * 9
-    assert [kind for kind, *_ in state["c1"]["notifications"]] == ["credits_depleted", "credits_restored", "credits_depleted"]
-    assert [kind for kind, *_ in state["c1"]["entries"]] == ["issued", "gifted", "debited", "gifted", "expired", "debited"]
+    assert [kind for kind, *_ in state["c1"]["notifications"]] == [
+        "credits_depleted",
+        "credits_restored",
+        "credits_depleted",
+    ]
+    assert [kind for kind, *_ in state["c1"]["entries"]] == [
+        "issued",
+        "gifted",
+        "debited",
+        "gifted",
+        "expired",
+        "debited",
+    ]
 
 
 async def test_a_gift_to_a_customer_only_a_later_event_of_the_batch_would_create_is_refused(db):
     """One at a time the gift is refused (the receiver does not exist yet), so the batch is not
     applied whole: it writes nothing, and one at a time settles each event."""
     await seeded(db)
-    gift = CreditsGifted(event_id="gift-new", customer_id="an-a", occurred_at=T0 + timedelta(hours=3), to_customer_id="an-new", credits=1)
+    gift = CreditsGifted(
+        event_id="gift-new", customer_id="an-a", occurred_at=T0 + timedelta(hours=3), to_customer_id="an-new", credits=1
+    )
     await assert_refused_without_a_trace(db, [gift, adjusted("adj-new", "an-new", 2)], UnknownCustomer, "an-new")
     # Created by an earlier event of the batch, the receiver exists when the gift comes.
-    assert await handlers.apply_events([adjusted("adj-new", "an-new", 2), gift], SqlUnitOfWork(db), POLICY) == [Outcome.APPLIED] * 2
+    assert (
+        await handlers.apply_events([adjusted("adj-new", "an-new", 2), gift], SqlUnitOfWork(db), POLICY)
+        == [Outcome.APPLIED] * 2
+    )
     assert await reconciliation(db) == []
 
 
@@ -420,25 +547,52 @@ async def test_a_gift_to_a_customer_only_a_later_event_of_the_batch_would_create
 
 async def row_counts(db: Database) -> dict[str, int]:
     async with db.connect() as connection:
-        return {table.name: (await connection.execute(select(func.count()).select_from(table))).scalar_one() for table in COUNTED_TABLES}
+        return {
+            table.name: (await connection.execute(select(func.count()).select_from(table))).scalar_one()
+            for table in COUNTED_TABLES
+        }
 
 
 def completed(event_id: str, customer: str, job: str, credits: int = 1, minutes: int = 60) -> JobCompleted:
-    return JobCompleted(event_id=event_id, customer_id=customer, occurred_at=T0 + timedelta(minutes=minutes), job_id=job, credits=credits)
+    return JobCompleted(
+        event_id=event_id,
+        customer_id=customer,
+        occurred_at=T0 + timedelta(minutes=minutes),
+        job_id=job,
+        credits=credits,
+    )
 
 
 def adjusted(event_id: str, customer: str, credits: int) -> CreditsAdjusted:
-    return CreditsAdjusted(event_id=event_id, customer_id=customer, occurred_at=T0 + timedelta(hours=2), credits=credits, reason="goodwill", actor="admin")
+    return CreditsAdjusted(
+        event_id=event_id,
+        customer_id=customer,
+        occurred_at=T0 + timedelta(hours=2),
+        credits=credits,
+        reason="goodwill",
+        actor="admin",
+    )
 
 
 async def seeded(db: Database) -> None:
     for customer, credits in (("an-a", 10), ("an-b", 1)):
-        pay = PaymentSucceeded(event_id=f"pay-{customer}", customer_id=customer, occurred_at=T0, payment_id=f"in-{customer}", credits=credits)
+        pay = PaymentSucceeded(
+            event_id=f"pay-{customer}",
+            customer_id=customer,
+            occurred_at=T0,
+            payment_id=f"in-{customer}",
+            credits=credits,
+        )
         assert await handlers.apply_event(pay, SqlUnitOfWork(db), POLICY) is Outcome.APPLIED
-    assert await handlers.apply_event(completed("done-1", "an-a", "job-1", credits=2), SqlUnitOfWork(db), POLICY) is Outcome.APPLIED
+    assert (
+        await handlers.apply_event(completed("done-1", "an-a", "job-1", credits=2), SqlUnitOfWork(db), POLICY)
+        is Outcome.APPLIED
+    )
 
 
-async def assert_refused_without_a_trace(db: Database, batch: list[Event], error: type[Exception], match: str | None = None) -> None:
+async def assert_refused_without_a_trace(
+    db: Database, batch: list[Event], error: type[Exception], match: str | None = None
+) -> None:
     counts, snapshot = await row_counts(db), await ledger_snapshot(db)
     with pytest.raises(error, match=match):
         await handlers.apply_events(batch, SqlUnitOfWork(db), POLICY)
@@ -448,7 +602,11 @@ async def assert_refused_without_a_trace(db: Database, batch: list[Event], error
 
 async def test_a_batch_holding_an_event_seen_before_raises_and_writes_nothing(db):
     await seeded(db)
-    fresh = [completed("done-2", "an-a", "job-2"), adjusted("adj-1", "an-new", 5), completed("done-3", "an-b", "job-3", credits=4)]
+    fresh = [
+        completed("done-2", "an-a", "job-2"),
+        adjusted("adj-1", "an-new", 5),
+        completed("done-3", "an-b", "job-3", credits=4),
+    ]
     # An event applied before, anywhere in the batch (and a customer the batch would create).
     for position in range(len(fresh) + 1):
         batch = [*fresh[:position], completed("done-1", "an-a", "job-1", credits=2), *fresh[position:]]
@@ -457,9 +615,13 @@ async def test_a_batch_holding_an_event_seen_before_raises_and_writes_nothing(db
     await assert_refused_without_a_trace(db, [fresh[0], fresh[1], fresh[0]], BatchNotApplicable)
     await assert_refused_without_a_trace(db, [fresh[2], fresh[2]], BatchNotApplicable)
     # A reused id with another payload (alone, it would be an EventConflict).
-    await assert_refused_without_a_trace(db, [fresh[0], completed("done-1", "an-a", "job-1", credits=3)], BatchNotApplicable)
+    await assert_refused_without_a_trace(
+        db, [fresh[0], completed("done-1", "an-a", "job-1", credits=3)], BatchNotApplicable
+    )
     async with db.connect() as connection:
-        assert (await connection.execute(select(customers.c.customer_id).order_by(customers.c.customer_id))).scalars().all() == ["an-a", "an-b"]
+        assert (
+            await connection.execute(select(customers.c.customer_id).order_by(customers.c.customer_id))
+        ).scalars().all() == ["an-a", "an-b"]
 
     # Nothing of them was recorded: the same events apply afterwards, as a batch.
     assert await handlers.apply_events(fresh, SqlUnitOfWork(db), POLICY) == [Outcome.APPLIED] * 3
@@ -472,9 +634,13 @@ async def test_a_batch_charging_a_job_already_charged_raises_the_domain_error_an
     # job-1 was charged under done-1; here it comes again under a new event id.
     again = completed("done-1-again", "an-a", "job-1", credits=2)
     for position in range(len(good) + 1):
-        await assert_refused_without_a_trace(db, [*good[:position], again, *good[position:]], JobAlreadyCharged, "job-1")
+        await assert_refused_without_a_trace(
+            db, [*good[:position], again, *good[position:]], JobAlreadyCharged, "job-1"
+        )
     # The same job twice within the batch, under two new ids.
-    await assert_refused_without_a_trace(db, [completed("x-1", "an-b", "job-9"), good[0], completed("x-2", "an-b", "job-9")], JobAlreadyCharged, "job-9")
+    await assert_refused_without_a_trace(
+        db, [completed("x-1", "an-b", "job-9"), good[0], completed("x-2", "an-b", "job-9")], JobAlreadyCharged, "job-9"
+    )
     assert await handlers.apply_events(good, SqlUnitOfWork(db), POLICY) == [Outcome.APPLIED] * 3
     assert await reconciliation(db) == []
 
@@ -510,29 +676,49 @@ def outcome_lines(workers: WorkerProcesses) -> dict[str, list[dict]]:
 
 def wait_for_all_outcomes(workers: WorkerProcesses, message_ids, timeout: float = 60.0) -> dict[str, list[dict]]:
     wanted = set(message_ids)
-    wait_until(lambda: wanted <= set(outcome_lines(workers)), timeout=timeout, interval=0.2, message=f"outcomes of {len(wanted)} messages")
+    wait_until(
+        lambda: wanted <= set(outcome_lines(workers)),
+        timeout=timeout,
+        interval=0.2,
+        message=f"outcomes of {len(wanted)} messages",
+    )
     lines = outcome_lines(workers)
     return {m: lines[m] for m in wanted}
 
 
 async def processed_count(db: Database, event_ids) -> int:
     async with db.connect() as connection:
-        return (await connection.execute(select(func.count()).select_from(processed_events).where(processed_events.c.event_id.in_(list(event_ids))))).scalar_one()
+        return (
+            await connection.execute(
+                select(func.count())
+                .select_from(processed_events)
+                .where(processed_events.c.event_id.in_(list(event_ids)))
+            )
+        ).scalar_one()
 
 
 async def pay_customers(db: Database, customer_ids, credits: int) -> None:
     policy = CreditPolicy()  # the workers' default policy
     for customer in customer_ids:
-        pay = PaymentSucceeded(event_id=f"pay-{customer}", customer_id=customer, occurred_at=T0, payment_id=f"in-{customer}", credits=credits)
+        pay = PaymentSucceeded(
+            event_id=f"pay-{customer}",
+            customer_id=customer,
+            occurred_at=T0,
+            payment_id=f"in-{customer}",
+            credits=credits,
+        )
         await handlers.apply_event(pay, SqlUnitOfWork(db), policy)
 
 
 async def charges_by_job(db: Database) -> Counter:
     async with db.connect() as connection:
         rows = await connection.execute(
-            select(ledger_entries.c.customer_id, ledger_entries.c.job_id, ledger_entries.c.credits, ledger_entries.c.event_id).where(
-                ledger_entries.c.kind.in_(("debited", "captured"))
-            )
+            select(
+                ledger_entries.c.customer_id,
+                ledger_entries.c.job_id,
+                ledger_entries.c.credits,
+                ledger_entries.c.event_id,
+            ).where(ledger_entries.c.kind.in_(("debited", "captured")))
         )
         return Counter((r.customer_id, r.job_id, r.credits, r.event_id) for r in rows)
 
@@ -572,7 +758,9 @@ async def test_real_workers_group_a_burst_of_jobs_into_shared_transactions(db, r
         balances = dict((await connection.execute(select(customers.c.customer_id, customers.c.balance))).all())
         shared = (
             await connection.execute(
-                select(func.count(func.distinct(processed_events.c.processed_at))).where(processed_events.c.event_id.in_(event_ids))
+                select(func.count(func.distinct(processed_events.c.processed_at))).where(
+                    processed_events.c.event_id.in_(event_ids)
+                )
             )
         ).scalar_one()
     spent = Counter()
@@ -595,7 +783,10 @@ async def test_real_workers_settle_duplicates_and_a_bad_event_one_by_one(db, red
     await pay_customers(db, customer_ids, 100)
     charged_before = completed("dup-first", customer_ids[0], "job-charged", credits=2)
     assert await handlers.apply_event(charged_before, SqlUnitOfWork(db), CreditPolicy()) is Outcome.APPLIED
-    events = [completed(f"dup-done-{n}", customer_ids[n % 20], f"job-{n}", credits=1 + n % 3, minutes=60 + n) for n in range(100)]
+    events = [
+        completed(f"dup-done-{n}", customer_ids[n % 20], f"job-{n}", credits=1 + n % 3, minutes=60 + n)
+        for n in range(100)
+    ]
     # The same job, already charged, under a new event id: a producer bug.
     bad = completed("dup-bad", customer_ids[0], "job-charged", credits=2, minutes=500)
 
@@ -609,13 +800,17 @@ async def test_real_workers_settle_duplicates_and_a_bad_event_one_by_one(db, red
             publisher.close()
 
     # Each event twice, from two producers at once; the bad one in the middle of the first stream.
-    first, second = await asyncio.gather(asyncio.to_thread(publish, [*events[:50], bad, *events[50:]]), asyncio.to_thread(publish, events))
+    first, second = await asyncio.gather(
+        asyncio.to_thread(publish, [*events[:50], bad, *events[50:]]), asyncio.to_thread(publish, events)
+    )
     copies: dict[str, list[str]] = {}
     for event_id, message_id in first + second:
         copies.setdefault(event_id, []).append(message_id)
     [bad_message] = copies.pop("dup-bad")
 
-    outcomes = await asyncio.to_thread(wait_for_all_outcomes, workers, [m for ms in copies.values() for m in ms] + [bad_message])
+    outcomes = await asyncio.to_thread(
+        wait_for_all_outcomes, workers, [m for ms in copies.values() for m in ms] + [bad_message]
+    )
     # The bad event alone is refused, with the domain's reason, and never retried.
     [refusal] = outcomes[bad_message]
     assert (refusal["event"], refusal["reason"]) == ("event_rejected", "JobAlreadyCharged")
@@ -630,7 +825,13 @@ async def test_real_workers_settle_duplicates_and_a_bad_event_one_by_one(db, red
         seen = sorted(line["event"] for m in message_ids for line in outcomes[m])
         assert seen == ["event_applied", "event_duplicate"], f"{event_id}: {seen}"
     async with db.connect() as connection:
-        claimed = set((await connection.execute(select(processed_events.c.event_id).where(processed_events.c.event_id.like("dup-%")))).scalars())
+        claimed = set(
+            (
+                await connection.execute(
+                    select(processed_events.c.event_id).where(processed_events.c.event_id.like("dup-%"))
+                )
+            ).scalars()
+        )
         dead = (await connection.execute(select(func.count()).select_from(dead_letters))).scalar_one()
     assert claimed == {e.event_id for e in events} | {"dup-first"}
     assert dead == 1

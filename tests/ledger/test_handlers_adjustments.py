@@ -14,7 +14,9 @@ from tests.support.handlers import POLICY, apply, at, balance, kinds, paid
 
 
 async def adjust(store: FakeStore, customer: str, credits: int, key: str | None, when=None) -> Outcome:
-    return await admin_adjustment(FakeUnitOfWork(store), POLICY, customer, credits, "goodwill", "ops@example.com", when or at(1), key)
+    return await admin_adjustment(
+        FakeUnitOfWork(store), POLICY, customer, credits, "goodwill", "ops@example.com", when or at(1), key
+    )
 
 
 async def test_an_adjustment_applies_once_per_key_whatever_the_repeat_carries():
@@ -38,12 +40,17 @@ async def test_an_admin_never_creates_a_customer():
 async def test_an_admin_gift_is_refused_to_an_unknown_customer_and_over_what_is_available():
     store = FakeStore()
     await apply(store, paid("p", "giver", 2), paid("q", "taker", 1))
-    gift = CreditsGifted(event_id="admin-gift:k1", occurred_at=at(1), customer_id="giver", to_customer_id="taker", credits=2)
+    gift = CreditsGifted(
+        event_id="admin-gift:k1", occurred_at=at(1), customer_id="giver", to_customer_id="taker", credits=2
+    )
     with pytest.raises(UnknownCustomer):
         await apply_admin_event(FakeUnitOfWork(store), POLICY, gift.model_copy(update={"to_customer_id": "typo"}))
     with pytest.raises(InsufficientCredits):
         await apply_admin_event(FakeUnitOfWork(store), POLICY, gift.model_copy(update={"credits": 3}))
     assert await apply_admin_event(FakeUnitOfWork(store), POLICY, gift) is Outcome.APPLIED
-    assert await apply_admin_event(FakeUnitOfWork(store), POLICY, gift.model_copy(update={"occurred_at": at(2)})) is Outcome.DUPLICATE
+    assert (
+        await apply_admin_event(FakeUnitOfWork(store), POLICY, gift.model_copy(update={"occurred_at": at(2)}))
+        is Outcome.DUPLICATE
+    )
     assert (balance(store, "giver"), balance(store, "taker")) == (0, 3)
     assert kinds(store, "taker") == ["issued", "gifted"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from domain import InsufficientCredits, JobAlreadyCharged, MembershipFrozen as Frozen, UnknownCustomer
+from domain import InsufficientCredits, JobAlreadyCharged, UnknownCustomer
+from domain import MembershipFrozen as Frozen
 from domain.dunning import DunningStatus
 from messages import (
     CreditsGifted,
@@ -38,12 +39,22 @@ def test_every_event_kind_has_a_handler_and_says_whether_it_may_share_a_transact
     kinds_ = {kind for kind in Event.__subclasses__()}
     assert kinds_ <= set(events.HANDLERS), kinds_ - set(events.HANDLERS)
     alone = {kind.__name__ for kind, handler in events.HANDLERS.items() if handler.alone}
-    assert {"JobCompleted", "JobCancelled", "CreditsAdjusted", "MembershipFrozen", "MembershipUnfrozen", "CreditsGifted"}.isdisjoint(alone)
+    assert {
+        "JobCompleted",
+        "JobCancelled",
+        "CreditsAdjusted",
+        "MembershipFrozen",
+        "MembershipUnfrozen",
+        "CreditsGifted",
+    }.isdisjoint(alone)
     assert all(handler.alone for kind, handler in events.HANDLERS.items() if kind.__name__ in alone)
 
 
 async def test_a_payment_issues_credits_once_and_a_second_event_for_it_is_ignored(store):
-    assert await apply(store, paid("p1", "c", 5, payment_id="in-1"), paid("p2", "c", 5, at(1), payment_id="in-1")) == [Outcome.APPLIED, Outcome.IGNORED]
+    assert await apply(store, paid("p1", "c", 5, payment_id="in-1"), paid("p2", "c", 5, at(1), payment_id="in-1")) == [
+        Outcome.APPLIED,
+        Outcome.IGNORED,
+    ]
     assert balance(store, "c") == 5
     assert kinds(store, "c") == ["issued"]
     assert set(store.processed) == {"p1", "p2"}
@@ -82,7 +93,10 @@ async def test_a_cancelled_job_releases_its_hold_and_a_cancel_without_one_is_sti
 
 
 async def test_adjustments_restore_and_deplete_with_one_notice_each(store):
-    assert await apply(store, paid("p", "c", 2), adjusted("a1", "c", -3, at(1)), adjusted("a2", "c", 5, at(2))) == [Outcome.APPLIED] * 3
+    assert (
+        await apply(store, paid("p", "c", 2), adjusted("a1", "c", -3, at(1)), adjusted("a2", "c", 5, at(2)))
+        == [Outcome.APPLIED] * 3
+    )
     assert notice_kinds(store, "c") == ["credits_depleted", "credits_restored"]
     assert kinds(store, "c") == ["issued", "adjusted", "adjusted"]
     assert balance(store, "c") == 4
@@ -103,7 +117,9 @@ async def test_running_out_and_getting_credits_back_within_one_event_owes_no_not
 
 
 async def test_a_payment_failure_opens_dunning_once_and_a_late_one_never_reopens_a_paid_invoice(store):
-    failed = PaymentFailed(event_id="f1", occurred_at=T0, customer_id="c", invoice_id="in-9", decline_code="card_declined")
+    failed = PaymentFailed(
+        event_id="f1", occurred_at=T0, customer_id="c", invoice_id="in-9", decline_code="card_declined"
+    )
     again = PaymentActionRequired(event_id="f2", occurred_at=at(1), customer_id="c", invoice_id="in-9")
     assert await apply(store, failed, again) == [Outcome.APPLIED, Outcome.APPLIED]
     assert store.cases["in-9"].status is DunningStatus.ACTION_REQUIRED
@@ -122,15 +138,23 @@ async def test_a_voided_invoice_closes_its_case_and_a_new_method_charges_what_is
     uow = FakeUnitOfWork(store)
     assert await events.apply_event(method.model_copy(update={"event_id": "m1"}), uow, POLICY) is Outcome.APPLIED
     assert len(uow.dunning.new_attempt_ids) == 2  # one charge per unpaid invoice
-    assert await apply(store, InvoiceVoided(event_id="v", occurred_at=at(1), customer_id="c", invoice_id="in-1")) == [Outcome.APPLIED]
+    assert await apply(store, InvoiceVoided(event_id="v", occurred_at=at(1), customer_id="c", invoice_id="in-1")) == [
+        Outcome.APPLIED
+    ]
     assert [case.owes for case in (store.cases["in-1"], store.cases["in-2"])] == [False, True]
-    assert await apply(store, InvoiceVoided(event_id="v2", occurred_at=at(1), customer_id="c", invoice_id="in-none")) == [Outcome.IGNORED]
+    assert await apply(
+        store, InvoiceVoided(event_id="v2", occurred_at=at(1), customer_id="c", invoice_id="in-none")
+    ) == [Outcome.IGNORED]
 
 
 async def test_a_reversal_takes_back_up_to_what_the_payment_issued_once(store):
     await apply(store, paid("p", "c", 5, payment_id="in-1"), job("j", "c", "job", 4, at(1)))
-    refund = PaymentReversed(event_id="r1", occurred_at=at(2), customer_id="c", payment_id="in-1", reason="refund", total_credits_reversed=3)
-    again = PaymentReversed(event_id="r2", occurred_at=at(3), customer_id="c", payment_id="in-1", reason="refund", total_credits_reversed=3)
+    refund = PaymentReversed(
+        event_id="r1", occurred_at=at(2), customer_id="c", payment_id="in-1", reason="refund", total_credits_reversed=3
+    )
+    again = PaymentReversed(
+        event_id="r2", occurred_at=at(3), customer_id="c", payment_id="in-1", reason="refund", total_credits_reversed=3
+    )
     assert await apply(store, refund, again) == [Outcome.APPLIED, Outcome.IGNORED]
     assert balance(store, "c") == -2
     assert notice_kinds(store, "c") == ["credits_depleted"]
@@ -140,10 +164,15 @@ async def test_a_frozen_membership_keeps_its_credits_and_unfreezing_moves_their_
     await apply(store, paid("p", "c", 5))
     expiry = store.accounts["c"].lots[0].expires_at
     frozen = MembershipFrozen(event_id="fz", occurred_at=at(days=1), customer_id="c")
-    assert await apply(store, frozen, frozen.model_copy(update={"event_id": "fz2"})) == [Outcome.APPLIED, Outcome.IGNORED]
+    assert await apply(store, frozen, frozen.model_copy(update={"event_id": "fz2"})) == [
+        Outcome.APPLIED,
+        Outcome.IGNORED,
+    ]
     with pytest.raises(Frozen):
         await place_hold(FakeUnitOfWork(store), POLICY, "c", "j", 1, at(days=2))
-    assert await apply(store, MembershipUnfrozen(event_id="uf", occurred_at=at(days=11), customer_id="c")) == [Outcome.APPLIED]
+    assert await apply(store, MembershipUnfrozen(event_id="uf", occurred_at=at(days=11), customer_id="c")) == [
+        Outcome.APPLIED
+    ]
     assert store.accounts["c"].lots[0].expires_at == expiry + (at(days=11) - at(days=1))
 
 
@@ -160,7 +189,9 @@ async def test_a_gift_moves_credits_to_a_known_customer_only(store):
 
 
 async def test_a_sign_up_and_a_referral_with_an_unknown_code_are_recorded(store):
-    signed = CustomerSignedUp(event_id="s", occurred_at=T0, customer_id="c", email="c@example.com", referral_code="NOPE1234")
+    signed = CustomerSignedUp(
+        event_id="s", occurred_at=T0, customer_id="c", email="c@example.com", referral_code="NOPE1234"
+    )
     assert await apply(store, signed) == [Outcome.APPLIED]
     assert "c" in store.referrers and store.profiles["c"].email == "c@example.com"
     assert [(r.referred_customer_id, r.status.value) for r in store.referrals] == [("c", "rejected")]
@@ -202,7 +233,9 @@ async def test_a_batch_with_an_event_seen_before_or_twice_writes_nothing(store):
         with pytest.raises(events.BatchNotApplicable):
             await events.apply_events(batch, FakeUnitOfWork(store), POLICY)
     with pytest.raises(events.BatchNotApplicable):
-        await events.apply_events([job("j1", "a", "job-1"), adjusted("x", "a", 1), job("j1", "a", "job-1")], FakeUnitOfWork(store), POLICY)
+        await events.apply_events(
+            [job("j1", "a", "job-1"), adjusted("x", "a", 1), job("j1", "a", "job-1")], FakeUnitOfWork(store), POLICY
+        )
     assert (store.entries, store.processed) == before
 
 
@@ -218,5 +251,8 @@ async def test_a_gift_before_the_event_that_would_create_its_receiver_is_refused
     with pytest.raises(UnknownCustomer):
         await events.apply_events([gift, adjusted("x", "new", 1)], FakeUnitOfWork(store), POLICY)
     assert "new" not in store.accounts
-    assert await events.apply_events([adjusted("x", "new", 1), gift], FakeUnitOfWork(store), POLICY) == [Outcome.APPLIED] * 2
+    assert (
+        await events.apply_events([adjusted("x", "new", 1), gift], FakeUnitOfWork(store), POLICY)
+        == [Outcome.APPLIED] * 2
+    )
     assert balance(store, "new") == 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 import pytest
 
@@ -22,7 +22,7 @@ from domain import (
 from tests.support import t
 from tests.support.ledger import assert_reconciles
 
-UTC = timezone.utc
+UTC = UTC
 POLICY = CreditPolicy()
 ONE_MONTH = CreditPolicy(credit_expiration_months=1)
 
@@ -678,7 +678,12 @@ def test_release_hold_records_released_and_frees_credits():
     assert hold.status is HoldStatus.RELEASED
     assert hold.closed_at == t(2025, 1, 3)
     entry = account.new_entries[-1]
-    assert (entry.kind, entry.credits, entry.job_id, entry.occurred_at) == (EntryKind.RELEASED, 4, "job-1", t(2025, 1, 3))
+    assert (entry.kind, entry.credits, entry.job_id, entry.occurred_at) == (
+        EntryKind.RELEASED,
+        4,
+        "job-1",
+        t(2025, 1, 3),
+    )
     assert account.available(t(2025, 1, 3)) == 5
     # Nothing left to release: no entry.
     count = len(account.new_entries)

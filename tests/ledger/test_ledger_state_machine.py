@@ -15,7 +15,7 @@ from __future__ import annotations
 import calendar
 import copy
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -33,7 +33,7 @@ from domain import (
     JobAlreadyCharged,
 )
 
-UTC = timezone.utc
+UTC = UTC
 # Just before a month end, so month arithmetic clamps (Jan 29/30/31 + 1 month = Feb 28) and
 # lots issued on different days often share an expiry.
 START = datetime(2025, 1, 28, tzinfo=UTC)
@@ -127,8 +127,16 @@ class Model:
     # rules
     def catch_up(self, at: datetime) -> None:
         # Expiries and lapses in time order; at the same instant, expiries first.
-        due: list[tuple] = [((lot.expires_at, 0) + lot.key(), "lot", lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at]
-        due += [((h.expires_at, 1, h.placed_at, job), job, h) for job, h in self.holds.items() if h.status == "active" and h.expires_at <= at]
+        due: list[tuple] = [
+            ((lot.expires_at, 0) + lot.key(), "lot", lot)
+            for lot in self.lots
+            if lot.remaining > 0 and lot.expires_at <= at
+        ]
+        due += [
+            ((h.expires_at, 1, h.placed_at, job), job, h)
+            for job, h in self.holds.items()
+            if h.status == "active" and h.expires_at <= at
+        ]
         for _, job, item in sorted(due, key=lambda entry: entry[0]):
             if job == "lot":
                 before, amount = self.book, item.remaining
@@ -231,7 +239,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.now = START
         self.serial = 0
 
-    @initialize(months=st.integers(1, 3), ttl_days=st.integers(1, 40), cap=st.integers(0, 15), opening=st.integers(0, 30))
+    @initialize(
+        months=st.integers(1, 3), ttl_days=st.integers(1, 40), cap=st.integers(0, 15), opening=st.integers(0, 30)
+    )
     def open_account(self, months: int, ttl_days: int, cap: int, opening: int) -> None:
         # An unlimited policy is given a cap too: it must be ignored.
         self.policy = CreditPolicy(

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,8 @@ from infra.db.legacy import LegacyLedgerWriter
 from infra.db.tables import customers, ledger_entries, processed_events
 from infra.settings import Settings
 from service_layer.legacy_import import ImportRequest, ImportSummary, import_legacy
-from tests.support.legacy_history import HEADER, generate, write_csv
 from tests.support import t
+from tests.support.legacy_history import HEADER, generate, write_csv
 
 #: Slow: runs the import command and its worker processes over thousands of members.
 pytestmark = pytest.mark.slow
@@ -57,7 +57,9 @@ async def run_import(db: Database, transactions: Path, **options) -> tuple[Impor
     writer = options.pop("writer", None)
     report = transactions.parent / "report.csv"
     out = Quiet()
-    summary = await import_legacy(ImportRequest(transactions, report=report, **options), db, CreditPolicy(), NOW, out, writer=writer)
+    summary = await import_legacy(
+        ImportRequest(transactions, report=report, **options), db, CreditPolicy(), NOW, out, writer=writer
+    )
     return summary, out
 
 
@@ -98,7 +100,9 @@ async def test_an_unsorted_export_imports_every_balance_the_old_system_showed(db
     assert (summary.imported, summary.left_out, summary.mismatched, summary.exit_status) == (150, 0, 0, 0), out.lines
     assert await balances(db) == export.expected
     assert await count(db, processed_events) == export.rows
-    assert read_csv(export.transactions.parent / "report.csv") == [["MembershipId", "CustomerId", "Expected", "Imported"]]
+    assert read_csv(export.transactions.parent / "report.csv") == [
+        ["MembershipId", "CustomerId", "Expected", "Imported"]
+    ]
 
 
 async def test_entries_sum_to_each_stored_balance(db, export):
@@ -132,7 +136,14 @@ async def test_dry_run_writes_nothing_and_reports_the_same(db, export):
 async def test_bad_rows_are_reported_with_their_lines_and_their_member_left_out_whole(db, tmp_path, processes):
     rows = [
         ("1", "good", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),  # line 2
-        ("2", "bad", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),  # line 3: fine, but its member is bad
+        (
+            "2",
+            "bad",
+            "Credit",
+            "10",
+            "2026-01-01T00:00:00Z",
+            "2027-01-01T00:00:00Z",
+        ),  # line 3: fine, but its member is bad
         ("3", "bad", "Refund", "5", "2026-01-02T00:00:00Z", ""),  # line 4
         ("4", "bad", "Debit", "-2", "2026-01-03T00:00:00", ""),  # line 5: naive
         ("5", "bad", "Debit", "2", "2026-01-04T00:00:00Z", ""),  # line 6: sign
@@ -152,8 +163,21 @@ async def test_bad_rows_are_reported_with_their_lines_and_their_member_left_out_
     assert await balances(db) == {"good2": 3}  # "good" shares Id 1 with "dup": both left out
     assert (summary.imported, summary.left_out, summary.exit_status) == (1, 4, 1)
     problems = {(row[0], row[1], row[2]): row[5] for row in read_csv(tmp_path / "report-problems.csv")[1:]}
-    assert set(problems) == {("transactions", str(line), member) for line, member in
-                             [(2, "good"), (4, "bad"), (5, "bad"), (6, "bad"), (7, "bad"), (8, "bad"), (9, "bad"), (10, "bad"), (11, "dup"), (13, "short")]}
+    assert set(problems) == {
+        ("transactions", str(line), member)
+        for line, member in [
+            (2, "good"),
+            (4, "bad"),
+            (5, "bad"),
+            (6, "bad"),
+            (7, "bad"),
+            (8, "bad"),
+            (9, "bad"),
+            (10, "bad"),
+            (11, "dup"),
+            (13, "short"),
+        ]
+    }
     assert "unknown Type 'Refund'" in problems[("transactions", "4", "bad")]
     assert "has no UTC offset" in problems[("transactions", "5", "bad")]
     assert "positive Amount 2 on a Debit row" in problems[("transactions", "6", "bad")]
@@ -178,7 +202,9 @@ async def test_an_expired_row_our_rules_disagree_with_is_imported_by_our_rules_a
     assert (summary.imported, summary.mismatched, summary.exit_status) == (2, 1, 1)
     assert await balances(db) == {"m1": 0, "m2": 0}
     [problem] = read_csv(tmp_path / "report-problems.csv")[1:]
-    assert problem[:5] == ["transactions", "3", "m1", "m1", "2"] and "says 7" in problem[5] and "expired 10" in problem[5]
+    assert (
+        problem[:5] == ["transactions", "3", "m1", "m1", "2"] and "says 7" in problem[5] and "expired 10" in problem[5]
+    )
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -195,7 +221,11 @@ async def test_balance_differences_are_printed_and_written_never_fixed(db, tmp_p
     summary, out = await run_import(db, transactions, balances=owed, customer_map=mapping, processes=processes)
 
     assert await balances(db) == {"cus_1": -2, "cus_2": 5}  # the overdraft stays, as our rules keep it
-    assert read_csv(tmp_path / "report.csv") == [["MembershipId", "CustomerId", "Expected", "Imported"], ["m1", "cus_1", "0", "-2"], ["m3", "m3", "4", "0"]]
+    assert read_csv(tmp_path / "report.csv") == [
+        ["MembershipId", "CustomerId", "Expected", "Imported"],
+        ["m1", "cus_1", "0", "-2"],
+        ["m3", "m3", "4", "0"],
+    ]
     assert (summary.mismatched, summary.balance_differences, summary.exit_status) == (2, 2, 1)
     assert any("member m1 (customer cus_1): old system 0, imported -2" in line for line in out.lines)
 
@@ -203,7 +233,10 @@ async def test_balance_differences_are_printed_and_written_never_fixed(db, tmp_p
 async def test_a_customer_that_already_exists_is_left_out_not_merged(db, tmp_path):
     async with db.begin() as connection:
         await connection.execute(customers.insert().values(customer_id="m1"))
-    rows = [("1", "m1", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"), ("2", "m2", "Credit", "3", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z")]
+    rows = [
+        ("1", "m1", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+        ("2", "m2", "Credit", "3", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+    ]
     summary, _ = await run_import(db, write_csv(tmp_path / "t.csv", HEADER, rows))
     assert (summary.imported, summary.left_out) == (1, 1)
     assert await balances(db) == {"m1": 0, "m2": 3}
@@ -213,7 +246,9 @@ async def test_a_customer_that_already_exists_is_left_out_not_merged(db, tmp_pat
 async def test_a_changed_history_after_an_import_is_left_out(db, tmp_path):
     first = [("1", "m1", "Credit", "10", "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z")]
     await run_import(db, write_csv(tmp_path / "t.csv", HEADER, first))
-    summary, _ = await run_import(db, write_csv(tmp_path / "t.csv", HEADER, [*first, ("2", "m1", "Debit", "-4", "2026-02-01T00:00:00Z", "")]))
+    summary, _ = await run_import(
+        db, write_csv(tmp_path / "t.csv", HEADER, [*first, ("2", "m1", "Debit", "-4", "2026-02-01T00:00:00Z", "")])
+    )
     assert (summary.imported, summary.left_out, summary.exit_status) == (0, 1, 1)
     assert await balances(db) == {"m1": 10}
 
@@ -281,8 +316,14 @@ def test_exit_status_2_for_unusable_input_and_1_for_left_out_members(service_env
 
 def test_a_crash_mid_import_then_a_rerun_leaves_every_total_exact(service_env, pg_url, db, tmp_path):
     # The command imports as of the real clock: the history ends now.
-    export = generate(tmp_path, members=3000, rows_per_member=20, now=datetime.now(timezone.utc), seed=5)
-    process = subprocess.Popen([CREDITS_SCRIPT, "import-legacy", str(export.transactions)], cwd=tmp_path, env=service_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    export = generate(tmp_path, members=3000, rows_per_member=20, now=datetime.now(UTC), seed=5)
+    process = subprocess.Popen(
+        [CREDITS_SCRIPT, "import-legacy", str(export.transactions)],
+        cwd=tmp_path,
+        env=service_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while asyncio.run(_count_at(pg_url, "customers")) == 0:
             assert process.poll() is None, "the import ended before it could be killed"
@@ -295,7 +336,9 @@ def test_a_crash_mid_import_then_a_rerun_leaves_every_total_exact(service_env, p
     imported_before = asyncio.run(_count_at(pg_url, "customers"))
     assert 0 < imported_before < 3000, "the kill must land mid-way"
 
-    rerun = credits(["import-legacy", str(export.transactions), "--balances", str(export.balances)], service_env, tmp_path)
+    rerun = credits(
+        ["import-legacy", str(export.transactions), "--balances", str(export.balances)], service_env, tmp_path
+    )
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{imported_before} already imported before" in rerun.stdout
@@ -305,9 +348,11 @@ def test_a_crash_mid_import_then_a_rerun_leaves_every_total_exact(service_env, p
 
 
 def test_a_worker_process_killed_mid_import_is_exit_3_and_a_rerun_finishes(service_env, pg_url, db, tmp_path):
-    export = generate(tmp_path, members=3000, rows_per_member=20, now=datetime.now(timezone.utc), seed=6)
+    export = generate(tmp_path, members=3000, rows_per_member=20, now=datetime.now(UTC), seed=6)
     command = [CREDITS_SCRIPT, "import-legacy", str(export.transactions), "--processes", "2"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=service_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=service_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         while asyncio.run(_count_at(pg_url, "customers")) == 0:
             assert process.poll() is None, "the import ended before a worker could be killed"
@@ -325,7 +370,9 @@ def test_a_worker_process_killed_mid_import_is_exit_3_and_a_rerun_finishes(servi
     assert "worker process of the import ended unexpectedly" in stderr and "run the same command again" in stderr
     assert "Traceback" not in stderr
 
-    rerun = credits(["import-legacy", str(export.transactions), "--balances", str(export.balances)], service_env, tmp_path)
+    rerun = credits(
+        ["import-legacy", str(export.transactions), "--balances", str(export.balances)], service_env, tmp_path
+    )
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert asyncio.run(_count_at(pg_url, "processed_events")) == export.rows
@@ -354,7 +401,7 @@ def test_the_embedded_default_imports_too(tmp_path):
     env.update(TMPDIR=str(tmp_path))
     work = tmp_path / "work"
     work.mkdir()
-    export = generate(work, members=40, rows_per_member=10, now=datetime.now(timezone.utc), seed=9)
+    export = generate(work, members=40, rows_per_member=10, now=datetime.now(UTC), seed=9)
     assert credits(["migrate"], env, work).returncode == 0
 
     first = credits(["import-legacy", str(export.transactions), "--balances", str(export.balances)], env, work)

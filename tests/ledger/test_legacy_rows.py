@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from domain import CreditPolicy, EntryKind
 from domain.legacy import LEGACY_NAMESPACE, BadRow, LegacyRow, legacy_event_id, parse_row, replay
-from tests.support.legacy_history import Ids, member_history
 from tests.support import t
+from tests.support.legacy_history import Ids, member_history
 
 NOW = t(2026, 6, 1)
 POLICY = CreditPolicy(credit_expiration_months=12)
@@ -39,9 +39,18 @@ def replayed(*rows: LegacyRow, now: datetime = NOW):
         (("1", "m1", "Debit", "", "2025-01-01T10:00:00Z", ""), "missing Amount"),
         (("1", "m1", "Adjusted", "0", "2025-01-01T10:00:00Z", ""), "zero Amount"),
         (("1", "m1", "Credit", "10", "2025-01-01T10:00:00Z", ""), "Credit without ExpiresAt"),
-        (("1", "m1", "Credit", "10", "2025-01-01T10:00:00Z", "2026-01-01T10:00:00"), "ExpiresAt '2026-01-01T10:00:00' has no UTC offset"),
-        (("1", "m1", "Credit", "10", "2025-01-01T10:00:00Z", "2024-01-01T10:00:00Z"), "ExpiresAt is not after CreatedAt"),
-        (("1", "m1", "Credit", "-10", "2025-01-01T10:00:00Z", "2026-01-01T10:00:00Z"), "negative Amount -10 on a Credit row"),
+        (
+            ("1", "m1", "Credit", "10", "2025-01-01T10:00:00Z", "2026-01-01T10:00:00"),
+            "ExpiresAt '2026-01-01T10:00:00' has no UTC offset",
+        ),
+        (
+            ("1", "m1", "Credit", "10", "2025-01-01T10:00:00Z", "2024-01-01T10:00:00Z"),
+            "ExpiresAt is not after CreatedAt",
+        ),
+        (
+            ("1", "m1", "Credit", "-10", "2025-01-01T10:00:00Z", "2026-01-01T10:00:00Z"),
+            "negative Amount -10 on a Credit row",
+        ),
         (("1", "m1", "Debit", "5", "2025-01-01T10:00:00Z", ""), "positive Amount 5 on a Debit row"),
         (("1", "m1", "Expired", "5", "2025-01-01T10:00:00Z", ""), "positive Amount 5 on a Expired row"),
         (("", "m1", "Debit", "-5", "2025-01-01T10:00:00Z", ""), "missing Id"),
@@ -57,9 +66,9 @@ def test_each_kind_of_bad_row_says_what_is_wrong(fields, problem):
 def test_a_good_row_is_read_in_utc_whatever_its_offset():
     summer = row(2, "10", "Credit", "10.00", "2025-07-01T09:00:00-04:00", "2026-07-01T09:00:00-04:00")
     winter = row(3, "11", "Debit", " -3 ", "2025-12-01T09:00:00-05:00")
-    assert summer.amount == 10 and summer.created_at == datetime(2025, 7, 1, 13, tzinfo=timezone.utc)
-    assert summer.created_at.tzinfo is timezone.utc
-    assert winter.created_at == datetime(2025, 12, 1, 14, tzinfo=timezone.utc) and winter.amount == -3
+    assert summer.amount == 10 and summer.created_at == datetime(2025, 7, 1, 13, tzinfo=UTC)
+    assert summer.created_at.tzinfo is UTC
+    assert winter.created_at == datetime(2025, 12, 1, 14, tzinfo=UTC) and winter.amount == -3
     assert winter.expires_at is None
 
 
@@ -76,7 +85,17 @@ def test_the_fingerprinted_payload_is_the_sorted_compact_json_of_the_row(seed):
     for _ in range(200):
         text = "x" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) + "x"  # ids are stripped
         expires = "" if rng.random() < 0.5 else "2026-02-01T10:00:00.5-05:00"
-        parsed = parse_row(2, (text, text[::-1], "Credit" if expires else "Adjusted", str(rng.randint(1, 99)), "2025-03-09T03:30:00+01:00", expires))
+        parsed = parse_row(
+            2,
+            (
+                text,
+                text[::-1],
+                "Credit" if expires else "Adjusted",
+                str(rng.randint(1, 99)),
+                "2025-03-09T03:30:00+01:00",
+                expires,
+            ),
+        )
         assert parsed.payload_json == json.dumps(parsed.payload, sort_keys=True, separators=(",", ":"))
 
 
@@ -135,7 +154,7 @@ def test_a_positive_adjustment_lives_credit_expiration_months_and_a_negative_one
         "sweep:test",
     )
     [lot] = result.account.lots
-    assert lot.expires_at == datetime(2025, 2, 28, 12, tzinfo=timezone.utc) and lot.remaining == 3
+    assert lot.expires_at == datetime(2025, 2, 28, 12, tzinfo=UTC) and lot.remaining == 3
     assert [e.kind for e in result.account.new_entries] == [EntryKind.ADJUSTED, EntryKind.ADJUSTED]
 
 
@@ -152,7 +171,12 @@ def test_rows_at_the_same_moment_apply_in_id_order_numerically():
 def test_what_is_due_at_import_time_expires_with_an_entry_as_the_sweep_would():
     result = replayed(row(2, "1", "Credit", "10", "2025-01-01T00:00:00Z", "2025-06-01T00:00:00Z"))
     last = result.account.new_entries[-1]
-    assert (last.kind, last.credits, last.occurred_at, last.event_id) == (EntryKind.EXPIRED, -10, t(2025, 6, 1), "sweep:test")
+    assert (last.kind, last.credits, last.occurred_at, last.event_id) == (
+        EntryKind.EXPIRED,
+        -10,
+        t(2025, 6, 1),
+        "sweep:test",
+    )
 
 
 def test_every_lot_is_kept_for_writing_spent_ones_too():

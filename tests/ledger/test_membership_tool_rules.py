@@ -5,7 +5,7 @@ No I/O, no clock reads: every rule is driven by the moment it applies at.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +27,7 @@ from messages import CreditsGifted
 from tests.support import t
 from tests.support.ledger import assert_reconciles
 
-UTC = timezone.utc
+UTC = UTC
 POLICY = CreditPolicy()
 ONE_MONTH = CreditPolicy(credit_expiration_months=1)
 
@@ -86,7 +86,11 @@ def test_unfreezing_moves_every_unexpired_lot_by_exactly_the_pause():
     assert account.view(due_in_pause.expires_at).balance == 7
     assert of_kind(account, EntryKind.EXPIRED)[-1].occurred_at == t(2025, 6, 1) + pause
     assert account.view(later.expires_at).balance == 0
-    assert [e.occurred_at for e in of_kind(account, EntryKind.EXPIRED)] == [t(2025, 1, 10), t(2025, 6, 1) + pause, t(2025, 9, 1) + pause]
+    assert [e.occurred_at for e in of_kind(account, EntryKind.EXPIRED)] == [
+        t(2025, 1, 10),
+        t(2025, 6, 1) + pause,
+        t(2025, 9, 1) + pause,
+    ]
     assert_reconciles(account)
 
 
@@ -179,7 +183,9 @@ def test_a_gift_is_taken_oldest_first_and_keeps_each_lots_expiry():
     giver, receiver = Account("giver"), Account("receiver")
     late = giver.issue(10, t(2025, 1, 5), "pay-late", POLICY)  # expires 2026-01-05
     soon = giver.issue(3, t(2025, 2, 1), "pay-soon", ONE_MONTH)  # expires 2025-03-01: spent first
-    middle = giver.issue(5, t(2025, 1, 20), "adj-mid", CreditPolicy(credit_expiration_months=6), source=LotSource.ADJUSTMENT)  # 2025-07-20
+    middle = giver.issue(
+        5, t(2025, 1, 20), "adj-mid", CreditPolicy(credit_expiration_months=6), source=LotSource.ADJUSTMENT
+    )  # 2025-07-20
     at = t(2025, 2, 10)
 
     given_lots = giver.give(10, receiver, at, "gift-1")

@@ -15,7 +15,7 @@ import random
 import threading
 from collections import Counter
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -51,15 +51,15 @@ from messages import (
 from service_layer import analytics, handlers, notifications
 from service_layer.handlers import Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
+from tests.support import reconciliation, t
 from tests.support.delivery import (
     dead_lettered,
     ledger_snapshot,
     wait_for_dead_letter_rows,
     wait_for_outcomes,
 )
-from tests.support import reconciliation, t
 
-UTC = timezone.utc
+UTC = UTC
 POLICY = CreditPolicy()
 TWO_MONTHS = CreditPolicy(credit_expiration_months=2)
 ADMIN_TOKEN = "admin-token-membership-0123456789"
@@ -73,7 +73,9 @@ async def apply(db: Database, event_, policy: CreditPolicy = POLICY) -> Outcome:
 
 
 def paid(event_id: str, customer: str, credits: int, at: datetime) -> PaymentSucceeded:
-    return PaymentSucceeded(event_id=event_id, customer_id=customer, occurred_at=at, payment_id=f"in_{event_id}", credits=credits)
+    return PaymentSucceeded(
+        event_id=event_id, customer_id=customer, occurred_at=at, payment_id=f"in_{event_id}", credits=credits
+    )
 
 
 async def rows(db: Database, query) -> list[dict]:
@@ -91,7 +93,9 @@ async def lots_of(db: Database, customer: str) -> list[dict]:
 
 
 async def entries_of(db: Database, customer: str) -> list[dict]:
-    return await rows(db, select(ledger_entries).where(ledger_entries.c.customer_id == customer).order_by(ledger_entries.c.id))
+    return await rows(
+        db, select(ledger_entries).where(ledger_entries.c.customer_id == customer).order_by(ledger_entries.c.id)
+    )
 
 
 async def customer(db: Database, customer_id: str) -> dict | None:
@@ -102,9 +106,14 @@ async def customer(db: Database, customer_id: str) -> dict | None:
 @asynccontextmanager
 async def serving(db: Database, pg_url: str, clock: Clock | None = None):
     """The app in-process (lifespan run), over httpx's ASGI transport."""
-    settings = load_settings(database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None)
+    settings = load_settings(
+        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None
+    )
     app = create_app(settings, db=db, clock=clock)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http,
+    ):
         yield http
 
 
@@ -118,10 +127,19 @@ async def test_freezing_is_stored_and_the_sweep_passes_over_a_frozen_customer_un
     frozen_at, unfrozen_at = t(2025, 12, 1, 8), t(2026, 4, 1, 20)
     pause = unfrozen_at - frozen_at
 
-    assert await apply(db, MembershipFrozen(event_id="freeze-1", customer_id="cust-frozen", occurred_at=frozen_at)) is Outcome.APPLIED
+    assert (
+        await apply(db, MembershipFrozen(event_id="freeze-1", customer_id="cust-frozen", occurred_at=frozen_at))
+        is Outcome.APPLIED
+    )
     assert (await customer(db, "cust-frozen"))["frozen_since"] == frozen_at
     # A second freeze is recorded but changes nothing.
-    assert await apply(db, MembershipFrozen(event_id="freeze-2", customer_id="cust-frozen", occurred_at=frozen_at + timedelta(days=3))) is Outcome.IGNORED
+    assert (
+        await apply(
+            db,
+            MembershipFrozen(event_id="freeze-2", customer_id="cust-frozen", occurred_at=frozen_at + timedelta(days=3)),
+        )
+        is Outcome.IGNORED
+    )
     assert (await customer(db, "cust-frozen"))["frozen_since"] == frozen_at
 
     # The sweep, long after the first lot's original expiry: the other customer's lot expires,
@@ -130,7 +148,10 @@ async def test_freezing_is_stored_and_the_sweep_passes_over_a_frozen_customer_un
     result = await asyncio.wait_for(handlers.expire_due_credits(lambda: SqlUnitOfWork(db), sweep_at, 500), timeout=20)
     assert (result.customers, result.entries, result.more) == (1, 1, False)
     assert [(lot["remaining"], lot["expired"]) for lot in await lots_of(db, "cust-other")] == [(0, 3)]
-    assert [(lot["remaining"], lot["expires_at"]) for lot in await lots_of(db, "cust-frozen")] == [(10, t(2026, 1, 10)), (4, t(2026, 6, 1))]
+    assert [(lot["remaining"], lot["expires_at"]) for lot in await lots_of(db, "cust-frozen")] == [
+        (10, t(2026, 1, 10)),
+        (4, t(2026, 6, 1)),
+    ]
     assert "expired" not in {e["kind"] for e in await entries_of(db, "cust-frozen")}
     # Small batches too: the frozen customer never fills a batch and stalls the rest.
     result = await asyncio.wait_for(handlers.expire_due_credits(lambda: SqlUnitOfWork(db), sweep_at, 1), timeout=20)
@@ -140,12 +161,26 @@ async def test_freezing_is_stored_and_the_sweep_passes_over_a_frozen_customer_un
     view = await handlers.credit_view(SqlUnitOfWork(db, read_only=True), "cust-frozen", sweep_at)
     assert (view.balance, view.available, view.frozen_since, view.can_schedule) == (14, 14, frozen_at, False)
 
-    assert await apply(db, MembershipUnfrozen(event_id="unfreeze-1", customer_id="cust-frozen", occurred_at=unfrozen_at)) is Outcome.APPLIED
+    assert (
+        await apply(db, MembershipUnfrozen(event_id="unfreeze-1", customer_id="cust-frozen", occurred_at=unfrozen_at))
+        is Outcome.APPLIED
+    )
     assert (await customer(db, "cust-frozen"))["frozen_since"] is None
     moved = await lots_of(db, "cust-frozen")
-    assert [(lot["remaining"], lot["expires_at"]) for lot in moved] == [(10, t(2026, 1, 10) + pause), (4, t(2026, 6, 1) + pause)]
+    assert [(lot["remaining"], lot["expires_at"]) for lot in moved] == [
+        (10, t(2026, 1, 10) + pause),
+        (4, t(2026, 6, 1) + pause),
+    ]
     # An unfreeze when not frozen is recorded, changes nothing.
-    assert await apply(db, MembershipUnfrozen(event_id="unfreeze-2", customer_id="cust-frozen", occurred_at=unfrozen_at + timedelta(days=1))) is Outcome.IGNORED
+    assert (
+        await apply(
+            db,
+            MembershipUnfrozen(
+                event_id="unfreeze-2", customer_id="cust-frozen", occurred_at=unfrozen_at + timedelta(days=1)
+            ),
+        )
+        is Outcome.IGNORED
+    )
     assert [lot["expires_at"] for lot in await lots_of(db, "cust-frozen")] == [lot["expires_at"] for lot in moved]
 
     # Not due yet at the old date: nothing to sweep.
@@ -189,7 +224,12 @@ async def test_an_expiry_warning_is_given_again_for_the_date_a_lot_moved_to(db):
     assert lot["expires_at"] == t(2026, 4, 10)  # moved by the 90-day pause
 
     queued = await notifications.warn_expiring_credits(lambda: SqlUnitOfWork(db), t(2026, 4, 7), 7)
-    warnings = await rows(db, select(notifications_table.c.subject).where(notifications_table.c.customer_id == "cust-warn").order_by(notifications_table.c.id))
+    warnings = await rows(
+        db,
+        select(notifications_table.c.subject)
+        .where(notifications_table.c.customer_id == "cust-warn")
+        .order_by(notifications_table.c.id),
+    )
     assert queued == 1 and len(warnings) == 2, f"only the warning for the old date exists: {warnings}"
 
 
@@ -199,7 +239,9 @@ async def test_a_frozen_customer_cannot_book_over_http(db, pg_url):
     await apply(db, MembershipFrozen(event_id="freeze-h", customer_id="cust-hold", occurred_at=now - timedelta(days=1)))
 
     async with serving(db, pg_url) as http:
-        refused = await http.post("/api/customers/cust-hold/holds", json={"job_id": "job-1", "credits": 1}, headers=FRONT)
+        refused = await http.post(
+            "/api/customers/cust-hold/holds", json={"job_id": "job-1", "credits": 1}, headers=FRONT
+        )
         assert refused.status_code == 409, refused.text
         assert refused.json()["reason"] == "membership_frozen"
         assert "cust-hold" in refused.json()["detail"]
@@ -210,8 +252,13 @@ async def test_a_frozen_customer_cannot_book_over_http(db, pg_url):
         assert await count(db, holds) == 0
         assert [e["kind"] for e in await entries_of(db, "cust-hold")] == ["issued"]
 
-        await apply(db, MembershipUnfrozen(event_id="unfreeze-h", customer_id="cust-hold", occurred_at=now - timedelta(minutes=1)))
-        booked = await http.post("/api/customers/cust-hold/holds", json={"job_id": "job-1", "credits": 1}, headers=FRONT)
+        await apply(
+            db,
+            MembershipUnfrozen(event_id="unfreeze-h", customer_id="cust-hold", occurred_at=now - timedelta(minutes=1)),
+        )
+        booked = await http.post(
+            "/api/customers/cust-hold/holds", json={"job_id": "job-1", "credits": 1}, headers=FRONT
+        )
         assert booked.status_code == 201, booked.text
         credits = (await http.get("/api/customers/cust-hold/credits", headers=FRONT)).json()
         assert (credits["available"], credits["can_schedule"], credits["frozen_since"]) == (4, True, None)
@@ -221,13 +268,25 @@ async def test_a_frozen_customer_cannot_book_over_http(db, pg_url):
 
 
 async def test_a_gift_is_stored_atomically_with_its_expiry_dates(db):
-    await apply(db, paid("pay-g1", "giver", 3, t(2025, 1, 1)), CreditPolicy(credit_expiration_months=3))  # expires 2025-04-01
+    await apply(
+        db, paid("pay-g1", "giver", 3, t(2025, 1, 1)), CreditPolicy(credit_expiration_months=3)
+    )  # expires 2025-04-01
     await apply(db, paid("pay-g2", "giver", 10, t(2025, 2, 1)))  # expires 2026-02-01
     # Gifts go only to customers the ledger knows: the receiver signed up first (no credits yet).
-    await apply(db, CustomerSignedUp(event_id="signup-receiver", customer_id="new-receiver", occurred_at=t(2025, 2, 15), email="receiver@example.com"))
+    await apply(
+        db,
+        CustomerSignedUp(
+            event_id="signup-receiver",
+            customer_id="new-receiver",
+            occurred_at=t(2025, 2, 15),
+            email="receiver@example.com",
+        ),
+    )
     assert (await customer(db, "new-receiver"))["balance"] == 0
     assert await lots_of(db, "new-receiver") == []
-    gift = CreditsGifted(event_id="gift-1", customer_id="giver", to_customer_id="new-receiver", occurred_at=t(2025, 3, 1), credits=5)
+    gift = CreditsGifted(
+        event_id="gift-1", customer_id="giver", to_customer_id="new-receiver", occurred_at=t(2025, 3, 1), credits=5
+    )
     assert await apply(db, gift) is Outcome.APPLIED
     # A replay of the same event changes nothing.
     assert await apply(db, gift) is Outcome.DUPLICATE
@@ -239,17 +298,26 @@ async def test_a_gift_is_stored_atomically_with_its_expiry_dates(db):
         (2, 2, "gift", t(2026, 2, 1)),
     ]
     given = (await entries_of(db, "giver"))[-1]
-    assert (given["kind"], given["credits"], given["balance_after"], given["note"]) == ("gifted", -5, 8, "gift to new-receiver")
+    assert (given["kind"], given["credits"], given["balance_after"], given["note"]) == (
+        "gifted",
+        -5,
+        8,
+        "gift to new-receiver",
+    )
     got = await entries_of(db, "new-receiver")
     assert [(e["kind"], e["credits"], e["balance_after"], e["lot_id"]) for e in got] == [
         ("gifted", 3, 3, received[0]["id"]),
         ("gifted", 2, 5, received[1]["id"]),
     ]
     giver_lots = await lots_of(db, "giver")
-    taken = await rows(db, select(lot_movements.c.lot_id, lot_movements.c.credits).where(lot_movements.c.entry_id == given["id"]))
+    taken = await rows(
+        db, select(lot_movements.c.lot_id, lot_movements.c.credits).where(lot_movements.c.entry_id == given["id"])
+    )
     assert sorted((m["lot_id"], m["credits"]) for m in taken) == [(giver_lots[0]["id"], 3), (giver_lots[1]["id"], 2)]
-    for entry, lot in zip(got, received):
-        moved = await rows(db, select(lot_movements.c.lot_id, lot_movements.c.credits).where(lot_movements.c.entry_id == entry["id"]))
+    for entry, lot in zip(got, received, strict=True):
+        moved = await rows(
+            db, select(lot_movements.c.lot_id, lot_movements.c.credits).where(lot_movements.c.entry_id == entry["id"])
+        )
         assert moved == [{"lot_id": lot["id"], "credits": lot["amount"]}]
     assert (await customer(db, "giver"))["balance"] == 8
     assert (await customer(db, "new-receiver"))["balance"] == 5
@@ -259,30 +327,69 @@ async def test_a_gift_is_stored_atomically_with_its_expiry_dates(db):
 async def test_gifts_refused_by_the_rules_change_nothing(db):
     await apply(db, paid("pay-a", "cust-a", 6, t(2025, 1, 1)))
     await apply(db, paid("pay-b", "cust-b", 2, t(2025, 1, 1)))
-    await apply(db, CustomerSignedUp(event_id="signup-c", customer_id="cust-c", occurred_at=t(2025, 1, 1), email="c@example.com"))
+    await apply(
+        db,
+        CustomerSignedUp(event_id="signup-c", customer_id="cust-c", occurred_at=t(2025, 1, 1), email="c@example.com"),
+    )
     await apply(db, MembershipFrozen(event_id="freeze-b", customer_id="cust-b", occurred_at=t(2025, 1, 5)))
     before = await ledger_snapshot(db)
 
     # A known receiver, but more than the giver has.
     with pytest.raises(InsufficientCredits):
-        await apply(db, CreditsGifted(event_id="gift-big", customer_id="cust-a", to_customer_id="cust-c", occurred_at=t(2025, 1, 6), credits=7))
+        await apply(
+            db,
+            CreditsGifted(
+                event_id="gift-big", customer_id="cust-a", to_customer_id="cust-c", occurred_at=t(2025, 1, 6), credits=7
+            ),
+        )
     # A receiver the ledger does not know (a typo): refused even though the giver can afford it.
     with pytest.raises(domain_errors.UnknownCustomer):
-        await apply(db, CreditsGifted(event_id="gift-unknown", customer_id="cust-a", to_customer_id="cust-nobody", occurred_at=t(2025, 1, 6), credits=1))
+        await apply(
+            db,
+            CreditsGifted(
+                event_id="gift-unknown",
+                customer_id="cust-a",
+                to_customer_id="cust-nobody",
+                occurred_at=t(2025, 1, 6),
+                credits=1,
+            ),
+        )
     with pytest.raises(domain_errors.MembershipFrozen):
-        await apply(db, CreditsGifted(event_id="gift-frozen", customer_id="cust-a", to_customer_id="cust-b", occurred_at=t(2025, 1, 6), credits=1))
+        await apply(
+            db,
+            CreditsGifted(
+                event_id="gift-frozen",
+                customer_id="cust-a",
+                to_customer_id="cust-b",
+                occurred_at=t(2025, 1, 6),
+                credits=1,
+            ),
+        )
     with pytest.raises(domain_errors.MembershipFrozen):
-        await apply(db, CreditsGifted(event_id="gift-from-frozen", customer_id="cust-b", to_customer_id="cust-a", occurred_at=t(2025, 1, 6), credits=1))
+        await apply(
+            db,
+            CreditsGifted(
+                event_id="gift-from-frozen",
+                customer_id="cust-b",
+                to_customer_id="cust-a",
+                occurred_at=t(2025, 1, 6),
+                credits=1,
+            ),
+        )
     assert await ledger_snapshot(db) == before
     assert await customer(db, "cust-nobody") is None  # not even the receiver's row
     assert (await customer(db, "cust-c"))["balance"] == 0
 
 
 @pytest.mark.parametrize("receiver", ["aaa-unknown", "zzz-unknown"])  # locked before the giver, and after it
-async def test_a_gift_to_a_customer_the_ledger_does_not_know_is_refused_and_can_be_replayed_once_they_exist(db, receiver):
+async def test_a_gift_to_a_customer_the_ledger_does_not_know_is_refused_and_can_be_replayed_once_they_exist(
+    db, receiver
+):
     await apply(db, paid("pay-giver", "m-giver", 10, t(2025, 1, 1)))
     before = await ledger_snapshot(db)
-    gift = CreditsGifted(event_id="gift-typo", customer_id="m-giver", to_customer_id=receiver, occurred_at=t(2025, 2, 1), credits=4)
+    gift = CreditsGifted(
+        event_id="gift-typo", customer_id="m-giver", to_customer_id=receiver, occurred_at=t(2025, 2, 1), credits=4
+    )
 
     with pytest.raises(domain_errors.UnknownCustomer) as refused:
         await apply(db, gift)
@@ -307,7 +414,9 @@ async def test_a_gift_to_a_customer_the_ledger_does_not_know_is_refused_and_can_
     assert await reconciliation(db) == []
 
 
-async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db, redis_client, redis_url, start_workers):
+async def test_two_customers_gifting_each_other_concurrently_on_real_workers(
+    db, redis_client, redis_url, start_workers
+):
     base = t(2026, 3, 2, 9)
     for name in ("gift-a", "gift-b"):
         await apply(db, paid(f"pay-{name}", name, 300, base))
@@ -319,7 +428,11 @@ async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db,
         giver, receiver = ("gift-a", "gift-b") if n % 2 == 0 else ("gift-b", "gift-a")
         gifts.append(
             CreditsGifted(
-                event_id=f"gift-{n}", customer_id=giver, to_customer_id=receiver, occurred_at=base + timedelta(minutes=n + 1), credits=rng.randint(1, 3)
+                event_id=f"gift-{n}",
+                customer_id=giver,
+                to_customer_id=receiver,
+                occurred_at=base + timedelta(minutes=n + 1),
+                credits=rng.randint(1, 3),
             )
         )
     sent = {"gift-a": 0, "gift-b": 0}
@@ -338,14 +451,23 @@ async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db,
     kinds = Counter((e["customer_id"], e["kind"], e["credits"] > 0) for e in await rows(db, select(ledger_entries)))
     assert kinds[("gift-a", "gifted", False)] == kinds[("gift-b", "gifted", False)] == 100
     # Every given credit arrived, to the other customer (one receiver entry per source lot).
-    gifted = await rows(db, select(ledger_entries.c.customer_id, func.sum(ledger_entries.c.credits).label("net")).where(ledger_entries.c.kind == "gifted").group_by(ledger_entries.c.customer_id))
+    gifted = await rows(
+        db,
+        select(ledger_entries.c.customer_id, func.sum(ledger_entries.c.credits).label("net"))
+        .where(ledger_entries.c.kind == "gifted")
+        .group_by(ledger_entries.c.customer_id),
+    )
     assert sum(r["net"] for r in gifted) == 0
     assert await reconciliation(db) == []
 
     # A gift above what the giver has is dead-lettered and changes nothing.
     before = await ledger_snapshot(db)
     too_much = CreditsGifted(
-        event_id="gift-too-much", customer_id="gift-a", to_customer_id="gift-b", occurred_at=base + timedelta(hours=5), credits=final["gift-a"] + 1
+        event_id="gift-too-much",
+        customer_id="gift-a",
+        to_customer_id="gift-b",
+        occurred_at=base + timedelta(hours=5),
+        credits=final["gift-a"] + 1,
     )
     message_id = publisher.publish(too_much)
     assert wait_for_outcomes(workers, [message_id], timeout=30) == {message_id: "event_rejected"}
@@ -354,12 +476,20 @@ async def test_two_customers_gifting_each_other_concurrently_on_real_workers(db,
     assert json.loads(archived[message_id]["message"])["kwargs"]
     assert message_id in dead_lettered(redis_client)
     assert await ledger_snapshot(db) == before
-    assert await rows(db, select(processed_events.c.event_id).where(processed_events.c.event_id == "gift-too-much")) == []
+    assert (
+        await rows(db, select(processed_events.c.event_id).where(processed_events.c.event_id == "gift-too-much")) == []
+    )
     assert await count(db, dead_letters) == 1
 
     # A gift to a customer the ledger does not know (a typo) is dead-lettered too, not retried,
     # and creates no account holding the credits.
-    typo = CreditsGifted(event_id="gift-typo", customer_id="gift-a", to_customer_id="gift-c", occurred_at=base + timedelta(hours=6), credits=1)
+    typo = CreditsGifted(
+        event_id="gift-typo",
+        customer_id="gift-a",
+        to_customer_id="gift-c",
+        occurred_at=base + timedelta(hours=6),
+        credits=1,
+    )
     message_id = publisher.publish(typo)
     assert wait_for_outcomes(workers, [message_id], timeout=30) == {message_id: "event_rejected"}
     archived = await wait_for_dead_letter_rows(db, [message_id])
@@ -381,10 +511,14 @@ async def test_admin_adjustments_over_the_api(db, pg_url):
     url = "/api/admin/customers/cust-adj/adjustments"
 
     async with serving(db, pg_url) as http:
-        added = await http.post(url, json={"credits": 5, "reason": "goodwill after the outage", "admin": "alice@ops"}, headers=ADMIN)
+        added = await http.post(
+            url, json={"credits": 5, "reason": "goodwill after the outage", "admin": "alice@ops"}, headers=ADMIN
+        )
         assert added.status_code == 201, added.text
         assert added.json() == {"customer_id": "cust-adj", "credits": 5, "outcome": "applied"}
-        taken = await http.post(url, json={"credits": -3, "reason": "double booking", "admin": "bob@ops"}, headers=ADMIN)
+        taken = await http.post(
+            url, json={"credits": -3, "reason": "double booking", "admin": "bob@ops"}, headers=ADMIN
+        )
         assert taken.status_code == 201, taken.text
 
         adjusted = [e for e in await entries_of(db, "cust-adj") if e["kind"] == "adjusted"]
@@ -398,7 +532,11 @@ async def test_admin_adjustments_over_the_api(db, pg_url):
         assert credits["balance"] == 12
 
         before = await ledger_snapshot(db)
-        unknown = await http.post("/api/admin/customers/nobody/adjustments", json={"credits": 5, "reason": "x", "admin": "alice"}, headers=ADMIN)
+        unknown = await http.post(
+            "/api/admin/customers/nobody/adjustments",
+            json={"credits": 5, "reason": "x", "admin": "alice"},
+            headers=ADMIN,
+        )
         assert unknown.status_code == 404, unknown.text
         assert await customer(db, "nobody") is None
         for body in (
@@ -419,7 +557,9 @@ async def test_admin_adjustments_over_the_api(db, pg_url):
             response = await http.post(url, json=body, headers=ADMIN)
             assert response.status_code == 422, (body, response.text)
         for headers in (FRONT, {}, {"Authorization": "Bearer wrong-token-0123456789"}):
-            response = await http.post(url, json={"credits": 5, "reason": "sneaky", "admin": "mallory"}, headers=headers)
+            response = await http.post(
+                url, json={"credits": 5, "reason": "sneaky", "admin": "mallory"}, headers=headers
+            )
             assert response.status_code == 401, (headers, response.text)
         assert await ledger_snapshot(db) == before
     assert await reconciliation(db) == []
@@ -472,7 +612,11 @@ async def test_an_api_adjustment_with_a_lone_surrogate_is_refused_with_422_and_c
             b'{"credits": 5, "reason": "goodwill", "admin": "\\udfff"}',
             b'{"credits": 5, "reason": "goodwill", "admin": "alice@ops", "idempotency_key": "surrogate-\\ud800"}',
         ):
-            response = await http.post("/api/admin/customers/cust-sur/adjustments", content=raw, headers={**ADMIN, "Content-Type": "application/json"})
+            response = await http.post(
+                "/api/admin/customers/cust-sur/adjustments",
+                content=raw,
+                headers={**ADMIN, "Content-Type": "application/json"},
+            )
             assert response.status_code == 422, (raw, response.text)
     assert await ledger_snapshot(db) == before
 
@@ -481,7 +625,9 @@ async def _waiting_for_locks(db: Database) -> int:
     async with db.connect() as connection:
         return (
             await connection.execute(
-                text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE '%customers%'")
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE '%customers%'"
+                )
             )
         ).scalar_one()
 
@@ -495,18 +641,28 @@ async def test_a_double_click_sent_at_once_applies_the_adjustment_once_and_answe
     now = datetime.now(UTC)
     await apply(db, paid("pay-dbl", "cust-dbl", 10, now - timedelta(days=1)))
     body = {"credits": 3, "reason": "double click", "admin": "alice@ops", "idempotency_key": "click-0123456789"}
-    settings = load_settings(database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None)
+    settings = load_settings(
+        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None
+    )
     app = create_app(settings, db=db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://credits.test") as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://credits.test") as http,
+    ):
         # Another transaction holds the customer for a moment (any event being applied).
         async with db.connect() as blocker:
             await blocker.begin()
             await blocker.execute(text("SELECT 1 FROM customers WHERE customer_id = 'cust-dbl' FOR UPDATE"))
-            clicks = [asyncio.create_task(http.post("/api/admin/customers/cust-dbl/adjustments", json=body, headers=ADMIN)) for _ in range(2)]
+            clicks = [
+                asyncio.create_task(http.post("/api/admin/customers/cust-dbl/adjustments", json=body, headers=ADMIN))
+                for _ in range(2)
+            ]
             deadline = asyncio.get_running_loop().time() + 10
             while await _waiting_for_locks(db) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "both requests should be waiting on the customer's lock"
+                assert asyncio.get_running_loop().time() < deadline, (
+                    "both requests should be waiting on the customer's lock"
+                )
                 await asyncio.sleep(0.05)
             await blocker.rollback()
         answers = await asyncio.gather(*clicks)
@@ -524,13 +680,56 @@ async def analytics_history(db: Database) -> None:
     """Three months of credits, two-month expiry: Jan issues, Feb spends and adjusts, Mar expires, reverses and gifts."""
     await apply(db, paid("an-pay-a", "an-a", 100, t(2025, 1, 15, 10)), TWO_MONTHS)  # expires 2025-03-15 10:00
     await apply(db, paid("an-pay-b", "an-b", 50, t(2025, 1, 20, 10)), TWO_MONTHS)  # expires 2025-03-20 10:00
-    await apply(db, JobCompleted(event_id="an-job-a", customer_id="an-a", occurred_at=t(2025, 2, 10), job_id="job-a", credits=30), TWO_MONTHS)
-    await apply(db, CreditsAdjusted(event_id="an-adj-up", customer_id="an-b", occurred_at=t(2025, 2, 12), credits=10, reason="goodwill", actor="ops"), TWO_MONTHS)  # expires 2025-04-12
-    await apply(db, CreditsAdjusted(event_id="an-adj-down", customer_id="an-b", occurred_at=t(2025, 2, 13), credits=-5, reason="fix", actor="ops"), TWO_MONTHS)
+    await apply(
+        db,
+        JobCompleted(event_id="an-job-a", customer_id="an-a", occurred_at=t(2025, 2, 10), job_id="job-a", credits=30),
+        TWO_MONTHS,
+    )
+    await apply(
+        db,
+        CreditsAdjusted(
+            event_id="an-adj-up",
+            customer_id="an-b",
+            occurred_at=t(2025, 2, 12),
+            credits=10,
+            reason="goodwill",
+            actor="ops",
+        ),
+        TWO_MONTHS,
+    )  # expires 2025-04-12
+    await apply(
+        db,
+        CreditsAdjusted(
+            event_id="an-adj-down",
+            customer_id="an-b",
+            occurred_at=t(2025, 2, 13),
+            credits=-5,
+            reason="fix",
+            actor="ops",
+        ),
+        TWO_MONTHS,
+    )
     await apply(db, paid("an-pay-c", "an-c", 40, t(2025, 3, 5)), TWO_MONTHS)  # expires 2025-05-05
-    await apply(db, PaymentReversed(event_id="an-refund-c", customer_id="an-c", occurred_at=t(2025, 3, 25), payment_id="in_an-pay-c", reason="refund", total_credits_reversed=15), TWO_MONTHS)
+    await apply(
+        db,
+        PaymentReversed(
+            event_id="an-refund-c",
+            customer_id="an-c",
+            occurred_at=t(2025, 3, 25),
+            payment_id="in_an-pay-c",
+            reason="refund",
+            total_credits_reversed=15,
+        ),
+        TWO_MONTHS,
+    )
     await apply(db, paid("an-pay-d", "an-d", 20, t(2025, 3, 28)), TWO_MONTHS)  # expires 2025-05-28
-    await apply(db, CreditsGifted(event_id="an-gift", customer_id="an-c", to_customer_id="an-d", occurred_at=t(2025, 3, 30), credits=5), TWO_MONTHS)
+    await apply(
+        db,
+        CreditsGifted(
+            event_id="an-gift", customer_id="an-c", to_customer_id="an-d", occurred_at=t(2025, 3, 30), credits=5
+        ),
+        TWO_MONTHS,
+    )
     # A hold moves no balance and must not count anywhere.
     async with SqlUnitOfWork(db) as uow:
         account = await uow.accounts.lock("an-d", create=False)
@@ -543,7 +742,15 @@ async def analytics_history(db: Database) -> None:
 
 def months(payload) -> dict[str, tuple]:
     return {
-        m["month"]: (m["issued"], m["used"], m["expired"], m["reversed"], m["adjusted_down"], m["outstanding"], m["breakage_rate"])
+        m["month"]: (
+            m["issued"],
+            m["used"],
+            m["expired"],
+            m["reversed"],
+            m["adjusted_down"],
+            m["outstanding"],
+            m["breakage_rate"],
+        )
         for m in payload["months"]
     }
 
@@ -570,7 +777,10 @@ async def test_credits_analytics_per_month(db, pg_url):
         assert found["breakage_rate"] == breakage(115, 30) == round(115 / 145, 4)
         # Open credits by the month they expire: an-b's adjustment lot in April; an-c's 20 and
         # an-d's 20 + 5 gifted (keeping an-c's date) in May.
-        assert found["upcoming_expirations"] == [{"month": "2025-04", "credits": 10}, {"month": "2025-05", "credits": 45}]
+        assert found["upcoming_expirations"] == [
+            {"month": "2025-04", "credits": 10},
+            {"month": "2025-05", "credits": 45},
+        ]
         # Outstanding at the last month's end is what the customers hold.
         balances = [(await customer(db, c))["balance"] for c in ("an-a", "an-b", "an-c", "an-d")]
         assert balances == [0, 10, 20, 25]
@@ -578,28 +788,48 @@ async def test_credits_analytics_per_month(db, pg_url):
 
         # since: months from February on (January is not read at all), outstanding still the
         # book balance at each month's end, worked back from the customers' balances.
-        since = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-01T00:00:00Z"}, headers=ADMIN)).json()
+        since = (
+            await http.get("/api/admin/credits/analytics", params={"since": "2025-02-01T00:00:00Z"}, headers=ADMIN)
+        ).json()
         assert months(since) == {"2025-02": (10, 30, 0, 0, 5, 125, 0.0), "2025-03": (60, 0, 115, 15, 0, 55, 1.0)}
         assert since["totals"] == {"issued": 70, "used": 30, "expired": 115, "reversed": 15, "adjusted_down": 5}
         assert since["breakage_rate"] == breakage(115, 30)
         assert since["upcoming_expirations"] == found["upcoming_expirations"]
         # since picks whole months: the middle of February is all of February.
-        mid_february = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-20T13:45:00Z"}, headers=ADMIN)).json()
+        mid_february = (
+            await http.get("/api/admin/credits/analytics", params={"since": "2025-02-20T13:45:00Z"}, headers=ADMIN)
+        ).json()
         assert months(mid_february) == months(since)
 
         # until: entries before that instant only.
-        until = (await http.get("/api/admin/credits/analytics", params={"until": "2025-03-01T00:00:00Z"}, headers=ADMIN)).json()
+        until = (
+            await http.get("/api/admin/credits/analytics", params={"until": "2025-03-01T00:00:00Z"}, headers=ADMIN)
+        ).json()
         assert months(until) == {"2025-01": (150, 0, 0, 0, 0, 150, None), "2025-02": (10, 30, 0, 0, 5, 125, 0.0)}
         assert until["breakage_rate"] == 0.0
-        mid_march = (await http.get("/api/admin/credits/analytics", params={"until": "2025-03-20T00:00:00Z"}, headers=ADMIN)).json()
+        mid_march = (
+            await http.get("/api/admin/credits/analytics", params={"until": "2025-03-20T00:00:00Z"}, headers=ADMIN)
+        ).json()
         # By Mar 20: an-c paid 40, an-a's 70 expired (an-b's 45 expires at 10:00 that day): 125 + 40 - 70.
         assert months(mid_march)["2025-03"] == (40, 0, 70, 0, 0, 95, 1.0)
 
-        both = (await http.get("/api/admin/credits/analytics", params={"since": "2025-02-01T00:00:00Z", "until": "2025-03-01T00:00:00Z"}, headers=ADMIN)).json()
+        both = (
+            await http.get(
+                "/api/admin/credits/analytics",
+                params={"since": "2025-02-01T00:00:00Z", "until": "2025-03-01T00:00:00Z"},
+                headers=ADMIN,
+            )
+        ).json()
         assert months(both) == {"2025-02": (10, 30, 0, 0, 5, 125, 0.0)}
         assert both["breakage_rate"] == 0.0
         # A window with nothing in it.
-        quiet = (await http.get("/api/admin/credits/analytics", params={"since": "2024-06-01T00:00:00Z", "until": "2024-12-01T00:00:00Z"}, headers=ADMIN)).json()
+        quiet = (
+            await http.get(
+                "/api/admin/credits/analytics",
+                params={"since": "2024-06-01T00:00:00Z", "until": "2024-12-01T00:00:00Z"},
+                headers=ADMIN,
+            )
+        ).json()
         assert (quiet["months"], quiet["breakage_rate"]) == ([], None)
         assert quiet["totals"] == {"issued": 0, "used": 0, "expired": 0, "reversed": 0, "adjusted_down": 0}
 
@@ -652,7 +882,11 @@ async def test_analytics_refuses_dates_outside_the_years_2000_to_2999_and_a_sinc
         ):
             response = await http.get(url, params=params, headers=ADMIN)
             assert response.status_code == 200, (params, response.text)
-        wide = (await http.get(url, params={"since": "2000-01-01T00:00:00Z", "until": "2999-12-31T23:59:59Z"}, headers=ADMIN)).json()
+        wide = (
+            await http.get(
+                url, params={"since": "2000-01-01T00:00:00Z", "until": "2999-12-31T23:59:59Z"}, headers=ADMIN
+            )
+        ).json()
         assert list(months(wide)) == ["2025-01", "2025-02", "2025-03"]
 
 
@@ -662,14 +896,21 @@ async def test_analytics_since_is_read_in_utc_like_the_months(db):
     2025-01-31T22:00-05:00 is 2025-02-01T03:00Z: January (UTC) is before it and must not be listed.
     """
     await analytics_history(db)
-    found = await analytics.credits_analytics(db, t(2025, 4, 1), since=datetime(2025, 1, 31, 22, tzinfo=timezone(timedelta(hours=-5))))
+    found = await analytics.credits_analytics(
+        db, t(2025, 4, 1), since=datetime(2025, 1, 31, 22, tzinfo=timezone(timedelta(hours=-5)))
+    )
     assert [m.month for m in found.months] == ["2025-02", "2025-03"]
 
 
 async def test_empty_ledger_analytics(db, pg_url):
     async with serving(db, pg_url, clock=FixedClock(t(2025, 4, 1))) as http:
         found = (await http.get("/api/admin/credits/analytics", headers=ADMIN)).json()
-    assert found == {"months": [], "upcoming_expirations": [], "totals": {"issued": 0, "used": 0, "expired": 0, "reversed": 0, "adjusted_down": 0}, "breakage_rate": None}
+    assert found == {
+        "months": [],
+        "upcoming_expirations": [],
+        "totals": {"issued": 0, "used": 0, "expired": 0, "reversed": 0, "adjusted_down": 0},
+        "breakage_rate": None,
+    }
 
 
 async def test_analytics_figures_are_of_one_moment_while_payments_come_in(db, pg_url):
@@ -685,7 +926,9 @@ async def test_analytics_figures_are_of_one_moment_while_payments_come_in(db, pg
         async def write() -> None:
             other = Database(pg_url)
             try:
-                await handlers.apply_event(paid("an-pay-meanwhile", "an-e", 1000, t(2025, 3, 31, 12)), SqlUnitOfWork(other), TWO_MONTHS)
+                await handlers.apply_event(
+                    paid("an-pay-meanwhile", "an-e", 1000, t(2025, 3, 31, 12)), SqlUnitOfWork(other), TWO_MONTHS
+                )
             finally:
                 await other.dispose()
 
@@ -723,7 +966,9 @@ def plan_nodes(plan: dict):
 @pytest.mark.slow  # writes 300,000 entries: ~4 s
 async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time_index(db):
     async with db.begin() as connection:
-        await connection.execute(text("INSERT INTO customers (customer_id) SELECT 'scale-' || g FROM generate_series(0, 99) g"))
+        await connection.execute(
+            text("INSERT INTO customers (customer_id) SELECT 'scale-' || g FROM generate_series(0, 99) g")
+        )
         await connection.execute(
             text(
                 """
@@ -772,7 +1017,9 @@ async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time
         assert on_index, json.dumps(plan, indent=1)
         # A range of it: the time bound is in the index condition, not a filter after a full read.
         assert all("occurred_at" in node.get("Index Cond", "") for node in on_index), json.dumps(plan, indent=1)
-        assert not any(node.get("Node Type") == "Seq Scan" and node.get("Relation Name") == "ledger_entries" for node in nodes)
+        assert not any(
+            node.get("Node Type") == "Seq Scan" and node.get("Relation Name") == "ledger_entries" for node in nodes
+        )
 
     async def expected(since: datetime, until: datetime | None):
         bound = "occurred_at >= :since" + (" AND occurred_at < :until" if until else "")
@@ -808,7 +1055,11 @@ async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time
     await assert_reads_a_range_of_the_index(statement, parameters)
     totals, outstanding = await expected(t(2025, 2, 1), None)
     assert [found.months[0].month, found.months[-1].month, len(found.months)] == ["2025-02", "2025-11", 10]
-    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (totals.issued, totals.expired, totals.used)
+    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (
+        totals.issued,
+        totals.expired,
+        totals.used,
+    )
     assert {m.month: m.outstanding for m in found.months} == outstanding
     # SUM over BIGINT is NUMERIC (a Decimal here): the rate is a float, as the route serves it.
     assert found.breakage_rate == round(int(totals.expired) / int(totals.expired + totals.used), 4)
@@ -820,5 +1071,9 @@ async def test_analytics_on_hundreds_of_thousands_of_entries_reads_the_kind_time
         await assert_reads_a_range_of_the_index(statement, parameters)
     totals, outstanding = await expected(t(2024, 3, 1), t(2024, 9, 20, 12))
     assert [m.month for m in found.months] == [f"2024-{n:02}" for n in range(3, 10)]
-    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (totals.issued, totals.expired, totals.used)
+    assert (found.totals["issued"], found.totals["expired"], found.totals["used"]) == (
+        totals.issued,
+        totals.expired,
+        totals.used,
+    )
     assert {m.month: m.outstanding for m in found.months} == outstanding

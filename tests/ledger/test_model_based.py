@@ -55,8 +55,7 @@ from service_layer import events, handlers
 from service_layer.errors import CustomerNotFound, EventConflict
 from service_layer.handlers import Outcome
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support import LEDGER_TABLES
-from tests.support import reconciliation
+from tests.support import LEDGER_TABLES, reconciliation
 from workers.batching import EventBatcher
 
 #: Slow: Hypothesis drives the real ledger on PostgreSQL through hundreds of steps (~20 s).
@@ -152,8 +151,14 @@ class Model:
         return left
 
     def catch_up(self, at: datetime) -> None:
-        due = [((lot.expires_at, 0, *lot.key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at]
-        due += [((h.expires_at, 1, h.placed_at, h.job), h) for h in self.holds if h.status == "active" and h.expires_at <= at]
+        due = [
+            ((lot.expires_at, 0, *lot.key()), lot) for lot in self.lots if lot.remaining > 0 and lot.expires_at <= at
+        ]
+        due += [
+            ((h.expires_at, 1, h.placed_at, h.job), h)
+            for h in self.holds
+            if h.status == "active" and h.expires_at <= at
+        ]
         for _, item in sorted(due, key=lambda pair: pair[0]):
             if isinstance(item, MLot):
                 before, amount = self.book, item.remaining
@@ -335,10 +340,18 @@ class RealLedgerMachine(RuleBasedStateMachine):
             self.applied.append(event)
 
     # ----------------------------------------------------------- rules
-    @initialize(months=st.integers(1, 3), ttl_days=st.integers(1, 30), cap=st.none() | st.integers(0, 15), opening=st.integers(0, 20))
+    @initialize(
+        months=st.integers(1, 3),
+        ttl_days=st.integers(1, 30),
+        cap=st.none() | st.integers(0, 15),
+        opening=st.integers(0, 20),
+    )
     def open_account(self, months: int, ttl_days: int, cap: int | None, opening: int) -> None:
         self.policy = CreditPolicy(
-            credit_expiration_months=months, allow_unlimited_rollover=cap is None, rollover_cap=cap, hold_ttl_days=ttl_days
+            credit_expiration_months=months,
+            allow_unlimited_rollover=cap is None,
+            rollover_cap=cap,
+            hold_ttl_days=ttl_days,
         )
         self.model = Model(months, timedelta(days=ttl_days), cap)
         if opening:
@@ -351,7 +364,10 @@ class RealLedgerMachine(RuleBasedStateMachine):
         if reuse and self.model.payments:
             # A new event for a payment that already issued its credits: recorded, ignored.
             payment_id = min(self.model.payments)
-            on_model = lambda model: Outcome.IGNORED
+
+            def on_model(model):
+                return Outcome.IGNORED
+
         else:
             payment_id = f"pay-{event_id}"
 
@@ -359,7 +375,9 @@ class RealLedgerMachine(RuleBasedStateMachine):
                 model.issue(credits, at, payment=True)
                 model.payments.add(payment_id)
 
-        event = PaymentSucceeded(event_id=event_id, occurred_at=at, customer_id=CUSTOMER, payment_id=payment_id, credits=credits)
+        event = PaymentSucceeded(
+            event_id=event_id, occurred_at=at, customer_id=CUSTOMER, payment_id=payment_id, credits=credits
+        )
         self._apply(event, on_model)
 
     @rule(when=WHEN, credits=st.integers(1, 8))
@@ -367,7 +385,9 @@ class RealLedgerMachine(RuleBasedStateMachine):
         """A job completed that was never booked (no hold): a direct debit."""
         at = self._at(when)
         event_id = self._next()
-        event = JobCompleted(event_id=event_id, occurred_at=at, customer_id=CUSTOMER, job_id=f"direct-{event_id}", credits=credits)
+        event = JobCompleted(
+            event_id=event_id, occurred_at=at, customer_id=CUSTOMER, job_id=f"direct-{event_id}", credits=credits
+        )
         self._apply(event, lambda model: model.complete_job(event.job_id, credits, at))
 
     @rule(when=WHEN, job=st.sampled_from(JOBS), credits=st.integers(1, 6))
@@ -424,10 +444,21 @@ class RealLedgerMachine(RuleBasedStateMachine):
     @rule(when=WHEN, credits=st.one_of(st.integers(-8, -1), st.integers(1, 10)))
     def adjust(self, when: timedelta, credits: int) -> None:
         at = self._at(when)
-        event = CreditsAdjusted(event_id=self._next(), occurred_at=at, customer_id=CUSTOMER, credits=credits, reason="model", actor="hypothesis")
+        event = CreditsAdjusted(
+            event_id=self._next(),
+            occurred_at=at,
+            customer_id=CUSTOMER,
+            credits=credits,
+            reason="model",
+            actor="hypothesis",
+        )
         self._apply(event, lambda model: model.adjust(credits, at))
 
-    @rule(days=st.integers(0, 80), hours=st.sampled_from([0, 0, 0, 12]), sweep=st.sampled_from(["expire", "expire", "lapse", "none"]))
+    @rule(
+        days=st.integers(0, 80),
+        hours=st.sampled_from([0, 0, 0, 12]),
+        sweep=st.sampled_from(["expire", "expire", "lapse", "none"]),
+    )
     def advance_clock(self, days: int, hours: int, sweep: str) -> None:
         """Time passes; the expiry sweep (or the hold-lapse sweep, or neither) runs at the new time."""
         self._settle_pending()
@@ -438,7 +469,11 @@ class RealLedgerMachine(RuleBasedStateMachine):
         touched = noticing(lambda model: model.sweep_due(self.now, lots=sweep == "expire"))(self.model)
         run = handlers.expire_due_credits if sweep == "expire" else handlers.lapse_due_holds
         result = self.run(run(self.uow, self.now, batch_size=10))
-        assert (result.customers, result.entries, result.more) == (int(touched), len(self.model.log) - entries_before, False)
+        assert (result.customers, result.entries, result.more) == (
+            int(touched),
+            len(self.model.log) - entries_before,
+            False,
+        )
 
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
@@ -472,16 +507,50 @@ class RealLedgerMachine(RuleBasedStateMachine):
     async def _read(self) -> dict:
         async with self.db.connect() as connection:
             return {
-                "customers": (await connection.execute(select(customers.c.customer_id, customers.c.balance, customers.c.overdraft, customers.c.credits_depleted_at))).all(),
-                "lots": (await connection.execute(
-                    select(credit_lots.c.amount, credit_lots.c.remaining, credit_lots.c.issued_at, credit_lots.c.expires_at, credit_lots.c.expired).order_by(credit_lots.c.id)
-                )).all(),
-                "holds": (await connection.execute(
-                    select(holds.c.job_id, holds.c.credits, holds.c.placed_at, holds.c.expires_at, holds.c.status, holds.c.closed_at).order_by(holds.c.id)
-                )).all(),
-                "entries": (await connection.execute(
-                    select(ledger_entries.c.kind, ledger_entries.c.credits, ledger_entries.c.occurred_at, ledger_entries.c.balance_after, ledger_entries.c.job_id).order_by(ledger_entries.c.id)
-                )).all(),
+                "customers": (
+                    await connection.execute(
+                        select(
+                            customers.c.customer_id,
+                            customers.c.balance,
+                            customers.c.overdraft,
+                            customers.c.credits_depleted_at,
+                        )
+                    )
+                ).all(),
+                "lots": (
+                    await connection.execute(
+                        select(
+                            credit_lots.c.amount,
+                            credit_lots.c.remaining,
+                            credit_lots.c.issued_at,
+                            credit_lots.c.expires_at,
+                            credit_lots.c.expired,
+                        ).order_by(credit_lots.c.id)
+                    )
+                ).all(),
+                "holds": (
+                    await connection.execute(
+                        select(
+                            holds.c.job_id,
+                            holds.c.credits,
+                            holds.c.placed_at,
+                            holds.c.expires_at,
+                            holds.c.status,
+                            holds.c.closed_at,
+                        ).order_by(holds.c.id)
+                    )
+                ).all(),
+                "entries": (
+                    await connection.execute(
+                        select(
+                            ledger_entries.c.kind,
+                            ledger_entries.c.credits,
+                            ledger_entries.c.occurred_at,
+                            ledger_entries.c.balance_after,
+                            ledger_entries.c.job_id,
+                        ).order_by(ledger_entries.c.id)
+                    )
+                ).all(),
                 "processed": (await connection.execute(select(func.count()).select_from(processed_events))).scalar(),
                 "notices": set((await connection.execute(select(notifications.c.key))).scalars()),
             }
@@ -494,9 +563,13 @@ class RealLedgerMachine(RuleBasedStateMachine):
         expected_customers = [(CUSTOMER, model.book, model.overdraft, model.depleted_at)] if model.exists else []
         assert [tuple(row) for row in stored["customers"]] == expected_customers
         # Every lot, consumed oldest first: each remainder equals the model's FIFO remainder.
-        assert [tuple(row) for row in stored["lots"]] == [(lot.amount, lot.remaining, lot.issued_at, lot.expires_at, lot.expired) for lot in model.lots]
+        assert [tuple(row) for row in stored["lots"]] == [
+            (lot.amount, lot.remaining, lot.issued_at, lot.expires_at, lot.expired) for lot in model.lots
+        ]
         assert all(row.remaining >= 0 for row in stored["lots"])
-        assert [tuple(row) for row in stored["holds"]] == [(h.job, h.credits, h.placed_at, h.expires_at, h.status, h.closed_at) for h in model.holds]
+        assert [tuple(row) for row in stored["holds"]] == [
+            (h.job, h.credits, h.placed_at, h.expires_at, h.status, h.closed_at) for h in model.holds
+        ]
         assert [tuple(row) for row in stored["entries"]] == model.log
         assert stored["processed"] == model.recorded
         assert stored["notices"] == model.notices
@@ -517,7 +590,9 @@ class RealLedgerMachine(RuleBasedStateMachine):
         assert [(lot.remaining, lot.expires_at, lot.issued_at) for lot in view.lots] == [
             (lot.remaining, lot.expires_at, lot.issued_at) for lot in seen.spendable(self.now)
         ]
-        assert sorted((h.job_id, h.credits) for h in view.holds) == sorted((job, h.credits) for job, h in seen.active(self.now).items())
+        assert sorted((h.job_id, h.credits) for h in view.holds) == sorted(
+            (job, h.credits) for job, h in seen.active(self.now).items()
+        )
         assert view.credits_depleted_at == seen.depleted_at
 
 
@@ -599,7 +674,13 @@ def run_machine(pg_url: str, machine: type[RealLedgerMachine], **overrides) -> N
 
     db = loop.run_until_complete(_open(pg_url))
     bound = type(machine.__name__, (machine,), {"loop": loop, "db": db})
-    options = {"max_examples": 25, "stateful_step_count": 30, "deadline": None, "phases": PHASES, "suppress_health_check": [HealthCheck.too_slow]}
+    options = {
+        "max_examples": 25,
+        "stateful_step_count": 30,
+        "deadline": None,
+        "phases": PHASES,
+        "suppress_health_check": [HealthCheck.too_slow],
+    }
     try:
         run_state_machine_as_test(bound, settings=settings(**{**options, **overrides}))
     finally:
@@ -627,7 +708,11 @@ def test_booking_a_job_again_after_its_hold_expired_before_the_lapse_sweep(pg_ur
 
     async def scenario(db: Database) -> None:
         await handlers.apply_event(
-            PaymentSucceeded(event_id="rebook-pay", occurred_at=START, customer_id=CUSTOMER, payment_id="rebook-pay", credits=10), SqlUnitOfWork(db), policy
+            PaymentSucceeded(
+                event_id="rebook-pay", occurred_at=START, customer_id=CUSTOMER, payment_id="rebook-pay", credits=10
+            ),
+            SqlUnitOfWork(db),
+            policy,
         )
         first, _ = await handlers.place_hold(SqlUnitOfWork(db), policy, CUSTOMER, "rebooked-job", 2, START)
         later = first.expires_at + timedelta(hours=1)

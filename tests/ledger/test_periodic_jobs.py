@@ -5,18 +5,17 @@ in the future is refused; two schedulers never both enqueue the same tick.
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import re
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dramatiq
 import dramatiq.brokers.redis
+import pytest
 from sqlalchemy import func, select
 
 from domain import CreditPolicy
@@ -24,6 +23,7 @@ from infra.db.tables import credit_lots, dead_letters, holds, ledger_entries
 from messages import Publisher
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
+from tests.support import ROOT, reconciliation, wait_until
 from tests.support.delivery import (
     customer_row,
     dead_letter_rows,
@@ -39,23 +39,26 @@ from tests.support.delivery import (
     wait_for_dead_letter_rows,
     wait_for_outcomes,
 )
-from tests.support import ROOT, reconciliation, wait_until
 
 SWEEPS_QUEUE = "credit_sweeps"
 CREDITS_CLI = Path(sys.executable).with_name("credits")
 ENQUEUED = re.compile(r"enqueued (?P<job>\w+) as message (?P<id>[0-9a-f-]{36})")
-UTC = timezone.utc
+UTC = UTC
 
 
 def credits_run(service_env: dict[str, str], job_name: str, as_of: str | None) -> subprocess.Popen:
     """Start `credits run <job> [--as-of ...]`, the operator's command, as its own process."""
     command = [str(CREDITS_CLI), "run", job_name, *(["--as-of", as_of] if as_of else [])]
-    return subprocess.Popen(command, cwd=ROOT, env=service_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=service_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def sweep_message(broker, actor_name: str, as_of: str) -> str:
     """Enqueue a periodic job's message as any producer could; returns its id."""
-    message = dramatiq.Message(queue_name=SWEEPS_QUEUE, actor_name=actor_name, args=(), kwargs={"as_of": as_of}, options={})
+    message = dramatiq.Message(
+        queue_name=SWEEPS_QUEUE, actor_name=actor_name, args=(), kwargs={"as_of": as_of}, options={}
+    )
     return broker.enqueue(message).message_id
 
 
@@ -76,8 +79,13 @@ def sweeps(service_env, job_name: str, as_of: str | None, times: int = 1) -> lis
 
 def sweep_results(workers, message_ids) -> dict[str, dict]:
     """Wait for each sweep message's `sweep_done` line; message id → that line."""
+
     def done() -> dict[str, dict]:
-        return {r["message_id"]: r for r in log_records(workers) if r.get("event") == "sweep_done" and r.get("message_id") in message_ids}
+        return {
+            r["message_id"]: r
+            for r in log_records(workers)
+            if r.get("event") == "sweep_done" and r.get("message_id") in message_ids
+        }
 
     wait_until(lambda: len(done()) == len(message_ids), timeout=30, message=f"{len(message_ids)} sweep(s) done")
     return done()
@@ -89,24 +97,34 @@ def at(year: int, month: int, day: int) -> datetime:
 
 async def expired_entries(db) -> list[dict]:
     async with db.connect() as connection:
-        rows = (await connection.execute(
-            select(ledger_entries).where(ledger_entries.c.kind == "expired").order_by(ledger_entries.c.customer_id, ledger_entries.c.id)
-        )).mappings().all()
+        rows = (
+            (
+                await connection.execute(
+                    select(ledger_entries)
+                    .where(ledger_entries.c.kind == "expired")
+                    .order_by(ledger_entries.c.customer_id, ledger_entries.c.id)
+                )
+            )
+            .mappings()
+            .all()
+        )
     return [dict(row) for row in rows]
 
 
-async def test_expire_credits_writes_each_expiry_once_even_run_twice_and_concurrently(db, redis_client, redis_url, service_env, start_workers):
+async def test_expire_credits_writes_each_expiry_once_even_run_twice_and_concurrently(
+    db, redis_client, redis_url, service_env, start_workers
+):
     # Two processes, and batches of 3 due lots, so two concurrent sweeps really interleave.
     workers = start_workers(processes=2, threads=2, env={"SWEEP_BATCH_SIZE": "3"})
     publisher = Publisher.from_url(redis_url)
     events = [
-        payment("a-pay", "exp-a", 10, at(2024, 1, 10)),                   # expires 2025-01-10, 7 left
+        payment("a-pay", "exp-a", 10, at(2024, 1, 10)),  # expires 2025-01-10, 7 left
         job("a-done", "exp-a", "a-job", at(2024, 2, 1), credits=3),
-        payment("b-pay-old", "exp-b", 5, at(2024, 3, 1)),                  # expires 2025-03-01
-        payment("b-pay-new", "exp-b", 8, at(2025, 1, 15)),                 # expires 2026-01-15: not due
-        payment("c-pay", "exp-c", 4, at(2024, 5, 1)),                      # spent before it expires
+        payment("b-pay-old", "exp-b", 5, at(2024, 3, 1)),  # expires 2025-03-01
+        payment("b-pay-new", "exp-b", 8, at(2025, 1, 15)),  # expires 2026-01-15: not due
+        payment("c-pay", "exp-c", 4, at(2024, 5, 1)),  # spent before it expires
         job("c-done", "exp-c", "c-job", at(2024, 5, 2), credits=4),
-        payment("d-pay", "exp-d", 6, at(2025, 5, 1)),                      # expires 2026-05-01: not due
+        payment("d-pay", "exp-d", 6, at(2025, 5, 1)),  # expires 2026-05-01: not due
         *(payment(f"bulk-{n}-pay", f"exp-bulk-{n:02d}", 2 + n, at(2024, 1, 1 + n)) for n in range(10)),
     ]
     applied = [publisher.publish(event) for event in events]
@@ -120,7 +138,11 @@ async def test_expire_credits_writes_each_expiry_once_even_run_twice_and_concurr
     results = sweep_results(workers, first)
 
     expired = await expired_entries(db)
-    due = {"exp-a": (7, at(2025, 1, 10)), "exp-b": (5, at(2025, 3, 1)), **{f"exp-bulk-{n:02d}": (2 + n, at(2025, 1, 1 + n)) for n in range(10)}}
+    due = {
+        "exp-a": (7, at(2025, 1, 10)),
+        "exp-b": (5, at(2025, 3, 1)),
+        **{f"exp-bulk-{n:02d}": (2 + n, at(2025, 1, 1 + n)) for n in range(10)},
+    }
     # One expiry entry per due lot, dated at the lot's expiry, none for anything else.
     assert {e["customer_id"]: (-e["credits"], e["occurred_at"]) for e in expired} == due
     assert len(expired) == len(due)
@@ -135,7 +157,9 @@ async def test_expire_credits_writes_each_expiry_once_even_run_twice_and_concurr
         bulk = await customer_row(db, f"exp-bulk-{n:02d}")
         assert (bulk["balance"], bulk["credits_depleted_at"]) == (0, at(2025, 1, 1 + n))
     for c in ("exp-c", "exp-d"):  # nothing due: untouched
-        assert {k: v for k, v in (await customer_row(db, c)).items() if k != "updated_at"} == {k: v for k, v in before[c].items() if k != "updated_at"}
+        assert {k: v for k, v in (await customer_row(db, c)).items() if k != "updated_at"} == {
+            k: v for k, v in before[c].items() if k != "updated_at"
+        }
         assert await entries_of(db, c) == entries_before[c]
     assert await scalar(db, select(func.min(credit_lots.c.remaining))) >= 0
     assert await reconciliation(db) == []
@@ -151,7 +175,9 @@ async def test_expire_credits_writes_each_expiry_once_even_run_twice_and_concurr
     publisher.close()
 
 
-async def test_a_sweep_as_of_the_future_or_a_bad_time_is_refused(db, redis_client, redis_url, service_env, start_workers):
+async def test_a_sweep_as_of_the_future_or_a_bad_time_is_refused(
+    db, redis_client, redis_url, service_env, start_workers
+):
     workers = start_workers(processes=1, threads=2)
     publisher = Publisher.from_url(redis_url)
     # A lot that is due as of now: a refused sweep must not touch it.
@@ -173,15 +199,24 @@ async def test_a_sweep_as_of_the_future_or_a_bad_time_is_refused(db, redis_clien
     refused = {name: (message_id, reason) for name, (message_id, reason) in runs.items()}
     ids = [message_id for message_id, _ in refused.values()]
     rows = await wait_for_dead_letter_rows(db, ids)
-    wait_until(lambda: set(dead_lettered(redis_client, SWEEPS_QUEUE)) == set(ids), message="the refused sweeps in the Redis dead-letter queue")
+    wait_until(
+        lambda: set(dead_lettered(redis_client, SWEEPS_QUEUE)) == set(ids),
+        message="the refused sweeps in the Redis dead-letter queue",
+    )
     records = log_records(workers)
     for name, (message_id, reason) in refused.items():
         assert rows[message_id]["queue_name"] == SWEEPS_QUEUE
-        assert rows[message_id]["error"].startswith("Rejected: ") and reason in rows[message_id]["error"], (name, rows[message_id])
+        assert rows[message_id]["error"].startswith("Rejected: ") and reason in rows[message_id]["error"], (
+            name,
+            rows[message_id],
+        )
         # Refused at once: one attempt, no retry, an error line tied to the message.
         assert sum(r.get("event") == f"Aborting message '{message_id}'." for r in records) == 1, name
         assert retry_lines(workers, message_id) == [], name
-        assert any(r.get("event") == "message_dead_lettered" and r.get("message_id") == message_id and r["level"] == "error" for r in records), name
+        assert any(
+            r.get("event") == "message_dead_lettered" and r.get("message_id") == message_id and r["level"] == "error"
+            for r in records
+        ), name
     assert not any(r.get("event") == "sweep_done" for r in records)
     assert await ledger_snapshot(db) == snapshot  # nothing expired
     assert dead_lettered(redis_client) == {}  # the events queue is untouched
@@ -191,15 +226,18 @@ async def test_a_sweep_as_of_the_future_or_a_bad_time_is_refused(db, redis_clien
 async def test_lapse_holds_lapses_each_due_hold_once(db, redis_client, redis_url, service_env, start_workers):
     workers = start_workers(processes=1, threads=2)
     publisher = Publisher.from_url(redis_url)
-    paid = [publisher.publish(payment("h-pay", "hold-a", 10, at(2025, 1, 1))), publisher.publish(payment("h2-pay", "hold-b", 4, at(2025, 1, 1)))]
+    paid = [
+        publisher.publish(payment("h-pay", "hold-a", 10, at(2025, 1, 1))),
+        publisher.publish(payment("h2-pay", "hold-b", 4, at(2025, 1, 1))),
+    ]
     assert set(wait_for_outcomes(workers, paid).values()) == {"event_applied"}
 
     # Bookings place holds through the service layer (as the HTTP API does), at old times.
     policy = CreditPolicy()  # the workers' default policy: holds live 30 days
     for customer, job_id, credits, placed in [
-        ("hold-a", "h-due", 3, at(2025, 1, 10)),   # lapses 2025-02-09
-        ("hold-a", "h-live", 2, at(2025, 2, 5)),   # lapses 2025-03-07: not due
-        ("hold-b", "h2-due", 4, at(2025, 1, 5)),   # lapses 2025-02-04
+        ("hold-a", "h-due", 3, at(2025, 1, 10)),  # lapses 2025-02-09
+        ("hold-a", "h-live", 2, at(2025, 2, 5)),  # lapses 2025-03-07: not due
+        ("hold-b", "h2-due", 4, at(2025, 1, 5)),  # lapses 2025-02-04
     ]:
         hold, created = await handlers.place_hold(SqlUnitOfWork(db), policy, customer, job_id, credits, placed)
         assert created and hold.expires_at == placed + timedelta(days=30)
@@ -211,7 +249,9 @@ async def test_lapse_holds_lapses_each_due_hold_once(db, redis_client, redis_url
 
     async with db.connect() as connection:
         statuses = {r.job_id: (r.status, r.closed_at) for r in (await connection.execute(select(holds))).all()}
-        lapsed = (await connection.execute(select(ledger_entries).where(ledger_entries.c.kind == "lapsed"))).mappings().all()
+        lapsed = (
+            (await connection.execute(select(ledger_entries).where(ledger_entries.c.kind == "lapsed"))).mappings().all()
+        )
     assert statuses == {
         "h-due": ("lapsed", at(2025, 2, 9)),
         "h-live": ("active", None),
@@ -241,7 +281,10 @@ async def test_lapse_holds_lapses_each_due_hold_once(db, redis_client, redis_url
     assert charges == {"h-live": "captured", "h-due": "debited"}
     assert (await customer_row(db, "hold-a"))["balance"] == 5
     assert await reconciliation(db) == []
-    assert dead_lettered(redis_client, SWEEPS_QUEUE) == {} and await scalar(db, select(func.count()).select_from(dead_letters)) == 0
+    assert (
+        dead_lettered(redis_client, SWEEPS_QUEUE) == {}
+        and await scalar(db, select(func.count()).select_from(dead_letters)) == 0
+    )
     publisher.close()
 
 
@@ -253,7 +296,9 @@ class QueueingActor:
         self.actor_name = actor_name
 
     def send(self) -> dramatiq.Message:
-        return self.broker.enqueue(dramatiq.Message(queue_name=SWEEPS_QUEUE, actor_name=self.actor_name, args=(), kwargs={}, options={}))
+        return self.broker.enqueue(
+            dramatiq.Message(queue_name=SWEEPS_QUEUE, actor_name=self.actor_name, args=(), kwargs={}, options={})
+        )
 
 
 def queued_actors(redis_client, queues: tuple[str, ...] = (SWEEPS_QUEUE,)) -> list[str]:
@@ -337,10 +382,18 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
     processes = []
     for log in logs:
         with log.open("wb") as output:
-            processes.append(subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env=service_env, stdout=output, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    [str(CREDITS_CLI), "scheduler"], cwd=ROOT, env=service_env, stdout=output, stderr=subprocess.STDOUT
+                )
+            )
     try:
         # Each scheduler fires its eight jobs once at start: sixteen decisions in all.
-        wait_until(lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 16, timeout=60, message="both schedulers to fire every job")
+        wait_until(
+            lambda: sum(len(_scheduler_lines(log.read_text())) for log in logs) == 16,
+            timeout=60,
+            message="both schedulers to fire every job",
+        )
     finally:
         for process in processes:
             process.terminate()
@@ -368,9 +421,15 @@ def test_two_scheduler_processes_enqueue_each_tick_once(redis_client, service_en
     # Per job and tick, exactly one scheduler enqueued and any other skipped (the two schedulers
     # share a tick unless they started on either side of a tick boundary).
     for (job_name, tick), events in by_tick.items():
-        assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (job_name, tick, events)
+        assert sorted(events) == ["periodic_enqueued"] + ["periodic_skipped"] * (len(events) - 1), (
+            job_name,
+            tick,
+            events,
+        )
         assert redis_client.exists(f"{LOCK_PREFIX}:{job_name}:{tick}")
-    assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments", "credit_notifications"))) == sorted(job_name for job_name, _ in by_tick)
+    assert sorted(queued_actors(redis_client, (SWEEPS_QUEUE, "credit_payments", "credit_notifications"))) == sorted(
+        job_name for job_name, _ in by_tick
+    )
 
 
 @pytest.mark.slow
@@ -382,9 +441,17 @@ def test_the_scheduler_enqueues_on_rabbitmq_when_broker_url_says_so(rabbitmq_url
     rabbitmq_reset(rabbitmq_url, BROKER_QUEUES)
     log = tmp_path / "scheduler.log"
     with log.open("wb") as output:
-        process = subprocess.Popen([str(CREDITS_CLI), "scheduler"], cwd=ROOT, env={**service_env, "BROKER_URL": rabbitmq_url}, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(CREDITS_CLI), "scheduler"],
+            cwd=ROOT,
+            env={**service_env, "BROKER_URL": rabbitmq_url},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_until(lambda: len(_scheduler_lines(log.read_text())) == 8, timeout=60, message="the scheduler to fire every job")
+        wait_until(
+            lambda: len(_scheduler_lines(log.read_text())) == 8, timeout=60, message="the scheduler to fire every job"
+        )
     finally:
         process.terminate()
         process.wait(15)

@@ -1,6 +1,6 @@
 """The expiry sweep in batches on PostgreSQL: bounded work per call, nothing skipped, nothing twice."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
@@ -11,13 +11,19 @@ from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import reconciliation
 
-ISSUED = datetime(2024, 3, 1, tzinfo=timezone.utc)
+ISSUED = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 async def test_a_sweep_stops_at_its_batch_budget_and_the_next_call_finishes(db):
     policy = CreditPolicy()
     for n in range(7):
-        event = PaymentSucceeded(event_id=f"pay-{n}", customer_id=f"c{n}", occurred_at=ISSUED + timedelta(hours=n), payment_id=f"in_{n}", credits=n + 1)
+        event = PaymentSucceeded(
+            event_id=f"pay-{n}",
+            customer_id=f"c{n}",
+            occurred_at=ISSUED + timedelta(hours=n),
+            payment_id=f"in_{n}",
+            credits=n + 1,
+        )
         await handlers.apply_event(event, SqlUnitOfWork(db), policy)
     now = ISSUED + timedelta(days=400)
 
@@ -32,7 +38,11 @@ async def test_a_sweep_stops_at_its_batch_budget_and_the_next_call_finishes(db):
 
     async with db.connect() as connection:
         left = (await connection.execute(select(func.sum(credit_lots.c.remaining)))).scalar_one()
-        expired = (await connection.execute(select(func.sum(ledger_entries.c.credits)).where(ledger_entries.c.kind == "expired"))).scalar_one()
+        expired = (
+            await connection.execute(
+                select(func.sum(ledger_entries.c.credits)).where(ledger_entries.c.kind == "expired")
+            )
+        ).scalar_one()
     assert left == 0
     assert expired == -sum(range(1, 8))
     assert await reconciliation(db) == []
@@ -41,7 +51,9 @@ async def test_a_sweep_stops_at_its_batch_budget_and_the_next_call_finishes(db):
 async def test_a_sweep_passes_over_customers_another_transaction_holds(db):
     policy = CreditPolicy()
     for n in range(5):
-        event = PaymentSucceeded(event_id=f"pay-{n}", customer_id=f"c{n}", occurred_at=ISSUED, payment_id=f"in_{n}", credits=2)
+        event = PaymentSucceeded(
+            event_id=f"pay-{n}", customer_id=f"c{n}", occurred_at=ISSUED, payment_id=f"in_{n}", credits=2
+        )
         await handlers.apply_event(event, SqlUnitOfWork(db), policy)
     now = ISSUED + timedelta(days=400)
 

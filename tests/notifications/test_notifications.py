@@ -21,7 +21,7 @@ import threading
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -52,7 +52,6 @@ from messages import (
     PaymentSucceeded,
     Publisher,
 )
-from service_layer.notifications import message_id as notification_message_id
 from service_layer import handlers
 from service_layer.notifications import (
     MAX_ATTEMPTS,
@@ -60,13 +59,14 @@ from service_layer.notifications import (
     deliver,
     warn_expiring_credits,
 )
+from service_layer.notifications import message_id as notification_message_id
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import ROOT, eventually, free_port
 
 SENDER = "no-reply@credits.test"
 FROM_HEADER = f"Credits <{SENDER}>"
 CREDITS_CLI = str(Path(sys.executable).with_name("credits"))
-T0 = datetime(2025, 3, 3, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 3, 10, 0, tzinfo=UTC)
 
 
 # ---------------------------------------------------------------- the SMTP server
@@ -176,7 +176,14 @@ def smtp():
 
 def mailer_for(port: int, timeout: float = 5, **settings) -> SmtpMailer:
     return SmtpMailer(
-        load_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_from=FROM_HEADER, smtp_timeout_seconds=timeout, **settings)
+        load_settings(
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            smtp_security="none",
+            smtp_from=FROM_HEADER,
+            smtp_timeout_seconds=timeout,
+            **settings,
+        )
     )
 
 
@@ -221,11 +228,25 @@ async def signed_up(db, customer_id: str, address: str, at: datetime = T0) -> No
 
 
 async def pays(db, customer_id: str, credits: int, at: datetime, payment_id: str | None = None) -> None:
-    await apply(db, PaymentSucceeded(event_id=eid(), occurred_at=at, customer_id=customer_id, payment_id=payment_id or "pay-" + eid()[:10], credits=credits))
+    await apply(
+        db,
+        PaymentSucceeded(
+            event_id=eid(),
+            occurred_at=at,
+            customer_id=customer_id,
+            payment_id=payment_id or "pay-" + eid()[:10],
+            credits=credits,
+        ),
+    )
 
 
 async def uses(db, customer_id: str, credits: int, at: datetime) -> None:
-    await apply(db, JobCompleted(event_id=eid(), occurred_at=at, customer_id=customer_id, job_id="job-" + eid()[:10], credits=credits))
+    await apply(
+        db,
+        JobCompleted(
+            event_id=eid(), occurred_at=at, customer_id=customer_id, job_id="job-" + eid()[:10], credits=credits
+        ),
+    )
 
 
 def message_id_of(key: str) -> str:
@@ -255,7 +276,12 @@ async def test_depleted_then_restored_each_sent_exactly_once_to_the_customer(out
     await uses(db, customer, 3, depleted_at)
     depleted_key = f"credits_depleted:{customer}:{depleted_at.isoformat()}"
     (queued,) = await rows(db)
-    assert (queued.key, queued.kind, queued.status, queued.to_address) == (depleted_key, "credits_depleted", "pending", address)
+    assert (queued.key, queued.kind, queued.status, queued.to_address) == (
+        depleted_key,
+        "credits_depleted",
+        "pending",
+        address,
+    )
     assert queued.created_at == queued.send_after == depleted_at
     assert queued.attempts == 0 and queued.sent_at is None
 
@@ -280,7 +306,9 @@ async def test_depleted_then_restored_each_sent_exactly_once_to_the_customer(out
     assert len(smtp.received) == 2
     by_id = {m.message_id: m for m in smtp.received}
     assert set(by_id) == {message_id_of(depleted_key), message_id_of(restored_key)}
-    assert message_id_of(depleted_key) != message_id_of(restored_key) and message_id_of(depleted_key).endswith("@credits>")
+    assert message_id_of(depleted_key) != message_id_of(restored_key) and message_id_of(depleted_key).endswith(
+        "@credits>"
+    )
     for m in smtp.received:
         assert m.mail_from == SENDER
         assert m.rcpt_tos == [address]
@@ -300,7 +328,9 @@ async def test_each_new_depletion_is_a_new_notice_and_a_replayed_event_queues_no
     customer = "cust-twice"
     await signed_up(db, customer, "twice@example.com", T0)
     await pays(db, customer, 1, T0)
-    job = JobCompleted(event_id="job-twice-1", occurred_at=T0 + timedelta(days=1), customer_id=customer, job_id="job-t1", credits=1)
+    job = JobCompleted(
+        event_id="job-twice-1", occurred_at=T0 + timedelta(days=1), customer_id=customer, job_id="job-t1", credits=1
+    )
     await apply(db, job)
     await apply(db, job)  # redelivered by the broker: a duplicate, nothing new
     await pays(db, customer, 1, T0 + timedelta(days=2))
@@ -308,7 +338,11 @@ async def test_each_new_depletion_is_a_new_notice_and_a_replayed_event_queues_no
     assert [r.kind for r in await rows(db)] == ["credits_depleted", "credits_restored", "credits_depleted"]
 
     await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=4))
-    assert sorted(m.subject for m in smtp.received) == ["You are out of credits", "You are out of credits", "Your credits are back"]
+    assert sorted(m.subject for m in smtp.received) == [
+        "You are out of credits",
+        "You are out of credits",
+        "Your credits are back",
+    ]
     assert len({m.message_id for m in smtp.received}) == 3
 
 
@@ -319,7 +353,12 @@ async def test_a_failed_payment_opening_a_dunning_case_is_notified_once_per_invo
     db = outbox_db
     customer, address, invoice_id = "cust-pat", "pat@example.com", "in_pat_1"
     await signed_up(db, customer, address, T0 - timedelta(days=1))
-    failed = {"customer_id": customer, "invoice_id": invoice_id, "decline_code": "insufficient_funds", "failure_message": "Your card has insufficient funds"}
+    failed = {
+        "customer_id": customer,
+        "invoice_id": invoice_id,
+        "decline_code": "insufficient_funds",
+        "failure_message": "Your card has insufficient funds",
+    }
     await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0, **failed))
     async with db.connect() as connection:
         case = (await connection.execute(select(dunning_cases).where(dunning_cases.c.invoice_id == invoice_id))).one()
@@ -327,11 +366,22 @@ async def test_a_failed_payment_opening_a_dunning_case_is_notified_once_per_invo
 
     key = f"payment_failed:{invoice_id}"
     (queued,) = await rows(db)
-    assert (queued.key, queued.kind, queued.status, queued.to_address, queued.created_at) == (key, "payment_failed", "pending", address, T0)
+    assert (queued.key, queued.kind, queued.status, queued.to_address, queued.created_at) == (
+        key,
+        "payment_failed",
+        "pending",
+        address,
+        T0,
+    )
 
     # The same invoice failing again (a Stripe retry, a redelivered webhook): no second notice.
     await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(hours=5), **failed))
-    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(days=1, hours=1), **{**failed, "decline_code": "card_declined"}))
+    await apply(
+        db,
+        PaymentFailed(
+            event_id=eid(), occurred_at=T0 + timedelta(days=1, hours=1), **{**failed, "decline_code": "card_declined"}
+        ),
+    )
     assert [r.key for r in await rows(db)] == [key]
 
     mailer = mailer_for(smtp.port)
@@ -347,7 +397,10 @@ async def test_a_failed_payment_opening_a_dunning_case_is_notified_once_per_invo
     assert (await row(db, key)).status == "sent"
 
     # Another invoice of the same customer is news of its own.
-    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(days=30), customer_id=customer, invoice_id="in_pat_2"))
+    await apply(
+        db,
+        PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(days=30), customer_id=customer, invoice_id="in_pat_2"),
+    )
     assert [r.key for r in await rows(db)] == [key, "payment_failed:in_pat_2"]
 
 
@@ -359,35 +412,80 @@ async def test_an_authentication_request_for_a_new_invoice_is_notified_once_per_
     customer, address = "cust-sca", "sca@example.com"
     await signed_up(db, customer, address, T0 - timedelta(days=1))
     needs_auth = PaymentActionRequired(
-        event_id="auth-1", occurred_at=T0, customer_id=customer, invoice_id="in_sca_1", hosted_invoice_url="https://pay.example.com/in_sca_1"
+        event_id="auth-1",
+        occurred_at=T0,
+        customer_id=customer,
+        invoice_id="in_sca_1",
+        hosted_invoice_url="https://pay.example.com/in_sca_1",
     )
     await apply(db, needs_auth)
     key = "payment_failed:in_sca_1"
     (queued,) = await rows(db)
-    assert (queued.key, queued.kind, queued.status, queued.to_address, queued.created_at) == (key, "payment_failed", "pending", address, T0)
+    assert (queued.key, queued.kind, queued.status, queued.to_address, queued.created_at) == (
+        key,
+        "payment_failed",
+        "pending",
+        address,
+        T0,
+    )
     assert "could not collect your membership payment" in queued.body
     assert "confirm this payment" in queued.body
     assert "We will try again" not in queued.body  # nothing is retried without the customer
 
     # Replayed, asked again, then declined outright: still the one notice for that invoice.
     await apply(db, needs_auth)
-    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=2), customer_id=customer, invoice_id="in_sca_1"))
-    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0 + timedelta(days=1), customer_id=customer, invoice_id="in_sca_1", decline_code="card_declined"))
+    await apply(
+        db,
+        PaymentActionRequired(
+            event_id=eid(), occurred_at=T0 + timedelta(hours=2), customer_id=customer, invoice_id="in_sca_1"
+        ),
+    )
+    await apply(
+        db,
+        PaymentFailed(
+            event_id=eid(),
+            occurred_at=T0 + timedelta(days=1),
+            customer_id=customer,
+            invoice_id="in_sca_1",
+            decline_code="card_declined",
+        ),
+    )
     assert [r.key for r in await rows(db)] == [key]
 
     # A failure first, the authentication request after: one notice as well.
-    await apply(db, PaymentFailed(event_id=eid(), occurred_at=T0, customer_id=customer, invoice_id="in_sca_2", decline_code="insufficient_funds"))
-    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=1), customer_id=customer, invoice_id="in_sca_2"))
+    await apply(
+        db,
+        PaymentFailed(
+            event_id=eid(),
+            occurred_at=T0,
+            customer_id=customer,
+            invoice_id="in_sca_2",
+            decline_code="insufficient_funds",
+        ),
+    )
+    await apply(
+        db,
+        PaymentActionRequired(
+            event_id=eid(), occurred_at=T0 + timedelta(hours=1), customer_id=customer, invoice_id="in_sca_2"
+        ),
+    )
     assert [r.key for r in await rows(db)] == [key, "payment_failed:in_sca_2"]
 
     # An invoice already paid: a late authentication request is no news.
     await pays(db, customer, 5, T0, payment_id="in_sca_paid")
-    await apply(db, PaymentActionRequired(event_id=eid(), occurred_at=T0 + timedelta(hours=3), customer_id=customer, invoice_id="in_sca_paid"))
+    await apply(
+        db,
+        PaymentActionRequired(
+            event_id=eid(), occurred_at=T0 + timedelta(hours=3), customer_id=customer, invoice_id="in_sca_paid"
+        ),
+    )
     assert [r.key for r in await rows(db)] == [key, "payment_failed:in_sca_2"]
 
     assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=2))).sent == 2
     assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=3))).sent == 0
-    assert sorted(m.message_id for m in smtp.received) == sorted([message_id_of(key), message_id_of("payment_failed:in_sca_2")])
+    assert sorted(m.message_id for m in smtp.received) == sorted(
+        [message_id_of(key), message_id_of("payment_failed:in_sca_2")]
+    )
     assert all(m.subject == "Your payment did not go through" and m.rcpt_tos == [address] for m in smtp.received)
 
 
@@ -400,9 +498,14 @@ FRONT = {"Authorization": f"Bearer {FRONTEND_TOKEN}"}
 
 @asynccontextmanager
 async def serving(db, pg_url: str, clock: FixedClock):
-    settings = load_settings(database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None)
+    settings = load_settings(
+        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONTEND_TOKEN, redis_url=None
+    )
     app = create_app(settings, db=db, clock=clock)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://credits.test") as http,
+    ):
         yield http
 
 
@@ -411,24 +514,35 @@ async def test_releasing_a_hold_after_the_last_lot_expired_queues_the_depleted_n
     expired writes that expiry, which depletes them, and the customer is told (once)."""
     db = outbox_db
     customer, address = "cust-release", "release@example.com"
-    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=timezone.utc))
-    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=timezone.utc))  # expires 2025-03-10
-    expired_at = datetime(2025, 3, 10, tzinfo=timezone.utc)
-    clock = FixedClock(datetime(2025, 3, 1, tzinfo=timezone.utc))
+    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=UTC))
+    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=UTC))  # expires 2025-03-10
+    expired_at = datetime(2025, 3, 10, tzinfo=UTC)
+    clock = FixedClock(datetime(2025, 3, 1, tzinfo=UTC))
     async with serving(db, pg_url, clock) as http:
-        placed = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-r1", "credits": 2}, headers=FRONT)
+        placed = await http.post(
+            f"/api/customers/{customer}/holds", json={"job_id": "job-r1", "credits": 2}, headers=FRONT
+        )
         assert placed.status_code == 201, placed.text
         assert await rows(db) == []  # a hold moves no balance: no news
 
-        clock.move_to(datetime(2025, 3, 12, 9, tzinfo=timezone.utc))
+        clock.move_to(datetime(2025, 3, 12, 9, tzinfo=UTC))
         released = await http.delete(f"/api/customers/{customer}/holds/job-r1", headers=FRONT)
         assert released.status_code == 204, released.text
         key = f"credits_depleted:{customer}:{expired_at.isoformat()}"
         (queued,) = await rows(db)
-        assert (queued.key, queued.kind, queued.status, queued.to_address) == (key, "credits_depleted", "pending", address)
+        assert (queued.key, queued.kind, queued.status, queued.to_address) == (
+            key,
+            "credits_depleted",
+            "pending",
+            address,
+        )
         assert queued.created_at == clock.now()
         async with db.connect() as connection:
-            depleted_at = (await connection.execute(select(customers.c.credits_depleted_at).where(customers.c.customer_id == customer))).scalar_one()
+            depleted_at = (
+                await connection.execute(
+                    select(customers.c.credits_depleted_at).where(customers.c.customer_id == customer)
+                )
+            ).scalar_one()
         assert depleted_at == expired_at
 
         # Releasing it again (nothing to release) queues nothing more.
@@ -444,37 +558,54 @@ async def test_releasing_a_hold_after_the_last_lot_expired_queues_the_depleted_n
 async def test_placing_a_hold_queues_the_depleted_notice_when_it_finds_the_credits_expired(outbox_db, pg_url, smtp):
     db = outbox_db
     customer, address = "cust-book", "book@example.com"
-    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=timezone.utc))
-    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=timezone.utc))  # expires 2025-03-10
-    expired_at = datetime(2025, 3, 10, tzinfo=timezone.utc)
+    await signed_up(db, customer, address, datetime(2024, 3, 1, tzinfo=UTC))
+    await pays(db, customer, 5, datetime(2024, 3, 10, tzinfo=UTC))  # expires 2025-03-10
+    expired_at = datetime(2025, 3, 10, tzinfo=UTC)
     key = f"credits_depleted:{customer}:{expired_at.isoformat()}"
-    clock = FixedClock(datetime(2025, 3, 1, tzinfo=timezone.utc))
+    clock = FixedClock(datetime(2025, 3, 1, tzinfo=UTC))
     async with serving(db, pg_url, clock) as http:
         # A hold that leaves credits available changes no depletion: nothing queued.
-        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT)).status_code == 201
-        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)).status_code == 201
+        assert (
+            await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT)
+        ).status_code == 201
+        assert (
+            await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)
+        ).status_code == 201
         assert await rows(db) == []
 
-        clock.move_to(datetime(2025, 3, 11, tzinfo=timezone.utc))
+        clock.move_to(datetime(2025, 3, 11, tzinfo=UTC))
         # A new booking after the lot expired is refused, and a refusal writes nothing at all.
-        refused = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b3", "credits": 1}, headers=FRONT)
+        refused = await http.post(
+            f"/api/customers/{customer}/holds", json={"job_id": "job-b3", "credits": 1}, headers=FRONT
+        )
         assert (refused.status_code, refused.json()["reason"]) == (409, "insufficient_credits")
         assert await rows(db) == []
         # The same booking placed again (the front end retrying): it stands, and reading the
         # ledger at this moment expires the lot, which depletes the customer: a notice.
-        same = await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT)
+        same = await http.post(
+            f"/api/customers/{customer}/holds", json={"job_id": "job-b1", "credits": 2}, headers=FRONT
+        )
         assert same.status_code == 200, same.text
         (queued,) = await rows(db)
-        assert (queued.key, queued.status, queued.to_address, queued.created_at) == (key, "pending", address, clock.now())
+        assert (queued.key, queued.status, queued.to_address, queued.created_at) == (
+            key,
+            "pending",
+            address,
+            clock.now(),
+        )
         # Once depleted, further bookings and releases are no news.
-        assert (await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)).status_code == 200
+        assert (
+            await http.post(f"/api/customers/{customer}/holds", json={"job_id": "job-b2", "credits": 3}, headers=FRONT)
+        ).status_code == 200
         assert (await http.delete(f"/api/customers/{customer}/holds/job-b2", headers=FRONT)).status_code == 204
         assert [r.key for r in await rows(db)] == [key]
 
     # The credits come back with a payment: the restored notice names the same depletion.
-    await pays(db, customer, 4, datetime(2025, 3, 12, tzinfo=timezone.utc))
+    await pays(db, customer, 4, datetime(2025, 3, 12, tzinfo=UTC))
     assert [r.kind for r in await rows(db)] == ["credits_depleted", "credits_restored"]
-    assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: datetime(2025, 3, 12, 1, tzinfo=timezone.utc))).sent == 2
+    assert (
+        await deliver(uow_factory(db), mailer_for(smtp.port), lambda: datetime(2025, 3, 12, 1, tzinfo=UTC))
+    ).sent == 2
 
 
 # ---------------------------------------------------------------- 3. expiring credits
@@ -487,32 +618,42 @@ async def lot_of(db, payment_id: str):
 
 async def test_expiring_credits_are_warned_once_per_lot_within_the_window(outbox_db, smtp):
     db = outbox_db
-    now = datetime(2025, 4, 1, tzinfo=timezone.utc)
+    now = datetime(2025, 4, 1, tzinfo=UTC)
     # Credits last 12 months: a payment on 2024-04-20 expires on 2025-04-20, within 30 days.
-    await signed_up(db, "cust-amy", "amy@example.com", datetime(2024, 4, 1, tzinfo=timezone.utc))
-    await pays(db, "cust-amy", 7, datetime(2024, 4, 20, 12, tzinfo=timezone.utc), "pay-amy-soon")
-    await pays(db, "cust-amy", 5, datetime(2024, 6, 1, 12, tzinfo=timezone.utc), "pay-amy-later")
+    await signed_up(db, "cust-amy", "amy@example.com", datetime(2024, 4, 1, tzinfo=UTC))
+    await pays(db, "cust-amy", 7, datetime(2024, 4, 20, 12, tzinfo=UTC), "pay-amy-soon")
+    await pays(db, "cust-amy", 5, datetime(2024, 6, 1, 12, tzinfo=UTC), "pay-amy-later")
     # Spent lot: nothing to warn about (no email: his depletion notice is not mailed).
-    await pays(db, "cust-ben", 4, datetime(2024, 4, 15, tzinfo=timezone.utc), "pay-ben")
-    await uses(db, "cust-ben", 4, datetime(2024, 5, 1, tzinfo=timezone.utc))
+    await pays(db, "cust-ben", 4, datetime(2024, 4, 15, tzinfo=UTC), "pay-ben")
+    await uses(db, "cust-ben", 4, datetime(2024, 5, 1, tzinfo=UTC))
     # A frozen membership: nothing of theirs expires while frozen.
-    await signed_up(db, "cust-cat", "cat@example.com", datetime(2024, 4, 1, tzinfo=timezone.utc))
-    await pays(db, "cust-cat", 6, datetime(2024, 4, 25, tzinfo=timezone.utc), "pay-cat")
-    await apply(db, MembershipFrozen(event_id=eid(), occurred_at=datetime(2025, 3, 1, tzinfo=timezone.utc), customer_id="cust-cat"))
+    await signed_up(db, "cust-cat", "cat@example.com", datetime(2024, 4, 1, tzinfo=UTC))
+    await pays(db, "cust-cat", 6, datetime(2024, 4, 25, tzinfo=UTC), "pay-cat")
+    await apply(
+        db,
+        MembershipFrozen(event_id=eid(), occurred_at=datetime(2025, 3, 1, tzinfo=UTC), customer_id="cust-cat"),
+    )
     # Already past its expiry (not swept yet): too late to warn.
-    await signed_up(db, "cust-dan", "dan@example.com", datetime(2024, 3, 1, tzinfo=timezone.utc))
-    await pays(db, "cust-dan", 3, datetime(2024, 3, 20, tzinfo=timezone.utc), "pay-dan")
+    await signed_up(db, "cust-dan", "dan@example.com", datetime(2024, 3, 1, tzinfo=UTC))
+    await pays(db, "cust-dan", 3, datetime(2024, 3, 20, tzinfo=UTC), "pay-dan")
 
     soon, later = await lot_of(db, "pay-amy-soon"), await lot_of(db, "pay-amy-later")
-    assert soon.expires_at == datetime(2025, 4, 20, 12, tzinfo=timezone.utc)
-    assert (await lot_of(db, "pay-cat")).expires_at == datetime(2025, 4, 25, tzinfo=timezone.utc)
+    assert soon.expires_at == datetime(2025, 4, 20, 12, tzinfo=UTC)
+    assert (await lot_of(db, "pay-cat")).expires_at == datetime(2025, 4, 25, tzinfo=UTC)
     before = {r.key for r in await rows(db)}  # ben's depletion (no_address)
 
     new_uow = uow_factory(db)
     assert await warn_expiring_credits(new_uow, now, 30) == 1
     warnings = [r for r in await rows(db) if r.key not in before]
     assert [(r.key, r.kind, r.customer_id, r.status, r.to_address, r.created_at) for r in warnings] == [
-        (f"credits_expiring:{soon.id}:{soon.expires_at.isoformat()}", "credits_expiring", "cust-amy", "pending", "amy@example.com", now)
+        (
+            f"credits_expiring:{soon.id}:{soon.expires_at.isoformat()}",
+            "credits_expiring",
+            "cust-amy",
+            "pending",
+            "amy@example.com",
+            now,
+        )
     ]
     assert warnings[0].subject == "7 credits expire on April 20, 2025"
     assert "You have 7 credits that will expire on April 20, 2025 (UTC)." in warnings[0].body
@@ -530,12 +671,18 @@ async def test_expiring_credits_are_warned_once_per_lot_within_the_window(outbox
     assert "7 credits that will expire on April 20, 2025" in message.body
 
     # A month on, the second lot comes within 30 days: it gets its own warning, once.
-    month_on = datetime(2025, 5, 3, tzinfo=timezone.utc)
+    month_on = datetime(2025, 5, 3, tzinfo=UTC)
     assert await warn_expiring_credits(new_uow, month_on, 30) == 1
     assert await warn_expiring_credits(new_uow, month_on + timedelta(days=1), 30) == 0
-    assert [r.key for r in await rows(db, kind="credits_expiring")] == [f"credits_expiring:{soon.id}:{soon.expires_at.isoformat()}", f"credits_expiring:{later.id}:{later.expires_at.isoformat()}"]
+    assert [r.key for r in await rows(db, kind="credits_expiring")] == [
+        f"credits_expiring:{soon.id}:{soon.expires_at.isoformat()}",
+        f"credits_expiring:{later.id}:{later.expires_at.isoformat()}",
+    ]
     assert (await deliver(new_uow, mailer_for(smtp.port), lambda: month_on)).sent == 1
-    assert [m.subject for m in smtp.received] == ["7 credits expire on April 20, 2025", "5 credits expire on June 1, 2025"]
+    assert [m.subject for m in smtp.received] == [
+        "7 credits expire on April 20, 2025",
+        "5 credits expire on June 1, 2025",
+    ]
     assert all(m.rcpt_tos == ["amy@example.com"] for m in smtp.received)
     # Never ben (spent), cat (frozen) or dan (already expired).
     assert {r.customer_id for r in await rows(db, kind="credits_expiring")} == {"cust-amy"}
@@ -622,7 +769,9 @@ async def test_an_smtp_outage_of_any_length_never_gives_a_notice_up(outbox_db):
         waits.append(r.send_after - now)
         now = r.send_after
     # The same back-off as any sure failure, capped at six hours, then six hours for ever.
-    assert waits == [timedelta(minutes=m) for m in (1, 2, 4, 8, 16, 32, 64, 128, 256)] + [timedelta(hours=6)] * (tries - 9)
+    assert waits == [timedelta(minutes=m) for m in (1, 2, 4, 8, 16, 32, 64, 128, 256)] + [timedelta(hours=6)] * (
+        tries - 9
+    )
 
     server = SmtpServer(port).start()
     try:
@@ -686,7 +835,7 @@ async def test_our_smtp_settings_refused_keep_the_notice_until_they_are_fixed(ou
 
 
 async def test_tries_during_an_outage_do_not_use_up_the_tries_a_refused_message_gets(outbox_db):
-    """"Such tries do not count toward giving up" (service_layer/notifications.py): after a
+    """ "Such tries do not count toward giving up" (service_layer/notifications.py): after a
     long outage, the server is back and the recipient's side greylists the first try (450),
     the most common temporary refusal there is. The notice has had no message-specific
     failure before, so it must be retried, not given up on its first refusal."""
@@ -702,10 +851,14 @@ async def test_tries_during_an_outage_do_not_use_up_the_tries_a_refused_message_
 
     server = SmtpServer(port).start()
     try:
-        server.handler.rcpt_reply["*"] = "450 4.2.0 <greylisted@example.com>: Recipient address rejected: Greylisted, try again later"
+        server.handler.rcpt_reply["*"] = (
+            "450 4.2.0 <greylisted@example.com>: Recipient address rejected: Greylisted, try again later"
+        )
         await deliver(uow_factory(db), mailer, lambda: now)
         r = await row(db, key)
-        assert r.status == "pending", f"given up on its first greylisting after an outage: {r.status} after {r.attempts} tries ({r.last_error})"
+        assert r.status == "pending", (
+            f"given up on its first greylisting after an outage: {r.status} after {r.attempts} tries ({r.last_error})"
+        )
         server.handler.rcpt_reply.clear()
         assert (await deliver(uow_factory(db), mailer, lambda: r.send_after)).sent == 1
         assert [m.message_id for m in server.received] == [message_id_of(key)]
@@ -717,21 +870,30 @@ async def test_a_run_stops_taking_notices_after_its_budget_and_the_next_run_goes
     """A run takes no new notice once its budget is spent (so the worker's time limit never
     cuts a send off mid-way); the send in flight is finished and recorded; the rest wait, untouched."""
     db = outbox_db
-    keys = [await depleted_customer(db, f"cust-budget-{n}", f"budget{n}@example.com", T0 + timedelta(seconds=n)) for n in range(4)]
+    keys = [
+        await depleted_customer(db, f"cust-budget-{n}", f"budget{n}@example.com", T0 + timedelta(seconds=n))
+        for n in range(4)
+    ]
     gate = threading.Event()
     smtp.handler.stall["budget0@example.com"] = gate  # the first send takes longer than the budget
     timer = threading.Timer(0.6, gate.set)
     timer.start()
     try:
-        first = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=1), budget=timedelta(seconds=0.3))
+        first = await deliver(
+            uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=1), budget=timedelta(seconds=0.3)
+        )
     finally:
         timer.cancel()
         gate.set()
     assert (first.sent, first.retrying, first.failed, first.uncertain) == (1, 0, 0, 0)
-    assert [(r.key, r.status, r.attempts) for r in await rows(db)] == [(keys[0], "sent", 1)] + [(k, "pending", 0) for k in keys[1:]]
+    assert [(r.key, r.status, r.attempts) for r in await rows(db)] == [(keys[0], "sent", 1)] + [
+        (k, "pending", 0) for k in keys[1:]
+    ]
 
     # A spent budget takes nothing at all.
-    nothing = await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=2), budget=timedelta(0))
+    nothing = await deliver(
+        uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(minutes=2), budget=timedelta(0)
+    )
     assert nothing.sent == 0
     assert [r.attempts for r in await rows(db)] == [1, 0, 0, 0]
 
@@ -782,7 +944,9 @@ async def test_a_temporary_refusal_is_retried_later_and_then_sent_once(outbox_db
 
     result = await deliver(uow_factory(db), mailer, lambda: T0)
     r = await row(db, key)
-    assert (r.status, r.attempts, r.sent_at) == ("pending", 1, None), f"a {reply[:3]} at {stage.upper()} must be retried; got {r.status}: {r.last_error}"
+    assert (r.status, r.attempts, r.sent_at) == ("pending", 1, None), (
+        f"a {reply[:3]} at {stage.upper()} must be retried; got {r.status}: {r.last_error}"
+    )
     assert reply.split()[0] in r.last_error
     assert r.send_after == T0 + timedelta(minutes=1)
     assert result.retrying == 1
@@ -908,7 +1072,11 @@ async def test_mail_goes_to_the_address_the_customer_gave_not_its_normalised_for
     given = "Dana.Scully+credits@Example.org"
     key = await depleted_customer(db, "cust-tagged", given)
     async with db.connect() as connection:
-        stored = (await connection.execute(select(customer_profiles.c.email).where(customer_profiles.c.customer_id == "cust-tagged"))).scalar_one()
+        stored = (
+            await connection.execute(
+                select(customer_profiles.c.email).where(customer_profiles.c.customer_id == "cust-tagged")
+            )
+        ).scalar_one()
     assert stored == "dana.scully@example.org"  # what the fraud rules compare: fine there
 
     await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(hours=1))
@@ -924,7 +1092,12 @@ async def test_a_profile_without_the_address_as_given_is_no_address_never_its_no
     db = outbox_db
     async with db.begin() as connection:
         await connection.execute(
-            customer_profiles.insert().values(customer_id="cust-old", email="dana.scully@example.org", contact_email=None, signed_up_at=T0 - timedelta(days=400))
+            customer_profiles.insert().values(
+                customer_id="cust-old",
+                email="dana.scully@example.org",
+                contact_email=None,
+                signed_up_at=T0 - timedelta(days=400),
+            )
         )
     key = await depleted_customer(db, "cust-old", None)
     r = await row(db, key)
@@ -955,7 +1128,9 @@ async def test_each_message_has_a_well_formed_message_id_of_its_own_whatever_the
     assert (await deliver(uow_factory(db), mailer_for(smtp.port), lambda: T0 + timedelta(days=32))).sent == 3
     ids = [m.message_id for m in smtp.received]
     for message_id in ids:
-        assert message_id.startswith("<") and message_id.endswith("@credits>") and " " not in message_id, f"malformed Message-ID {message_id!r}"
+        assert message_id.startswith("<") and message_id.endswith("@credits>") and " " not in message_id, (
+            f"malformed Message-ID {message_id!r}"
+        )
     # Two different depletions must not share a Message-ID: mail stores drop the second as a duplicate.
     assert len(set(ids)) == 3, f"Message-IDs collide: {ids}"
 
@@ -970,32 +1145,54 @@ async def _one(db, query) -> object:
 
 def run_send_notifications(env: dict[str, str]) -> None:
     """What the scheduler (or an operator) does: enqueue the periodic send job."""
-    subprocess.run([CREDITS_CLI, "run", "send_notifications"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [CREDITS_CLI, "run", "send_notifications"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60
+    )
 
 
 @pytest.mark.slow
-async def test_end_to_end_events_through_workers_and_the_send_job_reach_the_smtp_server(outbox_db, redis_client, service_env, start_workers, smtp):
+async def test_end_to_end_events_through_workers_and_the_send_job_reach_the_smtp_server(
+    outbox_db, redis_client, service_env, start_workers, smtp
+):
     db = outbox_db
-    env = {**service_env, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SMTP_SECURITY": "none", "SMTP_FROM": FROM_HEADER}
+    env = {
+        **service_env,
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp.port),
+        "SMTP_SECURITY": "none",
+        "SMTP_FROM": FROM_HEADER,
+    }
     start_workers(processes=1, threads=2, env=env)
     publisher = Publisher.from_url(service_env["REDIS_URL"])
     customer, address = "cust-e2e", "erin@example.com"
-    base = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=3)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
     events = [
         CustomerSignedUp(event_id="e2e-signup", occurred_at=base, customer_id=customer, email=address),
-        PaymentSucceeded(event_id="e2e-pay", occurred_at=base + timedelta(hours=1), customer_id=customer, payment_id="pay-e2e", credits=2),
-        JobCompleted(event_id="e2e-job", occurred_at=base + timedelta(hours=2), customer_id=customer, job_id="job-e2e", credits=2),
+        PaymentSucceeded(
+            event_id="e2e-pay",
+            occurred_at=base + timedelta(hours=1),
+            customer_id=customer,
+            payment_id="pay-e2e",
+            credits=2,
+        ),
+        JobCompleted(
+            event_id="e2e-job", occurred_at=base + timedelta(hours=2), customer_id=customer, job_id="job-e2e", credits=2
+        ),
     ]
     for event in events:  # one at a time: two worker threads could otherwise take them out of order
         publisher.publish(event)
         await eventually(
-            lambda event_id=event.event_id: _one(db, select(processed_events.c.event_id).where(processed_events.c.event_id == event_id)),
+            lambda event_id=event.event_id: _one(
+                db, select(processed_events.c.event_id).where(processed_events.c.event_id == event_id)
+            ),
             timeout=20,
             message=f"{event.event_id} to be applied",
         )
     depleted_at = base + timedelta(hours=2)
     key = f"credits_depleted:{customer}:{depleted_at.isoformat()}"
-    assert (await _one(db, select(customers.c.credits_depleted_at).where(customers.c.customer_id == customer))).credits_depleted_at == depleted_at
+    assert (
+        await _one(db, select(customers.c.credits_depleted_at).where(customers.c.customer_id == customer))
+    ).credits_depleted_at == depleted_at
     r = await row(db, key)
     assert (r.status, r.to_address) == ("pending", address)
     assert smtp.received == []  # queued, not sent, until the send job runs

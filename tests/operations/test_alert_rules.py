@@ -61,6 +61,12 @@ def test_every_metric_a_rule_names_is_served(rule):
 
 def test_the_alerts_cover_the_operators_worries():
     exprs = " ".join(rule["expr"] for rule in rules())
-    for name in ("credits_dead_letters_total", "credits_event_lag_seconds", "credits_outbox_oldest_due_seconds",
-                 "credits_dunning_cases", "credits_payouts_total", "credits_at_risk_customers"):
+    for name in (
+        "credits_dead_letters_total",
+        "credits_event_lag_seconds",
+        "credits_outbox_oldest_due_seconds",
+        "credits_dunning_cases",
+        "credits_payouts_total",
+        "credits_at_risk_customers",
+    ):
         assert name in exprs, name

@@ -65,7 +65,9 @@ def command_of(service: dict) -> list[str]:
 
 
 def credits_help() -> str:
-    result = subprocess.run([str(Path(sys.executable).with_name("credits")), "--help"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("credits")), "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -198,7 +200,17 @@ def test_procfile_web_serves_through_honcho(procfile, service_env, tmp_path):
     }
     log_path = tmp_path / "honcho.log"
     honcho = subprocess.Popen(
-        [str(Path(sys.executable).with_name("honcho")), "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "-e", str(empty_env_file), "start", "web"],
+        [
+            str(Path(sys.executable).with_name("honcho")),
+            "-f",
+            str(ROOT / "Procfile"),
+            "-d",
+            str(ROOT),
+            "-e",
+            str(empty_env_file),
+            "start",
+            "web",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=log_path.open("wb"),
@@ -208,7 +220,10 @@ def test_procfile_web_serves_through_honcho(procfile, service_env, tmp_path):
 
     try:
         wait_until_serving(honcho, f"http://127.0.0.1:{port}", log_path.read_text)
-        response = httpx.get(f"http://127.0.0.1:{port}/api/admin/at-risk-count", headers={"Authorization": "Bearer admin-token-0123456789abcdef"})
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/api/admin/at-risk-count",
+            headers={"Authorization": "Bearer admin-token-0123456789abcdef"},
+        )
         assert response.status_code == 200 and isinstance(response.json()["count"], int)
     finally:
         honcho.send_signal(signal.SIGTERM)

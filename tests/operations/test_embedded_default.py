@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -76,26 +76,45 @@ def test_demo_shows_the_whole_business_and_keeps_what_it_is_asked_to(embedded_en
     # One progress line per month: 14 consecutive months, ending with last month.
     months = [(int(m[1]), int(m[2])) for m in map(MONTH_LINE.match, out.splitlines()) if m]
     assert len(months) == 14, out
-    this_month = datetime.now(timezone.utc).replace(day=1)
-    expected = [((this_month - relativedelta(months=n)).year, (this_month - relativedelta(months=n)).month) for n in range(14, 0, -1)]
+    this_month = datetime.now(UTC).replace(day=1)
+    expected = [
+        ((this_month - relativedelta(months=n)).year, (this_month - relativedelta(months=n)).month)
+        for n in range(14, 0, -1)
+    ]
     assert months == expected
 
     # The ledger: units on every line, the overdraft explained, the books balanced.
-    assert re.search(r"^  ledger reconciles\s+yes\s+\(entries sum -?\d+ = on account \d+ - overdraft \d+\)$", out, re.M), out
+    assert re.search(
+        r"^  ledger reconciles\s+yes\s+\(entries sum -?\d+ = on account \d+ - overdraft \d+\)$", out, re.M
+    ), out
     assert figure(out, "dead letters") == 0
     assert figure(out, "customers") == 25
     assert figure(out, "credits sold") > 0 and re.search(r"^  credits sold\s+[\d,]+ credits$", out, re.M)
     assert figure(out, "credits expired") > 0  # unused for 12 months
-    assert re.search(r"^  overdraft\s+[\d,]+ credits: jobs done on credit after a customer ran out; their next payment pays it back first$", out, re.M)
+    assert re.search(
+        r"^  overdraft\s+[\d,]+ credits: jobs done on credit after a customer ran out; their next payment pays it back first$",
+        out,
+        re.M,
+    )
     assert re.search(r"^  payments\s+[\d,]+\s+\$[\d,]+\.\d\d collected$", out, re.M)
     events = re.search(r"^  events\s+([\d,]+)\s+published \((\d+) duplicates ignored\), (\d+) applied", out, re.M)
     assert int(events[1].replace(",", "")) == int(events[2]) + int(events[3]) and int(events[3]) > 100
 
     # Dunning against the simulated provider: failed payments retried, most recovered.
-    dunning = re.search(r"^  failed payments\s+(\d+)\s+retried on the dunning schedule against the SimulatedPaymentProvider: (\d+) recovered, (\d+) still unpaid$", out, re.M)
-    assert dunning and int(dunning[1]) > 0 and int(dunning[2]) > 0 and int(dunning[1]) == int(dunning[2]) + int(dunning[3]), out
+    dunning = re.search(
+        r"^  failed payments\s+(\d+)\s+retried on the dunning schedule against the SimulatedPaymentProvider: (\d+) recovered, (\d+) still unpaid$",
+        out,
+        re.M,
+    )
+    assert (
+        dunning and int(dunning[1]) > 0 and int(dunning[2]) > 0 and int(dunning[1]) == int(dunning[2]) + int(dunning[3])
+    ), out
     # Referrals qualified and paid on Fridays through the manual gateway's CSV.
-    rewards = re.search(r"^  referral rewards\s+(\d+)\s+\$([\d,.]+) earned; (\d+) payout\(s\), \$([\d,.]+), exported on Fridays", out, re.M)
+    rewards = re.search(
+        r"^  referral rewards\s+(\d+)\s+\$([\d,.]+) earned; (\d+) payout\(s\), \$([\d,.]+), exported on Fridays",
+        out,
+        re.M,
+    )
     assert rewards and int(rewards[1]) > 0 and int(rewards[3]) > 0, out
     # Notifications written to the mail file.
     emails = re.search(r"^  emails to customers\s+(\d+)\s+in the mail file \((\d+) messages\): (.+)$", out, re.M)
@@ -104,7 +123,7 @@ def test_demo_shows_the_whole_business_and_keeps_what_it_is_asked_to(embedded_en
     # The at-risk list: oldest first, each with its last failed payment's state.
     header = re.search(r"^at risk: out of credits for more than 14 days: (\d+) customer\(s\)", out, re.M)
     assert header, out
-    rows = re.findall(r"^  (demo-\S+)\s+\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\s+(\d+)  (\S+)$", out[header.end():], re.M)
+    rows = re.findall(r"^  (demo-\S+)\s+\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\s+(\d+)  (\S+)$", out[header.end() :], re.M)
     assert len(rows) == min(int(header[1]), 15) > 0
     days = [int(d) for _, d, _ in rows]
     assert all(d >= 14 for d in days) and days == sorted(days, reverse=True)
@@ -141,9 +160,11 @@ async def test_run_expire_credits_on_the_embedded_default(embedded_env, workdir)
 
     # A lot issued 13 months ago is past its 12-month expiry; only the sweep writes that down.
     db = Database(f"sqlite+aiosqlite:///{database_file}")
-    issued = datetime.now(timezone.utc) - relativedelta(months=13)
+    issued = datetime.now(UTC) - relativedelta(months=13)
     try:
-        event = PaymentSucceeded(event_id="pay-old", customer_id="old-timer", occurred_at=issued, payment_id="in_1", credits=3)
+        event = PaymentSucceeded(
+            event_id="pay-old", customer_id="old-timer", occurred_at=issued, payment_id="in_1", credits=3
+        )
         await handlers.apply_event(event, SqlUnitOfWork(db), CreditPolicy())
     finally:
         await db.dispose()
@@ -156,7 +177,11 @@ async def test_run_expire_credits_on_the_embedded_default(embedded_env, workdir)
     db = Database(f"sqlite+aiosqlite:///{database_file}")
     try:
         async with db.connect() as connection:
-            remaining = (await connection.execute(select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "old-timer"))).scalar_one()
+            remaining = (
+                await connection.execute(
+                    select(credit_lots.c.remaining).where(credit_lots.c.customer_id == "old-timer")
+                )
+            ).scalar_one()
             expired = (
                 await connection.execute(
                     select(ledger_entries.c.credits, ledger_entries.c.occurred_at).where(
@@ -167,7 +192,7 @@ async def test_run_expire_credits_on_the_embedded_default(embedded_env, workdir)
     finally:
         await db.dispose()
     assert remaining == 0
-    assert [(credits_, at.replace(tzinfo=timezone.utc)) for credits_, at in expired] == [(-3, issued + relativedelta(months=12))]
+    assert [(credits_, at.replace(tzinfo=UTC)) for credits_, at in expired] == [(-3, issued + relativedelta(months=12))]
 
     lapse = credits(["run", "lapse_holds"], embedded_env, workdir)
     assert lapse.returncode == 0, lapse.stderr

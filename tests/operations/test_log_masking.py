@@ -57,9 +57,14 @@ def test_each_known_leak_is_masked(text):
 
 def test_ordinary_text_is_left_alone():
     for text in (
-        "event_applied", "992b15ef-9208-4310-bb72-b593a02fc9ac", "2026-12-05T05:22:33.123456+00:00",
-        "Retrying message '992b15ef' in 1000 milliseconds.", "balance 1500 overdraft 0", "message_timestamp 1795226474621",
-        "Basically fine", "a task_list and bulk_update",
+        "event_applied",
+        "992b15ef-9208-4310-bb72-b593a02fc9ac",
+        "2026-12-05T05:22:33.123456+00:00",
+        "Retrying message '992b15ef' in 1000 milliseconds.",
+        "balance 1500 overdraft 0",
+        "message_timestamp 1795226474621",
+        "Basically fine",
+        "a task_list and bulk_update",
     ):
         assert scrub(text) == text
 
@@ -96,14 +101,25 @@ def test_scrubbing_is_fast_and_linear_on_hostile_text():
 
 def test_redact_masks_by_field_name_and_bounds_every_value():
     redact = redactor(max_chars=500)
-    line = redact(None, "info", {
-        "event": "event_rejected", "phone": "+1 555 010 9999", "payment_fingerprint": "Xt5EWLLDS7FJjR1c", "cvc": 314,
-        "detail": "y" * 10_000, "errors": [{"loc": ("job.completed", "bob@example.com"), "type": "extra_forbidden"}] * 80,
-        "obj": Message(queue_name="q", actor_name="a", args=(), kwargs={"event": "bob@example.com"}, options={}),
-    })
+    line = redact(
+        None,
+        "info",
+        {
+            "event": "event_rejected",
+            "phone": "+1 555 010 9999",
+            "payment_fingerprint": "Xt5EWLLDS7FJjR1c",
+            "cvc": 314,
+            "detail": "y" * 10_000,
+            "errors": [{"loc": ("job.completed", "bob@example.com"), "type": "extra_forbidden"}] * 80,
+            "obj": Message(queue_name="q", actor_name="a", args=(), kwargs={"event": "bob@example.com"}, options={}),
+        },
+    )
     assert line["phone"] == line["payment_fingerprint"] == line["cvc"] == "[redacted]"
     assert len(line["detail"]) < 600
-    assert len(line["errors"]) == 51 and line["errors"][0] == {"loc": ["job.completed", "[email]"], "type": "extra_forbidden"}
+    assert len(line["errors"]) == 51 and line["errors"][0] == {
+        "loc": ["job.completed", "[email]"],
+        "type": "extra_forbidden",
+    }
     assert "bob@" not in line["obj"]
 
 
@@ -112,14 +128,25 @@ def _record(name: str, message: str, args: tuple) -> logging.LogRecord:
 
 
 def test_dramatiq_lines_name_the_message_not_its_arguments():
-    message = Message(queue_name="q", actor_name="apply_event", args=(), kwargs={"event": '{"phone": "+1 555 010 9999"}'}, options={})
-    record = _record("dramatiq.worker.WorkerThread", "Failed to process message %s with expected exception %s.", (message, "Rejected"))
+    message = Message(
+        queue_name="q", actor_name="apply_event", args=(), kwargs={"event": '{"phone": "+1 555 010 9999"}'}, options={}
+    )
+    record = _record(
+        "dramatiq.worker.WorkerThread",
+        "Failed to process message %s with expected exception %s.",
+        (message, "Rejected"),
+    )
     assert HideMessageArguments().filter(record)
-    assert record.getMessage() == f"Failed to process message apply_event(message {message.message_id}) with expected exception Rejected."
+    assert (
+        record.getMessage()
+        == f"Failed to process message apply_event(message {message.message_id}) with expected exception Rejected."
+    )
 
 
 def test_the_access_line_keeps_the_path_without_the_query():
-    record = _record("uvicorn.access", '%s - "%s %s HTTP/%s" %d', ("1.2.3.4:5", "GET", "/api/x?token=abc&email=b@x.io", "1.1", 200))
+    record = _record(
+        "uvicorn.access", '%s - "%s %s HTTP/%s" %d', ("1.2.3.4:5", "GET", "/api/x?token=abc&email=b@x.io", "1.1", 200)
+    )
     assert HideQueryStrings().filter(record)
     assert record.getMessage() == '1.2.3.4:5 - "GET /api/x HTTP/1.1" 200'
 
@@ -142,7 +169,11 @@ def test_the_encoder_refuses_an_oversized_message_unread_and_never_quotes_one():
 def test_a_traceback_keeps_more_but_is_bounded_too():
     redact = redactor(max_chars=500)
     frames = "".join(f'  File "x.py", line {n}, in f\n' for n in range(400))
-    line = redact(None, "error", {"event": "crashed", "exception": f"Traceback:\n{frames}ValueError: bob@example.com", "detail": frames})
+    line = redact(
+        None,
+        "error",
+        {"event": "crashed", "exception": f"Traceback:\n{frames}ValueError: bob@example.com", "detail": frames},
+    )
     assert 1_500 < len(line["exception"]) < 2_100 and line["exception"].endswith("ValueError: [email]")
     assert len(line["detail"]) < 600
 
@@ -151,4 +182,7 @@ def test_uuids_are_kept_whole_even_when_their_digits_look_like_a_card():
     # Message ids are how operators and tests follow a message through the log.
     for uuid_text in ("663c4690-7b72-4154-8123-123456789012", "31824c47-7303-445d-9000-000000000000"):
         assert scrub(f'"message_id": "{uuid_text}"') == f'"message_id": "{uuid_text}"'
-    assert scrub("card 4242 4242 4242 4242 and id 663c4690-7b72-4154-8123-123456789012") == "card [card] and id 663c4690-7b72-4154-8123-123456789012"
+    assert (
+        scrub("card 4242 4242 4242 4242 and id 663c4690-7b72-4154-8123-123456789012")
+        == "card [card] and id 663c4690-7b72-4154-8123-123456789012"
+    )

@@ -11,20 +11,20 @@ import json
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import httpx
 from dramatiq.brokers.redis import RedisBroker
 
 from messages import APPLY_EVENT_ACTOR, EVENT_KWARG, EVENTS_QUEUE, PaymentSucceeded, Publisher
-from tests.support.web import ADMIN_TOKEN, FRONTEND_TOKEN, start_web_server
 from tests.support import ROOT, wait_until
 from tests.support.logs import (
     EMAIL,
     assert_no_leaks,
     json_lines,
 )
+from tests.support.web import ADMIN_TOKEN, FRONTEND_TOKEN, start_web_server
 
 # --------------------------------------------------------------------------- configure_logging
 
@@ -60,16 +60,23 @@ LOGGING_SCRIPT = textwrap.dedent(
 
 def test_configure_logging_writes_redacted_json_lines():
     token = "tok-" + "s3cr3t" * 4
-    result = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, token], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", LOGGING_SCRIPT, token], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # logs go to stderr
     records = json_lines(result.stderr)
     assert_no_leaks(result.stderr, token)
     by_event = {record["event"]: record for record in records}
     assert list(by_event) == [
-        "event_applied", "headers", "free text", "event_rejected",
+        "event_applied",
+        "headers",
+        "free text",
+        "event_rejected",
         '127.0.0.1:1 - "GET /api/customers/[email]/credits HTTP/1.1" 404',
-        "crashed", "stdlib crashed", "unbound",
+        "crashed",
+        "stdlib crashed",
+        "unbound",
     ]  # and nothing below INFO
 
     applied = by_event["event_applied"]
@@ -79,10 +86,13 @@ def test_configure_logging_writes_redacted_json_lines():
     assert datetime.fromisoformat(applied["timestamp"]).utcoffset() == timedelta(0)
 
     headers = by_event["headers"]
-    assert {k: headers[k] for k in ("authorization", "admin_api_token", "frontend_api_token", "Email")} == dict.fromkeys(
-        ("authorization", "admin_api_token", "frontend_api_token", "Email"), "[redacted]"
+    assert {
+        k: headers[k] for k in ("authorization", "admin_api_token", "frontend_api_token", "Email")
+    } == dict.fromkeys(("authorization", "admin_api_token", "frontend_api_token", "Email"), "[redacted]")
+    assert (
+        by_event["free text"]["detail"]
+        == "retrying with Authorization: Bearer [redacted] at postgresql://app:[redacted]@db/credits"
     )
-    assert by_event["free text"]["detail"] == "retrying with Authorization: Bearer [redacted] at postgresql://app:[redacted]@db/credits"
     rejected = by_event["event_rejected"]
     assert rejected["errors"] == [{"loc": ["job.completed", "[email]"], "msg": "Input tag '[email]'"}]
     assert rejected["nested"] == {"token": "[redacted]", "who": ["[email]"]}
@@ -108,7 +118,11 @@ def test_worker_lines_carry_the_message_context_and_mask_the_email(db, redis_cli
     try:
         paid = publisher.publish(
             PaymentSucceeded(
-                event_id="pay-jane", customer_id=EMAIL, occurred_at=datetime.now(timezone.utc) - timedelta(hours=1), payment_id="in_jane", credits=2
+                event_id="pay-jane",
+                customer_id=EMAIL,
+                occurred_at=datetime.now(UTC) - timedelta(hours=1),
+                payment_id="in_jane",
+                credits=2,
             )
         )
         # A malformed event whose error message quotes the producer's input (the email).
@@ -116,7 +130,11 @@ def test_worker_lines_carry_the_message_context_and_mask_the_email(db, redis_cli
             queue_name=EVENTS_QUEUE,
             actor_name=APPLY_EVENT_ACTOR,
             args=(),
-            kwargs={EVENT_KWARG: json.dumps({"type": EMAIL, "event_id": "bad-jane", "customer_id": EMAIL, "occurred_at": "2026-01-01T00:00:00Z"})},
+            kwargs={
+                EVENT_KWARG: json.dumps(
+                    {"type": EMAIL, "event_id": "bad-jane", "customer_id": EMAIL, "occurred_at": "2026-01-01T00:00:00Z"}
+                )
+            },
             options={},
         )
         refused = RedisBroker(url=redis_url, middleware=[]).enqueue(bad).message_id
@@ -163,9 +181,21 @@ async def test_web_log_never_shows_tokens_or_emails(db, service_env, tmp_path):
             front = {"Authorization": f"Bearer {FRONTEND_TOKEN}"}
             assert http.get(f"/api/customers/{EMAIL}/credits", headers=front).status_code == 404
             assert http.get("/api/customers/jane.doe%40example.com/credits", headers=front).status_code == 404
-            assert http.get(f"/api/customers/{EMAIL}/credits", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 401
+            assert (
+                http.get(
+                    f"/api/customers/{EMAIL}/credits", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                ).status_code
+                == 401
+            )
             assert http.post(f"/api/customers/{EMAIL}/holds", json={"job_id": EMAIL}, headers=front).status_code == 404
-            assert http.get("/api/admin/credits-report", params={"email": EMAIL}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 200
+            assert (
+                http.get(
+                    "/api/admin/credits-report",
+                    params={"email": EMAIL},
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                ).status_code
+                == 200
+            )
             assert http.get("/api/admin/at-risk-count", headers=front).status_code == 401
 
         def all_requests_logged() -> bool:

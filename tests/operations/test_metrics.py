@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
@@ -22,12 +22,12 @@ from infra import metrics as catalogue
 from infra.db.tables import customers, dead_letters, dunning_cases, notifications, payouts, processed_events
 from infra.settings import load_settings
 from messages import JobCompleted, PaymentSucceeded, Publisher
-from tests.support.web import clean_env, start_web_server
 from tests.support import eventually, free_port, wait_until
+from tests.support.web import clean_env, start_web_server
 
 ADMIN_TOKEN = "admin-token-for-metrics-tests"
 FRONTEND_TOKEN = "frontend-token-for-metrics-tests"
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,9 @@ def parse(text: str) -> dict:
 
 def value(families: dict, sample: str, **labels: str) -> float:
     """The sum of the samples named ``sample`` whose labels include ``labels`` (0 if none)."""
-    family = families.get(sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum").removesuffix("_bucket"))
+    family = families.get(
+        sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum").removesuffix("_bucket")
+    )
     if family is None:
         family = families.get(sample)
     if family is None:
@@ -56,11 +58,19 @@ def scrape(url: str, **headers: str) -> dict:
 
 
 def payment(event_id: str, customer: str, credits: int = 10) -> PaymentSucceeded:
-    return PaymentSucceeded(event_id=event_id, customer_id=customer, occurred_at=T0, payment_id=f"in_{event_id}", credits=credits)
+    return PaymentSucceeded(
+        event_id=event_id, customer_id=customer, occurred_at=T0, payment_id=f"in_{event_id}", credits=credits
+    )
 
 
 def job(event_id: str, customer: str) -> JobCompleted:
-    return JobCompleted(event_id=event_id, customer_id=customer, occurred_at=T0 + timedelta(hours=1), job_id=f"job_{event_id}", credits=1)
+    return JobCompleted(
+        event_id=event_id,
+        customer_id=customer,
+        occurred_at=T0 + timedelta(hours=1),
+        job_id=f"job_{event_id}",
+        credits=1,
+    )
 
 
 async def count(db, table) -> int:
@@ -125,7 +135,10 @@ async def test_worker_port_serves_dramatiq_and_event_metrics_of_two_processes(db
     assert value(families, "dramatiq_message_rejects_total", actor_name="apply_event") == 1
     assert value(families, "dramatiq_message_duration_milliseconds_count", actor_name="apply_event") == 62
     served = set(families)
-    required = {m.family for m in catalogue.WORKER_METRICS} - {"dramatiq_message_retries", "dramatiq_delayed_messages_inprogress"}
+    required = {m.family for m in catalogue.WORKER_METRICS} - {
+        "dramatiq_message_retries",
+        "dramatiq_delayed_messages_inprogress",
+    }
     assert required <= served, f"not served: {sorted(required - served)}"
     assert "workers.metrics:serve_worker_metrics' is ready for action" in workers.log()
     assert "Unexpected failure" not in workers.log() and "returned a value" not in workers.log()
@@ -165,18 +178,48 @@ async def seed_business(db, now: datetime) -> None:
     """Cases, payouts, notifications and customers the figures count (set up directly)."""
     async with db.begin() as connection:
         for i, status in enumerate(("retrying", "retrying", "past_due", "recovered")):
-            await connection.execute(insert(dunning_cases).values(customer_id=f"dun-{i}", invoice_id=f"in_dun_{i}", status=status, first_failed_at=now))
+            await connection.execute(
+                insert(dunning_cases).values(
+                    customer_id=f"dun-{i}", invoice_id=f"in_dun_{i}", status=status, first_failed_at=now
+                )
+            )
         for i, status in enumerate(("paid", "paid", "failed")):
-            await connection.execute(insert(payouts).values(
-                payee_id=f"payee-{i}", period="week-2026-03-06", method="manual", gateway="manual", amount_cents=2_000,
-                currency="USD", status=status, idempotency_key=f"payout-{i}", created_at=now,
-            ))
-        for i, (status, due) in enumerate((("pending", now - timedelta(minutes=10)), ("pending", now + timedelta(days=1)), ("sent", now - timedelta(days=1)))):
-            await connection.execute(insert(notifications).values(
-                key=f"note-{i}", customer_id="cust-0", kind="test", subject="s", body="b", created_at=now, status=status, send_after=due,
-            ))
+            await connection.execute(
+                insert(payouts).values(
+                    payee_id=f"payee-{i}",
+                    period="week-2026-03-06",
+                    method="manual",
+                    gateway="manual",
+                    amount_cents=2_000,
+                    currency="USD",
+                    status=status,
+                    idempotency_key=f"payout-{i}",
+                    created_at=now,
+                )
+            )
+        for i, (status, due) in enumerate(
+            (
+                ("pending", now - timedelta(minutes=10)),
+                ("pending", now + timedelta(days=1)),
+                ("sent", now - timedelta(days=1)),
+            )
+        ):
+            await connection.execute(
+                insert(notifications).values(
+                    key=f"note-{i}",
+                    customer_id="cust-0",
+                    kind="test",
+                    subject="s",
+                    body="b",
+                    created_at=now,
+                    status=status,
+                    send_after=due,
+                )
+            )
         for i, days in enumerate((30, 20, 3)):
-            await connection.execute(insert(customers).values(customer_id=f"quiet-{i}", credits_depleted_at=now - timedelta(days=days)))
+            await connection.execute(
+                insert(customers).values(customer_id=f"quiet-{i}", credits_depleted_at=now - timedelta(days=days))
+            )
 
 
 async def test_web_metrics_show_the_business_after_real_workers(db, start_workers, pg_url, redis_url, tmp_path):
@@ -193,16 +236,22 @@ async def test_web_metrics_show_the_business_after_real_workers(db, start_worker
         await eventually(lambda: _has(db, dead_letters, 1), timeout=60, message="the conflict dead-lettered")
     finally:
         publisher.close()
-    await seed_business(db, datetime.now(timezone.utc))
+    await seed_business(db, datetime.now(UTC))
 
-    env = clean_env(DATABASE_URL=pg_url, ADMIN_API_TOKEN=ADMIN_TOKEN, FRONTEND_API_TOKEN=FRONTEND_TOKEN, METRICS_CACHE_SECONDS="0")
+    env = clean_env(
+        DATABASE_URL=pg_url, ADMIN_API_TOKEN=ADMIN_TOKEN, FRONTEND_API_TOKEN=FRONTEND_TOKEN, METRICS_CACHE_SECONDS="0"
+    )
     web = start_web_server(env, tmp_path / "web.log")
     try:
         families = scrape(f"{web.base_url}/metrics")
     finally:
         web.stop()
 
-    events = {(s.labels["type"], s.labels["outcome"]): s.value for s in families["credits_events"].samples if s.name == "credits_events_total"}
+    events = {
+        (s.labels["type"], s.labels["outcome"]): s.value
+        for s in families["credits_events"].samples
+        if s.name == "credits_events_total"
+    }
     assert {k: v for k, v in events.items() if v} == {
         ("payment.succeeded", "recorded"): 3,
         ("job.completed", "recorded"): 2,
@@ -242,7 +291,7 @@ async def scrape_app(client, **headers) -> dict:
 
 
 async def test_web_figures_are_cached_between_scrapes(db, pg_url):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with in_process_app(db, pg_url, metrics_cache_seconds=60) as client:
         assert value(await scrape_app(client), "credits_at_risk_customers") == 0
         await seed_business(db, now)

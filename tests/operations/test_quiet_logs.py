@@ -3,8 +3,6 @@ above), as JSON like every other line, and a missing optional setting is said on
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import subprocess
 import sys
@@ -12,6 +10,7 @@ import time
 from pathlib import Path
 
 import dramatiq
+import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
@@ -40,10 +39,19 @@ def test_migrate_prints_json_only_and_no_alembic_bookkeeping(empty_database, ser
 @pytest.mark.slow
 def test_scheduler_prints_json_only_and_no_apscheduler_bookkeeping(service_env, redis_client, tmp_path):
     log_path = tmp_path / "scheduler.log"
-    scheduler = subprocess.Popen([CREDITS, "scheduler"], cwd=ROOT, env=service_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    scheduler = subprocess.Popen(
+        [CREDITS, "scheduler"],
+        cwd=ROOT,
+        env=service_env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         # Every job fires once at start: 8 enqueued (or skipped) ticks, then a few quiet seconds.
-        wait_until(lambda: log_path.read_text().count('"periodic_') >= 8, timeout=60, message="the scheduler's first ticks")
+        wait_until(
+            lambda: log_path.read_text().count('"periodic_') >= 8, timeout=60, message="the scheduler's first ticks"
+        )
         time.sleep(3)
         assert scheduler.poll() is None, log_path.read_text()
     finally:
@@ -59,16 +67,33 @@ def test_a_missing_smtp_host_is_one_warning_at_start(service_env, redis_url, red
     env = {k: v for k, v in service_env.items() if k not in ("SMTP_HOST", "STRIPE_API_KEY")}
     log_path = tmp_path / "worker.log"
     worker = subprocess.Popen(
-        [CREDITS, "worker", "--processes", "2", "--threads", "2"], cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        [CREDITS, "worker", "--processes", "2", "--threads", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     broker = RedisBroker(url=redis_url)
     try:
-        wait_until(lambda: log_path.read_text().count("Worker process is ready for action") >= 2, timeout=90, message="two worker processes")
+        wait_until(
+            lambda: log_path.read_text().count("Worker process is ready for action") >= 2,
+            timeout=90,
+            message="two worker processes",
+        )
         # Three runs of the job, as the scheduler makes one a minute.
         for _ in range(3):
-            broker.enqueue(dramatiq.Message(queue_name="credit_notifications", actor_name="send_notifications", args=(), kwargs={}, options={}))
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name="credit_notifications", actor_name="send_notifications", args=(), kwargs={}, options={}
+                )
+            )
         queue = redis.Redis.from_url(redis_url)
-        wait_until(lambda: queue.hlen("dramatiq:credit_notifications.msgs") == 0, timeout=60, message="the three runs to be done")
+        wait_until(
+            lambda: queue.hlen("dramatiq:credit_notifications.msgs") == 0,
+            timeout=60,
+            message="the three runs to be done",
+        )
         time.sleep(1)
     finally:
         broker.close()

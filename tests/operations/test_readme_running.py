@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -56,14 +56,18 @@ def test_readme_block_parametrises_only_through_its_own_variables():
 def database_name():
     name = f"credits_readme_{uuid.uuid4().hex[:10]}"
     yield name
-    subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", name], capture_output=True, timeout=60)
+    subprocess.run(
+        ["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", name], capture_output=True, timeout=60
+    )
 
 
 async def balance_of(database_url: str, customer_id: str) -> int | None:
     db = Database(database_url)
     try:
         async with db.connect() as connection:
-            return (await connection.execute(select(customers.c.balance).where(customers.c.customer_id == customer_id))).scalar()
+            return (
+                await connection.execute(select(customers.c.balance).where(customers.c.customer_id == customer_id))
+            ).scalar()
     except Exception:
         return None  # not created or not migrated yet
     finally:
@@ -78,7 +82,14 @@ def test_running_it_for_real_as_the_readme_says(database_name, redis_url, tmp_pa
     script = tmp_path / "running-it-for-real.sh"
     script.write_text("set -e\n" + readme_block("Running it for real"))
     log_path = tmp_path / "honcho.log"
-    shell = subprocess.Popen(["bash", str(script)], cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    shell = subprocess.Popen(
+        ["bash", str(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log = lambda: log_path.read_text(errors="replace")  # noqa: E731
     base = f"http://127.0.0.1:{port}"
     database_url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database_name}"
@@ -92,14 +103,31 @@ def test_running_it_for_real_as_the_readme_says(database_name, redis_url, tmp_pa
 
     try:
         wait_until(ready, timeout=180, interval=0.5, message=f"the web on {base} to be ready")
-        wait_until(lambda: "Worker process is ready for action" in log() and "scheduler_started" in log(), timeout=60, message="worker and scheduler to start")
+        wait_until(
+            lambda: "Worker process is ready for action" in log() and "scheduler_started" in log(),
+            timeout=60,
+            message="worker and scheduler to start",
+        )
         started = time.monotonic()
 
         customer = f"readme-{uuid.uuid4().hex[:8]}"
         publisher = Publisher.from_url(redis_url)
-        publisher.publish(PaymentSucceeded(event_id=f"pay-{customer}", customer_id=customer, occurred_at=datetime.now(timezone.utc), payment_id=f"in_{customer}", credits=4))
+        publisher.publish(
+            PaymentSucceeded(
+                event_id=f"pay-{customer}",
+                customer_id=customer,
+                occurred_at=datetime.now(UTC),
+                payment_id=f"in_{customer}",
+                credits=4,
+            )
+        )
         publisher.close()
-        wait_until(lambda: asyncio.run(balance_of(database_url, customer)) == 4, timeout=60, interval=0.5, message="the published payment to be applied")
+        wait_until(
+            lambda: asyncio.run(balance_of(database_url, customer)) == 4,
+            timeout=60,
+            interval=0.5,
+            message="the published payment to be applied",
+        )
 
         while time.monotonic() - started < STAYS_UP_SECONDS:
             assert shell.poll() is None, f"honcho stopped after {time.monotonic() - started:.1f}s:\n{log()}"

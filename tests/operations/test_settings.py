@@ -36,7 +36,9 @@ def bare_env(monkeypatch, tmp_path):
 
 def run_credits(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_ENV}
-    return subprocess.run([CREDITS_SCRIPT, *args], cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [CREDITS_SCRIPT, *args], cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------------- in process
@@ -67,7 +69,9 @@ def test_environment_overrides(bare_env):
 
     settings = load_settings()
 
-    assert settings.policy == CreditPolicy(credit_expiration_months=6, allow_unlimited_rollover=False, rollover_cap=3, hold_ttl_days=7)
+    assert settings.policy == CreditPolicy(
+        credit_expiration_months=6, allow_unlimited_rollover=False, rollover_cap=3, hold_ttl_days=7
+    )
     assert settings.policy.carry_limit == 3
     assert settings.depleted_report_days == 30
     assert settings.effective_database_url == "postgresql+asyncpg://u@h/db"
@@ -93,17 +97,31 @@ INVALID = [
     ({"ALLOW_UNLIMITED_ROLLOVER": "perhaps"}, "ALLOW_UNLIMITED_ROLLOVER"),
     ({"ALLOW_UNLIMITED_ROLLOVER": "false", "ROLLOVER_CAP": "-1"}, "ROLLOVER_CAP"),
     ({"DEPLETED_REPORT_DAYS": "-1"}, "DEPLETED_REPORT_DAYS"),
-    ({"EVENT_MIN_BACKOFF_MS": "5000", "EVENT_MAX_BACKOFF_MS": "100"}, "EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS"),
+    (
+        {"EVENT_MIN_BACKOFF_MS": "5000", "EVENT_MAX_BACKOFF_MS": "100"},
+        "EVENT_MIN_BACKOFF_MS must not exceed EVENT_MAX_BACKOFF_MS",
+    ),
     ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
     ({"BROKER_URL": "http://rabbit:5672"}, "BROKER_URL"),
-    ({"BROKER_URL": "redis://a:6379/0", "REDIS_URL": "redis://b:6379/0"}, "BROKER_URL and REDIS_URL name two different Redis servers"),
-    ({"REDIS_MAINTENANCE_INTERVAL_SECONDS": "20"}, "REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS"),
+    (
+        {"BROKER_URL": "redis://a:6379/0", "REDIS_URL": "redis://b:6379/0"},
+        "BROKER_URL and REDIS_URL name two different Redis servers",
+    ),
+    (
+        {"REDIS_MAINTENANCE_INTERVAL_SECONDS": "20"},
+        "REDIS_MAINTENANCE_INTERVAL_SECONDS must be at most a third of REDIS_HEARTBEAT_TIMEOUT_SECONDS",
+    ),
     ({"ADMIN_API_TOKEN": "too-short-tok"}, "ADMIN_API_TOKEN must be at least 16 characters"),
-    ({"ADMIN_API_TOKEN": ADMIN_TOKEN, "FRONTEND_API_TOKEN": ADMIN_TOKEN}, "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ"),
+    (
+        {"ADMIN_API_TOKEN": ADMIN_TOKEN, "FRONTEND_API_TOKEN": ADMIN_TOKEN},
+        "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must differ",
+    ),
 ]
 
 
-@pytest.mark.parametrize("env,named", INVALID, ids=[next(iter(env)) + "=" + next(iter(env.values())) for env, _ in INVALID])
+@pytest.mark.parametrize(
+    "env,named", INVALID, ids=[next(iter(env)) + "=" + next(iter(env.values())) for env, _ in INVALID]
+)
 def test_invalid_settings_raise_naming_the_setting(bare_env, env, named):
     for name, value in env.items():
         bare_env.setenv(name, value)
@@ -145,14 +163,19 @@ def test_keyword_overrides_are_validated_too(bare_env):
         ({"ALLOW_UNLIMITED_ROLLOVER": "false"}, "ROLLOVER_CAP is required when ALLOW_UNLIMITED_ROLLOVER is false"),
         ({"ADMIN_API_TOKEN": None}, "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set"),
         ({"FRONTEND_API_TOKEN": None}, "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set"),
-        ({"ADMIN_API_TOKEN": None, "FRONTEND_API_TOKEN": None}, "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set"),
+        (
+            {"ADMIN_API_TOKEN": None, "FRONTEND_API_TOKEN": None},
+            "ADMIN_API_TOKEN and FRONTEND_API_TOKEN must both be set",
+        ),
         ({"FRONTEND_API_TOKEN": "short"}, "FRONTEND_API_TOKEN must be at least 16 characters"),
     ],
     ids=["hold-ttl-0", "rollover-without-cap", "no-admin-token", "no-frontend-token", "no-tokens", "short-token"],
 )
 def test_credits_web_refuses_bad_configuration(pg_url, tmp_path, env, named):
     full = {"DATABASE_URL": pg_url, "ADMIN_API_TOKEN": ADMIN_TOKEN, "FRONTEND_API_TOKEN": FRONTEND_TOKEN, **env}
-    result = run_credits(["web", "--host", "127.0.0.1", "--port", "0"], {k: v for k, v in full.items() if v is not None}, tmp_path)
+    result = run_credits(
+        ["web", "--host", "127.0.0.1", "--port", "0"], {k: v for k, v in full.items() if v is not None}, tmp_path
+    )
     assert result.returncode != 0
     assert named in result.stderr
     assert "Uvicorn running" not in result.stderr + result.stdout  # it never served
@@ -160,7 +183,11 @@ def test_credits_web_refuses_bad_configuration(pg_url, tmp_path, env, named):
 
 @pytest.mark.parametrize("command", [["worker"], ["scheduler"], ["run", "expire_credits"], ["migrate"]])
 def test_other_commands_refuse_bad_configuration(redis_url, tmp_path, command):
-    result = run_credits(command, {"REDIS_URL": redis_url, "DATABASE_URL": "sqlite+aiosqlite:///never.sqlite3", "HOLD_TTL_DAYS": "0"}, tmp_path)
+    result = run_credits(
+        command,
+        {"REDIS_URL": redis_url, "DATABASE_URL": "sqlite+aiosqlite:///never.sqlite3", "HOLD_TTL_DAYS": "0"},
+        tmp_path,
+    )
     assert result.returncode == 1
     assert "invalid configuration: HOLD_TTL_DAYS: Input should be greater than or equal to 1" in result.stderr
     assert not (tmp_path / "never.sqlite3").exists()

@@ -5,7 +5,7 @@ Pure domain: every rule takes its moment explicitly, so no clock is read or fake
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +23,7 @@ from domain.dunning import (
     is_hard_decline,
 )
 
-UTC = timezone.utc
+UTC = UTC
 FIRST_FAILURE = datetime(2025, 3, 10, 9, 30, tzinfo=UTC)
 DEFAULT = RetrySchedule()
 SCHEDULED, CUSTOMER, PAYMENT_METHOD = AttemptKind.SCHEDULED, AttemptKind.CUSTOMER, AttemptKind.PAYMENT_METHOD
@@ -39,7 +39,13 @@ def new_case(schedule: RetrySchedule = DEFAULT) -> DunningCase:
     return DunningCase.open("cust-1", "in_1", FIRST_FAILURE, schedule)
 
 
-def soft(case: DunningCase, kind: AttemptKind, at: datetime, code: str | None = "insufficient_funds", schedule: RetrySchedule = DEFAULT) -> None:
+def soft(
+    case: DunningCase,
+    kind: AttemptKind,
+    at: datetime,
+    code: str | None = "insufficient_funds",
+    schedule: RetrySchedule = DEFAULT,
+) -> None:
     case.attempt_failed(kind, DECLINED, at, code, "declined", schedule)
 
 
@@ -139,12 +145,18 @@ def test_a_limit_of_one_per_window():
 # --------------------------------------------------------------------------- hard declines
 
 
-@pytest.mark.parametrize("code", ["lost_card", "stolen_card", "incorrect_number", "revocation_of_authorization", "expired_card", "fraudulent"])
+@pytest.mark.parametrize(
+    "code",
+    ["lost_card", "stolen_card", "incorrect_number", "revocation_of_authorization", "expired_card", "fraudulent"],
+)
 def test_hard_declines(code):
     assert is_hard_decline(code) is True
 
 
-@pytest.mark.parametrize("code", ["insufficient_funds", "generic_decline", "do_not_honor", "authentication_required", "try_again_later", None, ""])
+@pytest.mark.parametrize(
+    "code",
+    ["insufficient_funds", "generic_decline", "do_not_honor", "authentication_required", "try_again_later", None, ""],
+)
 def test_soft_declines(code):
     assert is_hard_decline(code) is False
 
@@ -176,7 +188,9 @@ def test_a_case_opens_on_the_schedule_it_is_given():
 def test_scheduled_soft_declines_follow_the_schedule_from_the_first_failure_not_from_the_attempt():
     case = new_case()
     # Each retry runs late (the collector was down for hours): the schedule does not drift.
-    for made, (attempted_at, next_at) in enumerate([(day(1, 300), day(3)), (day(3, 45), day(7)), (day(7, 600), day(14))], start=1):
+    for made, (attempted_at, next_at) in enumerate(
+        [(day(1, 300), day(3)), (day(3, 45), day(7)), (day(7, 600), day(14))], start=1
+    ):
         soft(case, SCHEDULED, attempted_at)
         assert case.attempts_made == made
         assert case.status is DunningStatus.RETRYING
@@ -282,7 +296,11 @@ def test_a_hard_decline_of_the_new_payment_method_still_needs_one():
     case = new_case()
     case.attempt_failed(SCHEDULED, DECLINED, day(1), "lost_card", None, DEFAULT)
     case.attempt_failed(PAYMENT_METHOD, DECLINED, day(2), "incorrect_number", None, DEFAULT)
-    assert (case.status, case.next_retry_at, case.last_decline_code) == (DunningStatus.NEEDS_PAYMENT_METHOD, None, "incorrect_number")
+    assert (case.status, case.next_retry_at, case.last_decline_code) == (
+        DunningStatus.NEEDS_PAYMENT_METHOD,
+        None,
+        "incorrect_number",
+    )
 
 
 @pytest.mark.parametrize("kind", [SCHEDULED, CUSTOMER, PAYMENT_METHOD])
@@ -300,7 +318,11 @@ def test_an_attempt_that_needs_authentication_waits_for_the_customer(kind):
 def test_the_provider_asking_for_authentication_stops_retries():
     case = new_case()
     case.action_required(day(0, 1), "confirm with your bank")
-    assert (case.status, case.next_retry_at, case.last_failure_message) == (DunningStatus.ACTION_REQUIRED, None, "confirm with your bank")
+    assert (case.status, case.next_retry_at, case.last_failure_message) == (
+        DunningStatus.ACTION_REQUIRED,
+        None,
+        "confirm with your bank",
+    )
 
 
 def test_a_soft_decline_after_authentication_was_asked_for_resumes_the_schedule():
@@ -349,7 +371,12 @@ def test_a_late_failure_report_never_reopens_a_paid_case():
 def test_a_closed_invoice_ends_the_case_and_payment_does_not_reopen_it():
     case = new_case()
     case.close(day(2), "voided")
-    assert (case.status, case.closed_at, case.last_failure_message, case.owes) == (DunningStatus.CLOSED, day(2), "voided", False)
+    assert (case.status, case.closed_at, case.last_failure_message, case.owes) == (
+        DunningStatus.CLOSED,
+        day(2),
+        "voided",
+        False,
+    )
     assert case.paid(day(3)) is False
     case.payment_failed(day(4), "insufficient_funds", None, DEFAULT)
     assert case.status is DunningStatus.CLOSED
@@ -359,7 +386,11 @@ def test_an_older_failure_report_never_overwrites_a_newer_ones_decline_code():
     case = new_case()
     case.payment_failed(day(2), "insufficient_funds", "newer", DEFAULT)
     case.payment_failed(day(1), "lost_card", "older", DEFAULT)  # arrives late
-    assert (case.last_failure_at, case.last_decline_code, case.last_failure_message) == (day(2), "insufficient_funds", "newer")
+    assert (case.last_failure_at, case.last_decline_code, case.last_failure_message) == (
+        day(2),
+        "insufficient_funds",
+        "newer",
+    )
     assert case.status is DunningStatus.RETRYING  # nor does its hard decline stop the retries
     case.action_required(day(1, 30), "older")
     assert case.status is DunningStatus.RETRYING
@@ -420,7 +451,11 @@ def test_an_older_soft_decline_never_resumes_retries_over_a_newer_hard_decline()
 
 schedules = (
     st.integers(min_value=7, max_value=14)
-    .flatmap(lambda last: st.tuples(st.just(last), st.sets(st.integers(min_value=1, max_value=last - 1), min_size=2, max_size=4)))
+    .flatmap(
+        lambda last: st.tuples(
+            st.just(last), st.sets(st.integers(min_value=1, max_value=last - 1), min_size=2, max_size=4)
+        )
+    )
     .map(lambda pair: RetrySchedule(tuple(sorted(pair[1])) + (pair[0],)))
 )
 steps = st.lists(
@@ -458,7 +493,9 @@ def test_soft_declines_walk_the_schedule_and_end_past_due(schedule, steps):
 
         assert case.attempts_made == made_before + (kind is SCHEDULED)  # only scheduled attempts count
         assert 0 <= case.attempts_made <= schedule.attempts
-        assert case.attempts_left(schedule) == (schedule.attempts - case.attempts_made if case.status is DunningStatus.RETRYING else 0)
+        assert case.attempts_left(schedule) == (
+            schedule.attempts - case.attempts_made if case.status is DunningStatus.RETRYING else 0
+        )
         if case.attempts_made < schedule.attempts:
             assert case.status is DunningStatus.RETRYING
             assert case.next_retry_at == max(FIRST_FAILURE + timedelta(days=schedule.days[case.attempts_made]), floor)
@@ -470,7 +507,9 @@ def test_soft_declines_walk_the_schedule_and_end_past_due(schedule, steps):
 
 
 @settings(max_examples=200, deadline=None)
-@given(schedule=schedules, declines=st.integers(min_value=0, max_value=5), pay_late=st.integers(min_value=0, max_value=30))
+@given(
+    schedule=schedules, declines=st.integers(min_value=0, max_value=5), pay_late=st.integers(min_value=0, max_value=30)
+)
 def test_payment_at_any_point_ends_the_case_for_good(schedule, declines, pay_late):
     case = new_case(schedule)
     for _ in range(min(declines, schedule.attempts)):

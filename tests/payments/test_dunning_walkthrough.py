@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -31,8 +31,8 @@ from infra.settings import load_settings
 from messages import JobCompleted, PaymentSucceeded
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support.fake_stripe import event, invoice, signed
 from tests.support import ROOT, InProcessServer, eventually, reconciliation
+from tests.support.fake_stripe import event, invoice, signed
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,14 @@ def payment_env(stripe_env) -> dict[str, str]:
 
 def collect_payments_as_of(env: dict[str, str], moment: datetime) -> None:
     """What an operator (or the scheduler, at that moment) does: enqueue the periodic collector."""
-    subprocess.run([CREDITS_CLI, "run", "collect_payments", "--as-of", moment.isoformat()], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [CREDITS_CLI, "run", "collect_payments", "--as-of", moment.isoformat()],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 async def deliver(http: httpx.AsyncClient, body: dict) -> dict:
@@ -72,7 +79,9 @@ async def deliver(http: httpx.AsyncClient, body: dict) -> dict:
 
 async def case_row(db, invoice_id: str):
     async with db.connect() as connection:
-        return (await connection.execute(select(dunning_cases).where(dunning_cases.c.invoice_id == invoice_id))).one_or_none()
+        return (
+            await connection.execute(select(dunning_cases).where(dunning_cases.c.invoice_id == invoice_id))
+        ).one_or_none()
 
 
 async def finished_attempts(db, invoice_id: str) -> list:
@@ -91,20 +100,44 @@ async def customer_row(db, customer_id: str):
         return (await connection.execute(select(customers).where(customers.c.customer_id == customer_id))).one()
 
 
-async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it_once(db, pg_url, redis_url, payment_env, fake_stripe, start_workers):
-    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=15)
+async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it_once(
+    db, pg_url, redis_url, payment_env, fake_stripe, start_workers
+):
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=15)
     clock = FixedClock(start)
     customer, stripe_customer, invoice_id = "cust-walk", "cus_walk", "in_walk"
 
     # Before the story: a customer who bought 10 credits long ago and has used them all.
     policy = CreditPolicy()
-    await handlers.apply_event(PaymentSucceeded(event_id="walk-first", occurred_at=start - timedelta(days=60), customer_id=customer, payment_id="in_first", credits=10), SqlUnitOfWork(db), policy)
-    await handlers.apply_event(JobCompleted(event_id="walk-job", occurred_at=start - timedelta(days=20), customer_id=customer, job_id="job-1", credits=10), SqlUnitOfWork(db), policy)
+    await handlers.apply_event(
+        PaymentSucceeded(
+            event_id="walk-first",
+            occurred_at=start - timedelta(days=60),
+            customer_id=customer,
+            payment_id="in_first",
+            credits=10,
+        ),
+        SqlUnitOfWork(db),
+        policy,
+    )
+    await handlers.apply_event(
+        JobCompleted(
+            event_id="walk-job",
+            occurred_at=start - timedelta(days=20),
+            customer_id=customer,
+            job_id="job-1",
+            credits=10,
+        ),
+        SqlUnitOfWork(db),
+        policy,
+    )
     depleted_at = (await customer_row(db, customer)).credits_depleted_at
     assert depleted_at == start - timedelta(days=20)
 
     # Stripe's own first charge of this month's invoice failed; our four retries will be declined too.
-    fake_stripe.add_invoice(invoice(invoice_id, stripe_customer, subscription="sub_walk", created=int(start.timestamp())))
+    fake_stripe.add_invoice(
+        invoice(invoice_id, stripe_customer, subscription="sub_walk", created=int(start.timestamp()))
+    )
     fake_stripe.script(invoice_id, "soft_decline", "soft_decline", "soft_decline", "soft_decline")
 
     settings = load_settings(
@@ -117,8 +150,18 @@ async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it
         event_max_age_days=36500,
     )
     start_workers(processes=1, threads=2, env=payment_env)
-    async with InProcessServer(create_app(settings, clock=clock)) as server, httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
-        linked = await deliver(http, event("customer.created", {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer}}, created=int(start.timestamp())))
+    async with (
+        InProcessServer(create_app(settings, clock=clock)) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10) as http,
+    ):
+        linked = await deliver(
+            http,
+            event(
+                "customer.created",
+                {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer}},
+                created=int(start.timestamp()),
+            ),
+        )
         assert linked["outcome"] == "relayed"
 
         failed = invoice(invoice_id, stripe_customer, subscription="sub_walk", created=int(start.timestamp()))
@@ -131,7 +174,10 @@ async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it
         assert notice["attempts_left"] == 4
         assert datetime.fromisoformat(notice["next_retry_at"]) == start + timedelta(days=1)
         assert {a["type"] for a in notice["actions"]} == {"update_payment_method", "retry_payment"}
-        assert next(a["url"] for a in notice["actions"] if a["type"] == "update_payment_method") == failed["hosted_invoice_url"]
+        assert (
+            next(a["url"] for a in notice["actions"] if a["type"] == "update_payment_method")
+            == failed["hosted_invoice_url"]
+        )
 
         # Nothing is due before the first retry day.
         collect_payments_as_of(payment_env, start + timedelta(hours=23))
@@ -141,7 +187,11 @@ async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it
         for number, day in enumerate((1, 3, 7, 14), start=1):
             moment = start + timedelta(days=day, minutes=1)
             collect_payments_as_of(payment_env, moment)
-            await eventually(lambda: _count(finished_attempts(db, invoice_id), number), timeout=30, message=f"scheduled attempt {number}")
+            await eventually(
+                lambda number=number: _count(finished_attempts(db, invoice_id), number),
+                timeout=30,
+                message=f"scheduled attempt {number}",
+            )
             case = await case_row(db, invoice_id)
             assert case.attempts_made == number
             assert case.last_decline_code == "insufficient_funds"
@@ -168,29 +218,55 @@ async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it
 
         report = (await http.get("/api/admin/credits-report", headers=ADMIN, params={"days": 14})).json()
         [row] = [c for c in report["customers"] if c["customer_id"] == customer]
-        assert (row["dunning_status"], row["attempts_made"], row["next_retry_at"], row["membership_status"]) == ("past_due", 4, None, "cancelled")
+        assert (row["dunning_status"], row["attempts_made"], row["next_retry_at"], row["membership_status"]) == (
+            "past_due",
+            4,
+            None,
+            "cancelled",
+        )
 
         # No more automatic retries, however late it gets.
-        collect_payments_as_of(payment_env, datetime.now(timezone.utc))
+        collect_payments_as_of(payment_env, datetime.now(UTC))
         await asyncio.sleep(1.0)
         assert len(fake_stripe.pay_requests(invoice_id)) == 4
 
         # The customer adds a new card as their default: charged at once, without a scheduled attempt.
         clock.move_to(start + timedelta(days=14, hours=3))
         fake_stripe.script(invoice_id, "succeed")
-        updated = {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer}, "invoice_settings": {"default_payment_method": "pm_new"}}
-        await deliver(http, event("customer.updated", updated, previous_attributes={"invoice_settings": {"default_payment_method": "pm_old"}}, created=int(clock.now().timestamp())))
-        await eventually(lambda: _status(case_row(db, invoice_id), "recovered"), timeout=30, message="the new card to pay the invoice")
+        updated = {
+            "id": stripe_customer,
+            "object": "customer",
+            "metadata": {"customer_id": customer},
+            "invoice_settings": {"default_payment_method": "pm_new"},
+        }
+        await deliver(
+            http,
+            event(
+                "customer.updated",
+                updated,
+                previous_attributes={"invoice_settings": {"default_payment_method": "pm_old"}},
+                created=int(clock.now().timestamp()),
+            ),
+        )
+        await eventually(
+            lambda: _status(case_row(db, invoice_id), "recovered"),
+            timeout=30,
+            message="the new card to pay the invoice",
+        )
 
         account = await customer_row(db, customer)
         assert account.balance == 10
         assert account.credits_depleted_at is None
         attempts = await finished_attempts(db, invoice_id)
-        assert [(a.kind, a.outcome) for a in attempts] == [("scheduled", "declined")] * 4 + [("payment_method", "succeeded")]
+        assert [(a.kind, a.outcome) for a in attempts] == [("scheduled", "declined")] * 4 + [
+            ("payment_method", "succeeded")
+        ]
         assert (await case_row(db, invoice_id)).attempts_made == 4
 
         # Stripe then sends invoice.paid for the same invoice: the credits are not issued twice.
-        await deliver(http, event("invoice.paid", fake_stripe.invoices[invoice_id], created=int(clock.now().timestamp())))
+        await deliver(
+            http, event("invoice.paid", fake_stripe.invoices[invoice_id], created=int(clock.now().timestamp()))
+        )
         await asyncio.sleep(1.5)
         assert (await customer_row(db, customer)).balance == 10
 
@@ -203,8 +279,10 @@ async def test_a_failed_payment_walks_the_whole_schedule_then_a_new_card_pays_it
     assert await reconciliation(db) == []
 
 
-async def test_retry_now_charges_at_once_without_using_a_scheduled_attempt_and_is_rate_limited(db, pg_url, redis_url, payment_env, fake_stripe, start_workers):
-    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=6)
+async def test_retry_now_charges_at_once_without_using_a_scheduled_attempt_and_is_rate_limited(
+    db, pg_url, redis_url, payment_env, fake_stripe, start_workers
+):
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
     clock = FixedClock(start)
     customer, stripe_customer, invoice_id = "cust-retry", "cus_retry", "in_retry"
     fake_stripe.add_invoice(invoice(invoice_id, stripe_customer, created=int(start.timestamp())))
@@ -219,11 +297,28 @@ async def test_retry_now_charges_at_once_without_using_a_scheduled_attempt_and_i
         event_max_age_days=36500,
     )
     start_workers(processes=1, threads=2, env=payment_env)
-    async with InProcessServer(create_app(settings, clock=clock)) as server, httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+    async with (
+        InProcessServer(create_app(settings, clock=clock)) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10) as http,
+    ):
         assert (await http.post(f"/api/customers/{customer}/payment-retry", headers=FRONT)).status_code == 404
-        await deliver(http, event("customer.created", {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer}}, created=int(start.timestamp())))
+        await deliver(
+            http,
+            event(
+                "customer.created",
+                {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer}},
+                created=int(start.timestamp()),
+            ),
+        )
 
-        await deliver(http, event("invoice.payment_failed", invoice(invoice_id, stripe_customer, created=int(start.timestamp())), created=int(start.timestamp())))
+        await deliver(
+            http,
+            event(
+                "invoice.payment_failed",
+                invoice(invoice_id, stripe_customer, created=int(start.timestamp())),
+                created=int(start.timestamp()),
+            ),
+        )
         await eventually(lambda: _exists(case_row(db, invoice_id)), message="the dunning case to open")
 
         for n in range(1, 4):
@@ -231,7 +326,11 @@ async def test_retry_now_charges_at_once_without_using_a_scheduled_attempt_and_i
             accepted = await http.post(f"/api/customers/{customer}/payment-retry", headers=FRONT)
             assert accepted.status_code == 202, accepted.text
             assert accepted.json() == {"attempts": 1}
-            await eventually(lambda: _count(finished_attempts(db, invoice_id), n), timeout=30, message=f"retry-now {n} to be charged")
+            await eventually(
+                lambda n=n: _count(finished_attempts(db, invoice_id), n),
+                timeout=30,
+                message=f"retry-now {n} to be charged",
+            )
 
         case = await case_row(db, invoice_id)
         assert (case.status, case.attempts_made, case.next_retry_at) == ("retrying", 0, start + timedelta(days=1))
@@ -244,7 +343,9 @@ async def test_retry_now_charges_at_once_without_using_a_scheduled_attempt_and_i
 
         clock.move_to(start + timedelta(minutes=71))
         assert (await http.post(f"/api/customers/{customer}/payment-retry", headers=FRONT)).status_code == 202
-        await eventually(lambda: _status(case_row(db, invoice_id), "recovered"), timeout=30, message="the fourth retry to pay")
+        await eventually(
+            lambda: _status(case_row(db, invoice_id), "recovered"), timeout=30, message="the fourth retry to pay"
+        )
         assert (await customer_row(db, customer)).balance == 10
         assert len(fake_stripe.pay_requests(invoice_id)) == 4
         # Paid: nothing is owed any more.

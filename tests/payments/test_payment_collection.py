@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -33,10 +33,10 @@ from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.handlers import Outcome
 from service_layer.payments import ATTEMPT_LEASE, PROVIDER_BACKOFF, charge_key
 from service_layer.unit_of_work import SqlUnitOfWork
-from tests.support.fake_stripe import FakeStripe, invoice, mark_paid
 from tests.support import reconciliation
+from tests.support.fake_stripe import FakeStripe, invoice, mark_paid
 
-UTC = timezone.utc
+UTC = UTC
 PLAN_CREDITS = {"price_basic": 100}
 RULES = DunningRules()
 POLICY = CreditPolicy()
@@ -63,7 +63,12 @@ def fake() -> Iterator[FakeStripe]:
 @pytest.fixture
 def provider(fake: FakeStripe) -> StripeProvider:
     return StripeProvider(
-        load_settings(stripe_api_key="sk_test_collection", stripe_api_base=fake.url, stripe_plan_credits=PLAN_CREDITS, stripe_timeout_seconds=0.5)
+        load_settings(
+            stripe_api_key="sk_test_collection",
+            stripe_api_base=fake.url,
+            stripe_plan_credits=PLAN_CREDITS,
+            stripe_timeout_seconds=0.5,
+        )
     )
 
 
@@ -74,7 +79,18 @@ def new_uow(db):
     return lambda: SqlUnitOfWork(db)
 
 
-async def payment_failed(db, fake: FakeStripe, customer: str, invoice_id: str, at: datetime = T0, *, quantity: int = 1, subscription: str | None = None, hosted: bool = True, **failure) -> Outcome:
+async def payment_failed(
+    db,
+    fake: FakeStripe,
+    customer: str,
+    invoice_id: str,
+    at: datetime = T0,
+    *,
+    quantity: int = 1,
+    subscription: str | None = None,
+    hosted: bool = True,
+    **failure,
+) -> Outcome:
     """Stripe's first charge of a new invoice failed: the fake holds the open invoice, the ledger hears of it."""
     subscription = subscription or f"sub_{invoice_id}"
     body = fake.add_invoice(invoice(invoice_id, f"cus_{customer}", quantity=quantity, subscription=subscription))
@@ -116,7 +132,11 @@ async def attempt_rows(db, invoice_id: str) -> list:
 
 async def lots_of(db, customer: str) -> list:
     async with db.connect() as connection:
-        return list(await connection.execute(select(credit_lots).where(credit_lots.c.customer_id == customer).order_by(credit_lots.c.id)))
+        return list(
+            await connection.execute(
+                select(credit_lots).where(credit_lots.c.customer_id == customer).order_by(credit_lots.c.id)
+            )
+        )
 
 
 async def customer_row(db, customer: str):
@@ -126,17 +146,25 @@ async def customer_row(db, customer: str):
 
 async def issued_entries(db, customer: str) -> list:
     async with db.connect() as connection:
-        query = select(ledger_entries).where(ledger_entries.c.customer_id == customer, ledger_entries.c.kind == "issued").order_by(ledger_entries.c.id)
+        query = (
+            select(ledger_entries)
+            .where(ledger_entries.c.customer_id == customer, ledger_entries.c.kind == "issued")
+            .order_by(ledger_entries.c.id)
+        )
         return list(await connection.execute(query))
 
 
 async def give_credits(db, customer: str, credits: int, at: datetime, payment_id: str) -> None:
-    event = PaymentSucceeded(event_id=f"evt_paid_{payment_id}", occurred_at=at, customer_id=customer, payment_id=payment_id, credits=credits)
+    event = PaymentSucceeded(
+        event_id=f"evt_paid_{payment_id}", occurred_at=at, customer_id=customer, payment_id=payment_id, credits=credits
+    )
     assert await handlers.apply_event(event, SqlUnitOfWork(db), POLICY, RULES) is Outcome.APPLIED
 
 
 async def spend(db, customer: str, credits: int, at: datetime, job_id: str) -> None:
-    event = JobCompleted(event_id=f"evt_job_{job_id}", occurred_at=at, customer_id=customer, job_id=job_id, credits=credits)
+    event = JobCompleted(
+        event_id=f"evt_job_{job_id}", occurred_at=at, customer_id=customer, job_id=job_id, credits=credits
+    )
     assert await handlers.apply_event(event, SqlUnitOfWork(db), POLICY, RULES) is Outcome.APPLIED
 
 
@@ -164,7 +192,12 @@ async def claim(db, at: datetime) -> list:
 
 
 async def test_a_failed_payment_opens_a_case_retried_one_day_later(db, fake):
-    assert await payment_failed(db, fake, "alice", "in_a1", decline_code="insufficient_funds", failure_message="Insufficient funds.") is Outcome.APPLIED
+    assert (
+        await payment_failed(
+            db, fake, "alice", "in_a1", decline_code="insufficient_funds", failure_message="Insufficient funds."
+        )
+        is Outcome.APPLIED
+    )
 
     case = await case_row(db, "in_a1")
     assert case.customer_id == "alice"
@@ -190,7 +223,9 @@ async def test_a_due_retry_is_requested_once_and_not_before_it_is_due(db, fake):
     assert await schedule(db, day(1)) == 1
     assert await schedule(db, day(1) + timedelta(minutes=5)) == 0  # the same number: not again
     # Two collectors at once: still one attempt 1.
-    assert await asyncio.gather(schedule(db, day(1) + timedelta(minutes=6)), schedule(db, day(1) + timedelta(minutes=6))) == [0, 0]
+    assert await asyncio.gather(
+        schedule(db, day(1) + timedelta(minutes=6)), schedule(db, day(1) + timedelta(minutes=6))
+    ) == [0, 0]
 
     [attempt] = await attempt_rows(db, "in_b1")
     assert attempt.kind == "scheduled"
@@ -233,7 +268,10 @@ async def test_a_soft_decline_is_recorded_and_the_next_retry_is_three_days_after
     # Nothing is due before day 3; then attempt number 2.
     assert await schedule(db, day(3) - timedelta(seconds=1)) == 0
     assert await schedule(db, day(3)) == 1
-    assert [(a.number, a.idempotency_key) for a in await attempt_rows(db, "in_c1")] == [(1, "dunning:in_c1:1"), (2, "dunning:in_c1:2")]
+    assert [(a.number, a.idempotency_key) for a in await attempt_rows(db, "in_c1")] == [
+        (1, "dunning:in_c1:1"),
+        (2, "dunning:in_c1:2"),
+    ]
 
 
 async def test_a_successful_charge_issues_the_plan_credits_once_and_ends_the_case(db, fake, provider):
@@ -270,11 +308,19 @@ async def test_a_successful_charge_issues_the_plan_credits_once_and_ends_the_cas
     assert await handlers.apply_event(webhook, SqlUnitOfWork(db), POLICY, RULES) is Outcome.IGNORED
 
     assert len([lot for lot in await lots_of(db, "dave") if lot.payment_id == "in_d1"]) == 1
-    assert [(e.credits, e.event_id) for e in await issued_entries(db, "dave") if e.note == "payment in_d1"] == [(200, "charge:dunning:in_d1:1")]
+    assert [(e.credits, e.event_id) for e in await issued_entries(db, "dave") if e.note == "payment in_d1"] == [
+        (200, "charge:dunning:in_d1:1")
+    ]
     assert (await customer_row(db, "dave")).balance == 200
     assert (await case_row(db, "in_d1")).status == "recovered"
     async with db.connect() as connection:
-        recorded = set((await connection.execute(select(processed_events.c.event_id).where(processed_events.c.customer_id == "dave"))).scalars())
+        recorded = set(
+            (
+                await connection.execute(
+                    select(processed_events.c.event_id).where(processed_events.c.customer_id == "dave")
+                )
+            ).scalars()
+        )
     assert {"charge:dunning:in_d1:1", "evt_stripe_invoice_paid_in_d1"} <= recorded
     # Nothing is scheduled or charged again.
     assert await schedule(db, day(30)) == 0
@@ -330,7 +376,10 @@ async def test_a_server_error_postpones_the_attempt_and_the_retry_reads_the_invo
     invoice_calls = [(r.method, r.path, r.idempotency_key) for r in fake.requests if "/in_f1" in r.path]
     # The first retry reads the invoice first (was Stripe's own charge a hard decline?), and so
     # does the try after a provider error (did the failed call pay it after all?).
-    assert [call[:2] for call in invoice_calls] == [("GET", "/v1/invoices/in_f1"), ("POST", "/v1/invoices/in_f1/pay")] * 2
+    assert [call[:2] for call in invoice_calls] == [
+        ("GET", "/v1/invoices/in_f1"),
+        ("POST", "/v1/invoices/in_f1/pay"),
+    ] * 2
     assert [call[2] for call in invoice_calls if call[0] == "POST"] == ["dunning:in_f1:1", "dunning:in_f1:1:retry-1"]
     [attempt] = await attempt_rows(db, "in_f1")
     assert attempt.outcome == "succeeded" and attempt.finished_at == second_try and attempt.provider_errors == 1
@@ -539,7 +588,9 @@ async def test_a_cancellation_the_provider_cannot_make_is_tried_again_later(db, 
         await schedule(db, day(retry_day))
         await charge(db, provider, day(retry_day))
     assert (await case_row(db, "in_ot1")).status == "past_due"
-    unauthorised = StripeProvider(load_settings(stripe_api_key="pk_test_wrong", stripe_api_base=fake.url, stripe_timeout_seconds=0.5))
+    unauthorised = StripeProvider(
+        load_settings(stripe_api_key="pk_test_wrong", stripe_api_base=fake.url, stripe_timeout_seconds=0.5)
+    )
 
     assert await payments.cancel_past_due_subscriptions(new_uow(db), unauthorised, clock(day(15))) == 0
     assert (await case_row(db, "in_ot1")).subscription_cancelled_at is None
@@ -646,7 +697,11 @@ async def test_notice_no_credits_none_and_unknown(db, fake, provider):
 async def test_an_action_required_event_then_our_charge_succeeding_clears_the_notice(db, fake, provider):
     await payment_failed(db, fake, "vera", "in_v1")
     required = PaymentActionRequired(
-        event_id="evt_action_in_v1", occurred_at=T0 + timedelta(hours=1), customer_id="vera", invoice_id="in_v1", hosted_invoice_url="https://invoice.stripe.com/i/acct_1/in_v1"
+        event_id="evt_action_in_v1",
+        occurred_at=T0 + timedelta(hours=1),
+        customer_id="vera",
+        invoice_id="in_v1",
+        hosted_invoice_url="https://invoice.stripe.com/i/acct_1/in_v1",
     )
     assert await handlers.apply_event(required, SqlUnitOfWork(db), POLICY, RULES) is Outcome.APPLIED
     assert (await notice(db, "vera", T0 + timedelta(hours=2))).kind == "action_required"
@@ -747,13 +802,17 @@ async def test_a_postponed_scheduled_attempt_does_not_charge_a_card_hard_decline
     assert (await charge(db, provider, day(1))).postponed == 1
 
     [customer_attempt] = await payments.request_retry_now(new_uow(db), "abe", day(1) + timedelta(seconds=10), RULES)
-    assert (await charge(db, provider, day(1) + timedelta(seconds=10), attempt_ids=[customer_attempt])).charged == {"declined": 1}
+    assert (await charge(db, provider, day(1) + timedelta(seconds=10), attempt_ids=[customer_attempt])).charged == {
+        "declined": 1
+    }
     assert (await case_row(db, "in_ab1")).status == "needs_payment_method"
     charges_before = len(fake.pay_requests("in_ab1"))
 
     await charge(db, provider, day(1) + timedelta(minutes=5))
 
-    assert len(fake.pay_requests("in_ab1")) == charges_before, "the hard-declined card was charged again by an automatic retry"
+    assert len(fake.pay_requests("in_ab1")) == charges_before, (
+        "the hard-declined card was charged again by an automatic retry"
+    )
     case = await case_row(db, "in_ab1")
     assert case.status == "needs_payment_method"
     assert case.next_retry_at is None
@@ -763,7 +822,12 @@ async def test_one_attempt_that_cannot_be_recorded_does_not_stop_the_others(db, 
     """A paid invoice worth more credits than an event may carry (1,000,000) makes record_charge
     raise; the collector must still charge the other customers' attempts in its batch."""
     big = StripeProvider(
-        load_settings(stripe_api_key="sk_test_collection", stripe_api_base=fake.url, stripe_plan_credits={"price_basic": 600_000}, stripe_timeout_seconds=0.5)
+        load_settings(
+            stripe_api_key="sk_test_collection",
+            stripe_api_base=fake.url,
+            stripe_plan_credits={"price_basic": 600_000},
+            stripe_timeout_seconds=0.5,
+        )
     )
     await payment_failed(db, fake, "bulk", "in_bulk", quantity=2)  # 1,200,000 credits
     await payment_failed(db, fake, "small", "in_small", at=T0 + timedelta(minutes=1))
@@ -797,7 +861,9 @@ def raw_requests(fake: FakeStripe) -> list[tuple[str, str]]:
     return seen
 
 
-def stripe_declined(fake: FakeStripe, invoice_id: str, decline_code: str, message: str = "Your card was declined.") -> None:
+def stripe_declined(
+    fake: FakeStripe, invoice_id: str, decline_code: str, message: str = "Your card was declined."
+) -> None:
     """The invoice's own (Stripe's) charge failed: its payments, expanded, carry the payment intent's last error."""
     fake.invoices[invoice_id]["payments"] = {
         "object": "list",
@@ -813,7 +879,12 @@ def stripe_declined(fake: FakeStripe, invoice_id: str, decline_code: str, messag
                         "id": f"pi_{invoice_id}",
                         "object": "payment_intent",
                         "status": "requires_payment_method",
-                        "last_payment_error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code, "message": message},
+                        "last_payment_error": {
+                            "type": "card_error",
+                            "code": "card_declined",
+                            "decline_code": decline_code,
+                            "message": message,
+                        },
                     },
                 },
             }
@@ -821,9 +892,16 @@ def stripe_declined(fake: FakeStripe, invoice_id: str, decline_code: str, messag
     }
 
 
-async def new_card(db, customer: str, at: datetime, payment_method_id: str | None, tag: str = "") -> tuple[Outcome, list[int]]:
+async def new_card(
+    db, customer: str, at: datetime, payment_method_id: str | None, tag: str = ""
+) -> tuple[Outcome, list[int]]:
     """A PaymentMethodUpdated as the relay publishes it. Returns the outcome and the attempts the worker would charge at once."""
-    event = PaymentMethodUpdated(event_id=f"evt_pm_{customer}_{payment_method_id}_{at.timestamp()}{tag}", occurred_at=at, customer_id=customer, payment_method_id=payment_method_id)
+    event = PaymentMethodUpdated(
+        event_id=f"evt_pm_{customer}_{payment_method_id}_{at.timestamp()}{tag}",
+        occurred_at=at,
+        customer_id=customer,
+        payment_method_id=payment_method_id,
+    )
     uow = SqlUnitOfWork(db)
     outcome = await handlers.apply_event(event, uow, POLICY, RULES)
     return outcome, list(uow.dunning.new_attempt_ids)
@@ -833,7 +911,9 @@ def charged_with(request) -> list[str] | None:
     return request.form.get("payment_method")
 
 
-async def test_after_a_skipped_scheduled_attempt_a_new_card_resumes_the_schedule_with_attempt_number_two(db, fake, provider):
+async def test_after_a_skipped_scheduled_attempt_a_new_card_resumes_the_schedule_with_attempt_number_two(
+    db, fake, provider
+):
     """#1 postponed by a 500, a retry-now hard-declined, #1 closed uncharged, a new card soft-declined:
     retrying resumes a day after that decline, and the next scheduled attempt is number 2 — not a
     second number 1, whose key is taken (the case would never be retried again)."""
@@ -843,7 +923,9 @@ async def test_after_a_skipped_scheduled_attempt_a_new_card_resumes_the_schedule
     assert (await charge(db, provider, day(1))).postponed == 1
 
     [pressed] = await payments.request_retry_now(new_uow(db), "ada", day(1) + timedelta(seconds=10), RULES)
-    assert (await charge(db, provider, day(1) + timedelta(seconds=10), attempt_ids=[pressed])).charged == {"declined": 1}
+    assert (await charge(db, provider, day(1) + timedelta(seconds=10), attempt_ids=[pressed])).charged == {
+        "declined": 1
+    }
     assert (await case_row(db, "in_ad1")).status == "needs_payment_method"
     calls_before = len(fake.requests)
 
@@ -890,7 +972,9 @@ async def test_after_a_skipped_scheduled_attempt_a_new_card_resumes_the_schedule
 
 
 @pytest.mark.parametrize(
-    ("decline_code", "charged"), [("stolen_card", False), ("insufficient_funds", True)], ids=["hard-not-charged", "soft-charged"]
+    ("decline_code", "charged"),
+    [("stolen_card", False), ("insufficient_funds", True)],
+    ids=["hard-not-charged", "soft-charged"],
 )
 async def test_the_first_scheduled_attempt_reads_stripes_own_decline_first(db, fake, provider, decline_code, charged):
     """The payment_failed webhook carried no decline code; Stripe's payment intent has one."""
@@ -917,7 +1001,12 @@ async def test_the_first_scheduled_attempt_reads_stripes_own_decline_first(db, f
     assert [m for m, _ in raw] == ["GET"]
     assert (attempt.outcome, attempt.decline_code) == ("declined", "stolen_card")
     assert attempt.failure_message.startswith("not charged again")
-    assert (case.status, case.next_retry_at, case.attempts_made, case.last_decline_code) == ("needs_payment_method", None, 1, "stolen_card")
+    assert (case.status, case.next_retry_at, case.attempts_made, case.last_decline_code) == (
+        "needs_payment_method",
+        None,
+        1,
+        "stolen_card",
+    )
     assert await schedule(db, day(3)) == 0
     assert fake.invoices["in_be1"]["status"] == "open"
 
@@ -970,7 +1059,12 @@ async def test_a_new_card_over_the_retry_now_limit_is_charged_later_not_dropped(
     assert at_once == []  # not handed to a worker at once ...
     [delayed] = [a for a in await attempt_rows(db, "in_da1") if a.kind == "payment_method"]
     turn = first_press + RULES.retry_now.window  # ... but when the first press leaves the hour
-    assert (delayed.payment_method_id, delayed.requested_at, delayed.leased_until, delayed.finished_at) == ("pm_new", updated_at, turn, None)
+    assert (delayed.payment_method_id, delayed.requested_at, delayed.leased_until, delayed.finished_at) == (
+        "pm_new",
+        updated_at,
+        turn,
+        None,
+    )
     assert delayed.leased_until > updated_at
 
     assert await charge(db, provider, updated_at) == payments.CollectionResult()
@@ -1020,7 +1114,14 @@ async def test_past_due_stays_past_due_after_a_later_hard_decline(db, fake, prov
     await exhaust(db, fake, provider, "fay", "in_fa1")
 
     # Stripe reports a hard decline later (its own retry; a webhook relayed late).
-    late = PaymentFailed(event_id="evt_late_fa1", occurred_at=day(14) + timedelta(hours=1), customer_id="fay", invoice_id="in_fa1", decline_code="lost_card", failure_message="lost")
+    late = PaymentFailed(
+        event_id="evt_late_fa1",
+        occurred_at=day(14) + timedelta(hours=1),
+        customer_id="fay",
+        invoice_id="in_fa1",
+        decline_code="lost_card",
+        failure_message="lost",
+    )
     assert await handlers.apply_event(late, SqlUnitOfWork(db), POLICY, RULES) is Outcome.APPLIED
     case = await case_row(db, "in_fa1")
     assert (case.status, case.next_retry_at, case.last_decline_code) == ("past_due", None, "lost_card")
@@ -1045,12 +1146,16 @@ async def stopped_by_a_hard_decline(db, fake, provider, customer: str, invoice_i
     assert (await case_row(db, invoice_id)).status == "needs_payment_method"
 
 
-async def test_a_case_stopped_by_a_hard_decline_is_past_due_when_the_schedule_ends_and_then_cancelled(db, fake, provider):
+async def test_a_case_stopped_by_a_hard_decline_is_past_due_when_the_schedule_ends_and_then_cancelled(
+    db, fake, provider
+):
     await stopped_by_a_hard_decline(db, fake, provider, "gus", "in_gu1")
 
     assert await schedule(db, day(14) - timedelta(seconds=1)) == 0
     assert (await case_row(db, "in_gu1")).status == "needs_payment_method"
-    assert await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) - timedelta(seconds=1))) == 0
+    assert (
+        await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) - timedelta(seconds=1))) == 0
+    )
     assert fake.subscriptions["sub_gus"]["status"] == "active"
 
     assert await schedule(db, day(14)) == 0  # no attempt requested: only the status changes
@@ -1058,7 +1163,9 @@ async def test_a_case_stopped_by_a_hard_decline_is_past_due_when_the_schedule_en
     assert (case.status, case.next_retry_at, case.last_decline_code) == ("past_due", None, "lost_card")
     assert len(await attempt_rows(db, "in_gu1")) == 1
 
-    assert await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) + timedelta(minutes=1))) == 1
+    assert (
+        await payments.cancel_past_due_subscriptions(new_uow(db), provider, clock(day(14) + timedelta(minutes=1))) == 1
+    )
     assert fake.subscriptions["sub_gus"]["status"] == "canceled"
     [cancel] = [r for r in fake.requests if r.path == "/v1/subscriptions/sub_gus"]
     assert (cancel.method, cancel.idempotency_key) == ("DELETE", "dunning-cancel:in_gu1")
@@ -1080,21 +1187,35 @@ async def test_a_case_past_due_by_the_calendar_stays_past_due_after_a_soft_decli
     assert (await charge(db, provider, day(15), attempt_ids=pressed)).charged == {"declined": 1}
 
     case = await case_row(db, "in_ha1")
-    assert (case.status, case.next_retry_at) == ("past_due", None), f"a past-due case went back to {case.status!r}, next retry {case.next_retry_at}"
+    assert (case.status, case.next_retry_at) == ("past_due", None), (
+        f"a past-due case went back to {case.status!r}, next retry {case.next_retry_at}"
+    )
     assert await schedule(db, day(30)) == 0
 
 
 async def test_one_payment_issues_credits_to_one_customer_only(db, fake):
     await give_credits(db, "ivy", 100, T0, "in_shared")
 
-    stolen = PaymentSucceeded(event_id="evt_paid_in_shared_jon", occurred_at=T0 + timedelta(minutes=1), customer_id="jon", payment_id="in_shared", credits=100)
+    stolen = PaymentSucceeded(
+        event_id="evt_paid_in_shared_jon",
+        occurred_at=T0 + timedelta(minutes=1),
+        customer_id="jon",
+        payment_id="in_shared",
+        credits=100,
+    )
     with pytest.raises(IntegrityError, match="uq_credit_lots_payment"):
         await handlers.apply_event(stolen, SqlUnitOfWork(db), POLICY, RULES)
 
     assert [(lot.customer_id, lot.amount, lot.remaining) for lot in await lots_of(db, "ivy")] == [("ivy", 100, 100)]
     assert await lots_of(db, "jon") == []
     async with db.connect() as connection:
-        assert (await connection.execute(select(func.count()).where(processed_events.c.event_id == "evt_paid_in_shared_jon"))).scalar_one() == 0
-        assert (await connection.execute(select(func.count()).where(customers.c.customer_id == "jon"))).scalar_one() == 0
+        assert (
+            await connection.execute(
+                select(func.count()).where(processed_events.c.event_id == "evt_paid_in_shared_jon")
+            )
+        ).scalar_one() == 0
+        assert (
+            await connection.execute(select(func.count()).where(customers.c.customer_id == "jon"))
+        ).scalar_one() == 0
     assert (await customer_row(db, "ivy")).balance == 100
     assert await reconciliation(db) == []

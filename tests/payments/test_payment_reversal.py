@@ -7,7 +7,7 @@ covers becomes overdraft, which the next issuance repays first.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,7 +15,7 @@ from domain import Account, CreditPolicy, DomainError, EntryKind, LotSource, Mov
 from domain.errors import PaymentAlreadyApplied, PaymentNotApplied
 from tests.support.ledger import assert_reconciles
 
-UTC = timezone.utc
+UTC = UTC
 POLICY = CreditPolicy()
 T0 = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -33,7 +33,9 @@ def pay(account: Account, payment_id: str, credits: int, at: datetime):
 
 
 def reverse(account: Account, payment_id: str, total: int, at: datetime):
-    return account.reverse_payment(payment_id, total, at, f"evt-rev-{payment_id}-{total}", f"payment {payment_id} refunded")
+    return account.reverse_payment(
+        payment_id, total, at, f"evt-rev-{payment_id}-{total}", f"payment {payment_id} refunded"
+    )
 
 
 # --------------------------------------------------------------------------- a payment issues once
@@ -42,7 +44,13 @@ def reverse(account: Account, payment_id: str, total: int, at: datetime):
 def test_a_payment_issues_its_credits_once():
     account = new_account()
     lot = pay(account, "in_1", 10, t(0))
-    assert (lot.payment_id, lot.source, lot.amount, lot.remaining, lot.reversed) == ("in_1", LotSource.PAYMENT, 10, 10, 0)
+    assert (lot.payment_id, lot.source, lot.amount, lot.remaining, lot.reversed) == (
+        "in_1",
+        LotSource.PAYMENT,
+        10,
+        10,
+        0,
+    )
     entries_before = list(account.new_entries)
 
     with pytest.raises(PaymentAlreadyApplied, match="in_1"):
@@ -310,7 +318,12 @@ def test_credits_of_the_payment_that_expired_are_not_taken_again_from_other_lots
     account.issue(10, t(0), "evt-in_1", one_month, payment_id="in_1")
     account.debit(4, t(24), "evt-debit")
     newer = pay(account, "in_2", 20, t(24 * 40))  # in_1's lot expired (6 credits) on the way
-    assert [e.kind for e in account.new_entries] == [EntryKind.ISSUED, EntryKind.DEBITED, EntryKind.EXPIRED, EntryKind.ISSUED]
+    assert [e.kind for e in account.new_entries] == [
+        EntryKind.ISSUED,
+        EntryKind.DEBITED,
+        EntryKind.EXPIRED,
+        EntryKind.ISSUED,
+    ]
 
     reverse(account, "in_1", 10, t(24 * 41))
 

@@ -18,7 +18,8 @@ from domain.dunning import AttemptKind, AttemptOutcome
 from infra.db.payments import Attempt
 from infra.settings import load_settings
 from infra.stripe.client import StripeProvider
-from service_layer.payments import ChargeResult, PaidInvoice, ProviderUnavailable, charge_key
+from service_layer.payments import ChargeResult, ProviderUnavailable, charge_key
+from service_layer.ports import PaidInvoice
 from tests.support.fake_stripe import FakeStripe, invoice
 
 API_KEY = "sk_test_provider_0123456789"
@@ -36,7 +37,9 @@ def fake() -> Iterator[FakeStripe]:
         yield server
 
 
-def make_provider(fake: FakeStripe, api_key: str = API_KEY, plan_credits: dict[str, int] | None = None) -> StripeProvider:
+def make_provider(
+    fake: FakeStripe, api_key: str = API_KEY, plan_credits: dict[str, int] | None = None
+) -> StripeProvider:
     settings = load_settings(
         stripe_api_key=api_key,
         stripe_api_base=fake.url,
@@ -173,7 +176,9 @@ async def test_the_same_key_replays_the_same_answer(fake, provider):
 async def test_a_saved_500_is_replayed_for_the_same_key_so_charge_key_changes_it(fake, provider):
     open_invoice(fake, "in_saved500", quantity=2)
     fake.script("in_saved500", "server_error", "succeed")
-    attempt = Attempt(1, 1, CUSTOMER, "in_saved500", AttemptKind.SCHEDULED, 1, "dunning:in_saved500:1", provider_errors=0)
+    attempt = Attempt(
+        1, 1, CUSTOMER, "in_saved500", AttemptKind.SCHEDULED, 1, "dunning:in_saved500:1", provider_errors=0
+    )
 
     with pytest.raises(ProviderUnavailable):
         await provider.pay_invoice("in_saved500", CUSTOMER, charge_key(attempt))
@@ -183,7 +188,9 @@ async def test_a_saved_500_is_replayed_for_the_same_key_so_charge_key_changes_it
     assert fake.invoices["in_saved500"]["status"] == "open"
 
     # After one provider error the attempt's key changes, and the charge goes through.
-    retried = Attempt(1, 1, CUSTOMER, "in_saved500", AttemptKind.SCHEDULED, 1, "dunning:in_saved500:1", provider_errors=1)
+    retried = Attempt(
+        1, 1, CUSTOMER, "in_saved500", AttemptKind.SCHEDULED, 1, "dunning:in_saved500:1", provider_errors=1
+    )
     retry_key = charge_key(retried)
     assert retry_key != charge_key(attempt)
     assert charge_key(retried) == retry_key  # stable: a crash during this try repeats this key
@@ -191,7 +198,11 @@ async def test_a_saved_500_is_replayed_for_the_same_key_so_charge_key_changes_it
 
     assert result.outcome is AttemptOutcome.SUCCEEDED
     assert result.paid.credits == 200
-    assert [r.idempotency_key for r in fake.pay_requests("in_saved500")] == ["dunning:in_saved500:1", "dunning:in_saved500:1", retry_key]
+    assert [r.idempotency_key for r in fake.pay_requests("in_saved500")] == [
+        "dunning:in_saved500:1",
+        "dunning:in_saved500:1",
+        retry_key,
+    ]
 
 
 async def test_reconcile_first_after_a_timed_out_charge_returns_succeeded_without_paying_again(fake, provider):
@@ -216,7 +227,10 @@ async def test_reconcile_first_on_an_open_invoice_reads_it_then_charges(fake, pr
     result = await provider.pay_invoice("in_recon", CUSTOMER, "key-recon", check_first=True)
 
     assert result.outcome is AttemptOutcome.SUCCEEDED
-    assert invoice_requests(fake, "in_recon") == [("GET", "/v1/invoices/in_recon"), ("POST", "/v1/invoices/in_recon/pay")]
+    assert invoice_requests(fake, "in_recon") == [
+        ("GET", "/v1/invoices/in_recon"),
+        ("POST", "/v1/invoices/in_recon/pay"),
+    ]
     assert fake.pay_requests("in_recon")[0].idempotency_key == "key-recon"
 
 
@@ -235,7 +249,9 @@ async def test_an_invoice_paid_meanwhile_is_succeeded_not_declined_even_without_
 
 
 async def test_legacy_shape_credits_come_from_the_price_metadata_times_quantity(fake, provider):
-    open_invoice(fake, "in_legacy", price="price_metadata_only", quantity=4, legacy_shape=True, price_metadata={"credits": "25"})
+    open_invoice(
+        fake, "in_legacy", price="price_metadata_only", quantity=4, legacy_shape=True, price_metadata={"credits": "25"}
+    )
 
     result = await provider.pay_invoice("in_legacy", CUSTOMER, "key-legacy")
 
@@ -244,7 +260,9 @@ async def test_legacy_shape_credits_come_from_the_price_metadata_times_quantity(
 
 
 async def test_legacy_shape_plan_table_wins_over_metadata(fake, provider):
-    open_invoice(fake, "in_legacy_plan", price="price_pro", quantity=2, legacy_shape=True, price_metadata={"credits": "1"})
+    open_invoice(
+        fake, "in_legacy_plan", price="price_pro", quantity=2, legacy_shape=True, price_metadata={"credits": "1"}
+    )
 
     result = await provider.pay_invoice("in_legacy_plan", CUSTOMER, "key-legacy-plan")
 

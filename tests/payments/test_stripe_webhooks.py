@@ -19,7 +19,7 @@ import hmac
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -27,14 +27,24 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from domain import CreditPolicy
-from infra.db.tables import credit_lots, customers, dead_letters, dunning_cases, ledger_entries, payment_attempts, processed_events, stripe_customers, stripe_events
+from infra.db.tables import (
+    credit_lots,
+    customers,
+    dead_letters,
+    dunning_cases,
+    ledger_entries,
+    payment_attempts,
+    processed_events,
+    stripe_customers,
+    stripe_events,
+)
 from infra.settings import load_settings
 from messages import JobCompleted
 from service_layer import handlers
 from service_layer.unit_of_work import SqlUnitOfWork
+from tests.support import eventually, reconciliation, start_worker_processes
 from tests.support.fake_stripe import event, invoice, signed
 from tests.support.web import ADMIN, ADMIN_TOKEN, FRONT, FRONTEND_TOKEN, WebServer, clean_env, start_web_server
-from tests.support import eventually, reconciliation, start_worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +85,9 @@ def web(pg_url: str, redis_url: str, tmp_path_factory) -> WebServer:
 @pytest.fixture(scope="module")
 def workers(pg_url: str, redis_url: str, tmp_path_factory):
     """Real `dramatiq workers.actors` processes for the module (like the `start_workers` fixture, module-scoped)."""
-    started = start_worker_processes(_env(pg_url, redis_url), tmp_path_factory.mktemp("stripe-workers") / "workers.log", processes=1, threads=4)
+    started = start_worker_processes(
+        _env(pg_url, redis_url), tmp_path_factory.mktemp("stripe-workers") / "workers.log", processes=1, threads=4
+    )
     yield started
     started.stop()
 
@@ -113,7 +125,12 @@ async def relay(client: httpx.AsyncClient, body: dict, outcome: str = "relayed",
 
 async def link(client: httpx.AsyncClient, stripe_customer: str, customer_id: str) -> None:
     """Link through Stripe's own customer.created event, its metadata naming our customer."""
-    obj = {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer_id}, "invoice_settings": {"default_payment_method": None}}
+    obj = {
+        "id": stripe_customer,
+        "object": "customer",
+        "metadata": {"customer_id": customer_id},
+        "invoice_settings": {"default_payment_method": None},
+    }
     body = await relay(client, event("customer.created", obj))
     assert body["detail"] == f"linked to customer {customer_id!r}"
 
@@ -122,7 +139,14 @@ def paid(invoice_id: str, stripe_customer: str, *, created: int | None = None, *
     return invoice(invoice_id, stripe_customer, status="paid", created=created, **kwargs)
 
 
-def charge(charge_id: str, stripe_customer: str, *, amount_refunded: int, payment_intent: str | None = None, invoice_id: str | None = None) -> dict:
+def charge(
+    charge_id: str,
+    stripe_customer: str,
+    *,
+    amount_refunded: int,
+    payment_intent: str | None = None,
+    invoice_id: str | None = None,
+) -> dict:
     obj = {
         "id": charge_id,
         "object": "charge",
@@ -221,17 +245,24 @@ async def wait_case(db, invoice_id: str, predicate=lambda case: True):
 
 
 def moment(epoch: int) -> datetime:
-    return datetime.fromtimestamp(epoch, timezone.utc)
+    return datetime.fromtimestamp(epoch, UTC)
 
 
-def failed(invoice_id: str, stripe_customer: str, *, decline_code: str | None = None, message: str | None = None) -> dict:
+def failed(
+    invoice_id: str, stripe_customer: str, *, decline_code: str | None = None, message: str | None = None
+) -> dict:
     """An unpaid invoice whose payment failed; the payment intent expanded with its last error when given."""
     body = invoice(invoice_id, stripe_customer, legacy_shape=True)
     if decline_code or message:
         body["payment_intent"] = {
             "id": f"pi_{invoice_id}",
             "object": "payment_intent",
-            "last_payment_error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code, "message": message},
+            "last_payment_error": {
+                "type": "card_error",
+                "code": "card_declined",
+                "decline_code": decline_code,
+                "message": message,
+            },
         }
     body["attempt_count"] = 1
     return body
@@ -271,11 +302,21 @@ async def test_invoice_paid_issues_plan_credits_times_quantity_once(db, client, 
 async def test_a_price_without_known_credits_is_parked_not_dropped(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    body = await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer, price="price_unknown")), outcome="parked")
+    body = await relay(
+        client, event("invoice.paid", paid(invoice_id, stripe_customer, price="price_unknown")), outcome="parked"
+    )
     assert "STRIPE_PLAN_CREDITS" in body["detail"]
     # The price's own `credits` metadata is used for prices not in the plan table.
     _, _, other_invoice = ids()
-    await relay(client, event("invoice.paid", paid(other_invoice, stripe_customer, price="price_meta", price_metadata={"credits": "7"}, legacy_shape=True)))
+    await relay(
+        client,
+        event(
+            "invoice.paid",
+            paid(
+                other_invoice, stripe_customer, price="price_meta", price_metadata={"credits": "7"}, legacy_shape=True
+            ),
+        ),
+    )
     await wait_balance(db, customer_id, 7)
 
 
@@ -288,7 +329,13 @@ async def test_invoice_paid_again_after_the_credits_were_spent_is_ignored(db, cl
     await link(client, stripe_customer, customer_id)
     await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
     await wait_balance(db, customer_id, 10)
-    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    spent = JobCompleted(
+        event_id=f"job-{uuid.uuid4().hex}",
+        customer_id=customer_id,
+        occurred_at=datetime.now(UTC),
+        job_id="j-all",
+        credits=10,
+    )
     assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
 
     second = event("invoice.paid", paid(invoice_id, stripe_customer))
@@ -312,7 +359,7 @@ def _without(key: str):
 
 def _flip_amount(payload: bytes) -> bytes:
     index = payload.index(b'"amount_paid": 4900') + len(b'"amount_paid": 4')
-    return payload[:index] + bytes([payload[index] ^ 0x01]) + payload[index + 1:]  # 4900 -> 4800
+    return payload[:index] + bytes([payload[index] ^ 0x01]) + payload[index + 1 :]  # 4900 -> 4800
 
 
 FORGERIES = {
@@ -320,10 +367,16 @@ FORGERIES = {
     "flipped-byte": lambda body: (lambda p, h: (_flip_amount(p), h))(*signed(body, NEW_SECRET)),
     "stale-timestamp": lambda body: signed(body, NEW_SECRET, timestamp=ago(301)),
     "missing-header": lambda body: (signed(body, NEW_SECRET)[0], {"Content-Type": "application/json"}),
-    "malformed-header": lambda body: (signed(body, NEW_SECRET)[0], {"Stripe-Signature": "this is not a signature", "Content-Type": "application/json"}),
+    "malformed-header": lambda body: (
+        signed(body, NEW_SECRET)[0],
+        {"Stripe-Signature": "this is not a signature", "Content-Type": "application/json"},
+    ),
     "other-scheme-only": lambda body: (
         signed(body, NEW_SECRET)[0],
-        {"Stripe-Signature": signed(body, NEW_SECRET)[1]["Stripe-Signature"].replace(",v1=", ",v0="), "Content-Type": "application/json"},
+        {
+            "Stripe-Signature": signed(body, NEW_SECRET)[1]["Stripe-Signature"].replace(",v1=", ",v0="),
+            "Content-Type": "application/json",
+        },
     ),
     "signed-no-id": lambda body: signed(_without("id")(body), NEW_SECRET),
     "signed-no-type": lambda body: signed(_without("type")(body), NEW_SECRET),
@@ -367,7 +420,11 @@ async def test_forged_stale_or_malformed_deliveries_are_400_and_record_nothing(d
 async def test_both_the_old_and_the_new_secret_are_accepted(db, client, secret):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)), secret=OLD_SECRET if secret == "old" else NEW_SECRET)
+    await relay(
+        client,
+        event("invoice.paid", paid(invoice_id, stripe_customer)),
+        secret=OLD_SECRET if secret == "old" else NEW_SECRET,
+    )
     await wait_balance(db, customer_id, 10)
 
 
@@ -422,7 +479,12 @@ async def test_without_webhook_secrets_the_route_is_503(pg_url, redis_url):
 async def test_payment_failed_opens_a_dunning_case_and_the_customer_sees_a_notice(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    body = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds", message="Your card has insufficient funds."))
+    body = event(
+        "invoice.payment_failed",
+        failed(
+            invoice_id, stripe_customer, decline_code="insufficient_funds", message="Your card has insufficient funds."
+        ),
+    )
 
     await relay(client, body)
     case = await wait_case(db, invoice_id)
@@ -433,7 +495,10 @@ async def test_payment_failed_opens_a_dunning_case_and_the_customer_sees_a_notic
     assert case.first_failed_at == failed_at
     assert case.next_retry_at == failed_at + timedelta(days=1)
     assert case.hosted_invoice_url == f"https://invoice.stripe.com/i/acct_1/{invoice_id}"
-    assert (case.last_decline_code, case.last_failure_message) == ("insufficient_funds", "Your card has insufficient funds.")
+    assert (case.last_decline_code, case.last_failure_message) == (
+        "insufficient_funds",
+        "Your card has insufficient funds.",
+    )
     assert case.subscription_id == "sub_1"
 
     response = await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)
@@ -456,7 +521,11 @@ async def test_a_failure_reported_after_the_payment_never_opens_a_case(db, clien
     await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
     await wait_balance(db, customer_id, 10)
 
-    late = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(60))
+    late = event(
+        "invoice.payment_failed",
+        failed(invoice_id, stripe_customer, decline_code="insufficient_funds"),
+        created=ago(60),
+    )
     await relay(client, late)
     await wait_applied(db, late)
 
@@ -473,10 +542,20 @@ async def test_a_late_failure_for_a_paid_invoice_whose_credits_are_spent_opens_n
     await link(client, stripe_customer, customer_id)
     await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
     await wait_balance(db, customer_id, 10)
-    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    spent = JobCompleted(
+        event_id=f"job-{uuid.uuid4().hex}",
+        customer_id=customer_id,
+        occurred_at=datetime.now(UTC),
+        job_id="j-all",
+        credits=10,
+    )
     assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
 
-    late = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(60))
+    late = event(
+        "invoice.payment_failed",
+        failed(invoice_id, stripe_customer, decline_code="insufficient_funds"),
+        created=ago(60),
+    )
     await relay(client, late)
     await wait_applied(db, late)
 
@@ -487,13 +566,22 @@ async def test_a_late_failure_for_a_paid_invoice_whose_credits_are_spent_opens_n
 async def test_an_older_failure_after_the_payment_never_reopens_the_case(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(120)))
+    await relay(
+        client,
+        event(
+            "invoice.payment_failed",
+            failed(invoice_id, stripe_customer, decline_code="insufficient_funds"),
+            created=ago(120),
+        ),
+    )
     await wait_case(db, invoice_id)
     await relay(client, event("invoice.paid", paid(invoice_id, stripe_customer)))
     recovered = await wait_case(db, invoice_id, lambda case: case.status == "recovered")
 
     # Stripe's retry that failed a minute ago, delivered last.
-    late = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="do_not_honor"), created=ago(60))
+    late = event(
+        "invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="do_not_honor"), created=ago(60)
+    )
     await relay(client, late)
     await wait_applied(db, late)
 
@@ -508,8 +596,16 @@ async def test_an_older_failure_after_the_payment_never_reopens_the_case(db, cli
 async def test_an_older_failure_does_not_overwrite_the_newer_decline(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    newer = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds", message="newer"), created=ago(30))
-    older = event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="try_again_later", message="older"), created=ago(90))
+    newer = event(
+        "invoice.payment_failed",
+        failed(invoice_id, stripe_customer, decline_code="insufficient_funds", message="newer"),
+        created=ago(30),
+    )
+    older = event(
+        "invoice.payment_failed",
+        failed(invoice_id, stripe_customer, decline_code="try_again_later", message="older"),
+        created=ago(90),
+    )
 
     await relay(client, newer)
     await wait_case(db, invoice_id)
@@ -518,7 +614,11 @@ async def test_an_older_failure_does_not_overwrite_the_newer_decline(db, client)
 
     case = await case_of(db, invoice_id)
     assert case.status == "retrying"
-    assert (case.last_decline_code, case.last_failure_message, case.last_failure_at) == ("insufficient_funds", "newer", moment(newer["created"]))
+    assert (case.last_decline_code, case.last_failure_message, case.last_failure_at) == (
+        "insufficient_funds",
+        "newer",
+        moment(newer["created"]),
+    )
     notice = (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()
     assert (notice["decline_code"], notice["failure_reason"]) == ("insufficient_funds", "newer")
 
@@ -529,11 +629,17 @@ async def test_payment_action_required_asks_the_customer_to_confirm(db, client):
     await relay(client, event("invoice.payment_action_required", invoice(invoice_id, stripe_customer)))
     case = await wait_case(db, invoice_id)
 
-    assert (case.status, case.next_retry_at, case.last_decline_code) == ("action_required", None, "authentication_required")
+    assert (case.status, case.next_retry_at, case.last_decline_code) == (
+        "action_required",
+        None,
+        "authentication_required",
+    )
     notice = (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()
     assert notice["kind"] == "action_required"
     # Retrying without the customer cannot succeed: only the hosted page is offered.
-    assert notice["actions"] == [{"type": "update_payment_method", "url": case.hosted_invoice_url, "method": None, "path": None}]
+    assert notice["actions"] == [
+        {"type": "update_payment_method", "url": case.hosted_invoice_url, "method": None, "path": None}
+    ]
 
 
 # --------------------------------------------------------------------------- unknown Stripe customers
@@ -549,15 +655,28 @@ async def test_an_event_for_an_unknown_stripe_customer_is_parked_until_an_admin_
     listing = await client.get("/api/admin/stripe-events/parked", headers=ADMIN)
     assert listing.status_code == 200, listing.text
     [entry] = listing.json()
-    assert (entry["event_id"], entry["type"], entry["stripe_customer_id"]) == (body["id"], "invoice.paid", stripe_customer)
-    assert entry["detail"] == f"unknown Stripe customer {stripe_customer!r}: link it to a customer (PUT /api/admin/stripe-customers/{stripe_customer})"
+    assert (entry["event_id"], entry["type"], entry["stripe_customer_id"]) == (
+        body["id"],
+        "invoice.paid",
+        stripe_customer,
+    )
+    assert (
+        entry["detail"]
+        == f"unknown Stripe customer {stripe_customer!r}: link it to a customer (PUT /api/admin/stripe-customers/{stripe_customer})"
+    )
     assert (await client.get("/api/admin/stripe-events/parked", headers=FRONT)).status_code == 401
     await asyncio.sleep(0.3)
     assert await balance(db, customer_id) is None
 
-    linked = await client.put(f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": customer_id}, headers=ADMIN)
+    linked = await client.put(
+        f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": customer_id}, headers=ADMIN
+    )
     assert linked.status_code == 200, linked.text
-    assert linked.json() == {"stripe_customer_id": stripe_customer, "customer_id": customer_id, "parked_events_relayed": 1}
+    assert linked.json() == {
+        "stripe_customer_id": stripe_customer,
+        "customer_id": customer_id,
+        "parked_events_relayed": 1,
+    }
     await wait_balance(db, customer_id, 10)
     assert (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json() == []
     [row] = await stripe_event_rows(db)
@@ -565,12 +684,18 @@ async def test_an_event_for_an_unknown_stripe_customer_is_parked_until_an_admin_
     assert row.resolved_at is not None
 
     # Linking the same pair again is harmless; linking it to someone else is refused.
-    again = await client.put(f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": customer_id}, headers=ADMIN)
+    again = await client.put(
+        f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": customer_id}, headers=ADMIN
+    )
     assert again.status_code == 200 and again.json()["parked_events_relayed"] == 0
-    other = await client.put(f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": "someone-else"}, headers=ADMIN)
+    other = await client.put(
+        f"/api/admin/stripe-customers/{stripe_customer}", json={"customer_id": "someone-else"}, headers=ADMIN
+    )
     assert other.status_code == 409, other.text
     # Nor may our customer be linked to a second Stripe customer.
-    second = await client.put(f"/api/admin/stripe-customers/cus_{uuid.uuid4().hex[:10]}", json={"customer_id": customer_id}, headers=ADMIN)
+    second = await client.put(
+        f"/api/admin/stripe-customers/cus_{uuid.uuid4().hex[:10]}", json={"customer_id": customer_id}, headers=ADMIN
+    )
     assert second.status_code == 409, second.text
     assert await balance(db, customer_id) == 10
 
@@ -614,7 +739,9 @@ async def test_admin_relay_retranslates_every_parked_event(db, client):
     assert [r["outcome"] for r in still.json()] == ["parked"]
 
     async with db.begin() as connection:  # linked behind the relay's back (say, by a migration)
-        await connection.execute(stripe_customers.insert().values(stripe_customer_id=stripe_customer, customer_id=customer_id))
+        await connection.execute(
+            stripe_customers.insert().values(stripe_customer_id=stripe_customer, customer_id=customer_id)
+        )
     relayed = await client.post("/api/admin/stripe-events/parked/relay", headers=ADMIN)
     assert [r["outcome"] for r in relayed.json()] == ["relayed"]
     await wait_balance(db, customer_id, 10)
@@ -631,25 +758,39 @@ async def test_refunds_take_back_credits_in_proportion_once(db, client, legacy_s
     await wait_balance(db, customer_id, 10)
     on_invoice = invoice_id if legacy_shape else None
 
-    partial = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent, invoice_id=on_invoice))
+    partial = event(
+        "charge.refunded",
+        charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent, invoice_id=on_invoice),
+    )
     await relay(client, partial)
     await wait_balance(db, customer_id, 5, "half the payment's credits to be taken back")
 
     assert (await deliver(client, partial)).json()["outcome"] == "duplicate"
     # The partial refund reported again (a new event id): the total stated is cumulative, nothing more is taken.
-    replay = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent, invoice_id=on_invoice))
+    replay = event(
+        "charge.refunded",
+        charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent, invoice_id=on_invoice),
+    )
     await relay(client, replay)
     await wait_applied(db, replay)
     assert await balance(db, customer_id) == 5
 
-    full = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent, invoice_id=on_invoice))
+    full = event(
+        "charge.refunded",
+        charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent, invoice_id=on_invoice),
+    )
     await relay(client, full)
     await wait_balance(db, customer_id, 0, "the rest to be taken back")
     await wait_applied(db, full)
 
     [lot] = await rows(db, select(credit_lots).where(credit_lots.c.customer_id == customer_id))
     assert (lot.amount, lot.remaining, lot.reversed) == (10, 0, 10)
-    reversals = await rows(db, select(ledger_entries).where(ledger_entries.c.customer_id == customer_id, ledger_entries.c.kind == "reversed").order_by(ledger_entries.c.id))
+    reversals = await rows(
+        db,
+        select(ledger_entries)
+        .where(ledger_entries.c.customer_id == customer_id, ledger_entries.c.kind == "reversed")
+        .order_by(ledger_entries.c.id),
+    )
     assert [(e.credits, e.note) for e in reversals] == [(-5, f"payment {invoice_id} refunded")] * 2
     assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 0
     await no_dead_letters(db)
@@ -664,10 +805,17 @@ async def test_a_late_refund_report_after_the_payment_was_fully_reversed_takes_n
     await link(client, stripe_customer, customer_id)
     intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
     await wait_balance(db, customer_id, 10)
-    await relay(client, event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent)))
+    await relay(
+        client,
+        event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent)),
+    )
     await wait_balance(db, customer_id, 0)
 
-    late = event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent), created=ago(60))
+    late = event(
+        "charge.refunded",
+        charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent),
+        created=ago(60),
+    )
     await relay(client, late)
     await wait_applied(db, late)
 
@@ -680,10 +828,19 @@ async def test_refunding_spent_credits_leaves_an_overdraft(db, client):
     await link(client, stripe_customer, customer_id)
     intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
     await wait_balance(db, customer_id, 10)
-    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-1", credits=8)
+    spent = JobCompleted(
+        event_id=f"job-{uuid.uuid4().hex}",
+        customer_id=customer_id,
+        occurred_at=datetime.now(UTC),
+        job_id="j-1",
+        credits=8,
+    )
     assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
 
-    await relay(client, event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent)))
+    await relay(
+        client,
+        event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=4900, payment_intent=intent)),
+    )
     await wait_balance(db, customer_id, -8)
 
     assert await scalar(db, select(customers.c.overdraft).where(customers.c.customer_id == customer_id)) == 8
@@ -710,10 +867,25 @@ async def test_disputing_a_payment_whose_credits_are_all_spent_leaves_an_overdra
     await link(client, stripe_customer, customer_id)
     intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
     await wait_balance(db, customer_id, 10)
-    spent = JobCompleted(event_id=f"job-{uuid.uuid4().hex}", customer_id=customer_id, occurred_at=datetime.now(timezone.utc), job_id="j-all", credits=10)
+    spent = JobCompleted(
+        event_id=f"job-{uuid.uuid4().hex}",
+        customer_id=customer_id,
+        occurred_at=datetime.now(UTC),
+        job_id="j-all",
+        credits=10,
+    )
     assert await handlers.apply_event(spent, SqlUnitOfWork(db), POLICY) == handlers.Outcome.APPLIED
 
-    dispute = {"id": f"dp_{invoice_id}", "object": "dispute", "charge": charge_id, "payment_intent": intent, "amount": 4900, "currency": "usd", "reason": "fraudulent", "status": "needs_response"}
+    dispute = {
+        "id": f"dp_{invoice_id}",
+        "object": "dispute",
+        "charge": charge_id,
+        "payment_intent": intent,
+        "amount": 4900,
+        "currency": "usd",
+        "reason": "fraudulent",
+        "status": "needs_response",
+    }
     disputed = event("charge.dispute.created", dispute)
     await relay(client, disputed)
     await wait_applied(db, disputed)
@@ -734,11 +906,14 @@ async def test_refunding_a_payment_whose_credits_expired_unused_writes_them_off(
     body = paid(invoice_id, stripe_customer, created=paid_at, legacy_shape=True)
     await relay(client, event("invoice.paid", body))
     await wait_balance(db, customer_id, 10)
-    swept = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), datetime.now(timezone.utc), batch_size=100)
+    swept = await handlers.expire_due_credits(lambda: SqlUnitOfWork(db), datetime.now(UTC), batch_size=100)
     assert swept.entries >= 1
     assert await balance(db, customer_id) == 0
 
-    refund = event("charge.refunded", charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"))
+    refund = event(
+        "charge.refunded",
+        charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"),
+    )
     await relay(client, refund)
     await wait_applied(db, refund)
 
@@ -755,11 +930,23 @@ async def test_a_dispute_takes_back_the_credits(db, client, legacy_shape):
     intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape)
     await wait_balance(db, customer_id, 10)
 
-    dispute = {"id": f"dp_{invoice_id}", "object": "dispute", "charge": charge_id, "payment_intent": intent, "amount": 4900, "currency": "usd", "reason": "fraudulent", "status": "needs_response"}
+    dispute = {
+        "id": f"dp_{invoice_id}",
+        "object": "dispute",
+        "charge": charge_id,
+        "payment_intent": intent,
+        "amount": 4900,
+        "currency": "usd",
+        "reason": "fraudulent",
+        "status": "needs_response",
+    }
     await relay(client, event("charge.dispute.created", dispute))
     await wait_balance(db, customer_id, 0)
 
-    [entry] = await rows(db, select(ledger_entries).where(ledger_entries.c.customer_id == customer_id, ledger_entries.c.kind == "reversed"))
+    [entry] = await rows(
+        db,
+        select(ledger_entries).where(ledger_entries.c.customer_id == customer_id, ledger_entries.c.kind == "reversed"),
+    )
     assert (entry.credits, entry.note) == (-10, f"payment {invoice_id} disputed")
     assert await reconciliation(db) == []
 
@@ -775,10 +962,22 @@ async def test_a_dispute_of_what_a_partial_refund_left_takes_back_the_rest(db, c
     await link(client, stripe_customer, customer_id)
     intent, charge_id = await pay_invoice(client, stripe_customer, invoice_id, legacy_shape=True)
     await wait_balance(db, customer_id, 10)
-    await relay(client, event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent)))
+    await relay(
+        client,
+        event("charge.refunded", charge(charge_id, stripe_customer, amount_refunded=2450, payment_intent=intent)),
+    )
     await wait_balance(db, customer_id, 5)
 
-    dispute = {"id": f"dp_{invoice_id}", "object": "dispute", "charge": charge_id, "payment_intent": intent, "amount": 2450, "currency": "usd", "reason": "fraudulent", "status": "needs_response"}
+    dispute = {
+        "id": f"dp_{invoice_id}",
+        "object": "dispute",
+        "charge": charge_id,
+        "payment_intent": intent,
+        "amount": 2450,
+        "currency": "usd",
+        "reason": "fraudulent",
+        "status": "needs_response",
+    }
     disputed = event("charge.dispute.created", dispute)
     await relay(client, disputed)
     await wait_applied(db, disputed)
@@ -789,13 +988,25 @@ async def test_a_dispute_of_what_a_partial_refund_left_takes_back_the_rest(db, c
 async def test_a_refund_for_an_unknown_charge_is_parked(db, client):
     customer_id, stripe_customer, _ = ids()
     await link(client, stripe_customer, customer_id)
-    body = event("charge.refunded", charge("ch_" + uuid.uuid4().hex[:10], stripe_customer, amount_refunded=4900, payment_intent="pi_" + uuid.uuid4().hex[:10]))
+    body = event(
+        "charge.refunded",
+        charge(
+            "ch_" + uuid.uuid4().hex[:10],
+            stripe_customer,
+            amount_refunded=4900,
+            payment_intent="pi_" + uuid.uuid4().hex[:10],
+        ),
+    )
 
     parked = await relay(client, body, outcome="parked")
 
     assert "no paid invoice known for this charge" in parked["detail"]
     [entry] = (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json()
-    assert (entry["event_id"], entry["type"], entry["stripe_customer_id"]) == (body["id"], "charge.refunded", stripe_customer)
+    assert (entry["event_id"], entry["type"], entry["stripe_customer_id"]) == (
+        body["id"],
+        "charge.refunded",
+        stripe_customer,
+    )
     assert entry["detail"] == parked["detail"]
 
 
@@ -803,12 +1014,22 @@ async def test_a_refund_for_an_unknown_charge_is_parked(db, client):
 
 
 def _customer_updated(stripe_customer: str, customer_id: str, method: str) -> dict:
-    obj = {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer_id}, "invoice_settings": {"default_payment_method": method}}
-    return event("customer.updated", obj, previous_attributes={"invoice_settings": {"default_payment_method": "pm_old"}})
+    obj = {
+        "id": stripe_customer,
+        "object": "customer",
+        "metadata": {"customer_id": customer_id},
+        "invoice_settings": {"default_payment_method": method},
+    }
+    return event(
+        "customer.updated", obj, previous_attributes={"invoice_settings": {"default_payment_method": "pm_old"}}
+    )
 
 
 def _attached(stripe_customer: str, customer_id: str, method: str) -> dict:
-    return event("payment_method.attached", {"id": method, "object": "payment_method", "type": "card", "customer": stripe_customer})
+    return event(
+        "payment_method.attached",
+        {"id": method, "object": "payment_method", "type": "card", "customer": stripe_customer},
+    )
 
 
 METHOD_EVENTS = {"customer.updated": _customer_updated, "payment_method.attached": _attached}
@@ -818,7 +1039,9 @@ METHOD_EVENTS = {"customer.updated": _customer_updated, "payment_method.attached
 async def test_a_new_payment_method_requests_an_immediate_charge_of_the_open_case(db, client, make):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds")))
+    await relay(
+        client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"))
+    )
     case = await wait_case(db, invoice_id)
 
     body = make(stripe_customer, customer_id, "pm_new")
@@ -848,8 +1071,15 @@ async def test_a_new_payment_method_with_nothing_owed_requests_nothing(db, clien
 async def test_customer_updated_without_a_payment_method_change_is_ignored(db, client):
     customer_id, stripe_customer, _ = ids()
     await link(client, stripe_customer, customer_id)
-    obj = {"id": stripe_customer, "object": "customer", "metadata": {"customer_id": customer_id}, "email": "new@example.com"}
-    body = await relay(client, event("customer.updated", obj, previous_attributes={"email": "old@example.com"}), outcome="ignored")
+    obj = {
+        "id": stripe_customer,
+        "object": "customer",
+        "metadata": {"customer_id": customer_id},
+        "email": "new@example.com",
+    }
+    body = await relay(
+        client, event("customer.updated", obj, previous_attributes={"email": "old@example.com"}), outcome="ignored"
+    )
     assert body["detail"] == "no change we use"
 
 
@@ -863,7 +1093,10 @@ async def test_one_card_change_reported_twice_requests_one_charge_with_that_card
     await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="lost_card")))
     case = await wait_case(db, invoice_id, lambda case: case.status == "needs_payment_method")
 
-    for body in (_attached(stripe_customer, customer_id, "pm_card"), _customer_updated(stripe_customer, customer_id, "pm_card")):
+    for body in (
+        _attached(stripe_customer, customer_id, "pm_card"),
+        _customer_updated(stripe_customer, customer_id, "pm_card"),
+    ):
         await relay(client, body)
         await wait_applied(db, body)
 
@@ -872,11 +1105,21 @@ async def test_one_card_change_reported_twice_requests_one_charge_with_that_card
     await no_dead_letters(db)
 
 
-@pytest.mark.parametrize(("stripe_type", "status", "reason"), [("invoice.voided", "void", "voided"), ("invoice.marked_uncollectible", "uncollectible", "uncollectible")])
+@pytest.mark.parametrize(
+    ("stripe_type", "status", "reason"),
+    [("invoice.voided", "void", "voided"), ("invoice.marked_uncollectible", "uncollectible", "uncollectible")],
+)
 async def test_a_voided_or_written_off_invoice_closes_its_case(db, client, stripe_type, status, reason):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    await relay(client, event("invoice.payment_failed", failed(invoice_id, stripe_customer, decline_code="insufficient_funds"), created=ago(60)))
+    await relay(
+        client,
+        event(
+            "invoice.payment_failed",
+            failed(invoice_id, stripe_customer, decline_code="insufficient_funds"),
+            created=ago(60),
+        ),
+    )
     await wait_case(db, invoice_id)
     assert (await client.get(f"/api/customers/{customer_id}/notice", headers=FRONT)).json()["kind"] == "payment_failed"
 
@@ -900,15 +1143,26 @@ async def test_a_voided_or_written_off_invoice_closes_its_case(db, client, strip
 async def test_a_refund_of_a_parked_payment_is_parked_with_it_and_both_stay_parked_on_relay(db, client):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)
-    paid_body = event("invoice.paid", paid(invoice_id, stripe_customer, price="price_unknown", legacy_shape=True), created=ago(30))
+    paid_body = event(
+        "invoice.paid", paid(invoice_id, stripe_customer, price="price_unknown", legacy_shape=True), created=ago(30)
+    )
     await relay(client, paid_body, outcome="parked")
 
-    refund = event("charge.refunded", charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"))
+    refund = event(
+        "charge.refunded",
+        charge(f"ch_{invoice_id}", stripe_customer, amount_refunded=4900, payment_intent=f"pi_{invoice_id}"),
+    )
     parked = await relay(client, refund, outcome="parked")
-    assert parked["detail"] == f"the credits of invoice {invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed"
+    assert (
+        parked["detail"]
+        == f"the credits of invoice {invoice_id} are not known yet: relay the parked events once its invoice.paid is relayed"
+    )
 
     listing = (await client.get("/api/admin/stripe-events/parked", headers=ADMIN)).json()
-    assert [(e["event_id"], e["type"]) for e in listing] == [(paid_body["id"], "invoice.paid"), (refund["id"], "charge.refunded")]
+    assert [(e["event_id"], e["type"]) for e in listing] == [
+        (paid_body["id"], "invoice.paid"),
+        (refund["id"], "charge.refunded"),
+    ]
 
     relayed = await client.post("/api/admin/stripe-events/parked/relay", headers=ADMIN)
     assert relayed.status_code == 200, relayed.text
@@ -940,7 +1194,15 @@ async def test_proration_lines_carry_no_credits(db, client):
     body = paid(invoice_id, stripe_customer)
     body["lines"]["data"] = [
         _line("il_unused", quantity=1, amount=-2450, proration=True),
-        _line("il_remaining", quantity=2, amount=4900, parent={"type": "subscription_item_details", "subscription_item_details": {"proration": True, "subscription": "sub_1"}}),
+        _line(
+            "il_remaining",
+            quantity=2,
+            amount=4900,
+            parent={
+                "type": "subscription_item_details",
+                "subscription_item_details": {"proration": True, "subscription": "sub_1"},
+            },
+        ),
         _line("il_remaining_legacy", quantity=3, amount=1000, proration=True),
         _line("il_period", quantity=1, amount=4900),
     ]
@@ -976,6 +1238,7 @@ async def test_a_webhook_body_over_a_megabyte_is_413_and_records_nothing(db, cli
     assert len(payload) > 1_000_000
 
     if streamed:
+
         async def chunks():
             for start in range(0, len(payload), 64 * 1024):
                 yield payload[start : start + 64 * 1024]
@@ -997,7 +1260,11 @@ async def test_a_webhook_body_over_a_megabyte_is_413_and_records_nothing(db, cli
     await wait_balance(db, customer_id, 10)
 
 
-@pytest.mark.parametrize("lines", [{"object": "list", "data": ["il_1"], "has_more": False}, ["il_1"], "il_1"], ids=["ids-in-data", "list", "string"])
+@pytest.mark.parametrize(
+    "lines",
+    [{"object": "list", "data": ["il_1"], "has_more": False}, ["il_1"], "il_1"],
+    ids=["ids-in-data", "list", "string"],
+)
 async def test_invoice_lines_that_are_not_objects_are_parked_not_a_500(db, client, lines):
     customer_id, stripe_customer, invoice_id = ids()
     await link(client, stripe_customer, customer_id)

@@ -101,10 +101,19 @@ async def webhook_app(db: Database, redis_url: str, redis_client: redis.Redis):
         admin_cookie_secure=False,
     )
     app = create_app(settings, db=db)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://credits.test", timeout=20
-    ) as http:
-        linked = await http.put("/api/admin/stripe-customers/cus_forge", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, json={"customer_id": "cust-forge"})
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+            base_url="http://credits.test",
+            timeout=20,
+        ) as http,
+    ):
+        linked = await http.put(
+            "/api/admin/stripe-customers/cus_forge",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            json={"customer_id": "cust-forge"},
+        )
         assert linked.status_code == 200, linked.text
         yield http
 
@@ -120,7 +129,12 @@ def published(redis_client: redis.Redis) -> int:
     total = 0
     for key in keys:
         kind = redis_client.type(key).decode()
-        total += {"list": redis_client.llen, "hash": redis_client.hlen, "zset": redis_client.zcard, "set": redis_client.scard}.get(kind, lambda _k: 1)(key)
+        total += {
+            "list": redis_client.llen,
+            "hash": redis_client.hlen,
+            "zset": redis_client.zcard,
+            "set": redis_client.scard,
+        }.get(kind, lambda _k: 1)(key)
     return total
 
 
@@ -148,7 +162,10 @@ def genuinely_signed(body: bytes, header: bytes, now: int) -> bool:
         return False
     if timestamp < now - TOLERANCE:
         return False
-    expected = {hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest().encode() for secret in (OLD_SECRET, NEW_SECRET)}
+    expected = {
+        hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest().encode()
+        for secret in (OLD_SECRET, NEW_SECRET)
+    }
     return any(key == b"v1" and value and value[0] in expected for key, *value in items)
 
 
@@ -166,10 +183,21 @@ def mutate_body(rng: random.Random, body: bytes) -> bytes:
         i = rng.randrange(len(data))
         del data[i : i + rng.randint(1, 16)]
     elif choice == 3:  # truncate or extend
-        data = data[: rng.randrange(len(data))] if rng.random() < 0.5 else data + rng.choice([b" ", b"\n", b"\x00", b"{}", b"\r\n"])
+        data = (
+            data[: rng.randrange(len(data))]
+            if rng.random() < 0.5
+            else data + rng.choice([b" ", b"\n", b"\x00", b"{}", b"\r\n"])
+        )
     elif choice == 4:  # the same JSON, other bytes: still not what was signed
         parsed = json.loads(body)
-        data = bytearray(json.dumps(parsed, indent=rng.choice([None, 1, 2]), sort_keys=rng.random() < 0.5, separators=rng.choice([(",", ":"), (", ", ": ")])).encode())
+        data = bytearray(
+            json.dumps(
+                parsed,
+                indent=rng.choice([None, 1, 2]),
+                sort_keys=rng.random() < 0.5,
+                separators=rng.choice([(",", ":"), (", ", ": ")]),
+            ).encode()
+        )
         if data == body:
             data += b" "
     elif choice == 5:  # change a value an attacker cares about
@@ -230,12 +258,23 @@ def mutate_header(rng: random.Random, header: str, body: bytes, timestamp: int) 
         sigs = [hashlib.sha256(rng.randbytes(16)).hexdigest() for _ in range(n)]
         out = (f"t={timestamp}," + ",".join(f"v1={s}" for s in sigs)).encode()
     elif choice == 8:  # parts missing or doubled
-        out = rng.choice([f"v1={signature}", f"t={timestamp}", f"t={timestamp},t={timestamp},v1=", "", ",", f"t=,v1={signature}"]).encode()
+        out = rng.choice(
+            [f"v1={signature}", f"t={timestamp}", f"t={timestamp},t={timestamp},v1=", "", ",", f"t=,v1={signature}"]
+        ).encode()
     elif choice == 9:  # stale, genuinely signed
         stale = timestamp - TOLERANCE - rng.randint(5, 10**7)
         out = sign(body, NEW_SECRET, stale).encode()
     elif choice == 10:  # a secret near the right one
-        near = rng.choice([NEW_SECRET + "x", NEW_SECRET[:-1], NEW_SECRET.upper(), NEW_SECRET.removeprefix("whsec_"), OLD_SECRET[::-1], ""])
+        near = rng.choice(
+            [
+                NEW_SECRET + "x",
+                NEW_SECRET[:-1],
+                NEW_SECRET.upper(),
+                NEW_SECRET.removeprefix("whsec_"),
+                OLD_SECRET[::-1],
+                "",
+            ]
+        )
         out = sign(body, near or "x", timestamp).encode()
     else:  # bytes outside ASCII in the header (latin-1 on the wire, as a real client can send)
         raw = bytearray(header.encode("latin-1"))
@@ -249,7 +288,9 @@ def mutate_header(rng: random.Random, header: str, body: bytes, timestamp: int) 
 
 
 @pytest.mark.timeout(120)
-async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_once(webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis, capsys):
+async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_once(
+    webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis, capsys
+):
     http = webhook_app
     started = time.monotonic()
     rng = random.Random(SEED)
@@ -262,7 +303,9 @@ async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_on
     header = sign(body, NEW_SECRET, now)
     assert header == signed(body.decode(), NEW_SECRET, now)[1]["Stripe-Signature"]  # as Stripe signs it
 
-    async def post(kind: str, content, signature: bytes | str | None, *allowed: int, content_type: str = "application/json") -> None:
+    async def post(
+        kind: str, content, signature: bytes | str | None, *allowed: int, content_type: str = "application/json"
+    ) -> None:
         headers: dict = {"Content-Type": content_type}
         if signature is not None:
             headers["Stripe-Signature"] = signature
@@ -279,7 +322,12 @@ async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_on
     await post("blank header", body, "   ")
 
     # Wrong secrets.
-    for secret in ["whsec_" + uuid.uuid4().hex for _ in range(20)] + [NEW_SECRET + " ", " " + OLD_SECRET, NEW_SECRET.upper(), "whsec_"]:
+    for secret in ["whsec_" + uuid.uuid4().hex for _ in range(20)] + [
+        NEW_SECRET + " ",
+        " " + OLD_SECRET,
+        NEW_SECRET.upper(),
+        "whsec_",
+    ]:
         await post("wrong secret", body, sign(body, secret, now))
 
     # One byte changed, at every position of the body (with the genuine header).
@@ -324,8 +372,16 @@ async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_on
     events_after_forgeries, published_after_forgeries = await stored_events(db), published(redis_client)
 
     # The positive control: the genuine delivery is accepted once, its redelivery is a duplicate.
-    first = await http.post(WEBHOOK, content=body, headers={"Stripe-Signature": sign(body, NEW_SECRET, int(time.time())), "Content-Type": "application/json"})
-    again = await http.post(WEBHOOK, content=body, headers={"Stripe-Signature": sign(body, OLD_SECRET, int(time.time())), "Content-Type": "application/json"})
+    first = await http.post(
+        WEBHOOK,
+        content=body,
+        headers={"Stripe-Signature": sign(body, NEW_SECRET, int(time.time())), "Content-Type": "application/json"},
+    )
+    again = await http.post(
+        WEBHOOK,
+        content=body,
+        headers={"Stripe-Signature": sign(body, OLD_SECRET, int(time.time())), "Content-Type": "application/json"},
+    )
 
     figures = {
         "test": "webhook forgeries",
@@ -342,7 +398,10 @@ async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_on
         "stripe_events_after_forgeries": events_after_forgeries,
         "published_after_forgeries": published_after_forgeries,
         "genuine": [first.status_code, first.json().get("outcome") if first.status_code == 200 else first.text[:100]],
-        "redelivered": [again.status_code, again.json().get("outcome") if again.status_code == 200 else again.text[:100]],
+        "redelivered": [
+            again.status_code,
+            again.json().get("outcome") if again.status_code == 200 else again.text[:100],
+        ],
         "seconds": round(time.monotonic() - started, 1),
     }
     report(capsys, figures)
@@ -359,7 +418,9 @@ async def test_forged_deliveries_are_all_refused_and_the_genuine_one_accepted_on
     assert forgeries_seconds < 60
 
 
-async def test_a_non_ascii_stripe_signature_header_is_a_400_not_a_500(webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis):
+async def test_a_non_ascii_stripe_signature_header_is_a_400_not_a_500(
+    webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis
+):
     """Regression: a ``v1`` value with a byte >= 0x80 (latin-1 on the wire) reached
     ``hmac.compare_digest`` inside stripe's ``verify_header`` as a non-ASCII str, which raises
     TypeError; ``infra.stripe.webhooks.verify`` catches only SignatureVerificationError, so the
@@ -367,22 +428,39 @@ async def test_a_non_ascii_stripe_signature_header_is_a_400_not_a_500(webhook_ap
     body = json.dumps(genuine_event()).encode()
     now = int(time.time())
     genuine = sign(body, NEW_SECRET, now)
-    for header in (f"t={now},v1=\xe9".encode("latin-1"), f"t={now},v1={'a' * 63}\xff".encode("latin-1"), sign(body, "whsec_x", now).encode() + b"\xa0"):
-        response = await webhook_app.post(WEBHOOK, content=body, headers={"Stripe-Signature": header, "Content-Type": "application/json"})
+    for header in (
+        f"t={now},v1=\xe9".encode("latin-1"),
+        f"t={now},v1={'a' * 63}\xff".encode("latin-1"),
+        sign(body, "whsec_x", now).encode() + b"\xa0",
+    ):
+        response = await webhook_app.post(
+            WEBHOOK, content=body, headers={"Stripe-Signature": header, "Content-Type": "application/json"}
+        )
         assert response.status_code == 400, (header, response.status_code, response.text)
     # A garbage signature before the genuine one: honoured (200) or refused (400), never a 500.
     header = f"t={now},v1=\xe9,v1={genuine.split('v1=')[1]}".encode("latin-1")
-    response = await webhook_app.post(WEBHOOK, content=body, headers={"Stripe-Signature": header, "Content-Type": "application/json"})
+    response = await webhook_app.post(
+        WEBHOOK, content=body, headers={"Stripe-Signature": header, "Content-Type": "application/json"}
+    )
     assert response.status_code in (200, 400), (header, response.status_code, response.text)
     assert published(redis_client) <= 1
 
 
-async def test_a_correctly_signed_future_dated_delivery_is_refused(webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis):
+async def test_a_correctly_signed_future_dated_delivery_is_refused(
+    webhook_app: httpx.AsyncClient, db: Database, redis_client: redis.Redis
+):
     """Hardening, not a forgery: stripe-python's ``verify_header`` only refuses timestamps older
     than the tolerance, so a delivery signed with the real secret for a moment a year ahead is
     accepted. Only a holder of the secret can make one (and event ids are deduplicated), but a
     signature valid for a year is a replay window the tolerance is meant to close."""
     body = json.dumps(genuine_event()).encode()
-    response = await webhook_app.post(WEBHOOK, content=body, headers={"Stripe-Signature": sign(body, NEW_SECRET, int(time.time()) + 365 * 86_400), "Content-Type": "application/json"})
+    response = await webhook_app.post(
+        WEBHOOK,
+        content=body,
+        headers={
+            "Stripe-Signature": sign(body, NEW_SECRET, int(time.time()) + 365 * 86_400),
+            "Content-Type": "application/json",
+        },
+    )
     assert response.status_code == 400, (response.status_code, response.text)
     assert await stored_events(db) == 0 and published(redis_client) == 0

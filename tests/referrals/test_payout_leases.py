@@ -27,8 +27,7 @@ from infra.settings import load_settings
 from infra.stripe.transfers import StripeConnectGateway
 from service_layer import payouts
 from service_layer.payouts import PayoutOrder, PayoutRun, Sent
-from tests.support.referrals import ADMIN_TOKEN, FRONT_TOKEN, GATEWAYS, Api, at
-from tests.support.referrals import FRIDAY, WEEK, referred_and_paid
+from tests.support.referrals import ADMIN_TOKEN, FRIDAY, FRONT_TOKEN, GATEWAYS, WEEK, Api, at, referred_and_paid
 
 LEASE = 3  # payouts per lease in these tests (PAYOUTS_PER_LEASE is 100)
 STARTED = at(10, 16, 14, 5)  # the wall clock of the run that crashes
@@ -59,8 +58,13 @@ class CrashingGateway:
 @asynccontextmanager
 async def serving(db, pg_url: str, fake_stripe):
     settings = load_settings(
-        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONT_TOKEN, event_max_age_days=36500,
-        stripe_api_key="sk_test_leases", stripe_api_base=fake_stripe.url, stripe_timeout_seconds=2,
+        database_url=pg_url,
+        admin_api_token=ADMIN_TOKEN,
+        frontend_api_token=FRONT_TOKEN,
+        event_max_age_days=36500,
+        stripe_api_key="sk_test_leases",
+        stripe_api_base=fake_stripe.url,
+        stripe_timeout_seconds=2,
     )
     clock = FixedClock(at(10, 1, 12))
     app = create_app(settings, clock=clock, db=db)
@@ -83,7 +87,11 @@ async def payees(api: Api, count: int, method: str) -> list[str]:
     """``count`` partners paid by ``method``, each with one 5000 reward payable on FRIDAY."""
     ids = [f"partner-{n}" for n in range(1, count + 1)]
     for n, payee in enumerate(ids, start=1):
-        extra = {"stripe_account_id": f"acct_lease{n}"} if method == "stripe_connect" else {"payout_address": f"{payee}@bank.example"}
+        extra = (
+            {"stripe_account_id": f"acct_lease{n}"}
+            if method == "stripe_connect"
+            else {"payout_address": f"{payee}@bank.example"}
+        )
         code = await api.register(payee, "partner", name=f"P{n}", payout_method=method, **extra)
         await referred_and_paid(api, code, [f"{payee}-referred"], at(10, 1, 13))
     return ids
@@ -91,7 +99,9 @@ async def payees(api: Api, count: int, method: str) -> list[str]:
 
 async def payout_rows(db) -> dict[str, object]:
     async with db.connect() as connection:
-        return {row.payee_id: row for row in await connection.execute(select(payouts_table).order_by(payouts_table.c.id))}
+        return {
+            row.payee_id: row for row in await connection.execute(select(payouts_table).order_by(payouts_table.c.id))
+        }
 
 
 async def reward_statuses(db) -> dict[str, str]:
@@ -100,14 +110,18 @@ async def reward_statuses(db) -> dict[str, str]:
 
 
 async def run(api: Api, gateways: dict, wall: datetime, now: datetime = FRIDAY) -> PayoutRun:
-    return await payouts.pay_referrals(api.new_uow, gateways, GATEWAYS, now, api.settings.referrals, wall_clock=lambda: wall)
+    return await payouts.pay_referrals(
+        api.new_uow, gateways, GATEWAYS, now, api.settings.referrals, wall_clock=lambda: wall
+    )
 
 
 def requests(fake_stripe, method: str) -> list:
     return [r for r in fake_stripe.requests if r.method == method and r.path == "/v1/transfers"]
 
 
-async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_check_and_nobody_is_paid_twice(api, fake_stripe, small_leases):
+async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_check_and_nobody_is_paid_twice(
+    api, fake_stripe, small_leases
+):
     ids = await payees(api, 5, "stripe_connect")
     connect = StripeConnectGateway(api.settings)
     leased_when_first_sent: list[dict] = []
@@ -115,7 +129,9 @@ async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_chec
     async def lease_committed(order: PayoutOrder) -> None:
         # Seen from another connection: the whole lease is marked tried before the provider hears of any of it.
         if not leased_when_first_sent:
-            leased_when_first_sent.append({p: (r.attempts, r.leased_until) for p, r in (await payout_rows(api.db)).items()})
+            leased_when_first_sent.append(
+                {p: (r.attempts, r.leased_until) for p, r in (await payout_rows(api.db)).items()}
+            )
 
     # The provider makes the second transfer, and the process dies before hearing the answer.
     crashing = CrashingGateway(connect, crash_on=2, seen=lease_committed)
@@ -125,10 +141,13 @@ async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_chec
     lease_end = STARTED + payouts.SEND_LEASE
     assert leased_when_first_sent == [{p: ((1, lease_end) if p in ids[:LEASE] else (0, None)) for p in ids}]
     rows = await payout_rows(api.db)
-    assert {p: (r.status, r.attempts, r.leased_until) for p, r in rows.items()} == {
-        **{p: ("pending", 1, lease_end) for p in ids[:LEASE]},  # tried, fate unknown: at most one lease
-        **{p: ("pending", 0, None) for p in ids[LEASE:]},
-    }
+    assert (
+        {p: (r.status, r.attempts, r.leased_until) for p, r in rows.items()}
+        == {
+            **{p: ("pending", 1, lease_end) for p in ids[:LEASE]},  # tried, fate unknown: at most one lease
+            **{p: ("pending", 0, None) for p in ids[LEASE:]},
+        }
+    )
     assert [t["transfer_group"] for t in fake_stripe.transfers] == [rows[p].idempotency_key for p in ids[:2]]
     assert [o.attempts for o in crashing.orders] == [0, 0]
 
@@ -137,7 +156,10 @@ async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_chec
     assert (during.created, during.sent, during.failed) == ([], {"paid": 2}, [])
     assert requests(fake_stripe, "GET") == []
     rows = await payout_rows(api.db)
-    assert {p: rows[p].status for p in ids} == {**dict.fromkeys(ids[:LEASE], "pending"), **dict.fromkeys(ids[LEASE:], "paid")}
+    assert {p: rows[p].status for p in ids} == {
+        **dict.fromkeys(ids[:LEASE], "pending"),
+        **dict.fromkeys(ids[LEASE:], "paid"),
+    }
 
     # After the lease: each payout of the crashed lease is checked with Stripe by its transfer group first.
     checked = CrashingGateway(StripeConnectGateway(api.settings), crash_on=0)
@@ -159,7 +181,9 @@ async def test_a_crash_between_the_lease_and_its_record_leaves_one_lease_to_chec
     assert (final.sent, len(fake_stripe.transfers)) == ({}, 5)
 
 
-async def test_a_crash_mid_lease_with_the_manual_gateway_exports_each_payout_once_when_the_lease_ends(api, small_leases):
+async def test_a_crash_mid_lease_with_the_manual_gateway_exports_each_payout_once_when_the_lease_ends(
+    api, small_leases
+):
     ids = await payees(api, 4, "manual")
     manual = CrashingGateway(ManualGateway(), crash_on=1)
     with pytest.raises(Crash):
@@ -174,9 +198,13 @@ async def test_a_crash_mid_lease_with_the_manual_gateway_exports_each_payout_onc
     again = CrashingGateway(ManualGateway(), crash_on=0)
     after = await run(api, {"manual": again}, STARTED + payouts.SEND_LEASE + timedelta(seconds=1))
     assert (after.sent, after.failed) == ({"exported": 4}, [])
-    assert sorted((o.payee_id, o.attempts) for o in again.orders) == sorted([(p, 1) for p in ids[:LEASE]] + [(ids[LEASE], 0)])
+    assert sorted((o.payee_id, o.attempts) for o in again.orders) == sorted(
+        [(p, 1) for p in ids[:LEASE]] + [(ids[LEASE], 0)]
+    )
     rows = await payout_rows(api.db)
-    assert {p: (r.status, r.period, r.leased_until) for p, r in rows.items()} == dict.fromkeys(ids, ("exported", WEEK, None))
+    assert {p: (r.status, r.period, r.leased_until) for p, r in rows.items()} == dict.fromkeys(
+        ids, ("exported", WEEK, None)
+    )
     assert await reward_statuses(api.db) == dict.fromkeys(ids, "in_payout")
 
 
@@ -212,7 +240,9 @@ async def test_making_and_sending_payouts_costs_the_same_statements_for_3_payees
     large = [f"partner-b{n:02}" for n in range(30)]
     for payees_of_week, paid_at in ((small, at(10, 1, 13)), (large, at(10, 8, 13))):  # payable Oct 16, and Oct 23
         for payee in payees_of_week:
-            code = await api.register(payee, "partner", name=payee, payout_method="manual", payout_address=f"{payee}@bank.example")
+            code = await api.register(
+                payee, "partner", name=payee, payout_method="manual", payout_address=f"{payee}@bank.example"
+            )
             await referred_and_paid(api, code, [f"{payee}-1", f"{payee}-2"], paid_at)
     rules, counter = api.settings.referrals, Statements(api.db)
     try:
@@ -221,11 +251,15 @@ async def test_making_and_sending_payouts_costs_the_same_statements_for_3_payees
             await payouts.release_rewards(api.new_uow, friday)
             made, sent = PayoutRun(), PayoutRun()
             making = await counter.during(payouts.make_payouts(api.new_uow, GATEWAYS, friday, rules, made))
-            sending = await counter.during(payouts.send_payouts(api.new_uow, {"manual": ManualGateway()}, lambda: friday, sent))
+            sending = await counter.during(
+                payouts.send_payouts(api.new_uow, {"manual": ManualGateway()}, lambda friday=friday: friday, sent)
+            )
             assert (len(made.created), sent.sent, sent.failed) == (len(expected), {"exported": len(expected)}, [])
             counts.append((making, sending))
     finally:
         counter.close()
     assert counts[0] == counts[1], counts
     rows = await payout_rows(api.db)
-    assert {p: (rows[p].amount_cents, rows[p].status, rows[p].attempts) for p in small + large} == dict.fromkeys(small + large, (10000, "exported", 1))
+    assert {p: (rows[p].amount_cents, rows[p].status, rows[p].attempts) for p in small + large} == dict.fromkeys(
+        small + large, (10000, "exported", 1)
+    )

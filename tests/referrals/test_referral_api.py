@@ -18,8 +18,8 @@ import pytest
 
 from api.app import create_app
 from domain.referrals import CODE_PATTERN
-from infra.db.referrals import payout_key
 from infra.clock import FixedClock
+from infra.db.referrals import payout_key
 from infra.settings import load_settings
 from messages import (
     ReferralSubmitted,
@@ -29,22 +29,27 @@ from service_layer.payouts import PayoutRun
 from tests.support.referrals import (
     ADMIN,
     ADMIN_TOKEN,
-    Api,
     FRONT,
     FRONT_TOKEN,
     GATEWAYS,
     PAYOUT_CSV_COLUMNS,
     REFERRAL_CSV_COLUMNS,
-    StubConnect,
     VELOCITY_LIMIT,
+    Api,
+    StubConnect,
     at,
     pay_referrals,
 )
 
+
 @pytest.fixture
 async def api(db, pg_url):
     settings = load_settings(
-        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONT_TOKEN, referral_velocity_limit=VELOCITY_LIMIT, event_max_age_days=36500
+        database_url=pg_url,
+        admin_api_token=ADMIN_TOKEN,
+        frontend_api_token=FRONT_TOKEN,
+        referral_velocity_limit=VELOCITY_LIMIT,
+        event_max_age_days=36500,
     )
     clock = FixedClock(at(10, 1, 12))
     app = create_app(settings, clock=clock, db=db)
@@ -58,7 +63,14 @@ async def api(db, pg_url):
 async def test_admin_registers_referrers_and_manages_their_codes(api):
     response = await api.http.post(
         "/api/admin/referrers",
-        json={"referrer_id": "partner-acme", "kind": "partner", "name": "Acme Corp", "email": "Partners@Acme.example", "payout_method": "stripe_connect", "stripe_account_id": "acct_acme1"},
+        json={
+            "referrer_id": "partner-acme",
+            "kind": "partner",
+            "name": "Acme Corp",
+            "email": "Partners@Acme.example",
+            "payout_method": "stripe_connect",
+            "stripe_account_id": "acct_acme1",
+        },
         headers=ADMIN,
     )
     assert response.status_code == 201, response.text
@@ -66,7 +78,9 @@ async def test_admin_registers_referrers_and_manages_their_codes(api):
     assert response.json()["referrer_id"] == "partner-acme"
     assert re.fullmatch(r"ACMECORP-[A-HJ-NP-Z2-9]{5}", first) and CODE_PATTERN.match(first)
 
-    duplicate = await api.http.post("/api/admin/referrers", json={"referrer_id": "partner-acme", "kind": "employee"}, headers=ADMIN)
+    duplicate = await api.http.post(
+        "/api/admin/referrers", json={"referrer_id": "partner-acme", "kind": "employee"}, headers=ADMIN
+    )
     assert duplicate.status_code == 409
     assert "partner-acme" in duplicate.json()["detail"]
     for bad in (
@@ -82,11 +96,15 @@ async def test_admin_registers_referrers_and_manages_their_codes(api):
     added = await api.http.post("/api/admin/referrers/partner-acme/codes", json={"code": "acme-fall"}, headers=ADMIN)
     assert (added.status_code, added.json()) == (201, {"referrer_id": "partner-acme", "code": "ACME-FALL"})
     for taken in ("ACME-FALL", "Acme-Fall", jo.lower()):
-        assert (await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": taken}, headers=ADMIN)).status_code == 409, taken
+        assert (
+            await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": taken}, headers=ADMIN)
+        ).status_code == 409, taken
     random_code = await api.http.post("/api/admin/referrers/partner-acme/codes", json={}, headers=ADMIN)
     assert random_code.status_code == 201 and random_code.json()["code"].startswith("ACMECORP-")
     assert (await api.http.post("/api/admin/referrers/nobody/codes", json={}, headers=ADMIN)).status_code == 404
-    assert (await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": "no spaces"}, headers=ADMIN)).status_code == 422
+    assert (
+        await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": "no spaces"}, headers=ADMIN)
+    ).status_code == 422
 
     # A deactivated code: a referral with it is rejected, with the reason.
     api.clock.move_to(at(10, 2, 9))
@@ -99,13 +117,32 @@ async def test_admin_registers_referrers_and_manages_their_codes(api):
     await api.sign_up("cust-late", at(10, 2, 10), "acme-fall")
     [rejected] = (await api.referrals(status="rejected"))["referrals"]
     assert (rejected["referred_customer_id"], rejected["referrer_id"], rejected["code"], rejected["reason"]) == (
-        "cust-late", "partner-acme", "ACME-FALL", "the referral code is no longer active"
+        "cust-late",
+        "partner-acme",
+        "ACME-FALL",
+        "the referral code is no longer active",
     )
-    assert [(h["status"], h["reason"]) for h in rejected["history"]] == [("rejected", "the referral code is no longer active")]
+    assert [(h["status"], h["reason"]) for h in rejected["history"]] == [
+        ("rejected", "the referral code is no longer active")
+    ]
 
     # The same customer may still be referred with a working code (lower case is fine); an unknown code is rejected.
-    await api.apply(ReferralSubmitted(event_id="submit-late", occurred_at=at(10, 2, 11), referral_code=first.lower(), referred_customer_id="cust-late"))
-    await api.apply(ReferralSubmitted(event_id="submit-ghost", occurred_at=at(10, 2, 11), referral_code="GHOST-2345", referred_customer_id="cust-ghost"))
+    await api.apply(
+        ReferralSubmitted(
+            event_id="submit-late",
+            occurred_at=at(10, 2, 11),
+            referral_code=first.lower(),
+            referred_customer_id="cust-late",
+        )
+    )
+    await api.apply(
+        ReferralSubmitted(
+            event_id="submit-ghost",
+            occurred_at=at(10, 2, 11),
+            referral_code="GHOST-2345",
+            referred_customer_id="cust-ghost",
+        )
+    )
     stands = await api.referral_of("cust-late")
     assert (stands["status"], stands["referrer_id"], stands["code"]) == ("awaiting_payment", "partner-acme", first)
     ghost = await api.referral_of("cust-ghost")
@@ -117,9 +154,15 @@ async def test_admin_registers_referrers_and_manages_their_codes(api):
     assert (await api.referral_of("cust-fall"))["status"] == "awaiting_payment"
 
     # How a referrer is paid can change.
-    patched = await api.http.patch("/api/admin/referrers/emp-jo", json={"payout_method": "cash_app", "same_day": True, "payout_address": "$jo"}, headers=ADMIN)
+    patched = await api.http.patch(
+        "/api/admin/referrers/emp-jo",
+        json={"payout_method": "cash_app", "same_day": True, "payout_address": "$jo"},
+        headers=ADMIN,
+    )
     assert patched.status_code == 204
-    assert (await api.http.patch("/api/admin/referrers/nobody", json={"same_day": True}, headers=ADMIN)).status_code == 404
+    assert (
+        await api.http.patch("/api/admin/referrers/nobody", json={"same_day": True}, headers=ADMIN)
+    ).status_code == 404
     api.clock.move_to(at(10, 7, 16))  # a Wednesday
     assert (await api.summary("emp-jo"))["next_payout_date"] == "2026-10-07"
     assert (await api.summary("partner-acme"))["next_payout_date"] == "2026-10-09"
@@ -142,7 +185,11 @@ async def test_referrals_are_listed_with_filters_totals_history_and_as_csv(api):
     await api.sign_up("a4", at(10, 4, 13), customer_code)
     await api.pay("a4", at(10, 4, 14))
     await api.refund("a4", at(10, 5, 9))
-    await api.apply(ReferralSubmitted(event_id="submit-a5", occurred_at=at(10, 5, 13), referral_code="NOSUCH-2345", referred_customer_id="a5"))
+    await api.apply(
+        ReferralSubmitted(
+            event_id="submit-a5", occurred_at=at(10, 5, 13), referral_code="NOSUCH-2345", referred_customer_id="a5"
+        )
+    )
 
     everything = await api.referrals()
     assert [r["referred_customer_id"] for r in everything["referrals"]] == ["a1", "a2", "a3", "a4", "a5"]
@@ -161,12 +208,23 @@ async def test_referrals_are_listed_with_filters_totals_history_and_as_csv(api):
         ("pending", "first payment pay-a4; held until 2026-10-18"),
         ("voided", "qualifying payment pay-a4 refunded"),
     ]
-    assert [datetime.fromisoformat(h["at"]) for h in by_customer["a4"]["history"]] == [at(10, 4, 13), at(10, 4, 14), at(10, 5, 9)]
+    assert [datetime.fromisoformat(h["at"]) for h in by_customer["a4"]["history"]] == [
+        at(10, 4, 13),
+        at(10, 4, 14),
+        at(10, 5, 9),
+    ]
 
     pending = await api.referrals(status="pending")
-    assert ([r["referred_customer_id"] for r in pending["referrals"]], pending["total"], pending["total_reward_cents"]) == (["a1", "a2"], 2, 6000)
+    assert (
+        [r["referred_customer_id"] for r in pending["referrals"]],
+        pending["total"],
+        pending["total_reward_cents"],
+    ) == (["a1", "a2"], 2, 6000)
     employee_view = await api.referrals(payee="emp-e")
-    assert ([r["referred_customer_id"] for r in employee_view["referrals"]], employee_view["total_reward_cents"]) == (["a2", "a3"], 1000)
+    assert ([r["referred_customer_id"] for r in employee_view["referrals"]], employee_view["total_reward_cents"]) == (
+        ["a2", "a3"],
+        1000,
+    )
     window = await api.referrals(since=at(10, 2).isoformat(), until=at(10, 4).isoformat())
     assert [r["referred_customer_id"] for r in window["referrals"]] == ["a2", "a3"]
     # Offsets are honoured: 09:30 in New York on Oct 3 is 13:30 UTC, after a3 was submitted.
@@ -184,12 +242,21 @@ async def test_referrals_are_listed_with_filters_totals_history_and_as_csv(api):
     reader = csv.DictReader(io.StringIO(exported.text))
     assert reader.fieldnames == REFERRAL_CSV_COLUMNS
     rows = list(reader)
-    assert [(r["referred_customer_id"], r["status"], r["reward_cents"], r["referrer_id"]) for r in rows] == [("a2", "pending", "1000", "emp-e"), ("a3", "awaiting_payment", "", "emp-e")]
+    assert [(r["referred_customer_id"], r["status"], r["reward_cents"], r["referrer_id"]) for r in rows] == [
+        ("a2", "pending", "1000", "emp-e"),
+        ("a3", "awaiting_payment", "", "emp-e"),
+    ]
     assert rows[0]["id"] == str(by_customer["a2"]["id"]) and rows[0]["qualifying_payment_id"] == "pay-a2"
     assert datetime.fromisoformat(rows[0]["submitted_at"]) == at(10, 2, 13)
-    full = list(csv.DictReader(io.StringIO((await api.http.get("/api/admin/referrals", params={"format": "csv"}, headers=ADMIN)).text)))
+    full = list(
+        csv.DictReader(
+            io.StringIO((await api.http.get("/api/admin/referrals", params={"format": "csv"}, headers=ADMIN)).text)
+        )
+    )
     assert len(full) == 5
-    assert [(r["referrer_id"], r["reason"]) for r in full if r["referred_customer_id"] == "a5"] == [("", "unknown referral code")]
+    assert [(r["referrer_id"], r["reason"]) for r in full if r["referred_customer_id"] == "a5"] == [
+        ("", "unknown referral code")
+    ]
 
 
 async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(api):
@@ -218,7 +285,8 @@ async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(
     assert flagged["total_reward_cents"] == 4 * 5000 + 1000
     v4 = await api.referral_of("v4")
     assert [(h["status"], h["reason"]) for h in v4["history"]] == [
-        ("awaiting_payment", "velocity: 4 referrals within 24 h"), ("flagged", "velocity: 5 referrals within 24 h")
+        ("awaiting_payment", "velocity: 4 referrals within 24 h"),
+        ("flagged", "velocity: 5 referrals within 24 h"),
     ]
 
     # Approved during the hold: pending until it ends.
@@ -226,31 +294,62 @@ async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(
     approved = await api.http.post(f"/api/admin/referrals/{v4['id']}/approve", json={"admin": "alice"}, headers=ADMIN)
     assert approved.status_code == 200, approved.text
     body = approved.json()
-    assert (body["id"], body["status"], body["flags"], body["approve_after"]) == (v4["id"], "pending", [], v4["approve_after"])
-    assert (body["history"][-1]["status"], body["history"][-1]["reason"], datetime.fromisoformat(body["history"][-1]["at"])) == ("pending", "approved by alice", at(10, 3, 10))
+    assert (body["id"], body["status"], body["flags"], body["approve_after"]) == (
+        v4["id"],
+        "pending",
+        [],
+        v4["approve_after"],
+    )
+    assert (
+        body["history"][-1]["status"],
+        body["history"][-1]["reason"],
+        datetime.fromisoformat(body["history"][-1]["at"]),
+    ) == ("pending", "approved by alice", at(10, 3, 10))
 
     # Rejected with a reason.
     g2 = await api.referral_of("g2")
-    rejected = await api.http.post(f"/api/admin/referrals/{g2['id']}/reject", json={"admin": "bob", "reason": "same card as g1"}, headers=ADMIN)
+    rejected = await api.http.post(
+        f"/api/admin/referrals/{g2['id']}/reject", json={"admin": "bob", "reason": "same card as g1"}, headers=ADMIN
+    )
     assert rejected.status_code == 200, rejected.text
-    assert (rejected.json()["status"], rejected.json()["reason"], rejected.json()["history"][-1]["reason"]) == ("rejected", "same card as g1", "rejected by bob: same card as g1")
+    assert (rejected.json()["status"], rejected.json()["reason"], rejected.json()["history"][-1]["reason"]) == (
+        "rejected",
+        "same card as g1",
+        "rejected by bob: same card as g1",
+    )
 
     # Only a flagged one can be approved by hand.
     v1 = await api.referral_of("v1")
     refused = await api.http.post(f"/api/admin/referrals/{v1['id']}/approve", json={"admin": "alice"}, headers=ADMIN)
     assert refused.status_code == 409
     assert refused.json()["detail"] == "only a flagged reward can be approved by hand; this one is pending"
-    assert (await api.http.post(f"/api/admin/referrals/{v4['id']}/approve", json={"admin": "alice"}, headers=ADMIN)).status_code == 409
-    assert (await api.http.post(f"/api/admin/referrals/{g2['id']}/approve", json={"admin": "alice"}, headers=ADMIN)).status_code == 409
-    assert (await api.http.post("/api/admin/referrals/999999/approve", json={"admin": "alice"}, headers=ADMIN)).status_code == 404
+    assert (
+        await api.http.post(f"/api/admin/referrals/{v4['id']}/approve", json={"admin": "alice"}, headers=ADMIN)
+    ).status_code == 409
+    assert (
+        await api.http.post(f"/api/admin/referrals/{g2['id']}/approve", json={"admin": "alice"}, headers=ADMIN)
+    ).status_code == 409
+    assert (
+        await api.http.post("/api/admin/referrals/999999/approve", json={"admin": "alice"}, headers=ADMIN)
+    ).status_code == 404
     assert (await api.http.post(f"/api/admin/referrals/{v1['id']}/approve", json={}, headers=ADMIN)).status_code == 422
-    assert (await api.http.post(f"/api/admin/referrals/{v1['id']}/promote", json={"admin": "alice"}, headers=ADMIN)).status_code in (404, 405, 422)
+    assert (
+        await api.http.post(f"/api/admin/referrals/{v1['id']}/promote", json={"admin": "alice"}, headers=ADMIN)
+    ).status_code in (404, 405, 422)
 
     # The hold ends: the approved one is released with the others; the rejected one stays rejected.
     run = await pay_referrals(api, at(10, 15, 15))  # a Thursday: released, nothing paid
     assert (run.released, run.created) == (3, [])
     statuses = {r["referred_customer_id"]: r["status"] for r in (await api.referrals())["referrals"]}
-    assert statuses == {"v1": "approved", "v2": "approved", "v3": "flagged", "v4": "approved", "v5": "flagged", "g1": "flagged", "g2": "rejected"}
+    assert statuses == {
+        "v1": "approved",
+        "v2": "approved",
+        "v3": "flagged",
+        "v4": "approved",
+        "v5": "flagged",
+        "g1": "flagged",
+        "g2": "rejected",
+    }
 
     # Approved after the hold is over: payable at once.
     api.clock.move_to(at(10, 16, 9))
@@ -264,10 +363,16 @@ async def test_flagged_referrals_wait_for_an_admin_who_approves_or_rejects_them(
 
 
 async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_reference(api):
-    p = await api.register("partner-p", "partner", name="Pat", payout_method="stripe_connect", stripe_account_id="acct_pat1")
-    q = await api.register("partner-q", "partner", name="Quin", payout_method="stripe_connect", stripe_account_id="acct_quin1")
+    p = await api.register(
+        "partner-p", "partner", name="Pat", payout_method="stripe_connect", stripe_account_id="acct_pat1"
+    )
+    q = await api.register(
+        "partner-q", "partner", name="Quin", payout_method="stripe_connect", stripe_account_id="acct_quin1"
+    )
     e = await api.register("emp-e", "employee", name="Eve", payout_method="manual", payout_address="eve@bank.example")
-    s = await api.register("cash-s", "employee", name="Sol", payout_method="cash_app", same_day=True, payout_address="$solcash")
+    s = await api.register(
+        "cash-s", "employee", name="Sol", payout_method="cash_app", same_day=True, payout_address="$solcash"
+    )
     for customer, code in (("p1", p), ("q1", q), ("e1", e), ("s1", s)):
         await api.sign_up(customer, at(10, 1, 13), code)
         await api.pay(customer, at(10, 1, 14))
@@ -277,7 +382,10 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
     connect = StubConnect(failing={"partner-q"})
     run = await pay_referrals(api, at(10, 16, 14), connect)  # Friday
     assert (run.released, len(run.created), run.sent) == (4, 4, {"paid": 1, "exported": 2})
-    assert [o.idempotency_key for o in sorted(connect.orders, key=lambda o: o.payee_id)] == [payout_key("partner-p", "week-2026-10-16"), payout_key("partner-q", "week-2026-10-16")]
+    assert [o.idempotency_key for o in sorted(connect.orders, key=lambda o: o.payee_id)] == [
+        payout_key("partner-p", "week-2026-10-16"),
+        payout_key("partner-q", "week-2026-10-16"),
+    ]
     # The next Friday's payout made but not sent yet (a run that stopped between the two steps).
     await payouts.release_rewards(api.new_uow, at(10, 23, 14))
     await payouts.make_payouts(api.new_uow, GATEWAYS, at(10, 23, 14), api.settings.referrals, PayoutRun())
@@ -293,25 +401,58 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
         ("emp-e", "week-2026-10-23"): ("pending", 1000, "manual", "manual"),
     }
     paid_p = by_key[("partner-p", "week-2026-10-16")]
-    assert (paid_p["external_reference"], paid_p["payee_name"], paid_p["attempts"], paid_p["currency"]) == (f"tr_stub_{paid_p['id']}", "Pat", 1, "USD")
+    assert (paid_p["external_reference"], paid_p["payee_name"], paid_p["attempts"], paid_p["currency"]) == (
+        f"tr_stub_{paid_p['id']}",
+        "Pat",
+        1,
+        "USD",
+    )
     failed_q = by_key[("partner-q", "week-2026-10-16")]
-    assert (failed_q["last_error"], failed_q["paid_at"], failed_q["external_reference"]) == ("APIError: An unknown error occurred", None, None)
+    assert (failed_q["last_error"], failed_q["paid_at"], failed_q["external_reference"]) == (
+        "APIError: An unknown error occurred",
+        None,
+        None,
+    )
 
-    assert [(r["payee_id"], r["status"]) for r in (await api.payouts(status="failed"))["payouts"]] == [("partner-q", "failed")]
+    assert [(r["payee_id"], r["status"]) for r in (await api.payouts(status="failed"))["payouts"]] == [
+        ("partner-q", "failed")
+    ]
     exported = await api.payouts(status="exported")
-    assert ({r["payee_id"] for r in exported["payouts"]}, exported["total"], exported["total_cents"]) == ({"emp-e", "cash-s"}, 2, 2000)
-    assert [(r["period"], r["status"]) for r in (await api.payouts(payee="emp-e"))["payouts"]] == [("week-2026-10-16", "exported"), ("week-2026-10-23", "pending")]
+    assert ({r["payee_id"] for r in exported["payouts"]}, exported["total"], exported["total_cents"]) == (
+        {"emp-e", "cash-s"},
+        2,
+        2000,
+    )
+    assert [(r["period"], r["status"]) for r in (await api.payouts(payee="emp-e"))["payouts"]] == [
+        ("week-2026-10-16", "exported"),
+        ("week-2026-10-23", "pending"),
+    ]
     assert [r["period"] for r in (await api.payouts(since=at(10, 20).isoformat()))["payouts"]] == ["week-2026-10-23"]
     assert (await api.payouts(until=at(10, 20).isoformat()))["total"] == 4
     for bad in ({"status": "sent"}, {"until": "2026-10-20"}, {"format": "pdf"}):
         assert (await api.http.get("/api/admin/payouts", params=bad, headers=ADMIN)).status_code == 422, bad
 
     sheet = await api.http.get("/api/admin/payouts", params={"status": "exported", "format": "csv"}, headers=ADMIN)
-    assert sheet.headers["content-type"].startswith("text/csv") and 'filename="payouts.csv"' in sheet.headers["content-disposition"]
+    assert (
+        sheet.headers["content-type"].startswith("text/csv")
+        and 'filename="payouts.csv"' in sheet.headers["content-disposition"]
+    )
     reader = csv.DictReader(io.StringIO(sheet.text))
     assert reader.fieldnames == PAYOUT_CSV_COLUMNS
     lines = {r["payee_id"]: r for r in reader}
-    assert {k: (r["payee_name"], r["payout_address"], r["method"], r["period"], r["amount_cents"], r["currency"], r["status"], r["external_reference"]) for k, r in lines.items()} == {
+    assert {
+        k: (
+            r["payee_name"],
+            r["payout_address"],
+            r["method"],
+            r["period"],
+            r["amount_cents"],
+            r["currency"],
+            r["status"],
+            r["external_reference"],
+        )
+        for k, r in lines.items()
+    } == {
         "emp-e": ("Eve", "eve@bank.example", "manual", "week-2026-10-16", "1000", "USD", "exported", ""),
         "cash-s": ("Sol", "$solcash", "cash_app", "day-2026-10-16-1", "1000", "USD", "exported", ""),
     }
@@ -319,22 +460,39 @@ async def test_payouts_are_listed_with_filters_and_csv_and_exported_ones_take_a_
     # Operations paid the exported ones by hand.
     api.clock.move_to(at(10, 16, 18))
     for payee in ("emp-e", "cash-s"):
-        response = await api.http.post(f"/api/admin/payouts/{lines[payee]['id']}/reference", json={"external_reference": f"manual-{payee}"}, headers=ADMIN)
+        response = await api.http.post(
+            f"/api/admin/payouts/{lines[payee]['id']}/reference",
+            json={"external_reference": f"manual-{payee}"},
+            headers=ADMIN,
+        )
         assert response.status_code == 204, response.text
     settled = {r["payee_id"]: r for r in (await api.payouts(status="paid"))["payouts"]}
-    assert {k: (r["external_reference"], datetime.fromisoformat(r["paid_at"]) if k != "partner-p" else None) for k, r in settled.items()} == {
-        "partner-p": (paid_p["external_reference"], None), "emp-e": ("manual-emp-e", at(10, 16, 18)), "cash-s": ("manual-cash-s", at(10, 16, 18)),
+    assert {
+        k: (r["external_reference"], datetime.fromisoformat(r["paid_at"]) if k != "partner-p" else None)
+        for k, r in settled.items()
+    } == {
+        "partner-p": (paid_p["external_reference"], None),
+        "emp-e": ("manual-emp-e", at(10, 16, 18)),
+        "cash-s": ("manual-cash-s", at(10, 16, 18)),
     }
     assert {r["referred_customer_id"]: r["status"] for r in (await api.referrals())["referrals"]} == {
-        "p1": "paid", "q1": "in_payout", "e1": "paid", "s1": "paid", "e2": "in_payout",
+        "p1": "paid",
+        "q1": "in_payout",
+        "e1": "paid",
+        "s1": "paid",
+        "e2": "in_payout",
     }
 
     # Only an exported payout takes a reference.
     pending_e = by_key[("emp-e", "week-2026-10-23")]["id"]
     for payout_id in (pending_e, failed_q["id"], paid_p["id"], int(lines["emp-e"]["id"])):
-        response = await api.http.post(f"/api/admin/payouts/{payout_id}/reference", json={"external_reference": "r-1"}, headers=ADMIN)
+        response = await api.http.post(
+            f"/api/admin/payouts/{payout_id}/reference", json={"external_reference": "r-1"}, headers=ADMIN
+        )
         assert response.status_code == 409, payout_id
-    assert (await api.http.post("/api/admin/payouts/999999/reference", json={"external_reference": "r-1"}, headers=ADMIN)).status_code == 404
+    assert (
+        await api.http.post("/api/admin/payouts/999999/reference", json={"external_reference": "r-1"}, headers=ADMIN)
+    ).status_code == 404
     assert (await api.http.post(f"/api/admin/payouts/{pending_e}/reference", json={}, headers=ADMIN)).status_code == 422
     assert (await api.payouts(payee="emp-e", status="paid"))["total"] == 1
 
@@ -346,19 +504,29 @@ async def test_a_referrer_sees_codes_counts_paid_to_date_clawbacks_and_the_next_
     await api.sign_up("cust-c", at(10, 1, 9), email="Carla.Diaz@gmail.com")
     first = (await api.summary("cust-c"))["codes"][0]["code"]
     assert CODE_PATTERN.match(first) and "CARLA" not in first  # a customer's shared code does not reveal them
-    second = (await api.http.post("/api/admin/referrers/cust-c/codes", json={"code": "CARLA-2026"}, headers=ADMIN)).json()["code"]
-    s = await api.register("cash-s", "employee", name="Sol", payout_method="cash_app", same_day=True, payout_address="$solcash")
+    second = (
+        await api.http.post("/api/admin/referrers/cust-c/codes", json={"code": "CARLA-2026"}, headers=ADMIN)
+    ).json()["code"]
+    s = await api.register(
+        "cash-s", "employee", name="Sol", payout_method="cash_app", same_day=True, payout_address="$solcash"
+    )
 
     await api.sign_up("c-a", at(10, 1, 13), first)
     await api.sign_up("c-b", at(10, 1, 13, 30), second)
-    await api.sign_up("c-self", at(10, 1, 14), first, email="carladiaz+promo@googlemail.com")  # herself, spelled differently
+    await api.sign_up(
+        "c-self", at(10, 1, 14), first, email="carladiaz+promo@googlemail.com"
+    )  # herself, spelled differently
     for customer in ("c-a", "c-b"):
         await api.pay(customer, at(10, 1, 15))
     run = await pay_referrals(api, at(10, 16, 14))
     assert run.sent == {"exported": 1}
     [payout] = (await api.payouts(payee="cust-c"))["payouts"]
     api.clock.move_to(at(10, 16, 15))
-    assert (await api.http.post(f"/api/admin/payouts/{payout['id']}/reference", json={"external_reference": "ach-1"}, headers=ADMIN)).status_code == 204
+    assert (
+        await api.http.post(
+            f"/api/admin/payouts/{payout['id']}/reference", json={"external_reference": "ach-1"}, headers=ADMIN
+        )
+    ).status_code == 204
     await api.sign_up("c-c", at(10, 9, 13), first)
     await api.pay("c-c", at(10, 9, 14))
     await api.sign_up("c-d", at(10, 10, 13), second)
@@ -446,7 +614,11 @@ async def test_a_payment_applied_before_the_sign_up_that_referred_the_customer_s
     await api.sign_up("late-signup", at(10, 1, 10), code)
     referral = await api.referral_of("late-signup")
     assert referral["status"] != "rejected", referral  # the payment came after the referral: it counts
-    assert (referral["status"], referral["reward_cents"], referral["qualifying_payment_id"]) == ("pending", 5000, "pay-late-signup"), (
+    assert (referral["status"], referral["reward_cents"], referral["qualifying_payment_id"]) == (
+        "pending",
+        5000,
+        "pay-late-signup",
+    ), (
         "the customer paid after being referred, but the payment was applied first: the referral stays awaiting_payment until some later payment"
     )
 
@@ -456,8 +628,15 @@ async def test_a_first_payment_dated_before_the_referral_but_applied_after_it_do
     the workers only afterwards. They had paid before being referred: rejected, never rewarded."""
     code = await api.register("partner-o", "partner", name="Ora")
     await api.sign_up("early-payer", at(10, 1, 10))
-    await api.apply(ReferralSubmitted(event_id="submit-early", occurred_at=at(10, 1, 12), referral_code=code, referred_customer_id="early-payer"))
+    await api.apply(
+        ReferralSubmitted(
+            event_id="submit-early", occurred_at=at(10, 1, 12), referral_code=code, referred_customer_id="early-payer"
+        )
+    )
     assert (await api.referral_of("early-payer"))["status"] == "awaiting_payment"
     await api.pay("early-payer", at(10, 1, 11))
     referral = await api.referral_of("early-payer")
-    assert (referral["status"], referral["reason"]) == ("rejected", "the customer had already paid before being referred"), referral
+    assert (referral["status"], referral["reason"]) == (
+        "rejected",
+        "the customer had already paid before being referred",
+    ), referral

@@ -40,17 +40,13 @@ from service_layer.payouts import PayoutOrder, PayoutRun, Sent
 from tests.support.referrals import (
     ADMIN,
     ADMIN_TOKEN,
+    FRIDAY,
     FRONT_TOKEN,
     GATEWAYS,
+    WEEK,
     Api,
     StubConnect,
     at,
-)
-from tests.support.referrals import (
-    FRIDAY,
-    WEEK,
-)
-from tests.support.referrals import (
     pay,
     referred_and_paid,
 )
@@ -64,7 +60,11 @@ BIG = "99999999999999999999"  # more than a BIGINT holds
 @asynccontextmanager
 async def serving(db, pg_url: str, velocity_limit: int):
     settings = load_settings(
-        database_url=pg_url, admin_api_token=ADMIN_TOKEN, frontend_api_token=FRONT_TOKEN, referral_velocity_limit=velocity_limit, event_max_age_days=36500
+        database_url=pg_url,
+        admin_api_token=ADMIN_TOKEN,
+        frontend_api_token=FRONT_TOKEN,
+        referral_velocity_limit=velocity_limit,
+        event_max_age_days=36500,
     )
     clock = FixedClock(at(10, 1, 12))
     app = create_app(settings, clock=clock, db=db)
@@ -89,14 +89,24 @@ async def strict_api(db, pg_url):
 async def referral_row(db, customer_id: str):
     """The customer's attributed referral (else their latest submission)."""
     async with db.connect() as connection:
-        rows = list(await connection.execute(select(referrals_table).where(referrals_table.c.referred_customer_id == customer_id).order_by(referrals_table.c.id)))
+        rows = list(
+            await connection.execute(
+                select(referrals_table)
+                .where(referrals_table.c.referred_customer_id == customer_id)
+                .order_by(referrals_table.c.id)
+            )
+        )
     assert rows, f"no referral of {customer_id}"
     return next((r for r in rows if r.attributed), rows[-1])
 
 
 async def history_of(db, referral_id: int) -> list[tuple[str, str | None]]:
     async with db.connect() as connection:
-        rows = await connection.execute(select(referral_history).where(referral_history.c.referral_id == referral_id).order_by(referral_history.c.id))
+        rows = await connection.execute(
+            select(referral_history)
+            .where(referral_history.c.referral_id == referral_id)
+            .order_by(referral_history.c.id)
+        )
         return [(r.status, r.reason) for r in rows]
 
 
@@ -110,7 +120,11 @@ async def payout_rows(db, payee_id: str | None = None) -> list:
 
 async def items_of(db, payout_id: int) -> list:
     async with db.connect() as connection:
-        return list(await connection.execute(select(payout_items).where(payout_items.c.payout_id == payout_id).order_by(payout_items.c.id)))
+        return list(
+            await connection.execute(
+                select(payout_items).where(payout_items.c.payout_id == payout_id).order_by(payout_items.c.id)
+            )
+        )
 
 
 async def clawback_rows(db) -> list:
@@ -124,7 +138,14 @@ async def run_payouts(api: Api, now: datetime, connect=None) -> PayoutRun:
 
 
 async def partner(api: Api, referrer_id: str, **body) -> str:
-    return await api.register(referrer_id, "partner", name=body.pop("name", "P"), payout_method="stripe_connect", stripe_account_id="acct_" + referrer_id.replace("-", "")[:24], **body)
+    return await api.register(
+        referrer_id,
+        "partner",
+        name=body.pop("name", "P"),
+        payout_method="stripe_connect",
+        stripe_account_id="acct_" + referrer_id.replace("-", "")[:24],
+        **body,
+    )
 
 
 # ---------------------------------------------------------------- 1. payout keys and one payee's trouble
@@ -194,12 +215,18 @@ async def test_one_payee_whose_payout_cannot_be_made_does_not_hold_up_the_others
 # ---------------------------------------------------------------- 2. rules judged again at qualification
 
 
-async def test_a_referral_applied_before_the_referred_customers_sign_up_is_rejected_as_a_self_referral_at_qualification(api):
+async def test_a_referral_applied_before_the_referred_customers_sign_up_is_rejected_as_a_self_referral_at_qualification(
+    api,
+):
     await api.sign_up("alice", at(10, 1, 9), email="jane.doe@gmail.com", phone="555-123-4567")
     [alice_code] = [c["code"] for c in (await api.summary("alice"))["codes"]]
 
     # X entered alice's code at 10:00; that event is applied before X's sign-up (09:55) is.
-    await api.apply(ReferralSubmitted(event_id="submit-x", occurred_at=at(10, 1, 10), referral_code=alice_code, referred_customer_id="cust-x"))
+    await api.apply(
+        ReferralSubmitted(
+            event_id="submit-x", occurred_at=at(10, 1, 10), referral_code=alice_code, referred_customer_id="cust-x"
+        )
+    )
     assert (await referral_row(api.db, "cust-x")).status == "awaiting_payment"  # nothing known of X yet
     await api.sign_up("cust-x", at(10, 1, 9, 55), email="JaneDoe+2@googlemail.com", phone="555-123-4567")
     await pay(api, "cust-x", at(10, 1, 11))
@@ -207,7 +234,10 @@ async def test_a_referral_applied_before_the_referred_customers_sign_up_is_rejec
     referral = await referral_row(api.db, "cust-x")
     assert (referral.status, referral.referrer_id, referral.reward_cents) == ("rejected", "alice", None), referral
     assert referral.reason == "self-referral: same email address"
-    assert (await history_of(api.db, referral.id))[-1] == ("rejected", "rejected by system: self-referral: same email address")
+    assert (await history_of(api.db, referral.id))[-1] == (
+        "rejected",
+        "rejected by system: self-referral: same email address",
+    )
     run = await run_payouts(api, at(10, 23, 14))
     assert (run.released, run.created) == (0, [])
 
@@ -216,7 +246,10 @@ async def test_a_card_fingerprint_seen_after_attribution_flags_the_referral_when
     p_code = await partner(api, "partner-p")
     q_code = await partner(api, "partner-q")
     await api.sign_up("y-early", at(10, 1, 10), p_code, fingerprint="fp_card_1")
-    assert ((await referral_row(api.db, "y-early")).status, (await referral_row(api.db, "y-early")).flags) == ("awaiting_payment", [])
+    assert ((await referral_row(api.db, "y-early")).status, (await referral_row(api.db, "y-early")).flags) == (
+        "awaiting_payment",
+        [],
+    )
 
     # Later, another referred customer (of another referrer) signs up with the same card.
     await api.sign_up("y-later", at(10, 1, 11), q_code, fingerprint="fp_card_1")
@@ -224,7 +257,11 @@ async def test_a_card_fingerprint_seen_after_attribution_flags_the_referral_when
 
     await pay(api, "y-early", at(10, 1, 12))
     referral = await referral_row(api.db, "y-early")
-    assert (referral.status, referral.flags, referral.qualifying_payment_id) == ("flagged", ["payment card shared with another customer"], "pay-y-early")
+    assert (referral.status, referral.flags, referral.qualifying_payment_id) == (
+        "flagged",
+        ["payment card shared with another customer"],
+        "pay-y-early",
+    )
     assert (await history_of(api.db, referral.id))[-1] == ("flagged", "payment card shared with another customer")
     # Flagged: the hold ending does not make it payable.
     run = await run_payouts(api, at(10, 16, 14))
@@ -242,7 +279,9 @@ async def test_concurrent_sign_ups_with_one_code_are_judged_for_velocity_by_subm
 
     # All six at once, latest first: each its own unit of work (and database connection).
     await asyncio.gather(*(api.sign_up(c, submitted[c], code) for c in reversed(customers)))
-    assert {c: (await referral_row(api.db, c)).status for c in customers} == dict.fromkeys(customers, "awaiting_payment")
+    assert {c: (await referral_row(api.db, c)).status for c in customers} == dict.fromkeys(
+        customers, "awaiting_payment"
+    )
     await asyncio.gather(*(pay(api, c, submitted[c] + timedelta(hours=2)) for c in customers))
 
     rows = {c: await referral_row(api.db, c) for c in customers}
@@ -259,7 +298,9 @@ async def test_concurrent_sign_ups_with_one_code_are_judged_for_velocity_by_subm
     assert payout.amount_cents == 2 * 5000
     assert {i.referral_id for i in await items_of(api.db, payout.id)} == {rows["v-1"].id, rows["v-2"].id}
     assert {c: (await referral_row(api.db, c)).status for c in customers} == {
-        "v-1": "paid", "v-2": "paid", **{f"v-{n}": "flagged" for n in range(3, 7)},
+        "v-1": "paid",
+        "v-2": "paid",
+        **{f"v-{n}": "flagged" for n in range(3, 7)},
     }
 
 
@@ -275,7 +316,12 @@ async def test_a_free_payment_does_not_qualify_a_referral_a_later_paid_one_does(
 
     await pay(api, "free-1", at(10, 2, 11), payment_id="pay-first-invoice", amount_cents=4900)
     referral = await referral_row(api.db, "free-1")
-    assert (referral.status, referral.qualifying_payment_id, referral.reward_cents, referral.approve_after) == ("pending", "pay-first-invoice", 5000, at(10, 16, 11))
+    assert (referral.status, referral.qualifying_payment_id, referral.reward_cents, referral.approve_after) == (
+        "pending",
+        "pay-first-invoice",
+        5000,
+        at(10, 16, 11),
+    )
 
     # A payment whose amount the producer does not state qualifies.
     await api.sign_up("free-2", at(10, 1, 10), code)
@@ -306,7 +352,14 @@ async def test_a_free_payment_applied_before_the_sign_up_does_not_qualify_the_re
 
 
 async def test_a_same_day_payee_is_paid_for_each_approval_of_the_day_and_never_twice(api):
-    code = await api.register("same-day-sam", "employee", name="Sam", payout_method="stripe_connect", stripe_account_id="acct_sam1", same_day=True)
+    code = await api.register(
+        "same-day-sam",
+        "employee",
+        name="Sam",
+        payout_method="stripe_connect",
+        stripe_account_id="acct_sam1",
+        same_day=True,
+    )
     await api.sign_up("morning", at(10, 1, 8), code)
     await pay(api, "morning", at(10, 1, 9))  # held until Oct 15, 09:00 UTC
     await api.sign_up("evening", at(10, 1, 16), code)
@@ -324,16 +377,31 @@ async def test_a_same_day_payee_is_paid_for_each_approval_of_the_day_and_never_t
 
     morning, evening = await referral_row(api.db, "morning"), await referral_row(api.db, "evening")
     first, second = await payout_rows(api.db, "same-day-sam")
-    assert [(p.period, p.status, p.amount_cents) for p in (first, second)] == [("day-2026-10-15-1", "paid", 1000), ("day-2026-10-15-2", "paid", 1000)]
-    assert (morning.status, morning.payout_id, evening.status, evening.payout_id) == ("paid", first.id, "paid", second.id)
-    assert [[i.referral_id for i in await items_of(api.db, p.id)] for p in (first, second)] == [[morning.id], [evening.id]]
-    assert [(o.payout_id, o.period) for o in connect.orders] == [(first.id, "day-2026-10-15-1"), (second.id, "day-2026-10-15-2")]
+    assert [(p.period, p.status, p.amount_cents) for p in (first, second)] == [
+        ("day-2026-10-15-1", "paid", 1000),
+        ("day-2026-10-15-2", "paid", 1000),
+    ]
+    assert (morning.status, morning.payout_id, evening.status, evening.payout_id) == (
+        "paid",
+        first.id,
+        "paid",
+        second.id,
+    )
+    assert [[i.referral_id for i in await items_of(api.db, p.id)] for p in (first, second)] == [
+        [morning.id],
+        [evening.id],
+    ]
+    assert [(o.payout_id, o.period) for o in connect.orders] == [
+        (first.id, "day-2026-10-15-1"),
+        (second.id, "day-2026-10-15-2"),
+    ]
 
     # One payout item per reward, ever: the database refuses a second.
     with pytest.raises(IntegrityError):
         async with api.db.begin() as connection:
-            await connection.execute(insert(payout_items).values(payout_id=second.id, referral_id=morning.id, amount_cents=1000))
-
+            await connection.execute(
+                insert(payout_items).values(payout_id=second.id, referral_id=morning.id, amount_cents=1000)
+            )
 
 
 async def test_a_same_day_approval_after_a_withdrawn_payout_is_still_paid_that_day(api):
@@ -342,7 +410,14 @@ async def test_a_same_day_approval_after_a_withdrawn_payout_is_still_paid_that_d
     payout deletes that payout, so the count drops and a later approval gets a period that
     still exists (`day-<date>-2`): `create_payout` finds it taken, `_make_payout` treats it as
     a rerun, and the approved reward is not paid that day (nor logged)."""
-    code = await api.register("same-day-sue", "employee", name="Sue", payout_method="stripe_connect", stripe_account_id="acct_sue1", same_day=True)
+    code = await api.register(
+        "same-day-sue",
+        "employee",
+        name="Sue",
+        payout_method="stripe_connect",
+        stripe_account_id="acct_sue1",
+        same_day=True,
+    )
     for customer, paid_at in (("sd-a", at(10, 1, 9)), ("sd-b", at(10, 1, 11)), ("sd-c", at(10, 1, 17))):
         await api.sign_up(customer, paid_at - timedelta(hours=1), code)
         await pay(api, customer, paid_at)
@@ -380,14 +455,26 @@ async def test_a_refunded_reward_leaves_its_unsent_payout_but_is_clawed_back_onc
     assert len(made.created) == 4
     [p_payout] = await payout_rows(api.db, "partner-p")
     [q_payout] = await payout_rows(api.db, "partner-q")
-    assert (p_payout.amount_cents, p_payout.status, p_payout.attempts, len(await items_of(api.db, p_payout.id))) == (10000, "pending", 0, 2)
+    assert (p_payout.amount_cents, p_payout.status, p_payout.attempts, len(await items_of(api.db, p_payout.id))) == (
+        10000,
+        "pending",
+        0,
+        2,
+    )
 
     # Refunds before anything was sent: the rewards come out of their payouts.
     await api.refund("p-1", at(10, 16, 15))
     await api.refund("q-1", at(10, 16, 15))
     p1, p2, q1 = [await referral_row(api.db, c) for c in ("p-1", "p-2", "q-1")]
-    assert [(r.status, r.payout_id) for r in (p1, p2, q1)] == [("voided", None), ("in_payout", p_payout.id), ("voided", None)]
-    assert (await history_of(api.db, p1.id))[-1] == ("voided", "qualifying payment pay-p-1 refunded: taken out of its unsent payout")
+    assert [(r.status, r.payout_id) for r in (p1, p2, q1)] == [
+        ("voided", None),
+        ("in_payout", p_payout.id),
+        ("voided", None),
+    ]
+    assert (await history_of(api.db, p1.id))[-1] == (
+        "voided",
+        "qualifying payment pay-p-1 refunded: taken out of its unsent payout",
+    )
     [p_payout] = await payout_rows(api.db, "partner-p")
     assert (p_payout.amount_cents, p_payout.status) == (5000, "pending")
     assert [(i.referral_id, i.amount_cents) for i in await items_of(api.db, p_payout.id)] == [(p2.id, 5000)]
@@ -397,9 +484,15 @@ async def test_a_refunded_reward_leaves_its_unsent_payout_but_is_clawed_back_onc
     # Sent: P's (reduced) and R's are paid, T's fails (tried).
     connect = StubConnect(failing={"partner-t"})
     run = PayoutRun()
-    await payouts.send_payouts(api.new_uow, {"stripe_connect": connect, "manual": ManualGateway()}, lambda: datetime.now(FRIDAY.tzinfo), run)
+    await payouts.send_payouts(
+        api.new_uow, {"stripe_connect": connect, "manual": ManualGateway()}, lambda: datetime.now(FRIDAY.tzinfo), run
+    )
     assert (run.sent, len(run.failed)) == ({"paid": 2}, 1)
-    assert {o.payee_id: o.amount_cents for o in connect.orders} == {"partner-p": 5000, "partner-r": 5000, "partner-t": 5000}
+    assert {o.payee_id: o.amount_cents for o in connect.orders} == {
+        "partner-p": 5000,
+        "partner-r": 5000,
+        "partner-t": 5000,
+    }
 
     # Refunds once the payout was sent, or tried: clawbacks, the payouts untouched.
     await api.refund("r-1", at(10, 16, 16))
@@ -408,10 +501,17 @@ async def test_a_refunded_reward_leaves_its_unsent_payout_but_is_clawed_back_onc
     [r_payout] = await payout_rows(api.db, "partner-r")
     [t_payout] = await payout_rows(api.db, "partner-t")
     assert [(r.status, r.payout_id) for r in (r1, t1)] == [("paid", r_payout.id), ("in_payout", t_payout.id)]
-    assert [(p.status, p.amount_cents, p.attempts) for p in (r_payout, t_payout)] == [("paid", 5000, 1), ("failed", 5000, 1)]
-    assert (await history_of(api.db, r1.id))[-1] == ("paid", "qualifying payment pay-r-1 refunded: 5000 clawed back from the next payout")
+    assert [(p.status, p.amount_cents, p.attempts) for p in (r_payout, t_payout)] == [
+        ("paid", 5000, 1),
+        ("failed", 5000, 1),
+    ]
+    assert (await history_of(api.db, r1.id))[-1] == (
+        "paid",
+        "qualifying payment pay-r-1 refunded: 5000 clawed back from the next payout",
+    )
     assert [(c.referral_id, c.payee_id, c.amount_cents, c.payout_id) for c in await clawback_rows(api.db)] == [
-        (r1.id, "partner-r", 5000, None), (t1.id, "partner-t", 5000, None),
+        (r1.id, "partner-r", 5000, None),
+        (t1.id, "partner-t", 5000, None),
     ]
 
 
@@ -436,23 +536,36 @@ class ExplodingConnect:
 async def test_an_unexpected_gateway_error_fails_that_payout_visibly_and_the_others_are_still_sent(api):
     boom = await partner(api, "partner-a-boom")  # its payout is sent first
     ok = await partner(api, "partner-b-ok")
-    manual = await api.register("partner-c-manual", "partner", name="C", payout_method="manual", payout_address="c@bank.example")
+    manual = await api.register(
+        "partner-c-manual", "partner", name="C", payout_method="manual", payout_address="c@bank.example"
+    )
     for code, customer in ((boom, "boom-1"), (ok, "ok-1"), (manual, "manual-1")):
         await referred_and_paid(api, code, [customer], at(10, 1, 13))
 
     exploding = ExplodingConnect()
-    run = await payouts.pay_referrals(api.new_uow, {"stripe_connect": exploding, "manual": ManualGateway()}, GATEWAYS, FRIDAY, api.settings.referrals)
+    run = await payouts.pay_referrals(
+        api.new_uow, {"stripe_connect": exploding, "manual": ManualGateway()}, GATEWAYS, FRIDAY, api.settings.referrals
+    )
     [boom_payout] = await payout_rows(api.db, "partner-a-boom")
     [ok_payout] = await payout_rows(api.db, "partner-b-ok")
     [manual_payout] = await payout_rows(api.db, "partner-c-manual")
     assert [o.payee_id for o in exploding.orders] == ["partner-a-boom", "partner-b-ok"]
     assert (run.failed, run.sent) == ([boom_payout.id], {"paid": 1, "exported": 1})
-    assert (boom_payout.status, boom_payout.last_error, boom_payout.attempts, boom_payout.failures, boom_payout.leased_until, boom_payout.paid_at) == (
-        "failed", "connection pool exploded", 1, 1, None, None
-    )
+    assert (
+        boom_payout.status,
+        boom_payout.last_error,
+        boom_payout.attempts,
+        boom_payout.failures,
+        boom_payout.leased_until,
+        boom_payout.paid_at,
+    ) == ("failed", "connection pool exploded", 1, 1, None, None)
     assert (ok_payout.status, ok_payout.external_reference) == ("paid", f"tr_ok_{ok_payout.id}")
     assert manual_payout.status == "exported"
-    assert [(await referral_row(api.db, c)).status for c in ("boom-1", "ok-1", "manual-1")] == ["in_payout", "paid", "in_payout"]
+    assert [(await referral_row(api.db, c)).status for c in ("boom-1", "ok-1", "manual-1")] == [
+        "in_payout",
+        "paid",
+        "in_payout",
+    ]
     listed = await api.payouts(status="failed")
     assert [(p["id"], p["last_error"]) for p in listed["payouts"]] == [(boom_payout.id, "connection pool exploded")]
 
@@ -481,8 +594,14 @@ async def test_ids_and_offsets_larger_than_a_bigint_are_422_not_500(api):
         response = await api.http.request(method, path, json=body, headers=ADMIN)
         assert response.status_code == 422, (method, path, response.status_code, response.text)
     # The largest BIGINT is a well-formed id (no such row) and offset.
-    assert (await api.http.post(f"/api/admin/referrals/{largest}/approve", json={"admin": "alice"}, headers=ADMIN)).status_code == 404
-    assert (await api.http.post(f"/api/admin/payouts/{largest}/reference", json={"external_reference": "r-1"}, headers=ADMIN)).status_code == 404
+    assert (
+        await api.http.post(f"/api/admin/referrals/{largest}/approve", json={"admin": "alice"}, headers=ADMIN)
+    ).status_code == 404
+    assert (
+        await api.http.post(
+            f"/api/admin/payouts/{largest}/reference", json={"external_reference": "r-1"}, headers=ADMIN
+        )
+    ).status_code == 404
     assert (await api.referrals(offset=largest))["referrals"] == []
     assert (await api.payouts(offset=largest))["payouts"] == []
 
@@ -496,7 +615,9 @@ async def test_codes_are_matched_whatever_their_case_hyphens_and_spaces(api):
     assert added.status_code == 201, added.text
     # Another code that reads the same is taken.
     other = await api.register("emp-jo", "employee", name="Jo")
-    assert (await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": "JANE7K3PQ"}, headers=ADMIN)).status_code == 409
+    assert (
+        await api.http.post("/api/admin/referrers/emp-jo/codes", json={"code": "JANE7K3PQ"}, headers=ADMIN)
+    ).status_code == 409
 
     await api.sign_up("typed-1", at(10, 1, 10), "jane7k3pq")
     first = await referral_row(api.db, "typed-1")
@@ -517,7 +638,11 @@ async def test_codes_are_matched_whatever_their_case_hyphens_and_spaces(api):
     assert (row.active, row.deactivated_at) == (False, at(10, 2, 9))
     await api.sign_up("typed-3", at(10, 2, 10), "Jane-7k3pq")
     third = await referral_row(api.db, "typed-3")
-    assert (third.status, third.reason, third.code) == ("rejected", "the referral code is no longer active", "JANE-7K3PQ")
+    assert (third.status, third.reason, third.code) == (
+        "rejected",
+        "the referral code is no longer active",
+        "JANE-7K3PQ",
+    )
     assert (await api.http.post("/api/admin/referral-codes/jane 7K3PQ/activate", headers=ADMIN)).status_code == 204
     await api.sign_up("typed-4", at(10, 2, 11), "JANE7K3PQ")
     assert (await referral_row(api.db, "typed-4")).status == "awaiting_payment"
@@ -531,11 +656,19 @@ async def test_a_sign_up_whose_code_was_typed_with_a_space_is_not_refused(api):
     invalid event: the worker rejects it, and the customer's whole sign-up (profile, referrer
     row, own code) is lost along with the referral."""
     await api.register("emp-jane", "employee", name="Jane")
-    assert (await api.http.post("/api/admin/referrers/emp-jane/codes", json={"code": "JANE-7K3PQ"}, headers=ADMIN)).status_code == 201
-    raw = json.dumps({
-        "type": "customer.signed_up", "event_id": "signup-spaced", "occurred_at": at(10, 1, 10).isoformat(), "customer_id": "spaced",
-        "email": "spaced@spaced.example.com", "referral_code": "JANE 7K3PQ",
-    })
+    assert (
+        await api.http.post("/api/admin/referrers/emp-jane/codes", json={"code": "JANE-7K3PQ"}, headers=ADMIN)
+    ).status_code == 201
+    raw = json.dumps(
+        {
+            "type": "customer.signed_up",
+            "event_id": "signup-spaced",
+            "occurred_at": at(10, 1, 10).isoformat(),
+            "customer_id": "spaced",
+            "email": "spaced@spaced.example.com",
+            "referral_code": "JANE 7K3PQ",
+        }
+    )
     try:
         event = parse_event(raw)
     except ValidationError as error:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -18,13 +18,13 @@ from domain.referrals import (
     PayoutCalendar,
     PriorReferral,
     Referral,
+    ReferralFacts,
     ReferralRuleError,
     ReferralRules,
     ReferralStatus,
     Referrer,
     ReferrerKind,
     Verdict,
-    ReferralFacts,
     judge_referral,
     nearly_identical_emails,
     new_code,
@@ -33,7 +33,7 @@ from domain.referrals import (
     normalize_phone,
 )
 
-UTC = timezone.utc
+UTC = UTC
 NEW_YORK = ZoneInfo("America/New_York")
 RULES = FraudRules()
 HOLD = timedelta(days=14)
@@ -70,9 +70,25 @@ def referred(
 
 def prior(n: int, *, start: datetime = T0, step: timedelta = timedelta(minutes=1)) -> list[PriorReferral]:
     """``n`` earlier referrals with distinct, unrelated emails and cards."""
-    words = ["xavier", "yolanda", "zachary", "walter", "victoria", "ursula", "theodore", "samantha", "quentin", "priscilla"]
+    words = [
+        "xavier",
+        "yolanda",
+        "zachary",
+        "walter",
+        "victoria",
+        "ursula",
+        "theodore",
+        "samantha",
+        "quentin",
+        "priscilla",
+    ]
     return [
-        PriorReferral(f"old-{i}", start + i * step, f"{words[i % len(words)]}{'q' * (i // len(words) * 3)}@elsewhere.org", frozenset({f"fp-old-{i}"}))
+        PriorReferral(
+            f"old-{i}",
+            start + i * step,
+            f"{words[i % len(words)]}{'q' * (i // len(words) * 3)}@elsewhere.org",
+            frozenset({f"fp-old-{i}"}),
+        )
         for i in range(n)
     ]
 
@@ -107,7 +123,11 @@ def judge(
 
 
 def rejected(verdict: Verdict, reason_start: str) -> bool:
-    return verdict.status is ReferralStatus.REJECTED and verdict.reason is not None and verdict.reason.startswith(reason_start)
+    return (
+        verdict.status is ReferralStatus.REJECTED
+        and verdict.reason is not None
+        and verdict.reason.startswith(reason_start)
+    )
 
 
 def flagged_with(verdict: Verdict, prefix: str) -> list[str]:
@@ -142,7 +162,9 @@ def test_normalize_email(raw: str, expected: str) -> None:
     assert normalize_email(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [None, "", "   ", "no-at-sign", "@example.com", "+tag@example.com", "...@gmail.com", "jane@"])
+@pytest.mark.parametrize(
+    "raw", [None, "", "   ", "no-at-sign", "@example.com", "+tag@example.com", "...@gmail.com", "jane@"]
+)
 def test_normalize_email_without_a_mailbox_is_none(raw: str | None) -> None:
     assert normalize_email(raw) is None
 
@@ -220,7 +242,10 @@ def test_two_edits_apart_is_not_near_identical() -> None:
     assert not nearly_identical_emails("alice@example.com", "bob@example.com")
 
 
-@pytest.mark.parametrize(("a", "b"), [("ab1@x.com", "ab2@x.com"), ("abc@x.com", "abd@x.com"), ("abc@x.com", "abcd@x.com"), ("a@x.com", "b@x.com")])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("ab1@x.com", "ab2@x.com"), ("abc@x.com", "abd@x.com"), ("abc@x.com", "abcd@x.com"), ("a@x.com", "b@x.com")],
+)
 def test_very_short_locals_are_not_near_identical(a: str, b: str) -> None:
     assert not nearly_identical_emails(a, b)
 
@@ -359,7 +384,10 @@ def test_self_referral_same_phone() -> None:
 
 
 def test_self_referral_same_card() -> None:
-    verdict = judge(referrer(fingerprints=frozenset({"fp-x", "fp-shared"})), the_referred=referred(fingerprints=frozenset({"fp-shared"})))
+    verdict = judge(
+        referrer(fingerprints=frozenset({"fp-x", "fp-shared"})),
+        the_referred=referred(fingerprints=frozenset({"fp-shared"})),
+    )
     assert verdict.reason == "self-referral: same payment card"
 
 
@@ -395,7 +423,9 @@ def test_unknown_code_beats_everything() -> None:
 
 
 def test_inactive_code_beats_second_referral_self_referral_and_paid_before() -> None:
-    verdict = judge(referrer("cust-1"), code_active=False, the_referred=referred("cust-1"), already_referred=True, paid_before=True)
+    verdict = judge(
+        referrer("cust-1"), code_active=False, the_referred=referred("cust-1"), already_referred=True, paid_before=True
+    )
     assert verdict.reason == "the referral code is no longer active"
 
 
@@ -414,7 +444,10 @@ def test_self_referral_reasons_in_order_customer_email_phone_card() -> None:
     assert judge(referrer("cust-1", **everything)).reason == "self-referral: the referrer is the customer"
     assert judge(referrer("ref-1", **everything)).reason == "self-referral: same email address"
     assert judge(referrer("ref-1", **{**everything, "email": "x@y.com"})).reason == "self-referral: same phone number"
-    assert judge(referrer("ref-1", **{**everything, "email": "x@y.com", "phone": "1234567"})).reason == "self-referral: same payment card"
+    assert (
+        judge(referrer("ref-1", **{**everything, "email": "x@y.com", "phone": "1234567"})).reason
+        == "self-referral: same payment card"
+    )
 
 
 def test_rejections_beat_flags() -> None:
@@ -449,7 +482,9 @@ def test_velocity_window_is_half_open_at_its_start() -> None:
     now = at(2)
     rules = FraudRules(velocity_limit=1, velocity_window=timedelta(hours=24))
     on_the_edge = [PriorReferral("old", now - timedelta(hours=24), "zed@elsewhere.org", frozenset())]
-    just_inside = [PriorReferral("old", now - timedelta(hours=24) + timedelta(seconds=1), "zed@elsewhere.org", frozenset())]
+    just_inside = [
+        PriorReferral("old", now - timedelta(hours=24) + timedelta(seconds=1), "zed@elsewhere.org", frozenset())
+    ]
     assert judge(prior_referrals=on_the_edge, when=now, rules=rules).flags == ()
     assert judge(prior_referrals=just_inside, when=now, rules=rules).flags == ("velocity: 2 referrals within 24 h",)
 
@@ -550,13 +585,16 @@ def test_prior_may_be_any_iterable() -> None:
 
 # ---------------------------------------------------------------- Hypothesis: velocity
 
+
 @settings(max_examples=150, deadline=None)
 @given(
     offsets=st.lists(st.integers(min_value=0, max_value=72 * 60), min_size=1, max_size=25),
     limit=st.integers(min_value=1, max_value=6),
     window_hours=st.integers(min_value=1, max_value=48),
 )
-def test_velocity_flag_exactly_when_more_than_limit_in_window(offsets: list[int], limit: int, window_hours: int) -> None:
+def test_velocity_flag_exactly_when_more_than_limit_in_window(
+    offsets: list[int], limit: int, window_hours: int
+) -> None:
     rules = FraudRules(velocity_limit=limit, velocity_window=timedelta(hours=window_hours))
     times = sorted(T0 + timedelta(minutes=m) for m in offsets)
     ref = referrer()
@@ -578,7 +616,9 @@ def test_velocity_flag_exactly_when_more_than_limit_in_window(offsets: list[int]
 
 
 def submitted(verdict: Verdict | None = None, when: datetime = T0) -> Referral:
-    return Referral.submitted("cust-1", "ref-1", "ALICE-7K3PQ", when, verdict or Verdict(ReferralStatus.AWAITING_PAYMENT))
+    return Referral.submitted(
+        "cust-1", "ref-1", "ALICE-7K3PQ", when, verdict or Verdict(ReferralStatus.AWAITING_PAYMENT)
+    )
 
 
 def statuses(referral: Referral) -> list[ReferralStatus]:
@@ -593,14 +633,24 @@ def test_submitted_referral_records_its_first_change() -> None:
 
 
 def test_rejected_submission_records_its_reason() -> None:
-    referral = Referral.submitted("cust-1", None, "NOPE1", T0, Verdict(ReferralStatus.REJECTED, "unknown referral code"))
+    referral = Referral.submitted(
+        "cust-1", None, "NOPE1", T0, Verdict(ReferralStatus.REJECTED, "unknown referral code")
+    )
     assert referral.status is ReferralStatus.REJECTED
     assert referral.reason == "unknown referral code"
-    assert [(c.status, c.at, c.reason) for c in referral.history] == [(ReferralStatus.REJECTED, T0, "unknown referral code")]
+    assert [(c.status, c.at, c.reason) for c in referral.history] == [
+        (ReferralStatus.REJECTED, T0, "unknown referral code")
+    ]
 
 
 def test_flagged_submission_records_its_flags_in_history() -> None:
-    referral = submitted(Verdict(ReferralStatus.AWAITING_PAYMENT, None, ("velocity: 6 referrals within 24 h", "payment card shared with another customer")))
+    referral = submitted(
+        Verdict(
+            ReferralStatus.AWAITING_PAYMENT,
+            None,
+            ("velocity: 6 referrals within 24 h", "payment card shared with another customer"),
+        )
+    )
     assert referral.flags == ("velocity: 6 referrals within 24 h", "payment card shared with another customer")
     assert referral.history[0].reason == "velocity: 6 referrals within 24 h; payment card shared with another customer"
 
@@ -642,7 +692,9 @@ def test_qualify_only_once() -> None:
 
 
 def test_a_rejected_referral_never_qualifies() -> None:
-    referral = Referral.submitted("cust-1", "ref-1", "X", T0, Verdict(ReferralStatus.REJECTED, "self-referral: same phone number"))
+    referral = Referral.submitted(
+        "cust-1", "ref-1", "X", T0, Verdict(ReferralStatus.REJECTED, "self-referral: same phone number")
+    )
     assert referral.qualify("pi_1", at(1), 2_000, HOLD) is False
     assert referral.status is ReferralStatus.REJECTED
     assert referral.reward_cents is None
@@ -686,7 +738,10 @@ def test_flagged_reward_waits_for_an_admin_then_the_hold() -> None:
     assert referral.release(paid_at + HOLD - timedelta(minutes=1)) is False
     assert referral.release(paid_at + HOLD) is True
     assert statuses(referral) == [
-        ReferralStatus.AWAITING_PAYMENT, ReferralStatus.FLAGGED, ReferralStatus.PENDING, ReferralStatus.APPROVED,
+        ReferralStatus.AWAITING_PAYMENT,
+        ReferralStatus.FLAGGED,
+        ReferralStatus.PENDING,
+        ReferralStatus.APPROVED,
     ]
 
 
@@ -708,7 +763,9 @@ def test_admin_rejects_a_flagged_reward() -> None:
     referral.admin_reject(at(2), "ops", "ring of fake accounts")
     assert referral.status is ReferralStatus.REJECTED
     assert referral.reason == "ring of fake accounts"
-    assert referral.history[-1] == referral.history[-1].__class__(ReferralStatus.REJECTED, at(2), "rejected by ops: ring of fake accounts")
+    assert referral.history[-1] == referral.history[-1].__class__(
+        ReferralStatus.REJECTED, at(2), "rejected by ops: ring of fake accounts"
+    )
     assert referral.release(at(100)) is False
     with pytest.raises(ReferralRuleError):
         referral.admin_approve(at(3), "ops")
@@ -763,7 +820,9 @@ def _at_stage(stage: str) -> Referral:
     return referral
 
 
-@pytest.mark.parametrize("stage", ["awaiting_payment", "pending", "approved", "in_payout", "paid", "rejected", "voided"])
+@pytest.mark.parametrize(
+    "stage", ["awaiting_payment", "pending", "approved", "in_payout", "paid", "rejected", "voided"]
+)
 def test_only_a_flagged_reward_can_be_approved_by_hand(stage: str) -> None:
     referral = _at_stage(stage)
     assert referral.status.value == stage
@@ -813,7 +872,9 @@ def test_reversal_before_payout_voids_the_reward(stage: str) -> None:
     referral = _at_stage(stage)
     assert referral.payment_reversed(at(25), "qualifying payment pi_1 refunded") == 0
     assert referral.status is ReferralStatus.VOIDED
-    assert referral.history[-1] == referral.history[-1].__class__(ReferralStatus.VOIDED, at(25), "qualifying payment pi_1 refunded")
+    assert referral.history[-1] == referral.history[-1].__class__(
+        ReferralStatus.VOIDED, at(25), "qualifying payment pi_1 refunded"
+    )
     # Voided is final.
     assert referral.release(at(40)) is False
     with pytest.raises(ReferralRuleError):
@@ -846,7 +907,12 @@ def test_reversal_of_a_rejected_referral_changes_nothing() -> None:
 
 def test_unpaid_reward_statuses() -> None:
     unpaid = {s for s in ReferralStatus if s.is_unpaid_reward}
-    assert unpaid == {ReferralStatus.AWAITING_PAYMENT, ReferralStatus.PENDING, ReferralStatus.APPROVED, ReferralStatus.FLAGGED}
+    assert unpaid == {
+        ReferralStatus.AWAITING_PAYMENT,
+        ReferralStatus.PENDING,
+        ReferralStatus.APPROVED,
+        ReferralStatus.FLAGGED,
+    }
 
 
 def test_every_change_has_a_time_and_a_reason_after_submission() -> None:
@@ -862,7 +928,11 @@ def test_every_change_has_a_time_and_a_reason_after_submission() -> None:
 def test_rules_defaults() -> None:
     rules = ReferralRules()
     assert rules.hold == timedelta(days=14)
-    assert rules.rewards_cents == {ReferrerKind.CUSTOMER: 2_000, ReferrerKind.EMPLOYEE: 1_000, ReferrerKind.PARTNER: 5_000}
+    assert rules.rewards_cents == {
+        ReferrerKind.CUSTOMER: 2_000,
+        ReferrerKind.EMPLOYEE: 1_000,
+        ReferrerKind.PARTNER: 5_000,
+    }
     assert set(rules.rewards_cents) == set(ReferrerKind)
     assert rules.calendar.timezone == NEW_YORK
     assert rules.calendar.weekday == 4
@@ -918,7 +988,9 @@ def test_friday_late_evening_in_summer_time() -> None:
         (utc(2026, 11, 6, 3, 0), date(2026, 11, 5), date(2026, 11, 6)),  # EST
     ],
 )
-def test_thursday_night_in_new_york_is_friday_in_utc_but_not_yet_payout_day(utc_moment: datetime, thursday: date, friday: date) -> None:
+def test_thursday_night_in_new_york_is_friday_in_utc_but_not_yet_payout_day(
+    utc_moment: datetime, thursday: date, friday: date
+) -> None:
     local = utc_moment.astimezone(NEW_YORK)
     assert (local.date(), local.hour) == (thursday, 22)
     assert utc_moment.weekday() == 4  # Friday in UTC
@@ -962,7 +1034,9 @@ def test_same_local_hour_on_fridays_either_side_of_dst_maps_to_different_utc_hou
 def test_week_across_the_dst_change_has_one_period_key() -> None:
     """Saturday 2026-10-31 to Friday 2026-11-06 (DST ends on Sunday 2026-11-01) is one payout week."""
     start = ny(2026, 10, 31, 0, 0)
-    moments = [start.astimezone(UTC) + timedelta(hours=h) for h in range(0, 7 * 24 + 1)]  # 169 hours: one extra for the 25-hour Sunday
+    moments = [
+        start.astimezone(UTC) + timedelta(hours=h) for h in range(0, 7 * 24 + 1)
+    ]  # 169 hours: one extra for the 25-hour Sunday
     keys = {CAL.weekly_period(m) for m in moments}
     assert keys == {"week-2026-11-06"}
     # The first moment past that Friday, local time, starts the next week.

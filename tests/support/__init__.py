@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -35,10 +35,12 @@ LEDGER_TABLES = (
 
 def t(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
     """A moment in UTC, briefly (the tests' clock)."""
-    return datetime(year, month, day, hour, minute, tzinfo=timezone.utc)
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, message: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -47,7 +49,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
-async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> None:
+async def eventually(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05, message: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await predicate():
@@ -105,12 +109,23 @@ class WorkerProcesses:
             self.process.wait(10)
 
 
-def start_worker_processes(env: dict[str, str], log_path: Path, processes: int = 1, threads: int = 2, ready_timeout: float = 60.0, supervised: bool = False) -> WorkerProcesses:
+def start_worker_processes(
+    env: dict[str, str],
+    log_path: Path,
+    processes: int = 1,
+    threads: int = 2,
+    ready_timeout: float = 60.0,
+    supervised: bool = False,
+) -> WorkerProcesses:
     """``dramatiq workers.actors``; ``supervised``: the operator's ``credits worker`` (which restarts the group)."""
     # A metrics port and directory of their own: test runs share this host (the default is 9191).
     env = {"METRICS_PORT": str(free_port()), "METRICS_DIR": str(log_path.with_suffix(".metrics")), **env}
     log_file = log_path.open("wb")
-    command = [str(Path(sys.executable).with_name("credits")), "worker"] if supervised else [sys.executable, "-m", "dramatiq", "workers.actors"]
+    command = (
+        [str(Path(sys.executable).with_name("credits")), "worker"]
+        if supervised
+        else [sys.executable, "-m", "dramatiq", "workers.actors"]
+    )
     process = subprocess.Popen(
         [*command, "--processes", str(processes), "--threads", str(threads)],
         cwd=ROOT,
@@ -148,9 +163,17 @@ async def reconciliation(db: Database, snapshot: bool = False) -> list[str]:
             ).all()
         )
         lots = dict(
-            (await connection.execute(select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(credit_lots.c.customer_id))).all()
+            (
+                await connection.execute(
+                    select(credit_lots.c.customer_id, func.sum(credit_lots.c.remaining)).group_by(
+                        credit_lots.c.customer_id
+                    )
+                )
+            ).all()
         )
-        rows = (await connection.execute(select(customers.c.customer_id, customers.c.balance, customers.c.overdraft))).all()
+        rows = (
+            await connection.execute(select(customers.c.customer_id, customers.c.balance, customers.c.overdraft))
+        ).all()
     problems = []
     for customer_id, balance, overdraft in rows:
         book = (lots.get(customer_id) or 0) - overdraft
@@ -173,11 +196,13 @@ class InProcessServer:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> "InProcessServer":
+    async def __aenter__(self) -> InProcessServer:
         self.thread.start()
 
         async def started() -> bool:
@@ -210,7 +235,9 @@ def assert_serial_chain(customer_id: str, entries: list) -> None:
         assert entry["balance_after"] == balance, f"{customer_id}: entry {entry['id']} lost an update"
 
 
-def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False) -> None:
+def stop_process(
+    process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False
+) -> None:
     """Signal a process started with its own session (or its whole group), then kill the group if it lingers."""
     if process.poll() is None:
         (os.killpg if group else os.kill)(process.pid, sig)
@@ -239,7 +266,11 @@ class BrokerUnderTest:
 
         from infra.broker import rabbitmq_broker
 
-        return rabbitmq_broker(self.url, middleware=[]) if self.kind == "rabbitmq" else RedisBroker(url=self.url, middleware=[])
+        return (
+            rabbitmq_broker(self.url, middleware=[])
+            if self.kind == "rabbitmq"
+            else RedisBroker(url=self.url, middleware=[])
+        )
 
     def dead_lettered(self, queue: str) -> dict[str, dict]:
         """The broker's dead-letter queue for ``queue``: message id → decoded message."""
@@ -259,7 +290,10 @@ class BrokerUnderTest:
 
             client = redis.Redis.from_url(self.url)
             try:
-                return sum(client.llen(f"dramatiq:{name}") + client.hlen(f"dramatiq:{name}.msgs") for name in (queue, f"{queue}.DQ"))
+                return sum(
+                    client.llen(f"dramatiq:{name}") + client.hlen(f"dramatiq:{name}.msgs")
+                    for name in (queue, f"{queue}.DQ")
+                )
             finally:
                 client.close()
         return sum(count for count, _consumers in self._rabbitmq_queues(queue, f"{queue}.DQ"))
@@ -290,7 +324,10 @@ class BrokerUnderTest:
 
 def rabbitmq_vhost(action: str, vhost: str) -> None:
     """Create (and open to guest) or delete a vhost of the local RabbitMQ; a test run's own."""
-    commands = [["rabbitmqctl", "add_vhost", vhost], ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]]
+    commands = [
+        ["rabbitmqctl", "add_vhost", vhost],
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+    ]
     for command in commands if action == "add" else [["rabbitmqctl", "delete_vhost", vhost]]:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{' '.join(command)}: {done.stdout}{done.stderr}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from sqlalchemy import select
@@ -19,7 +19,7 @@ from service_layer.unit_of_work import SqlUnitOfWork
 
 ADMIN_TOKEN = "admin-token-page-api-0123456789abcdef"
 FRONTEND_TOKEN = "frontend-token-page-api-0123456789abcdef"
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 COOKIE = "credits_admin"
 JSON = {"Content-Type": "application/json"}
 
@@ -60,16 +60,24 @@ async def serving(db, pg_url: str, **overrides):
         responses.append(response)
 
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        # A browser sends its page's Origin with every POST (api/same_origin.py checks it).
-        transport=transport, base_url="http://credits.test", headers={"Origin": "http://credits.test"}, event_hooks={"response": [record]}
-    ) as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            # A browser sends its page's Origin with every POST (api/same_origin.py checks it).
+            transport=transport,
+            base_url="http://credits.test",
+            headers={"Origin": "http://credits.test"},
+            event_hooks={"response": [record]},
+        ) as http,
+    ):
         yield Page(http, clock, responses, app)
     for response in responses:
         assert ADMIN_TOKEN not in str(response.url), response.url
         assert ADMIN_TOKEN not in str(response.request.url), response.request.url
         for name, value in response.headers.multi_items():
-            assert ADMIN_TOKEN not in value, f"the admin token in the {name} header of {response.request.method} {response.url}"
+            assert ADMIN_TOKEN not in value, (
+                f"the admin token in the {name} header of {response.request.method} {response.url}"
+            )
 
 
 def set_cookie(response: httpx.Response) -> list[str]:
@@ -79,8 +87,20 @@ def set_cookie(response: httpx.Response) -> list[str]:
 async def depleted(db, customer_id: str, since: datetime, credits: int = 2) -> None:
     """A customer whose credits ran out at ``since``."""
     policy = CreditPolicy()
-    paid = PaymentSucceeded(event_id=f"pay-{customer_id}", occurred_at=since - timedelta(days=30), customer_id=customer_id, payment_id=f"in-{customer_id}", credits=credits)
-    used = JobCompleted(event_id=f"job-{customer_id}", occurred_at=since, customer_id=customer_id, job_id=f"job-{customer_id}", credits=credits)
+    paid = PaymentSucceeded(
+        event_id=f"pay-{customer_id}",
+        occurred_at=since - timedelta(days=30),
+        customer_id=customer_id,
+        payment_id=f"in-{customer_id}",
+        credits=credits,
+    )
+    used = JobCompleted(
+        event_id=f"job-{customer_id}",
+        occurred_at=since,
+        customer_id=customer_id,
+        job_id=f"job-{customer_id}",
+        credits=credits,
+    )
     for event in (paid, used):
         await handlers.apply_event(event, SqlUnitOfWork(db), policy)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import redis
@@ -26,7 +26,7 @@ from tests.support import ROOT, BrokerUnderTest, WorkerProcesses, eventually, wa
 EVENTS_XQ = f"dramatiq:{EVENTS_QUEUE}.XQ"
 #: The log line each actor run ends with (LogContext binds the message id to it).
 OUTCOMES = ("event_applied", "event_duplicate", "event_rejected")
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -59,10 +59,14 @@ def wait_for_outcomes(workers: WorkerProcesses, message_ids, timeout: float = 30
 
 
 def retry_lines(workers: WorkerProcesses, message_id: str) -> list[str]:
-    return [r["event"] for r in log_records(workers) if str(r.get("event", "")).startswith(f"Retrying message '{message_id}'")]
+    return [
+        r["event"]
+        for r in log_records(workers)
+        if str(r.get("event", "")).startswith(f"Retrying message '{message_id}'")
+    ]
 
 
-def dead_lettered(source: "redis.Redis | BrokerUnderTest", queue: str = EVENTS_QUEUE) -> dict[str, dict]:
+def dead_lettered(source: redis.Redis | BrokerUnderTest, queue: str = EVENTS_QUEUE) -> dict[str, dict]:
     """The broker's dead-letter queue: message id → decoded message. ``source``: the broker
     under test, or a Redis client (whose zset and hash must agree)."""
     if isinstance(source, BrokerUnderTest):
@@ -88,17 +92,27 @@ async def scalar(db: Database, query):
 
 async def customer_row(db: Database, customer_id: str) -> dict | None:
     async with db.connect() as connection:
-        row = (await connection.execute(select(customers).where(customers.c.customer_id == customer_id))).mappings().first()
+        row = (
+            (await connection.execute(select(customers).where(customers.c.customer_id == customer_id)))
+            .mappings()
+            .first()
+        )
     return dict(row) if row else None
 
 
 async def entries_of(db: Database, customer_id: str) -> list[dict]:
     async with db.connect() as connection:
         rows = (
-            await connection.execute(
-                select(ledger_entries).where(ledger_entries.c.customer_id == customer_id).order_by(ledger_entries.c.id)
+            (
+                await connection.execute(
+                    select(ledger_entries)
+                    .where(ledger_entries.c.customer_id == customer_id)
+                    .order_by(ledger_entries.c.id)
+                )
             )
-        ).mappings().all()
+            .mappings()
+            .all()
+        )
     return [dict(row) for row in rows]
 
 
@@ -106,16 +120,29 @@ async def ledger_snapshot(db: Database) -> dict:
     """Everything the ledger holds, as comparable values (timestamps of bookkeeping left out)."""
     async with db.connect() as connection:
         snapshot = {
-            "customers": (await connection.execute(
-                select(customers.c.customer_id, customers.c.balance, customers.c.overdraft, customers.c.credits_depleted_at).order_by(customers.c.customer_id)
-            )).all(),
+            "customers": (
+                await connection.execute(
+                    select(
+                        customers.c.customer_id,
+                        customers.c.balance,
+                        customers.c.overdraft,
+                        customers.c.credits_depleted_at,
+                    ).order_by(customers.c.customer_id)
+                )
+            ).all(),
             "lots": (await connection.execute(select(credit_lots).order_by(credit_lots.c.id))).all(),
-            "entries": (await connection.execute(
-                select(*(c for c in ledger_entries.c if c.name != "recorded_at")).order_by(ledger_entries.c.id)
-            )).all(),
-            "processed": (await connection.execute(
-                select(processed_events.c.event_id, processed_events.c.fingerprint).order_by(processed_events.c.event_id)
-            )).all(),
+            "entries": (
+                await connection.execute(
+                    select(*(c for c in ledger_entries.c if c.name != "recorded_at")).order_by(ledger_entries.c.id)
+                )
+            ).all(),
+            "processed": (
+                await connection.execute(
+                    select(processed_events.c.event_id, processed_events.c.fingerprint).order_by(
+                        processed_events.c.event_id
+                    )
+                )
+            ).all(),
         }
     return snapshot
 
@@ -130,7 +157,7 @@ async def wait_for_dead_letter_rows(db: Database, message_ids, timeout: float = 
     return await dead_letter_rows(db)
 
 
-def raw_broker(target: "str | BrokerUnderTest") -> dramatiq.Broker:
+def raw_broker(target: str | BrokerUnderTest) -> dramatiq.Broker:
     """A bare producer broker, to enqueue messages the Publisher would never write."""
     if isinstance(target, BrokerUnderTest):
         return target.raw_broker()
@@ -138,20 +165,28 @@ def raw_broker(target: "str | BrokerUnderTest") -> dramatiq.Broker:
 
 
 def publish_raw(broker: dramatiq.Broker, *, args: tuple = (), kwargs: dict | None = None) -> str:
-    message = dramatiq.Message(queue_name=EVENTS_QUEUE, actor_name=APPLY_EVENT_ACTOR, args=args, kwargs=kwargs or {}, options={})
+    message = dramatiq.Message(
+        queue_name=EVENTS_QUEUE, actor_name=APPLY_EVENT_ACTOR, args=args, kwargs=kwargs or {}, options={}
+    )
     return broker.enqueue(message).message_id
 
 
 def payment(event_id: str, customer_id: str, credits: int, at: datetime = T0) -> PaymentSucceeded:
-    return PaymentSucceeded(event_id=event_id, customer_id=customer_id, occurred_at=at, payment_id=f"in_{event_id}", credits=credits)
+    return PaymentSucceeded(
+        event_id=event_id, customer_id=customer_id, occurred_at=at, payment_id=f"in_{event_id}", credits=credits
+    )
 
 
-def job(event_id: str, customer_id: str, job_id: str, at: datetime = T0 + timedelta(hours=1), credits: int = 1) -> JobCompleted:
+def job(
+    event_id: str, customer_id: str, job_id: str, at: datetime = T0 + timedelta(hours=1), credits: int = 1
+) -> JobCompleted:
     return JobCompleted(event_id=event_id, customer_id=customer_id, occurred_at=at, job_id=job_id, credits=credits)
 
 
 def credits_cli(args, env):
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 async def archive(db, message: dramatiq.Message, error: str) -> int:
@@ -160,7 +195,13 @@ async def archive(db, message: dramatiq.Message, error: str) -> int:
         return (
             await connection.execute(
                 insert(dead_letters)
-                .values(message_id=message.message_id, queue_name=message.queue_name, actor_name=message.actor_name, message=message.encode().decode(), error=error)
+                .values(
+                    message_id=message.message_id,
+                    queue_name=message.queue_name,
+                    actor_name=message.actor_name,
+                    message=message.encode().decode(),
+                    error=error,
+                )
                 .returning(dead_letters.c.id)
             )
         ).scalar_one()

@@ -111,11 +111,16 @@ class FakeAccountRepository:
     async def save_many(self, accounts: Sequence[Account]) -> None:
         for account in accounts:
             row = self.store.accounts[account.customer_id]
-            for item, stored in [*((lot, row.lots) for lot in account.changed_lots), *((hold, row.holds) for hold in account.changed_holds)]:
+            for item, stored in [
+                *((lot, row.lots) for lot in account.changed_lots),
+                *((hold, row.holds) for hold in account.changed_holds),
+            ]:
                 if item.id is None:
                     item.id = next(self.store.ids)
                     stored.append(item)
-            if len({hold.job_id for hold in row.holds if hold.status is HoldStatus.ACTIVE}) != sum(h.status is HoldStatus.ACTIVE for h in row.holds):
+            if len({hold.job_id for hold in row.holds if hold.status is HoldStatus.ACTIVE}) != sum(
+                h.status is HoldStatus.ACTIVE for h in row.holds
+            ):
                 raise AssertionError("two active holds for one job (uq_holds_active_job)")
             self.store.entries += [(account.customer_id, entry) for entry in account.new_entries]
             row.overdraft, row.depleted_at = account.overdraft, account.depleted_at
@@ -125,16 +130,28 @@ class FakeAccountRepository:
             account.changed_holds.clear()
 
     async def customers_with_due_lots(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
-        due = [(lot.expires_at, row.customer_id) for row in self._unfrozen(exclude) for lot in row.lots if lot.remaining > 0 and lot.expires_at <= now]
+        due = [
+            (lot.expires_at, row.customer_id)
+            for row in self._unfrozen(exclude)
+            for lot in row.lots
+            if lot.remaining > 0 and lot.expires_at <= now
+        ]
         return list(dict.fromkeys(customer_id for _, customer_id in sorted(due)[:limit]))
 
     async def customers_with_due_holds(self, now: datetime, limit: int, exclude: Iterable[str] = ()) -> list[str]:
-        due = [(h.expires_at, row.customer_id) for row in self._unfrozen(exclude) for h in row.holds if h.status is HoldStatus.ACTIVE and h.expires_at <= now]
+        due = [
+            (h.expires_at, row.customer_id)
+            for row in self._unfrozen(exclude)
+            for h in row.holds
+            if h.status is HoldStatus.ACTIVE and h.expires_at <= now
+        ]
         return list(dict.fromkeys(customer_id for _, customer_id in sorted(due)[:limit]))
 
     def _unfrozen(self, exclude: Iterable[str]) -> list[StoredAccount]:
         excluded = set(exclude)
-        return [row for row in self.store.accounts.values() if row.frozen_since is None and row.customer_id not in excluded]
+        return [
+            row for row in self.store.accounts.values() if row.frozen_since is None and row.customer_id not in excluded
+        ]
 
 
 class FakeEventLog:
@@ -153,7 +170,9 @@ class FakeEventLog:
         if await self.claim_new([event]):
             return True
         if self.store.processed[event.event_id] != event.fingerprint():
-            raise EventConflict(f"event_id {event.event_id!r} was already applied with a different payload; refusing to apply this one")
+            raise EventConflict(
+                f"event_id {event.event_id!r} was already applied with a different payload; refusing to apply this one"
+            )
         return False
 
     async def seen(self, event_id: str) -> bool:
@@ -189,23 +208,48 @@ class FakeDunningRepository:
     async def save(self, case: DunningCase) -> None:
         self.store.cases[case.invoice_id] = case
 
-    async def cases_of(self, customer_id: str, *, open_only: bool = True, for_update: bool = False) -> list[DunningCase]:
-        return [case for case in self.store.cases.values() if case.customer_id == customer_id and (case.owes or not open_only)]
+    async def cases_of(
+        self, customer_id: str, *, open_only: bool = True, for_update: bool = False
+    ) -> list[DunningCase]:
+        return [
+            case
+            for case in self.store.cases.values()
+            if case.customer_id == customer_id and (case.owes or not open_only)
+        ]
 
     async def immediate_attempt_times(self, customer_id: str, since: datetime) -> list[datetime]:
         immediate = (AttemptKind.CUSTOMER, AttemptKind.PAYMENT_METHOD)
-        return [a["at"] for a in self.store.attempts if a["customer_id"] == customer_id and a["kind"] in immediate and a["at"] >= since]
+        return [
+            a["at"]
+            for a in self.store.attempts
+            if a["customer_id"] == customer_id and a["kind"] in immediate and a["at"] >= since
+        ]
 
     async def add_attempt(
-        self, case: DunningCase, kind: AttemptKind, now: datetime, *, payment_method_id: str | None = None, not_before: datetime | None = None
+        self,
+        case: DunningCase,
+        kind: AttemptKind,
+        now: datetime,
+        *,
+        payment_method_id: str | None = None,
+        not_before: datetime | None = None,
     ) -> int | None:
         if kind is AttemptKind.PAYMENT_METHOD and any(
-            a["case"] == case.invoice_id and a["kind"] is kind and a["method"] == payment_method_id for a in self.store.attempts
+            a["case"] == case.invoice_id and a["kind"] is kind and a["method"] == payment_method_id
+            for a in self.store.attempts
         ):
             return None  # a card change sends two events: one charge
         attempt_id = next(self.store.ids)
         self.store.attempts.append(
-            {"id": attempt_id, "case": case.invoice_id, "customer_id": case.customer_id, "kind": kind, "at": now, "method": payment_method_id, "not_before": not_before}
+            {
+                "id": attempt_id,
+                "case": case.invoice_id,
+                "customer_id": case.customer_id,
+                "kind": kind,
+                "at": now,
+                "method": payment_method_id,
+                "not_before": not_before,
+            }
         )
         self.new_attempt_ids.append(attempt_id)
         return attempt_id
@@ -217,8 +261,18 @@ class FakeReferralRepository:
     def __init__(self, store: FakeStore) -> None:
         self.store = store
 
-    async def record_profile(self, customer_id: str, email: str | None, phone: str | None, fingerprint: str | None, at: datetime, contact_email: str | None = None) -> None:
-        self.store.profiles[customer_id] = Party(customer_id, email, phone, frozenset({fingerprint} if fingerprint else ()))
+    async def record_profile(
+        self,
+        customer_id: str,
+        email: str | None,
+        phone: str | None,
+        fingerprint: str | None,
+        at: datetime,
+        contact_email: str | None = None,
+    ) -> None:
+        self.store.profiles[customer_id] = Party(
+            customer_id, email, phone, frozenset({fingerprint} if fingerprint else ())
+        )
 
     async def add_referrer(self, details) -> bool:
         new = details.referrer_id not in self.store.referrers
@@ -244,7 +298,14 @@ class FakeReferralRepository:
         return 0
 
     async def attributed(self, customer_id: str, *, for_update: bool = True) -> Referral | None:
-        return next((r for r in self.store.referrals if r.referred_customer_id == customer_id and r.status is not ReferralStatus.REJECTED), None)
+        return next(
+            (
+                r
+                for r in self.store.referrals
+                if r.referred_customer_id == customer_id and r.status is not ReferralStatus.REJECTED
+            ),
+            None,
+        )
 
     async def by_qualifying_payment(self, payment_id: str) -> Referral | None:
         return None  # no referral ever qualifies without a referrer
@@ -259,7 +320,7 @@ class FakeUnitOfWork:
     def __init__(self, store: FakeStore) -> None:
         self.store = store
 
-    async def __aenter__(self) -> "FakeUnitOfWork":
+    async def __aenter__(self) -> FakeUnitOfWork:
         self._working = copy.deepcopy(self.store)
         self.accounts = FakeAccountRepository(self._working)
         self.events = FakeEventLog(self._working)

@@ -61,7 +61,10 @@ class FakeStripe:
             self.invoices[invoice["id"]] = invoice
             subscription = invoice_subscription(invoice)
             if subscription:
-                self.subscriptions.setdefault(subscription, {"id": subscription, "object": "subscription", "status": "active", "customer": invoice["customer"]})
+                self.subscriptions.setdefault(
+                    subscription,
+                    {"id": subscription, "object": "subscription", "status": "active", "customer": invoice["customer"]},
+                )
         return invoice
 
     def script(self, invoice_id: str, *outcomes: str) -> None:
@@ -72,11 +75,15 @@ class FakeStripe:
             self._scripts.setdefault(invoice_id, deque()).extend(outcomes)
 
     def pay_requests(self, invoice_id: str | None = None) -> list[Request]:
-        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/pay") and (invoice_id is None or f"/{invoice_id}/" in r.path)]
+        return [
+            r
+            for r in self.requests
+            if r.method == "POST" and r.path.endswith("/pay") and (invoice_id is None or f"/{invoice_id}/" in r.path)
+        ]
 
     # ------------------------------------------------------------ server
 
-    def __enter__(self) -> "FakeStripe":
+    def __enter__(self) -> FakeStripe:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -120,7 +127,13 @@ class FakeStripe:
         if saved is not None:
             saved_path, status, payload = saved
             if saved_path != f"{method} {path}":
-                return _send(handler, 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters"))
+                return _send(
+                    handler,
+                    400,
+                    _error(
+                        "idempotency_error", "Keys for idempotent requests can only be used with the same parameters"
+                    ),
+                )
             return _send(handler, status, payload, replayed=True)
         status, payload, delay = self._route(method, path, request.form, urlparse(handler.path).query)
         if key and method == "POST":
@@ -166,7 +179,9 @@ class FakeStripe:
             "currency": first("currency"),
             "destination": first("destination"),
             "transfer_group": first("transfer_group"),
-            "metadata": {key[len("metadata["):-1]: values[0] for key, values in form.items() if key.startswith("metadata[")},
+            "metadata": {
+                key[len("metadata[") : -1]: values[0] for key, values in form.items() if key.startswith("metadata[")
+            },
         }
         self.transfers.append(transfer)
         return 200, transfer, self.timeout_delay if outcome == "timeout" else 0
@@ -178,7 +193,15 @@ class FakeStripe:
         if invoice["status"] == "paid":
             return 400, _error("invalid_request_error", "Invoice is already paid", code="invoice_already_paid"), 0
         if invoice["status"] != "open":
-            return 400, _error("invalid_request_error", f"You can only pay an open invoice; this one is {invoice['status']}", code="invoice_not_open"), 0
+            return (
+                400,
+                _error(
+                    "invalid_request_error",
+                    f"You can only pay an open invoice; this one is {invoice['status']}",
+                    code="invoice_not_open",
+                ),
+                0,
+            )
         script = self._scripts.get(invoice_id)
         outcome = script.popleft() if script else self.default_outcome
         if outcome == "succeed":
@@ -191,7 +214,16 @@ class FakeStripe:
         if outcome == "server_error":
             return 500, _error("api_error", "An unknown error occurred"), 0
         if outcome == "action_required":
-            return 402, _error("card_error", "This payment requires authentication.", code="authentication_required", decline_code="authentication_required"), 0
+            return (
+                402,
+                _error(
+                    "card_error",
+                    "This payment requires authentication.",
+                    code="authentication_required",
+                    decline_code="authentication_required",
+                ),
+                0,
+            )
         decline_code, message = SOFT_DECLINE if outcome == "soft_decline" else HARD_DECLINE
         return 402, _error("card_error", message, code="card_declined", decline_code=decline_code), 0
 
@@ -268,7 +300,11 @@ def invoice(
         body["payment_intent"] = f"pi_{invoice_id}"
         body["charge"] = f"ch_{invoice_id}"
     else:
-        body["parent"] = {"type": "subscription_details", "subscription_details": {"subscription": subscription}} if subscription else None
+        body["parent"] = (
+            {"type": "subscription_details", "subscription_details": {"subscription": subscription}}
+            if subscription
+            else None
+        )
     return body
 
 
@@ -280,13 +316,22 @@ def mark_paid(invoice_body: dict, at: int | None = None) -> dict:
 
 
 def invoice_subscription(invoice_body: dict) -> str | None:
-    return invoice_body.get("subscription") or ((invoice_body.get("parent") or {}).get("subscription_details") or {}).get("subscription")
+    return invoice_body.get("subscription") or (
+        (invoice_body.get("parent") or {}).get("subscription_details") or {}
+    ).get("subscription")
 
 
 _event_ids = itertools.count(1)
 
 
-def event(event_type: str, obj: dict, *, created: int | None = None, event_id: str | None = None, previous_attributes: dict | None = None) -> dict:
+def event(
+    event_type: str,
+    obj: dict,
+    *,
+    created: int | None = None,
+    event_id: str | None = None,
+    previous_attributes: dict | None = None,
+) -> dict:
     data = {"object": obj}
     if previous_attributes is not None:
         data["previous_attributes"] = previous_attributes

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -16,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import redis
 from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+from sqlalchemy.engine import make_url
 
 from messages import (
     EVENTS_QUEUE,
@@ -33,12 +37,7 @@ SWEEPS_QUEUE = "credit_sweeps"
 EVENT_QUEUES = (EVENTS_QUEUE, f"{EVENTS_QUEUE}.DQ")
 #: Fast, bounded retries for the unexpected; a database outage still uses its own (long) budget.
 FAST_RETRIES = {"EVENT_MAX_RETRIES": "2", "EVENT_MIN_BACKOFF_MS": "100", "EVENT_MAX_BACKOFF_MS": "500"}
-import re
-import socket
-import sys
-import threading
 
-from sqlalchemy.engine import make_url
 
 # --------------------------------------------------------------------------- figures
 
@@ -62,9 +61,25 @@ def workload(count: int, customers: int, seed: int, prefix: str) -> list[Event]:
         customer = f"{prefix}-c{rng.randrange(customers):03d}"
         at = T0 + timedelta(minutes=rng.randrange(30 * 24 * 60))
         if rng.random() < 0.3:
-            events.append(PaymentSucceeded(event_id=f"{prefix}-pay-{n}", customer_id=customer, occurred_at=at, payment_id=f"{prefix}-in-{n}", credits=rng.randint(1, 20)))
+            events.append(
+                PaymentSucceeded(
+                    event_id=f"{prefix}-pay-{n}",
+                    customer_id=customer,
+                    occurred_at=at,
+                    payment_id=f"{prefix}-in-{n}",
+                    credits=rng.randint(1, 20),
+                )
+            )
         else:
-            events.append(JobCompleted(event_id=f"{prefix}-done-{n}", customer_id=customer, occurred_at=at, job_id=f"{prefix}-job-{n}", credits=rng.randint(1, 5)))
+            events.append(
+                JobCompleted(
+                    event_id=f"{prefix}-done-{n}",
+                    customer_id=customer,
+                    occurred_at=at,
+                    job_id=f"{prefix}-job-{n}",
+                    credits=rng.randint(1, 5),
+                )
+            )
     return events
 
 
@@ -84,10 +99,7 @@ def expected_ledger(events: Iterable[Event]) -> dict[str, tuple[int, int, int, i
         else:
             used[event.customer_id] += event.credits
             debited[event.customer_id] += 1
-    return {
-        c: (paid[c] - used[c], max(0, used[c] - paid[c]), issued[c], debited[c])
-        for c in set(paid) | set(used)
-    }
+    return {c: (paid[c] - used[c], max(0, used[c] - paid[c]), issued[c], debited[c]) for c in set(paid) | set(used)}
 
 
 def plain_dsn(pg_url: str) -> str:
@@ -125,12 +137,18 @@ async def processed_count(connection: asyncpg.Connection, prefix: str) -> int:
     return await connection.fetchval("SELECT count(*) FROM processed_events WHERE event_id LIKE $1", f"{prefix}-%")
 
 
-async def assert_ledger_as_expected(connection: asyncpg.Connection, events: list[Event], prefix: str) -> tuple[int, int]:
+async def assert_ledger_as_expected(
+    connection: asyncpg.Connection, events: list[Event], prefix: str
+) -> tuple[int, int]:
     lost, doubled = await lost_and_doubled(connection, events)
     actual = await actual_ledger(connection, prefix)
     expected = expected_ledger(events)
-    differ = {c: (actual.get(c), expected.get(c)) for c in set(actual) | set(expected) if actual.get(c) != expected.get(c)}
-    assert not lost and not doubled and not differ, f"lost {lost[:10]} ({len(lost)}), doubled {doubled[:10]} ({len(doubled)}), customers differing (actual, expected): {dict(list(differ.items())[:10])}"
+    differ = {
+        c: (actual.get(c), expected.get(c)) for c in set(actual) | set(expected) if actual.get(c) != expected.get(c)
+    }
+    assert not lost and not doubled and not differ, (
+        f"lost {lost[:10]} ({len(lost)}), doubled {doubled[:10]} ({len(doubled)}), customers differing (actual, expected): {dict(list(differ.items())[:10])}"
+    )
     return len(lost), len(doubled)
 
 
@@ -160,7 +178,9 @@ class Janitor:
     their queue. The workers run the same script by chance with a 60 s timeout."""
 
     def __init__(self, redis_url: str, queues: Iterable[str], heartbeat_timeout_ms: int = 10_000) -> None:
-        self.broker = RedisBroker(url=redis_url, middleware=[], heartbeat_timeout=heartbeat_timeout_ms, maintenance_chance=MAINTENANCE_SCALE)
+        self.broker = RedisBroker(
+            url=redis_url, middleware=[], heartbeat_timeout=heartbeat_timeout_ms, maintenance_chance=MAINTENANCE_SCALE
+        )
         self.queues = tuple(queues)
         self.runs = 0
 
@@ -223,7 +243,9 @@ def deliveries_per_event(all_workers: Iterable[WorkerProcesses], prefix: str) ->
     seen: Counter[str] = Counter()
     for workers in all_workers:
         for record in workers.records():
-            if record.get("event") in ("event_applied", "event_duplicate") and str(record.get("event_id", "")).startswith(f"{prefix}-"):
+            if record.get("event") in ("event_applied", "event_duplicate") and str(
+                record.get("event_id", "")
+            ).startswith(f"{prefix}-"):
                 seen[record["event_id"]] += 1
     return dict(sorted(Counter(seen.values()).items()))
 
@@ -263,8 +285,18 @@ class PrivateRedis:
     def start(self) -> None:
         log = (self.directory / "redis-server.log").open("ab")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence, "--dir", str(self.directory)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                *self.persistence,
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url)
 

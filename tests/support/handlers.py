@@ -17,8 +17,16 @@ def at(hours: float = 0, days: float = 0) -> datetime:
     return T0 + timedelta(hours=hours, days=days)
 
 
-def paid(event_id: str, customer: str, credits: int, when: datetime = T0, payment_id: str | None = None) -> PaymentSucceeded:
-    return PaymentSucceeded(event_id=event_id, occurred_at=when, customer_id=customer, payment_id=payment_id or f"in-{event_id}", credits=credits)
+def paid(
+    event_id: str, customer: str, credits: int, when: datetime = T0, payment_id: str | None = None
+) -> PaymentSucceeded:
+    return PaymentSucceeded(
+        event_id=event_id,
+        occurred_at=when,
+        customer_id=customer,
+        payment_id=payment_id or f"in-{event_id}",
+        credits=credits,
+    )
 
 
 def job(event_id: str, customer: str, job_id: str, credits: int = 1, when: datetime = T0) -> JobCompleted:
@@ -26,7 +34,9 @@ def job(event_id: str, customer: str, job_id: str, credits: int = 1, when: datet
 
 
 def adjusted(event_id: str, customer: str, credits: int, when: datetime = T0) -> CreditsAdjusted:
-    return CreditsAdjusted(event_id=event_id, occurred_at=when, customer_id=customer, credits=credits, reason="goodwill", actor="ops")
+    return CreditsAdjusted(
+        event_id=event_id, occurred_at=when, customer_id=customer, credits=credits, reason="goodwill", actor="ops"
+    )
 
 
 async def apply(store: FakeStore, *applied):

@@ -16,7 +16,7 @@ import csv
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -47,7 +47,9 @@ class OldRow:
 
 def _render(moment: datetime, salt: int) -> str:
     # Most rows in local time with its DST offset, some in UTC: the same instants either way.
-    return moment.astimezone(LOCAL).isoformat() if salt % 3 else moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return (
+        moment.astimezone(LOCAL).isoformat() if salt % 3 else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    )
 
 
 @dataclass
@@ -92,13 +94,17 @@ class Ids:
         return self.next - 1
 
 
-def member_history(rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int) -> tuple[list[OldRow], int]:
+def member_history(
+    rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int
+) -> tuple[list[OldRow], int]:
     """About ``rows`` rows of one membership between ``start`` and ``now``, and its balance at ``now``."""
     history, account = _history(rng, member, ids, start, now, rows)
     return history, account.balance(now)
 
 
-def _history(rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int) -> tuple[list[OldRow], OldAccount]:
+def _history(
+    rng: random.Random, member: str, ids: Ids, start: datetime, now: datetime, rows: int
+) -> tuple[list[OldRow], OldAccount]:
     account, history = OldAccount(), []
     moment = start + timedelta(minutes=rng.randrange(60 * 24 * 30))
     step = (now - moment) / max(rows, 1)
@@ -112,7 +118,9 @@ def _history(rng: random.Random, member: str, ids: Ids, start: datetime, now: da
     return history, account
 
 
-def _expire_rows(account: OldAccount, history: list[OldRow], ids: Ids, member: str, at: datetime, rng: random.Random) -> None:
+def _expire_rows(
+    account: OldAccount, history: list[OldRow], ids: Ids, member: str, at: datetime, rng: random.Random
+) -> None:
     """The old system expired lazily, on the next look at the balance: one row per lot, or one for all."""
     due = account.due(at)
     if not due:
@@ -148,14 +156,20 @@ class Export:
     rows: int
 
 
-def generate(directory: Path, members: int, rows_per_member: int, now: datetime, seed: int = 1, keep_expected: bool = True) -> Export:
+def generate(
+    directory: Path, members: int, rows_per_member: int, now: datetime, seed: int = 1, keep_expected: bool = True
+) -> Export:
     """Write transactions.csv (rows shuffled, members split across the file), balances.csv, and
     open-lots.csv: the lots still open at ``now`` (`balances_at` moves the balances to a later time)."""
     rng = random.Random(seed)
     ids, expected, count = Ids(), {}, 0
     start = now - timedelta(days=365 * YEARS)
     transactions, balances = directory / "transactions.csv", directory / "balances.csv"
-    with open(transactions, "w", newline="") as out, open(balances, "w", newline="") as owed, open(directory / OPEN_LOTS, "w", newline="") as lots:
+    with (
+        open(transactions, "w", newline="") as out,
+        open(balances, "w", newline="") as owed,
+        open(directory / OPEN_LOTS, "w", newline="") as lots,
+    ):
         rows_out, balances_out, lots_out = csv.writer(out), csv.writer(owed), csv.writer(lots)
         rows_out.writerow(HEADER)
         balances_out.writerow(("MembershipId", "Balance"))
@@ -167,7 +181,9 @@ def generate(directory: Path, members: int, rows_per_member: int, now: datetime,
                 history, account = _history(rng, member, ids, start, now, rng.randint(1, 2 * rows_per_member - 1))
                 balance = account.balance(now)
                 balances_out.writerow((member, balance))
-                lots_out.writerows((member, lot[2].isoformat(), lot[3]) for lot in account.lots if lot[3] > 0 and lot[2] > now)
+                lots_out.writerows(
+                    (member, lot[2].isoformat(), lot[3]) for lot in account.lots if lot[3] > 0 and lot[2] > now
+                )
                 if keep_expected:
                     expected[member] = balance
                 yield from history
@@ -225,7 +241,9 @@ def main() -> None:
     parser.add_argument("--rows-per-member", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    export = generate(args.directory, args.members, args.rows_per_member, datetime.now(timezone.utc), args.seed, keep_expected=False)
+    export = generate(
+        args.directory, args.members, args.rows_per_member, datetime.now(UTC), args.seed, keep_expected=False
+    )
     print(f"{export.rows} rows over {args.members} members: {export.transactions}, {export.balances}")
 
 
