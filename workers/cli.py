@@ -1,15 +1,4 @@
-"""`credits`: the operator's command line.
-
-credits demo                 the main job on the embedded default (SQLite + in-process Redis)
-credits migrate              apply database migrations (before starting web, worker, scheduler)
-credits web                  serve the HTTP API on $PORT
-credits worker               run Dramatiq workers (needs REDIS_URL)
-credits scheduler            enqueue periodic jobs on schedule
-credits run <periodic-job>   enqueue one periodic job now
-credits dead-letters list    show dead-lettered messages (archived in the database)
-credits dead-letters show ID print one dead letter whole (personal data masked)
-credits dead-letters replay ID...   re-enqueue archived dead letters
-"""
+"""`credits`: the operator's command line (its commands: ``OVERVIEW``, shown by ``credits --help``)."""
 
 from __future__ import annotations
 
@@ -35,10 +24,26 @@ PERIODIC_JOB_NAMES = (
 WORKER_PROCESSES = 2
 WORKER_THREADS = 64
 
+#: The commands at a glance, indented as ``--help`` shows them (a plain string: formatters leave it alone).
+OVERVIEW = """
+    credits demo                 the main job on the embedded default (SQLite + in-process Redis)
+    credits migrate              apply database migrations (before starting web, worker, scheduler)
+    credits web                  serve the HTTP API on $PORT
+    credits worker               run Dramatiq workers (needs REDIS_URL)
+    credits scheduler            enqueue periodic jobs on schedule
+    credits run <periodic-job>   enqueue one periodic job now
+    credits dead-letters list    show dead-lettered messages (archived in the database)
+    credits dead-letters show ID print one dead letter whole (personal data masked)
+    credits dead-letters replay ID...   re-enqueue archived dead letters
+    credits import-legacy CSV    bring members' credit histories over from the old system
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="credits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="credits",
+        description="`credits`: the operator's command line.\n\n" + OVERVIEW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
