@@ -20,7 +20,7 @@ from api.schemas import (
     LotOut,
     RetryAcceptedOut,
 )
-from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipFrozen
+from domain import HoldConflict, InsufficientCredits, JobAlreadyCharged, MembershipIsFrozen
 from infra.broker import enqueue_charges
 from service_layer import holds, payments
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
@@ -77,11 +77,11 @@ async def place_hold(customer_id: Identifier, body: HoldIn, request: Request, re
                 "requested": error.wanted,
             },
         )
-    except (HoldConflict, JobAlreadyCharged, MembershipFrozen) as error:
+    except (HoldConflict, JobAlreadyCharged, MembershipIsFrozen) as error:
         reason = {
             HoldConflict: "hold_conflict",
             JobAlreadyCharged: "job_already_charged",
-            MembershipFrozen: "membership_frozen",
+            MembershipIsFrozen: "membership_frozen",
         }[type(error)]
         return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(error), "reason": reason})
     if not created:

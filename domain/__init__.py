@@ -7,7 +7,7 @@ from domain.errors import (
     HoldConflict,
     InsufficientCredits,
     JobAlreadyCharged,
-    MembershipFrozen,
+    MembershipIsFrozen,
     UnknownCustomer,
 )
 from domain.limits import MAX_BALANCE, MAX_CREDITS_PER_EVENT, MAX_OVERDRAFT
@@ -27,7 +27,7 @@ __all__ = [
     "HoldStatus",
     "InsufficientCredits",
     "JobAlreadyCharged",
-    "MembershipFrozen",
+    "MembershipIsFrozen",
     "Lot",
     "LotSource",
     "MAX_BALANCE",

@@ -36,7 +36,7 @@ class PaymentNotApplied(Exception):
     """
 
 
-class MembershipFrozen(DomainError):
+class MembershipIsFrozen(DomainError):
     """The membership is paused: no booking, no gifts, until it is unfrozen."""
 
 

@@ -17,7 +17,7 @@ from domain.errors import (
     HoldConflict,
     InsufficientCredits,
     JobAlreadyCharged,
-    MembershipFrozen,
+    MembershipIsFrozen,
     PaymentAlreadyApplied,
     PaymentNotApplied,
 )
@@ -391,7 +391,7 @@ class Account:
             raise ValueError("a customer cannot gift credits to themselves")
         for account in (self, to):
             if account.frozen_since is not None:
-                raise MembershipFrozen(
+                raise MembershipIsFrozen(
                     f"customer {account.customer_id!r} is frozen: no gifts to or from a paused membership"
                 )
         self.catch_up(at, event_id)
@@ -432,7 +432,7 @@ class Account:
         """Reserve credits for a booked job. Placing the same hold twice returns the first."""
         _require_positive(credits)
         if self.frozen_since is not None:
-            raise MembershipFrozen(f"customer {self.customer_id!r} has paused their membership: unfreeze it to book")
+            raise MembershipIsFrozen(f"customer {self.customer_id!r} has paused their membership: unfreeze it to book")
         self.catch_up(at, event_id)
         if job_id in self.charged_jobs:
             raise JobAlreadyCharged(f"job {job_id!r} of customer {self.customer_id!r} has already been charged")

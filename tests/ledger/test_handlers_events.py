@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from domain import InsufficientCredits, JobAlreadyCharged, UnknownCustomer
-from domain import MembershipFrozen as Frozen
+from domain import MembershipIsFrozen as Frozen
 from domain.dunning import DunningStatus
 from messages import (
     CreditsGifted,

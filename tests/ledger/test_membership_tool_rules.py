@@ -19,7 +19,7 @@ from domain import (
     EntryKind,
     InsufficientCredits,
     LotSource,
-    MembershipFrozen,
+    MembershipIsFrozen,
     UnknownCustomer,
 )
 from domain import errors as domain_errors
@@ -163,7 +163,7 @@ def test_a_frozen_membership_cannot_book_and_can_again_once_unfrozen():
     account.issue(10, t(2025, 1, 1), "pay", POLICY)
     account.freeze(t(2025, 1, 10), "freeze")
     before = state(account)
-    with pytest.raises(MembershipFrozen):
+    with pytest.raises(MembershipIsFrozen):
         account.place_hold("job-1", 1, t(2025, 1, 11), "hold-1", POLICY)
     assert state(account) == before
     assert account.holds == {}
@@ -268,7 +268,7 @@ def test_no_gift_to_or_from_a_frozen_membership(frozen):
     receiver.issue(1, t(2025, 1, 1), "pay-r", POLICY)
     (giver if frozen == "giver" else receiver).freeze(t(2025, 1, 5), "freeze")
     giver_before, receiver_before = state(giver), state(receiver)
-    with pytest.raises(MembershipFrozen):
+    with pytest.raises(MembershipIsFrozen):
         giver.give(3, receiver, t(2025, 1, 6), "gift")
     assert state(giver) == giver_before
     assert state(receiver) == receiver_before

@@ -354,7 +354,7 @@ async def test_gifts_refused_by_the_rules_change_nothing(db):
                 credits=1,
             ),
         )
-    with pytest.raises(domain_errors.MembershipFrozen):
+    with pytest.raises(domain_errors.MembershipIsFrozen):
         await apply(
             db,
             CreditsGifted(
@@ -365,7 +365,7 @@ async def test_gifts_refused_by_the_rules_change_nothing(db):
                 credits=1,
             ),
         )
-    with pytest.raises(domain_errors.MembershipFrozen):
+    with pytest.raises(domain_errors.MembershipIsFrozen):
         await apply(
             db,
             CreditsGifted(
