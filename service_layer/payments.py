@@ -13,9 +13,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from domain import CreditPolicy
 from domain.dunning import AttemptKind, AttemptOutcome, DunningCase, DunningRules, DunningStatus, RetrySchedule
-from domain.referrals import ReferralRules
 from infra.db.payments import Attempt
 from messages import PaymentSucceeded
 from service_layer import events
@@ -74,21 +72,25 @@ async def schedule_due_retries(
     return sum(1 for attempt_id in requested if attempt_id is not None)
 
 
+@dataclass(frozen=True)
+class Collector:
+    """What charging attempts works with: units of work, the provider, the clock, the rules."""
+
+    new_uow: UnitOfWorkFactory
+    provider: PaymentProvider
+    now: Callable[[], datetime]
+    rules: Rules
+
+
 async def charge_pending(
-    new_uow: UnitOfWorkFactory,
-    provider: PaymentProvider,
-    now: Callable[[], datetime],
-    policy: CreditPolicy,
-    rules: DunningRules,
-    attempt_ids: list[int] | None = None,
-    limit: int = 100,
-    referral_rules: ReferralRules | None = None,
+    collector: Collector, attempt_ids: list[int] | None = None, limit: int = 100
 ) -> CollectionResult:
     """Charge pending attempts (those given, or any), each once, and record what happened.
 
     Attempts are leased one at a time, so a slow provider never outlives a lease; one that
     fails unexpectedly is postponed and the others are still charged.
     """
+    new_uow, now = collector.new_uow, collector.now
     result = CollectionResult()
     for _ in range(limit):
         async with new_uow() as uow:
@@ -98,7 +100,7 @@ async def charge_pending(
             break
         [attempt] = attempts
         try:
-            outcome = await charge_attempt(new_uow, provider, attempt, now, policy, rules, referral_rules)
+            outcome = await charge_attempt(collector, attempt)
         except Exception as error:
             log.exception("payment_attempt_failed", attempt_id=attempt.id, invoice_id=attempt.invoice_id)
             await _postpone(new_uow, attempt, now(), f"{type(error).__name__}: {error}")
@@ -118,16 +120,9 @@ async def _postpone(new_uow: UnitOfWorkFactory, attempt: Attempt, at: datetime, 
     return wait
 
 
-async def charge_attempt(
-    new_uow: UnitOfWorkFactory,
-    provider: PaymentProvider,
-    attempt: Attempt,
-    now: Callable[[], datetime],
-    policy: CreditPolicy,
-    rules: DunningRules,
-    referral_rules: ReferralRules | None = None,
-) -> AttemptOutcome | None:
+async def charge_attempt(collector: Collector, attempt: Attempt) -> AttemptOutcome | None:
     """Charge one leased attempt. Returns its outcome, or None when the provider failed (postponed)."""
+    new_uow, now = collector.new_uow, collector.now
     bound = log.bind(
         invoice_id=attempt.invoice_id, customer_id=attempt.customer_id, attempt_id=attempt.id, kind=attempt.kind.value
     )
@@ -141,7 +136,7 @@ async def charge_attempt(
             return AttemptOutcome.CLOSED
     try:
         check_first = attempt.provider_errors > 0 or (attempt.kind is AttemptKind.SCHEDULED and attempt.number == 1)
-        charge = await provider.pay_invoice(
+        charge = await collector.provider.pay_invoice(
             attempt.invoice_id,
             attempt.customer_id,
             charge_key(attempt),
@@ -155,7 +150,7 @@ async def charge_attempt(
         wait = await _postpone(new_uow, attempt, now(), str(error))
         bound.warning("payment_attempt_postponed", error=str(error), retry_in_s=int(wait.total_seconds()))
         return None
-    await record_charge(new_uow, attempt, charge, now(), policy, rules, referral_rules)
+    await record_charge(new_uow, attempt, charge, now(), collector.rules)
     bound.info("payment_attempt_done", outcome=charge.outcome.value, decline_code=charge.decline_code)
     return charge.outcome
 
@@ -186,13 +181,7 @@ def charge_key(attempt: Attempt) -> str:
 
 
 async def record_charge(
-    new_uow: UnitOfWorkFactory,
-    attempt: Attempt,
-    charge: ChargeResult,
-    at: datetime,
-    policy: CreditPolicy,
-    rules: DunningRules,
-    referral_rules: ReferralRules | None = None,
+    new_uow: UnitOfWorkFactory, attempt: Attempt, charge: ChargeResult, at: datetime, rules: Rules
 ) -> None:
     """Record an attempt's outcome on the attempt and its case; a payment issues its credits in the same transaction."""
     async with new_uow() as uow:
@@ -214,9 +203,7 @@ async def record_charge(
                     currency=paid.currency,
                 )
                 # Issues once and ends the case, on the path every event takes.
-                await events.apply_in(
-                    uow, [event], Rules(policy, rules, referral_rules or ReferralRules()), events.claim_one
-                )
+                await events.apply_in(uow, [event], rules, events.claim_one)
             else:
                 log.error(
                     "paid_invoice_without_credits",
@@ -230,7 +217,9 @@ async def record_charge(
             case.close(at, charge.message or "invoice closed at the provider")
             await uow.dunning.save(case)
         else:
-            case.attempt_failed(attempt.kind, charge.outcome, at, charge.decline_code, charge.message, rules.schedule)
+            case.attempt_failed(
+                attempt.kind, charge.outcome, at, charge.decline_code, charge.message, rules.dunning.schedule
+            )
             await uow.dunning.save(case)
         await uow.commit()
 

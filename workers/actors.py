@@ -120,15 +120,8 @@ async def charge_payment_attempts(attempt_ids: list[int]) -> None:
     if runtime.provider is None:
         log.warning("payments_not_collected", reason="STRIPE_API_KEY is not set; the attempts wait in the database")
         return
-    result = await payments.charge_pending(
-        runtime.new_uow,
-        runtime.provider,
-        runtime.clock.now,
-        runtime.settings.policy,
-        runtime.settings.dunning,
-        attempt_ids=attempt_ids,
-        referral_rules=runtime.settings.referrals,
-    )
+    collector = payments.Collector(runtime.new_uow, runtime.provider, runtime.clock.now, runtime.rules)
+    result = await payments.charge_pending(collector, attempt_ids=attempt_ids)
     log.info("payment_attempts_charged", attempt_ids=attempt_ids, charged=result.charged, postponed=result.postponed)
 
 
@@ -144,9 +137,7 @@ async def collect_payments(as_of: str | None = None) -> None:
         return
     scheduled = await payments.schedule_due_retries(runtime.new_uow, now, schedule=settings.dunning.schedule)
     clock = (lambda: now) if as_of is not None else runtime.clock.now
-    result = await payments.charge_pending(
-        runtime.new_uow, runtime.provider, clock, settings.policy, settings.dunning, referral_rules=settings.referrals
-    )
+    result = await payments.charge_pending(payments.Collector(runtime.new_uow, runtime.provider, clock, runtime.rules))
     cancelled = 0
     if settings.dunning_end_action == "cancel_subscription":
         cancelled = await payments.cancel_past_due_subscriptions(runtime.new_uow, runtime.provider, clock)

@@ -12,6 +12,7 @@ from infra.clock import Clock, SystemClock
 from infra.db import Database
 from infra.settings import Settings, get_settings
 from service_layer import events
+from service_layer.apply import Rules
 from service_layer.unit_of_work import SqlUnitOfWork
 from workers.batching import EventBatcher
 
@@ -57,6 +58,11 @@ class Runtime:
 
             self._mailer = SmtpMailer(self.settings)
         return self._mailer
+
+    @property
+    def rules(self) -> Rules:
+        """The business's rules every use case here applies (from the settings)."""
+        return Rules(self.settings.policy, self.settings.dunning, self.settings.referrals)
 
     @property
     def event_batcher(self) -> EventBatcher:

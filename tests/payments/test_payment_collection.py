@@ -29,6 +29,7 @@ from infra.settings import load_settings
 from infra.stripe.client import StripeProvider
 from messages import JobCompleted, PaymentActionRequired, PaymentFailed, PaymentMethodUpdated, PaymentSucceeded
 from service_layer import handlers, payments
+from service_layer.apply import Rules
 from service_layer.errors import CustomerNotFound, NothingOwed, RetryLimited
 from service_layer.handlers import Outcome
 from service_layer.payments import ATTEMPT_LEASE, PROVIDER_BACKOFF, charge_key
@@ -111,7 +112,9 @@ async def schedule(db, at: datetime) -> int:
 
 
 async def charge(db, provider, at: datetime, attempt_ids: list[int] | None = None) -> payments.CollectionResult:
-    return await payments.charge_pending(new_uow(db), provider, clock(at), POLICY, RULES, attempt_ids=attempt_ids)
+    return await payments.charge_pending(
+        payments.Collector(new_uow(db), provider, clock(at), Rules(POLICY, RULES)), attempt_ids=attempt_ids
+    )
 
 
 async def case_row(db, invoice_id: str):
@@ -463,7 +466,7 @@ async def test_a_crash_between_the_answer_and_the_record_repeats_the_same_key_an
     assert [lot.amount for lot in await lots_of(db, "judy")] == [100]
 
     # The first worker was only slow, not dead, and records its answer late: nothing more.
-    await payments.record_charge(new_uow(db), leased, answer, crashed_at + timedelta(minutes=7), POLICY, RULES)
+    await payments.record_charge(new_uow(db), leased, answer, crashed_at + timedelta(minutes=7), Rules(POLICY, RULES))
     assert [lot.amount for lot in await lots_of(db, "judy")] == [100]
     assert len(await issued_entries(db, "judy")) == 1
     assert (await attempt_rows(db, "in_j1"))[0].finished_at == crashed_at + ATTEMPT_LEASE + timedelta(seconds=1)
@@ -776,7 +779,7 @@ async def test_the_webhook_issuing_first_and_our_charge_recording_later_issue_on
     # The invoice.paid webhook overtakes our own recording.
     await give_credits(db, "zoe", answer.paid.credits, answer.paid.paid_at, "in_z1")
 
-    await payments.record_charge(new_uow(db), leased, answer, day(1), POLICY, RULES)
+    await payments.record_charge(new_uow(db), leased, answer, day(1), Rules(POLICY, RULES))
 
     [attempt] = await attempt_rows(db, "in_z1")
     assert attempt.outcome == "succeeded"
@@ -837,7 +840,7 @@ async def test_one_attempt_that_cannot_be_recorded_does_not_stop_the_others(db, 
     # Two collector runs, the second after every lease ran out.
     for at in (day(1) + timedelta(minutes=2), day(1) + timedelta(minutes=20)):
         with contextlib.suppress(ValidationError):  # the defect: one attempt's error aborts the batch
-            await payments.charge_pending(new_uow(db), big, clock(at), POLICY, RULES)
+            await payments.charge_pending(payments.Collector(new_uow(db), big, clock(at), Rules(POLICY, RULES)))
 
     assert fake.invoices["in_bulk"]["status"] == "paid"
     assert len(fake.pay_requests("in_small")) == 1, "the other customer's due attempt was never charged"
