@@ -143,12 +143,9 @@ async def adjust_credits(customer_id: Identifier, body: AdjustmentIn, request: R
         outcome = await adjustments.admin_adjustment(
             uow(request),
             request.app.state.settings.policy,
-            customer_id,
-            body.credits,
-            body.reason,
-            body.admin,
-            now(request),
-            body.idempotency_key,
+            adjustments.Adjustment(
+                customer_id, body.credits, body.reason, body.admin, now(request), body.idempotency_key
+            ),
         )
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None

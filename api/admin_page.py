@@ -168,12 +168,14 @@ async def adjust(customer_id: Identifier, body: AdjustmentIn, request: Request) 
         outcome = await adjustments.admin_adjustment(
             SqlUnitOfWork(request.app.state.db),
             settings.policy,
-            customer_id,
-            body.credits,
-            body.reason,
-            "admin page",
-            request.app.state.clock.now(),
-            body.idempotency_key,
+            adjustments.Adjustment(
+                customer_id,
+                body.credits,
+                body.reason,
+                "admin page",
+                request.app.state.clock.now(),
+                body.idempotency_key,
+            ),
         )
     except CustomerNotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from domain import CreditPolicy
@@ -13,25 +14,32 @@ from service_layer.events import apply_in, claim_by_key
 from service_layer.ports import UnitOfWork
 
 
-async def admin_adjustment(
-    uow: UnitOfWork,
-    policy: CreditPolicy,
-    customer_id: str,
-    credits: int,
-    reason: str,
-    admin: str,
-    now: datetime,
-    idempotency_key: str | None = None,
-) -> Outcome:
-    """An admin's correction with a reason, applied like any event and shown in the ledger.
+@dataclass(frozen=True)
+class Adjustment:
+    """An admin's correction: credits (signed) with a reason, by whom and when."""
 
-    ``idempotency_key`` (one per form or API call, kept across retries) makes a double click
-    or a retried request apply once (the repeat answers ``duplicate``, whatever it carried).
+    customer_id: str
+    credits: int
+    reason: str
+    admin: str
+    at: datetime
+    #: One per form or API call, kept across retries: a double click or a retried request
+    #: applies once (the repeat answers ``duplicate``, whatever it carried). None: each applies.
+    idempotency_key: str | None = None
+
+
+async def admin_adjustment(uow: UnitOfWork, policy: CreditPolicy, adjustment: Adjustment) -> Outcome:
+    """An admin's correction, applied like any event and shown in the ledger.
+
     Raises CustomerNotFound for an unknown customer (an adjustment never creates one).
     """
-    event_id = f"admin-adjustment:{idempotency_key or uuid.uuid4()}"
     event = CreditsAdjusted(
-        event_id=event_id, occurred_at=now, customer_id=customer_id, credits=credits, reason=reason, actor=admin
+        event_id=f"admin-adjustment:{adjustment.idempotency_key or uuid.uuid4()}",
+        occurred_at=adjustment.at,
+        customer_id=adjustment.customer_id,
+        credits=adjustment.credits,
+        reason=adjustment.reason,
+        actor=adjustment.admin,
     )
     return await apply_admin_event(uow, policy, event)
 

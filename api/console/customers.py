@@ -110,12 +110,9 @@ async def adjust(customer_id: Identifier, request: Request, fields: Annotated[di
         outcome = await adjustments.admin_adjustment(
             SqlUnitOfWork(state.db),
             state.settings.policy,
-            customer_id,
-            wanted.credits,
-            wanted.reason,
-            "admin console",
-            state.clock.now(),
-            wanted.idempotency_key,
+            adjustments.Adjustment(
+                customer_id, wanted.credits, wanted.reason, "admin console", state.clock.now(), wanted.idempotency_key
+            ),
         )
     except CustomerNotFound as error:
         return back(request, "/admin/customers", str(error), ok=False)

@@ -21,6 +21,7 @@ from infra.clock import FixedClock
 from infra.settings import load_settings
 from messages import CreditsGifted, JobCancelled, JobCompleted, PaymentSucceeded
 from service_layer import handlers
+from service_layer.adjustments import Adjustment
 from service_layer.unit_of_work import SqlUnitOfWork
 from tests.support import InProcessServer, t
 
@@ -163,9 +164,8 @@ async def test_the_csv_is_the_json_oldest_first_streamed(db, pg_url):
     await pay(db, "di", 5, t(2025, 1, 1))
     for day in range(1, 4):
         await job(db, "di", 1, t(2025, 1, 1 + day))
-    await handlers.admin_adjustment(
-        SqlUnitOfWork(db), POLICY, "di", 2, '=HYPERLINK("x"), "quoted", comma', "ops", t(2025, 1, 9), "key-12345678"
-    )
+    adjustment = Adjustment("di", 2, '=HYPERLINK("x"), "quoted", comma', "ops", t(2025, 1, 9), "key-12345678")
+    await handlers.admin_adjustment(SqlUnitOfWork(db), POLICY, adjustment)
     async with serving(pg_url) as server, httpx.AsyncClient(base_url=server.base_url) as http:
         json_entries = await history(http, "di", 2)
         response = await http.get("/api/admin/customers/di/ledger.csv", headers=ADMIN)

@@ -6,7 +6,7 @@ import pytest
 
 from domain import InsufficientCredits, UnknownCustomer
 from messages import CreditsGifted
-from service_layer.adjustments import admin_adjustment, apply_admin_event
+from service_layer.adjustments import Adjustment, admin_adjustment, apply_admin_event
 from service_layer.apply import Outcome
 from service_layer.errors import CustomerNotFound
 from tests.support.fake_ledger import FakeStore, FakeUnitOfWork
@@ -14,9 +14,8 @@ from tests.support.handlers import POLICY, apply, at, balance, kinds, paid
 
 
 async def adjust(store: FakeStore, customer: str, credits: int, key: str | None, when=None) -> Outcome:
-    return await admin_adjustment(
-        FakeUnitOfWork(store), POLICY, customer, credits, "goodwill", "ops@example.com", when or at(1), key
-    )
+    adjustment = Adjustment(customer, credits, "goodwill", "ops@example.com", when or at(1), key)
+    return await admin_adjustment(FakeUnitOfWork(store), POLICY, adjustment)
 
 
 async def test_an_adjustment_applies_once_per_key_whatever_the_repeat_carries():
