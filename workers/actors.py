@@ -154,16 +154,16 @@ async def collect_payments(as_of: str | None = None) -> None:
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def expire_credits(as_of: str | None = None) -> None:
     """Periodic: expire every lot past its expiry date as of ``as_of`` (default: now)."""
-    await _sweep(expire_credits, sweeps.expire_due_credits, as_of)
+    await _run_sweep(expire_credits, sweeps.expire_due_credits, as_of)
 
 
 @dramatiq.actor(queue_name=SWEEPS_QUEUE, **_retry_options())
 async def lapse_holds(as_of: str | None = None) -> None:
     """Periodic: lapse every hold not captured within its time to live."""
-    await _sweep(lapse_holds, sweeps.lapse_due_holds, as_of)
+    await _run_sweep(lapse_holds, sweeps.lapse_due_holds, as_of)
 
 
-async def _sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:
+async def _run_sweep(actor: dramatiq.Actor, sweep, as_of: str | None) -> None:
     now = _sweep_time(as_of)
     runtime = get_runtime()
     result = await sweep(runtime.new_uow, now, runtime.settings.sweep_batch_size, SWEEP_BATCHES_PER_MESSAGE)

@@ -46,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_process_commands(commands)
+    _add_job_commands(commands)
+    legacy_cli.register(commands)
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command](args) or 0
 
+
+def _add_process_commands(commands) -> None:
+    """demo, migrate, web, worker, scheduler: the processes one runs."""
     demo = commands.add_parser("demo", help="simulate months of customers through the real actors")
     demo.add_argument("--customers", type=int, default=30, help="how many simulated customers (default: %(default)s)")
     demo.add_argument(
@@ -82,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("scheduler", help="enqueue periodic jobs on schedule")
 
+
+def _add_job_commands(commands) -> None:
+    """run, dead-letters: one-off jobs on a running system."""
     run = commands.add_parser("run", help="enqueue a periodic job now")
     run.add_argument("job", choices=PERIODIC_JOB_NAMES, metavar="JOB", help="the periodic job: %(choices)s")
     run.add_argument(
@@ -111,11 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     dead_replay.add_argument(
         "--force", action="store_true", help="replay even those replayed before (default: skip them)"
     )
-
-    legacy_cli.register(commands)
-
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command](args) or 0
 
 
 def _as_of(text: str) -> str:
