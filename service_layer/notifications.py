@@ -76,27 +76,7 @@ async def deliver(
         if not claimed:
             break
         for row in claimed:
-            status, error, retry_at, refused = "sent", None, None, False
-            try:
-                await mailer.send(row.to_address, row.subject, row.body, message_id(row.key))
-            except Exception as failure:
-                if not isinstance(failure, Undelivered):
-                    # Unknown: it may have gone out. At most once, so it is not sent again.
-                    log.exception("notification_send_error", key=row.key)
-                    failure = Undelivered(f"{type(failure).__name__}: {failure}", retry=False, maybe_sent=True)
-                error = str(failure)[:2000]
-                if failure.maybe_sent:
-                    status = "uncertain"
-                else:
-                    # Outages and our own settings never use up the tries a refused message gets.
-                    refused = not failure.ours
-                    if failure.retry and (failure.ours or row.refusals + 1 < MAX_ATTEMPTS):
-                        status, retry_at = (
-                            "pending",
-                            now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX),
-                        )
-                    else:
-                        status = "failed"
+            status, error, retry_at, refused = await _send(mailer, row, now)
             async with new_uow() as uow:
                 await uow.notifications.finish(row.id, status, now(), error, retry_at, refused)
                 await uow.commit()
@@ -109,6 +89,26 @@ async def deliver(
                 error=error,
             )
     return result
+
+
+async def _send(mailer: Mailer, row, now: Callable[[], datetime]) -> tuple[str, str | None, datetime | None, bool]:
+    """Send one claimed notification: its new status, the error, when to retry, and whether the server refused it."""
+    try:
+        await mailer.send(row.to_address, row.subject, row.body, message_id(row.key))
+    except Exception as failure:
+        if not isinstance(failure, Undelivered):
+            # Unknown: it may have gone out. At most once, so it is not sent again.
+            log.exception("notification_send_error", key=row.key)
+            failure = Undelivered(f"{type(failure).__name__}: {failure}", retry=False, maybe_sent=True)
+        error = str(failure)[:2000]
+        if failure.maybe_sent:
+            return "uncertain", error, None, False
+        # Outages and our own settings never use up the tries a refused message gets.
+        refused = not failure.ours
+        if failure.retry and (failure.ours or row.refusals + 1 < MAX_ATTEMPTS):
+            return "pending", error, now() + min(RETRY_BACKOFF * 2 ** min(row.attempts, 20), RETRY_BACKOFF_MAX), refused
+        return "failed", error, None, refused
+    return "sent", None, None, False
 
 
 def message_id(key: str) -> str:
