@@ -169,65 +169,49 @@ async def referrer_summary(
         referrer = (await connection.execute(select(referrers).where(referrers.c.referrer_id == referrer_id))).first()
         if referrer is None:
             return None
-        codes = [
-            {"code": r.code, "active": r.active, "created_at": r.created_at}
-            for r in await connection.execute(
-                select(referral_codes)
-                .where(referral_codes.c.referrer_id == referrer_id)
-                .order_by(referral_codes.c.created_at)
-            )
-        ]
-        counts = dict(
-            (
-                await connection.execute(
-                    select(referrals.c.status, func.count())
-                    .where(referrals.c.referrer_id == referrer_id)
-                    .group_by(referrals.c.status)
-                )
-            ).all()
+        codes = await _codes_of(connection, referrer_id)
+        counts = await _referral_counts(connection, referrer_id)
+        paid = await _scalar(
+            connection,
+            # Paid to date: what the payee's paid payouts brought them (net of clawbacks taken).
+            select(func.coalesce(func.sum(payouts.c.amount_cents), 0)).where(
+                payouts.c.payee_id == referrer_id, payouts.c.status == "paid"
+            ),
         )
-        # Paid to date: what the payee's paid payouts brought them (net of clawbacks taken).
-        paid = (
-            await connection.execute(
-                select(func.coalesce(func.sum(payouts.c.amount_cents), 0)).where(
-                    payouts.c.payee_id == referrer_id, payouts.c.status == "paid"
-                )
-            )
-        ).scalar_one()
-        _, upcoming = (
-            await connection.execute(
-                select(
-                    func.coalesce(
-                        func.sum(
-                            case((referrals.c.status == ReferralStatus.PAID.value, referrals.c.reward_cents), else_=0)
-                        ),
-                        0,
-                    ),
-                    func.coalesce(
-                        func.sum(
-                            case(
-                                (
-                                    referrals.c.status.in_(
-                                        [ReferralStatus.APPROVED.value, ReferralStatus.IN_PAYOUT.value]
-                                    ),
-                                    referrals.c.reward_cents,
-                                ),
-                                else_=0,
-                            )
-                        ),
-                        0,
-                    ),
-                ).where(referrals.c.referrer_id == referrer_id)
-            )
-        ).one()
-        clawbacks = (
-            await connection.execute(
-                select(func.coalesce(func.sum(referral_clawbacks.c.amount_cents), 0)).where(
-                    referral_clawbacks.c.payee_id == referrer_id, referral_clawbacks.c.payout_id.is_(None)
-                )
-            )
-        ).scalar_one()
+        upcoming_statuses = [ReferralStatus.APPROVED.value, ReferralStatus.IN_PAYOUT.value]
+        upcoming = await _scalar(
+            connection,
+            select(func.coalesce(func.sum(referrals.c.reward_cents), 0)).where(
+                referrals.c.referrer_id == referrer_id, referrals.c.status.in_(upcoming_statuses)
+            ),
+        )
+        clawbacks = await _scalar(
+            connection,
+            select(func.coalesce(func.sum(referral_clawbacks.c.amount_cents), 0)).where(
+                referral_clawbacks.c.payee_id == referrer_id, referral_clawbacks.c.payout_id.is_(None)
+            ),
+        )
     next_day = calendar.local_date(now) if referrer.same_day else calendar.next_payout_day(now)
     return ReferrerSummary(
         referrer.referrer_id, referrer.kind, codes, counts, int(paid), int(upcoming), int(clawbacks), next_day
     )
+
+
+async def _codes_of(connection, referrer_id: str) -> list[dict]:
+    query = (
+        select(referral_codes).where(referral_codes.c.referrer_id == referrer_id).order_by(referral_codes.c.created_at)
+    )
+    return [{"code": r.code, "active": r.active, "created_at": r.created_at} for r in await connection.execute(query)]
+
+
+async def _referral_counts(connection, referrer_id: str) -> dict[str, int]:
+    query = (
+        select(referrals.c.status, func.count())
+        .where(referrals.c.referrer_id == referrer_id)
+        .group_by(referrals.c.status)
+    )
+    return dict((await connection.execute(query)).all())
+
+
+async def _scalar(connection, query):
+    return (await connection.execute(query)).scalar_one()
