@@ -130,42 +130,7 @@ async def summary(settings, prefix: str, now: datetime, mail_file: Path) -> Summ
     db = Database(settings.effective_database_url)
     try:
         async with db.connect() as conn:
-            kinds = Counter(
-                {
-                    k: t
-                    for k, t in await conn.execute(
-                        select(ledger_entries.c.kind, func.sum(ledger_entries.c.credits))
-                        .where(ledger_entries.c.customer_id.startswith(prefix))
-                        .group_by(ledger_entries.c.kind)
-                    )
-                }
-            )
-            lots = credit_lots.c.customer_id.startswith(prefix)
-            remaining = (
-                await conn.execute(select(func.coalesce(func.sum(credit_lots.c.remaining), 0)).where(lots))
-            ).scalar_one()
-            overdraft = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(customers.c.overdraft), 0)).where(
-                        customers.c.customer_id.startswith(prefix)
-                    )
-                )
-            ).scalar_one()
-            payments = (
-                await conn.execute(
-                    select(func.count(), func.coalesce(func.sum(credit_lots.c.paid_cents), 0)).where(
-                        lots, credit_lots.c.payment_id.is_not(None)
-                    )
-                )
-            ).one()
-            standing = referrals.c.status.in_(["pending", "approved", "in_payout", "paid", "flagged"])
-            reward_cents = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(referrals.c.reward_cents), 0)).where(
-                        referrals.c.referred_customer_id.startswith(prefix), standing
-                    )
-                )
-            ).scalar_one()
+            kinds, remaining, overdraft, payments, reward_cents = await _money(conn, prefix)
             figures = dict(
                 applied=await _count(conn, processed_events, processed_events.c.customer_id.startswith(prefix)),
                 dead_letters=await _count(conn, dead_letters),
@@ -197,6 +162,45 @@ async def summary(settings, prefix: str, now: datetime, mail_file: Path) -> Summ
         payouts_csv=referral_views.to_csv(ours, referral_views.PAYOUT_CSV_COLUMNS),
         **figures,
     )
+
+
+async def _money(conn, prefix: str) -> tuple:
+    """Credits by kind of entry, credits left, overdraft, payments (count, cents) and standing rewards."""
+    kinds = Counter(
+        {
+            k: t
+            for k, t in await conn.execute(
+                select(ledger_entries.c.kind, func.sum(ledger_entries.c.credits))
+                .where(ledger_entries.c.customer_id.startswith(prefix))
+                .group_by(ledger_entries.c.kind)
+            )
+        }
+    )
+    lots = credit_lots.c.customer_id.startswith(prefix)
+    remaining = (
+        await conn.execute(select(func.coalesce(func.sum(credit_lots.c.remaining), 0)).where(lots))
+    ).scalar_one()
+    overdraft = (
+        await conn.execute(
+            select(func.coalesce(func.sum(customers.c.overdraft), 0)).where(customers.c.customer_id.startswith(prefix))
+        )
+    ).scalar_one()
+    payments = (
+        await conn.execute(
+            select(func.count(), func.coalesce(func.sum(credit_lots.c.paid_cents), 0)).where(
+                lots, credit_lots.c.payment_id.is_not(None)
+            )
+        )
+    ).one()
+    standing = referrals.c.status.in_(["pending", "approved", "in_payout", "paid", "flagged"])
+    reward_cents = (
+        await conn.execute(
+            select(func.coalesce(func.sum(referrals.c.reward_cents), 0)).where(
+                referrals.c.referred_customer_id.startswith(prefix), standing
+            )
+        )
+    ).scalar_one()
+    return kinds, remaining, overdraft, payments, reward_cents
 
 
 def _dollars(cents: int) -> str:
