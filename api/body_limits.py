@@ -4,12 +4,15 @@ A pure ASGI middleware, outside routing, sessions and authentication: a declared
 ``Content-Length`` over the route's limit is answered 413 before the body is read; a
 chunked body is counted as it streams and refused the moment it passes the limit. Every
 413 closes the connection, so the server stops reading; a chunked body the route never
-read closes it too (uvicorn would otherwise read the rest to reuse the connection).
+read closes it too (uvicorn would otherwise read the rest to reuse the connection). After
+a 413 a little more is read and dropped (``DRAIN_MAX_BYTES``, ``DRAIN_SECONDS``): a client
+still sending then reads its 413 instead of a reset connection.
 The limits, by route, are in ``limit_for``: the one place for the rule.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from fastapi import HTTPException, status
@@ -20,6 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from infra.settings import Settings
 
 CLOSE = {"Connection": "close"}
+#: After a 413, what is still read and dropped, at most, before the connection closes.
+#: Closing with a client's bytes unread makes the kernel reset the connection, and a client
+#: that is still sending (most send the whole body before reading) sees the reset, not the
+#: 413. Bounded in bytes and time, so a huge or a stalled upload is still cut off.
+DRAIN_MAX_BYTES = 4 * 1024 * 1024
+DRAIN_SECONDS = 2.0
 
 
 def limit_for(settings: Settings) -> Callable[[str], int]:
@@ -100,6 +109,24 @@ class _BodyGuard:
 
 
 async def _refuse(error: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
-    await JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)(
-        scope, receive, send
-    )
+    """The 413 is sent at once; the response ends after the client's remaining bytes are drained."""
+    response = JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    await _drain(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _drain(receive: Receive) -> None:
+    drained = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while drained <= DRAIN_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return  # a stalled client: the connection closes

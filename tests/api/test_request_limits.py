@@ -5,7 +5,8 @@
   see them, whether the head arrives in one read (60 KB) or many (1 MB); meanwhile
   /healthz answers within 100 ms.
 - Every route has a body limit, enforced before authentication and while the body streams:
-  a declared Content-Length over it is 413 before any body is sent; a chunked 300 MB upload
+  a declared Content-Length over it is 413 before any body is sent (and a client that goes on
+  sending reads it: the server drains a few MB before it closes); a chunked 300 MB upload
   is cut off (413, connection closed) after a few MB, and the web process's memory grows by
   less than 20 MB; a route that never reads its body closes the connection instead of
   reading the rest.
@@ -246,6 +247,25 @@ def test_a_declared_length_over_the_limit_is_413_before_any_body_is_sent(web: We
         )  # no body follows: a server waiting for it would time out
         assert answered == 413, (path, body)
         assert "over" in json.loads(body)["detail"]
+
+
+def test_a_client_still_sending_a_body_over_the_limit_reads_its_413_not_a_reset(web: WebServer):
+    """Most clients send the whole body before reading. The server answers 413 on the declared
+    length at once; had it closed then, the bytes still arriving would reset the connection and
+    the client would never see the 413. It drains them (a few MB at most) and then closes."""
+    body = b"x" * (2 * MB)
+    head = f"POST /webhooks/stripe HTTP/1.1\r\nHost: credits.test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(address(web), timeout=10) as sock:
+        sock.sendall(head.encode())
+        time.sleep(0.3)  # the 413 is written meanwhile, before any body byte arrives
+        sock.sendall(body)  # raises if the server closed: a reset, not an answer
+        answer = bytearray()
+        while chunk := sock.recv(65536):  # raises ConnectionResetError on a reset
+            answer += chunk
+    head_out, _, detail = bytes(answer).partition(b"\r\n\r\n")
+    assert head_out.startswith(b"HTTP/1.1 413 "), bytes(answer[:200])
+    assert b"connection: close" in head_out.lower()
+    assert "over" in json.loads(detail)["detail"]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
