@@ -238,21 +238,7 @@ async def admin_referrals(
 ):
     page = await referral_views.list_referrals(request.app.state.db, filters.wanted(status_))
     if filters.format == "csv":
-        columns = [
-            "id",
-            "referred_customer_id",
-            "referrer_id",
-            "code",
-            "status",
-            "reason",
-            "flags",
-            "reward_cents",
-            "qualifying_payment_id",
-            "submitted_at",
-            "approve_after",
-            "payout_id",
-        ]
-        return _csv(page.rows, columns, "referrals.csv")
+        return _csv(page.rows, referral_views.REFERRAL_CSV_COLUMNS, "referrals.csv")
     return ReferralsOut(
         total=page.total, total_reward_cents=page.total_cents, referrals=[ReferralOut(**row) for row in page.rows]
     )

@@ -181,37 +181,26 @@ async def _import_members(
     reports: _Reports,
 ) -> None:
     with _rare_collections():
-        await _replay_and_write(members, writer, rules, dry_run, progress, reports)
-
-
-async def _replay_and_write(
-    members: Iterable[StagedMember],
-    writer: LegacyLedgerWriter,
-    rules: _Rules,
-    dry_run: bool,
-    progress: Progress,
-    reports: _Reports,
-) -> None:
-    pending, writing = _Pending(), None
-    for staged in members:
-        reports.count_member()
-        replayed = _replayed(staged, rules, reports)
-        if replayed is None:
-            progress.advance(1)
-            continue
-        pending.members.append(replayed)
-        pending.rows += len(staged.rows)
-        if len(pending.members) % 50 == 0:
-            await asyncio.sleep(0)  # let the group in flight move on meanwhile
-        if len(pending.members) >= GROUP_MEMBERS or pending.rows >= GROUP_ROWS:
-            # One group is written while the next is replayed: the database works alongside.
-            if writing is not None:
-                await writing
-            writing = asyncio.ensure_future(_flush(pending, writer, dry_run, progress, reports))
-            pending = _Pending()
-    if writing is not None:
-        await writing
-    await _flush(pending, writer, dry_run, progress, reports)
+        pending, writing = _Pending(), None
+        for staged in members:
+            reports.count_member()
+            replayed = _replayed(staged, rules, reports)
+            if replayed is None:
+                progress.advance(1)
+                continue
+            pending.members.append(replayed)
+            pending.rows += len(staged.rows)
+            if len(pending.members) % 50 == 0:
+                await asyncio.sleep(0)  # let the group in flight move on meanwhile
+            if len(pending.members) >= GROUP_MEMBERS or pending.rows >= GROUP_ROWS:
+                # One group is written while the next is replayed: the database works alongside.
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(_flush(pending, writer, dry_run, progress, reports))
+                pending = _Pending()
+        if writing is not None:
+            await writing
+        await _flush(pending, writer, dry_run, progress, reports)
 
 
 def _replayed(staged: StagedMember, rules: _Rules, reports: _Reports) -> tuple | None:

@@ -210,7 +210,6 @@ async def record_charge(
                     invoice_id=attempt.invoice_id,
                     detail="no credits known for its prices; the invoice.paid webhook is parked for review",
                 )
-                case = await uow.dunning.get_by_id(attempt.case_id)
                 case.paid(at)
                 await uow.dunning.save(case)
         elif charge.outcome is AttemptOutcome.CLOSED:

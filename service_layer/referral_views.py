@@ -86,6 +86,22 @@ async def list_referrals(db: Database, wanted: ListFilter, referral_id: int | No
     return Page(total, int(cents), rows)
 
 
+#: The referrals export, in this column order.
+REFERRAL_CSV_COLUMNS = [
+    "id",
+    "referred_customer_id",
+    "referrer_id",
+    "code",
+    "status",
+    "reason",
+    "flags",
+    "reward_cents",
+    "qualifying_payment_id",
+    "submitted_at",
+    "approve_after",
+    "payout_id",
+]
+
 #: The payouts export operations pay from by hand (manual gateway), in this column order.
 PAYOUT_CSV_COLUMNS = [
     "id",
